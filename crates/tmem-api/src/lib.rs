@@ -1,0 +1,1 @@
+//! tmem-api (placeholder; being written).

@@ -1,0 +1,1 @@
+//! tmem-balloon (placeholder; being written).

@@ -1,0 +1,1 @@
+//! tmem-core (placeholder; being written).

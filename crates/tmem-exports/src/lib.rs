@@ -1,0 +1,1 @@
+//! tmem-exports (placeholder; being written).

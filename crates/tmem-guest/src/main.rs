@@ -1,0 +1,2 @@
+//! tmem-guest (placeholder; being written).
+fn main() {}

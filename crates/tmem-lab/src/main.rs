@@ -1,0 +1,2 @@
+//! tmem-lab (placeholder; being written).
+fn main() {}

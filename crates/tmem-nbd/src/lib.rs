@@ -1,0 +1,1 @@
+//! tmem-nbd (placeholder; being written).

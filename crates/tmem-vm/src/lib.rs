@@ -1,0 +1,1 @@
+//! tmem-vm (placeholder; being written).

@@ -1,0 +1,2 @@
+//! tmemctl (placeholder; being written).
+fn main() {}

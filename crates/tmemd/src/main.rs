@@ -1,0 +1,2 @@
+//! tmemd (placeholder; being written).
+fn main() {}
