@@ -1,0 +1,2 @@
+//! tmem-work (placeholder; being written).
+fn main() {}
