@@ -1,1 +1,42 @@
-//! tmem-nbd (placeholder; being written).
+//! # tmem-nbd: an NBD server library
+//!
+//! Serves block devices over the Network Block Device protocol (fixed newstyle handshake,
+//! structured replies, `base:allocation`) on Unix and TCP sockets.
+//!
+//! ## Design
+//! * The server is generic over the consumer-side trait [`BlockBackend`] (one export) and
+//!   [`ExportTable`] (name → export). [`MemBackend`] is a sparse in-memory store used by tests and
+//!   as the benchmark baseline; the daemon implements the trait over the page pool.
+//! * [`negotiate`] runs the handshake over any `Read + Write` (fuzzable); [`serve_transmission`]
+//!   runs the transmission phase over a reader and a writer.
+//! * Threads, no async runtime: one accept thread per listener, one reader thread per connection.
+//!   Cheap requests execute inline on the reader (the protocol CPU per request is what limits
+//!   throughput on small hosts); FLUSH and large requests go to a small per-connection worker pool,
+//!   so replies can come back out of order. Replies are written whole under a per-connection lock.
+//! * Zero ranges reported by [`BlockBackend::read`] are sent as `OFFSET_HOLE` chunks when
+//!   structured replies are negotiated.
+//! * [`ServerHandle`] owns everything it starts; shutdown closes every connection, joins every
+//!   thread and unlinks Unix socket files.
+//! * Peer-triggerable log lines are rate limited per callsite.
+
+pub mod backend;
+pub mod handshake;
+pub mod mem;
+pub mod proto;
+#[doc(hidden)]
+pub mod ratelimit;
+pub mod server;
+pub mod stats;
+pub mod transmission;
+
+pub use backend::{
+    BackendCaps, BackendError, BlockBackend, ExportInfo, ExportTable, Extent, StaticExports,
+    ZeroRanges,
+};
+pub use handshake::{negotiate, HandshakeError, Session};
+pub use mem::MemBackend;
+pub use server::{ListenAddr, ServerConfig, ServerError, ServerHandle};
+pub use stats::{ExportStats, StatsSnapshot};
+pub use transmission::{
+    serve_transmission, validate, Request, TransmissionConfig, TransmissionError,
+};

@@ -1,0 +1,628 @@
+//! Transmission phase: request parsing, validation, execution and (possibly out-of-order) replies.
+//!
+//! One reader loop per connection parses requests. Cheap requests (small READ/WRITE and small
+//! TRIM/WRITE_ZEROES/CACHE/BLOCK_STATUS) run inline on the reader, which keeps per-request CPU low;
+//! FLUSH and large requests go to a small per-connection worker pool, so their replies may overtake
+//! or be overtaken by later requests. Every reply is written in one `write_all` under the writer lock.
+
+use std::io::{self, BufReader, Read, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use crate::backend::BackendError;
+use crate::handshake::Session;
+use crate::proto::*;
+use crate::rl_event;
+use crate::stats::ExportStats;
+
+/// A parsed transmission request header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Request {
+    /// Command flags (`CMD_FLAG_*`).
+    pub flags: u16,
+    /// Command type (`CMD_*`).
+    pub typ: u16,
+    /// Opaque cookie echoed in the reply.
+    pub cookie: u64,
+    /// Byte offset.
+    pub offset: u64,
+    /// Byte length.
+    pub len: u32,
+}
+
+/// Why a connection's transmission phase ended abnormally (the connection is closed).
+#[derive(Debug, thiserror::Error)]
+pub enum TransmissionError {
+    /// Socket I/O failed.
+    #[error("Transmission I/O failed")]
+    Io(#[source] io::Error),
+    /// A request did not start with the request magic.
+    #[error("Bad request magic {0:#x}")]
+    BadMagic(u32),
+    /// The peer closed the connection in the middle of a request header.
+    #[error("Truncated request header ({0} of 28 bytes)")]
+    TruncatedHeader(usize),
+    /// A WRITE payload larger than we accept.
+    #[error("Write payload of {0} bytes exceeds the maximum")]
+    PayloadTooLarge(u32),
+}
+
+impl From<io::Error> for TransmissionError {
+    fn from(e: io::Error) -> Self {
+        Self::Io(e)
+    }
+}
+
+impl Request {
+    /// Parse a 28-byte request header. Only the magic is checked here; see [`validate`].
+    pub fn parse(h: &[u8; REQUEST_LEN]) -> Result<Self, TransmissionError> {
+        let magic = u32::from_be_bytes([h[0], h[1], h[2], h[3]]);
+        if magic != REQUEST_MAGIC {
+            return Err(TransmissionError::BadMagic(magic));
+        }
+        Ok(Self {
+            flags: u16::from_be_bytes([h[4], h[5]]),
+            typ: u16::from_be_bytes([h[6], h[7]]),
+            cookie: u64::from_be_bytes([h[8], h[9], h[10], h[11], h[12], h[13], h[14], h[15]]),
+            offset: u64::from_be_bytes([h[16], h[17], h[18], h[19], h[20], h[21], h[22], h[23]]),
+            len: u32::from_be_bytes([h[24], h[25], h[26], h[27]]),
+        })
+    }
+
+    /// Encode as a 28-byte header (used by tests and clients).
+    pub fn encode(&self) -> [u8; REQUEST_LEN] {
+        let mut h = [0u8; REQUEST_LEN];
+        h[..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
+        h[4..6].copy_from_slice(&self.flags.to_be_bytes());
+        h[6..8].copy_from_slice(&self.typ.to_be_bytes());
+        h[8..16].copy_from_slice(&self.cookie.to_be_bytes());
+        h[16..24].copy_from_slice(&self.offset.to_be_bytes());
+        h[24..28].copy_from_slice(&self.len.to_be_bytes());
+        h
+    }
+}
+
+/// Check a request against the session; `Err` is the NBD errno to reply with.
+pub fn validate(r: &Request, s: &Session) -> Result<(), u32> {
+    let t = s.tflags;
+    let ro = t & TFLAG_READ_ONLY != 0;
+    let end = r.offset.checked_add(u64::from(r.len));
+    let in_range = end.is_some_and(|e| e <= s.size);
+    let allowed = match r.typ {
+        CMD_READ => CMD_FLAG_FUA | if s.structured { CMD_FLAG_DF } else { 0 },
+        CMD_WRITE | CMD_FLUSH | CMD_TRIM | CMD_CACHE => CMD_FLAG_FUA,
+        CMD_WRITE_ZEROES => {
+            CMD_FLAG_FUA
+                | CMD_FLAG_NO_HOLE
+                | if t & TFLAG_SEND_FAST_ZERO != 0 {
+                    CMD_FLAG_FAST_ZERO
+                } else {
+                    0
+                }
+        }
+        CMD_BLOCK_STATUS => CMD_FLAG_FUA | CMD_FLAG_REQ_ONE,
+        _ => return Err(EINVAL),
+    };
+    if r.flags & !allowed != 0 {
+        return Err(EINVAL);
+    }
+    match r.typ {
+        CMD_READ => {
+            if r.len > MAX_PAYLOAD {
+                return Err(if s.structured { EOVERFLOW } else { EINVAL });
+            }
+            if !in_range {
+                return Err(EINVAL);
+            }
+        }
+        CMD_WRITE => {
+            if ro {
+                return Err(EPERM);
+            }
+            if !in_range {
+                return Err(ENOSPC);
+            }
+        }
+        CMD_FLUSH => {}
+        CMD_TRIM => {
+            if t & TFLAG_SEND_TRIM == 0 {
+                return Err(EINVAL);
+            }
+            if ro {
+                return Err(EPERM);
+            }
+            if !in_range {
+                return Err(EINVAL);
+            }
+        }
+        CMD_CACHE => {
+            if t & TFLAG_SEND_CACHE == 0 || !in_range {
+                return Err(EINVAL);
+            }
+        }
+        CMD_WRITE_ZEROES => {
+            if t & TFLAG_SEND_WRITE_ZEROES == 0 {
+                return Err(EINVAL);
+            }
+            if ro {
+                return Err(EPERM);
+            }
+            if !in_range {
+                return Err(ENOSPC);
+            }
+        }
+        CMD_BLOCK_STATUS => {
+            if !s.base_allocation || r.len == 0 || !in_range {
+                return Err(EINVAL);
+            }
+        }
+        _ => return Err(EINVAL),
+    }
+    Ok(())
+}
+
+/// Tuning for the transmission phase.
+#[derive(Debug, Clone)]
+pub struct TransmissionConfig {
+    /// Worker threads per connection for slow requests; 0 runs everything inline (no reordering).
+    /// Default: 2.
+    pub workers: usize,
+    /// Requests with a length above this (bytes) and every FLUSH go to the workers. Default: 256 KiB.
+    pub inline_max: u32,
+    /// Requests queued for the workers before the reader blocks (back-pressure). Default: 32.
+    pub queue: usize,
+}
+
+impl Default for TransmissionConfig {
+    fn default() -> Self {
+        Self {
+            workers: 2,
+            inline_max: 256 << 10,
+            queue: 32,
+        }
+    }
+}
+
+struct Ctx<W> {
+    w: Mutex<W>,
+    s: Session,
+    stats: Arc<ExportStats>,
+    broken: AtomicBool,
+}
+
+struct Job {
+    req: Request,
+    data: Vec<u8>,
+}
+
+struct Pool {
+    tx: SyncSender<Job>,
+    handles: Vec<JoinHandle<()>>,
+}
+
+impl Pool {
+    fn finish(self) {
+        drop(self.tx);
+        for h in self.handles {
+            // A worker panic has already been reported by the panic hook; nothing else to do.
+            let _ = h.join();
+        }
+    }
+}
+
+fn read_full<R: Read>(r: &mut R, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+/// Serve the transmission phase of one connection until the client disconnects.
+///
+/// `reader` and `writer` are the two directions of the socket (e.g. `try_clone`d). Returns `Ok`
+/// on `NBD_CMD_DISC` or a clean EOF between requests; all in-flight requests are answered first.
+pub fn serve_transmission<R: Read, W: Write + Send + 'static>(
+    reader: R,
+    writer: W,
+    session: Session,
+    stats: Arc<ExportStats>,
+    cfg: &TransmissionConfig,
+) -> Result<(), TransmissionError> {
+    let ctx = Arc::new(Ctx {
+        w: Mutex::new(writer),
+        s: session,
+        stats,
+        broken: AtomicBool::new(false),
+    });
+    let mut pool: Option<Pool> = None;
+    let res = reader_loop(reader, &ctx, cfg, &mut pool);
+    if let Some(p) = pool {
+        p.finish();
+    }
+    res
+}
+
+fn reader_loop<R: Read, W: Write + Send + 'static>(
+    reader: R,
+    ctx: &Arc<Ctx<W>>,
+    cfg: &TransmissionConfig,
+    pool: &mut Option<Pool>,
+) -> Result<(), TransmissionError> {
+    let mut r = BufReader::with_capacity(128 << 10, reader);
+    let mut scratch: Vec<u8> = Vec::new();
+    let mut wbuf: Vec<u8> = Vec::new();
+    loop {
+        if ctx.broken.load(Ordering::Relaxed) {
+            return Err(TransmissionError::Io(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "reply write failed",
+            )));
+        }
+        let mut h = [0u8; REQUEST_LEN];
+        match read_full(&mut r, &mut h)? {
+            0 => return Ok(()),
+            REQUEST_LEN => {}
+            n => return Err(TransmissionError::TruncatedHeader(n)),
+        }
+        let req = Request::parse(&h)?;
+        if req.typ == CMD_DISC {
+            return Ok(());
+        }
+        let heavy = cfg.workers > 0 && (req.typ == CMD_FLUSH || req.len > cfg.inline_max);
+        let mut data = Vec::new();
+        if req.typ == CMD_WRITE {
+            if req.len > MAX_PAYLOAD {
+                rl_event!(
+                    warn,
+                    len = req.len,
+                    "NBD write payload too large, disconnecting"
+                );
+                return Err(TransmissionError::PayloadTooLarge(req.len));
+            }
+            let buf = if heavy { &mut data } else { &mut wbuf };
+            buf.resize(req.len as usize, 0);
+            r.read_exact(buf)?;
+        }
+        if let Err(errno) = validate(&req, &ctx.s) {
+            count_type(&ctx.stats, req.typ);
+            rl_event!(
+                debug,
+                typ = req.typ,
+                flags = req.flags,
+                errno,
+                "NBD request rejected"
+            );
+            reply_error(ctx, &req, errno)?;
+            continue;
+        }
+        if !heavy {
+            let payload: &[u8] = if req.typ == CMD_WRITE { &wbuf } else { &[] };
+            execute(ctx, &req, payload, &mut scratch)?;
+            continue;
+        }
+        if pool.is_none() {
+            *pool = start_pool(ctx, cfg);
+        }
+        match pool {
+            Some(p) => {
+                if let Err(e) = p.tx.send(Job { req, data }) {
+                    let job = e.0;
+                    execute(ctx, &job.req, &job.data, &mut scratch)?;
+                }
+            }
+            None => execute(ctx, &req, &data, &mut scratch)?,
+        }
+    }
+}
+
+fn start_pool<W: Write + Send + 'static>(
+    ctx: &Arc<Ctx<W>>,
+    cfg: &TransmissionConfig,
+) -> Option<Pool> {
+    let (tx, rx) = sync_channel::<Job>(cfg.queue.max(1));
+    let rx = Arc::new(Mutex::new(rx));
+    let mut handles = Vec::new();
+    for i in 0..cfg.workers {
+        let ctx = Arc::clone(ctx);
+        let rx: Arc<Mutex<Receiver<Job>>> = Arc::clone(&rx);
+        match std::thread::Builder::new()
+            .name(format!("nbd-worker-{i}"))
+            .spawn(move || worker(&ctx, &rx))
+        {
+            Ok(h) => handles.push(h),
+            Err(e) => tracing::warn!(error = %e, "cannot spawn NBD worker"),
+        }
+    }
+    if handles.is_empty() {
+        return None;
+    }
+    Some(Pool { tx, handles })
+}
+
+fn worker<W: Write + Send>(ctx: &Ctx<W>, rx: &Mutex<Receiver<Job>>) {
+    let mut scratch = Vec::new();
+    loop {
+        let job = {
+            let guard = rx.lock().unwrap_or_else(|e| e.into_inner());
+            guard.recv()
+        };
+        let Ok(job) = job else { return };
+        if let Err(e) = execute(ctx, &job.req, &job.data, &mut scratch) {
+            ctx.broken.store(true, Ordering::Relaxed);
+            rl_event!(debug, error = %e, "NBD reply failed");
+        }
+    }
+}
+
+fn count_type(st: &ExportStats, typ: u16) {
+    let c = match typ {
+        CMD_READ => &st.reads,
+        CMD_WRITE => &st.writes,
+        CMD_FLUSH => &st.flushes,
+        CMD_TRIM => &st.trims,
+        CMD_WRITE_ZEROES => &st.write_zeroes,
+        CMD_CACHE => &st.caches,
+        CMD_BLOCK_STATUS => &st.block_status,
+        _ => return,
+    };
+    ExportStats::inc(c, 1);
+}
+
+fn send<W: Write>(ctx: &Ctx<W>, bytes: &[u8]) -> io::Result<()> {
+    let mut w = ctx.w.lock().unwrap_or_else(|e| e.into_inner());
+    w.write_all(bytes)?;
+    w.flush()
+}
+
+fn simple_header(buf: &mut [u8], errno: u32, cookie: u64) {
+    buf[..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+    buf[4..8].copy_from_slice(&errno.to_be_bytes());
+    buf[8..16].copy_from_slice(&cookie.to_be_bytes());
+}
+
+fn chunk_header(out: &mut Vec<u8>, flags: u16, typ: u16, cookie: u64, len: u32) {
+    out.extend_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+    out.extend_from_slice(&flags.to_be_bytes());
+    out.extend_from_slice(&typ.to_be_bytes());
+    out.extend_from_slice(&cookie.to_be_bytes());
+    out.extend_from_slice(&len.to_be_bytes());
+}
+
+fn reply_error<W: Write>(ctx: &Ctx<W>, req: &Request, errno: u32) -> io::Result<()> {
+    ExportStats::inc(&ctx.stats.errors, 1);
+    if ctx.s.structured {
+        let mut b = Vec::with_capacity(26);
+        chunk_header(&mut b, REPLY_FLAG_DONE, REPLY_TYPE_ERROR, req.cookie, 6);
+        b.extend_from_slice(&errno.to_be_bytes());
+        b.extend_from_slice(&0u16.to_be_bytes());
+        send(ctx, &b)
+    } else {
+        let mut b = [0u8; 16];
+        simple_header(&mut b, errno, req.cookie);
+        send(ctx, &b)
+    }
+}
+
+fn reply_ok<W: Write>(ctx: &Ctx<W>, req: &Request) -> io::Result<()> {
+    let mut b = [0u8; 16];
+    simple_header(&mut b, 0, req.cookie);
+    send(ctx, &b)
+}
+
+fn backend_result<W: Write>(
+    ctx: &Ctx<W>,
+    req: &Request,
+    r: Result<(), BackendError>,
+) -> io::Result<()> {
+    match r {
+        Ok(()) => reply_ok(ctx, req),
+        Err(e) => {
+            rl_event!(debug, error = %e, typ = req.typ, "NBD backend error");
+            reply_error(ctx, req, e.nbd_errno())
+        }
+    }
+}
+
+/// Execute a validated request and send its reply.
+fn execute<W: Write>(
+    ctx: &Ctx<W>,
+    req: &Request,
+    payload: &[u8],
+    scratch: &mut Vec<u8>,
+) -> io::Result<()> {
+    let b = &*ctx.s.backend;
+    let st = &*ctx.stats;
+    count_type(st, req.typ);
+    let fua = req.flags & CMD_FLAG_FUA != 0;
+    match req.typ {
+        CMD_READ => read(ctx, req, scratch),
+        CMD_WRITE => {
+            let r = b.write(req.offset, payload, fua);
+            if r.is_ok() {
+                ExportStats::inc(&st.bytes_written, payload.len() as u64);
+            }
+            backend_result(ctx, req, r)
+        }
+        CMD_FLUSH => backend_result(ctx, req, b.flush()),
+        CMD_TRIM => {
+            let r = b.trim(req.offset, u64::from(req.len)).and_then(|()| {
+                if fua {
+                    b.flush()
+                } else {
+                    Ok(())
+                }
+            });
+            backend_result(ctx, req, r)
+        }
+        CMD_WRITE_ZEROES => {
+            let may_trim = req.flags & CMD_FLAG_NO_HOLE == 0;
+            let fast = req.flags & CMD_FLAG_FAST_ZERO != 0;
+            let r = b
+                .write_zeroes(req.offset, u64::from(req.len), may_trim, fast)
+                .and_then(|()| if fua { b.flush() } else { Ok(()) });
+            backend_result(ctx, req, r)
+        }
+        CMD_CACHE => backend_result(ctx, req, b.cache(req.offset, u64::from(req.len))),
+        CMD_BLOCK_STATUS => block_status(ctx, req),
+        _ => reply_error(ctx, req, EINVAL),
+    }
+}
+
+/// Smallest zero run sent as a hole chunk; shorter runs are zero-filled and sent as data.
+const MIN_HOLE: usize = 512;
+
+fn read<W: Write>(ctx: &Ctx<W>, req: &Request, scratch: &mut Vec<u8>) -> io::Result<()> {
+    let structured = ctx.s.structured;
+    let pre = if structured { 28 } else { 16 };
+    let len = req.len as usize;
+    if scratch.len() < pre + len {
+        scratch.resize(pre + len, 0);
+    }
+    let buf = &mut scratch[..pre + len];
+    let zeros = match ctx.s.backend.read(req.offset, &mut buf[pre..]) {
+        Ok(z) => z,
+        Err(e) => {
+            rl_event!(debug, error = %e, "NBD backend read error");
+            return reply_error(ctx, req, e.nbd_errno());
+        }
+    };
+    ExportStats::inc(&ctx.stats.bytes_read, len as u64);
+    // Sanitize the backend's ranges: clamp to the buffer, zero-fill short runs.
+    let mut holes: Vec<(usize, usize)> = Vec::new();
+    for &(s, l) in zeros.as_slice() {
+        let s = s.min(len);
+        let l = l.min(len - s);
+        if l == 0 {
+            continue;
+        }
+        if !structured || l < MIN_HOLE {
+            buf[pre + s..pre + s + l].fill(0);
+        } else {
+            holes.push((s, l));
+        }
+    }
+    if !structured {
+        simple_header(buf, 0, req.cookie);
+        return send(ctx, buf);
+    }
+    let df = req.flags & CMD_FLAG_DF != 0;
+    let hole_bytes: usize = holes.iter().map(|h| h.1).sum();
+    if len > 0 && hole_bytes == len {
+        ExportStats::inc(&ctx.stats.hole_bytes_read, len as u64);
+        let mut b = Vec::with_capacity(32);
+        chunk_header(
+            &mut b,
+            REPLY_FLAG_DONE,
+            REPLY_TYPE_OFFSET_HOLE,
+            req.cookie,
+            12,
+        );
+        b.extend_from_slice(&req.offset.to_be_bytes());
+        b.extend_from_slice(&req.len.to_be_bytes());
+        return send(ctx, &b);
+    }
+    if holes.is_empty() || df {
+        for &(s, l) in &holes {
+            buf[pre + s..pre + s + l].fill(0);
+        }
+        let mut h = Vec::with_capacity(28);
+        chunk_header(
+            &mut h,
+            REPLY_FLAG_DONE,
+            REPLY_TYPE_OFFSET_DATA,
+            req.cookie,
+            req.len + 8,
+        );
+        h.extend_from_slice(&req.offset.to_be_bytes());
+        buf[..28].copy_from_slice(&h);
+        return send(ctx, buf);
+    }
+    ExportStats::inc(&ctx.stats.hole_bytes_read, hole_bytes as u64);
+    // Mixed data and holes: one chunk per run, DONE on the last.
+    let mut runs: Vec<(usize, usize, bool)> = Vec::with_capacity(holes.len() * 2 + 1);
+    let mut pos = 0;
+    for &(s, l) in &holes {
+        if s > pos {
+            runs.push((pos, s - pos, false));
+        }
+        runs.push((s, l, true));
+        pos = s + l;
+    }
+    if pos < len {
+        runs.push((pos, len - pos, false));
+    }
+    let mut out = Vec::with_capacity(len - hole_bytes + runs.len() * 32);
+    let last = runs.len() - 1;
+    for (i, &(s, l, hole)) in runs.iter().enumerate() {
+        let flags = if i == last { REPLY_FLAG_DONE } else { 0 };
+        let off = req.offset + s as u64;
+        if hole {
+            chunk_header(&mut out, flags, REPLY_TYPE_OFFSET_HOLE, req.cookie, 12);
+            out.extend_from_slice(&off.to_be_bytes());
+            out.extend_from_slice(&(l as u32).to_be_bytes());
+        } else {
+            chunk_header(
+                &mut out,
+                flags,
+                REPLY_TYPE_OFFSET_DATA,
+                req.cookie,
+                l as u32 + 8,
+            );
+            out.extend_from_slice(&off.to_be_bytes());
+            out.extend_from_slice(&buf[pre + s..pre + s + l]);
+        }
+    }
+    send(ctx, &out)
+}
+
+/// Most descriptors per BLOCK_STATUS chunk (spec: SHOULD NOT exceed 2^20).
+const MAX_EXTENTS: usize = 1 << 20;
+
+fn block_status<W: Write>(ctx: &Ctx<W>, req: &Request) -> io::Result<()> {
+    let ext = match ctx.s.backend.block_status(req.offset, u64::from(req.len)) {
+        Ok(e) => e,
+        Err(e) => return reply_error(ctx, req, e.nbd_errno()),
+    };
+    let want = u64::from(req.len);
+    let one = req.flags & CMD_FLAG_REQ_ONE != 0;
+    let mut desc: Vec<(u32, u32)> = Vec::new();
+    let mut covered = 0u64;
+    for e in ext {
+        if e.len == 0 {
+            continue;
+        }
+        let l = e.len.min(want - covered);
+        // `l <= want <= u32::MAX`.
+        desc.push((l as u32, e.flags()));
+        covered += l;
+        if covered >= want || one || desc.len() >= MAX_EXTENTS {
+            break;
+        }
+    }
+    if desc.is_empty() {
+        desc.push((req.len, 0));
+    }
+    let plen = 4 + desc.len() * 8;
+    let mut b = Vec::with_capacity(20 + plen);
+    chunk_header(
+        &mut b,
+        REPLY_FLAG_DONE,
+        REPLY_TYPE_BLOCK_STATUS,
+        req.cookie,
+        plen as u32,
+    );
+    b.extend_from_slice(&BASE_ALLOCATION_ID.to_be_bytes());
+    for (l, f) in desc {
+        b.extend_from_slice(&l.to_be_bytes());
+        b.extend_from_slice(&f.to_be_bytes());
+    }
+    send(ctx, &b)
+}
