@@ -22,6 +22,27 @@ pub struct GuestBinaries {
 /// `<workspace_root>/target/guest`) so the host build is not invalidated by the
 /// different `RUSTFLAGS`. Cargo makes repeated calls cheap.
 pub fn build_guest_binaries(workspace_root: &Path) -> Result<GuestBinaries> {
+    let mut paths = build_static(workspace_root, &["tmem-guest", "tmem-work"])?.into_iter();
+    let (Some(tmem_guest), Some(tmem_work)) = (paths.next(), paths.next()) else {
+        return Err(Error::Invalid(
+            "cargo built fewer binaries than asked".into(),
+        ));
+    };
+    Ok(GuestBinaries {
+        tmem_guest,
+        tmem_work,
+    })
+}
+
+/// Builds one workspace binary package (whose binary has the package's name)
+/// statically for the guest, like [`build_guest_binaries`]; returns its path.
+pub fn build_guest_binary(workspace_root: &Path, package: &str) -> Result<PathBuf> {
+    build_static(workspace_root, &[package])?
+        .pop()
+        .ok_or_else(|| Error::Invalid("cargo built no binary".into()))
+}
+
+fn build_static(workspace_root: &Path, packages: &[&str]) -> Result<Vec<PathBuf>> {
     let target_dir = std::env::var_os("TMEM_GUEST_TARGET_DIR")
         .filter(|d| !d.is_empty())
         .map(PathBuf::from)
@@ -29,9 +50,11 @@ pub fn build_guest_binaries(workspace_root: &Path) -> Result<GuestBinaries> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = std::process::Command::new(&cargo);
     cmd.current_dir(workspace_root)
-        .args(["build", "--release", "--target", GUEST_TARGET])
-        .args(["-p", "tmem-guest", "-p", "tmem-work"])
-        .arg("--target-dir")
+        .args(["build", "--release", "--target", GUEST_TARGET]);
+    for p in packages {
+        cmd.args(["-p", p]);
+    }
+    cmd.arg("--target-dir")
         .arg(&target_dir)
         .env("RUSTFLAGS", "-C target-feature=+crt-static")
         .env_remove("CARGO_ENCODED_RUSTFLAGS")
@@ -39,7 +62,7 @@ pub fn build_guest_binaries(workspace_root: &Path) -> Result<GuestBinaries> {
         // Small binaries make small initramfs images.
         .env("CARGO_PROFILE_RELEASE_DEBUG", "0")
         .env("CARGO_PROFILE_RELEASE_STRIP", "true");
-    tracing::info!(target_dir = %target_dir.display(), "building static guest binaries");
+    tracing::info!(target_dir = %target_dir.display(), ?packages, "building static guest binaries");
     crate::run_cmd(&mut cmd).map_err(|e| match e {
         Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
             Error::Missing {
@@ -50,19 +73,18 @@ pub fn build_guest_binaries(workspace_root: &Path) -> Result<GuestBinaries> {
         other => other,
     })?;
     let dir = target_dir.join(GUEST_TARGET).join("release");
-    let bins = GuestBinaries {
-        tmem_guest: dir.join("tmem-guest"),
-        tmem_work: dir.join("tmem-work"),
-    };
-    for p in [&bins.tmem_guest, &bins.tmem_work] {
-        if !is_static_elf(p)? {
+    let mut out = Vec::new();
+    for p in packages {
+        let path = dir.join(p);
+        if !is_static_elf(&path)? {
             return Err(Error::Invalid(format!(
                 "{} is not statically linked",
-                p.display()
+                path.display()
             )));
         }
+        out.push(path);
     }
-    Ok(bins)
+    Ok(out)
 }
 
 /// True if `path` is an ELF executable without a program interpreter

@@ -32,6 +32,23 @@ pub struct Kernel {
     pub modules_dir: PathBuf,
 }
 
+impl Kernel {
+    /// The value of a kernel config option (e.g. `CONFIG_EXT4_FS` → `"y"`),
+    /// read from `/boot/config-<version>` beside the image; `None` if unset
+    /// or the config file is missing.
+    pub fn config_value(&self, option: &str) -> Option<String> {
+        let cfg = self
+            .vmlinuz
+            .with_file_name(format!("config-{}", self.version));
+        let text = std::fs::read_to_string(cfg).ok()?;
+        text.lines().find_map(|l| {
+            l.strip_prefix(option)
+                .and_then(|r| r.strip_prefix('='))
+                .map(|v| v.trim_matches('"').to_string())
+        })
+    }
+}
+
 /// Compares version strings chunk-wise (numbers numerically).
 fn version_cmp(a: &str, b: &str) -> std::cmp::Ordering {
     fn chunks(s: &str) -> Vec<(u64, String)> {
@@ -652,6 +669,22 @@ mod tests {
         assert_eq!(names, ["virtio_ring", "virtio", "virtio_blk"]);
         assert!(order[2].1.ends_with(".ko.zst"));
         assert!(resolve_modules(&dep, &["nope".to_string()]).is_err());
+    }
+
+    #[test]
+    fn host_kernel_has_what_the_guests_need() {
+        // Only meaningful where the guest kernel is installed (scripts/setup).
+        let Ok(k) = newest_cloud_kernel() else { return };
+        if k.config_value("CONFIG_EXT4_FS").is_none() {
+            return; // no config file shipped
+        }
+        assert_eq!(k.config_value("CONFIG_EXT4_FS").as_deref(), Some("y"));
+        assert_eq!(
+            k.config_value("CONFIG_SERIAL_8250_CONSOLE").as_deref(),
+            Some("y")
+        );
+        assert_eq!(k.config_value("CONFIG_SWAP").as_deref(), Some("y"));
+        assert_eq!(k.config_value("CONFIG_NOT_AN_OPTION"), None);
     }
 
     #[test]

@@ -17,6 +17,7 @@
 
 mod accel;
 mod binaries;
+mod cgroup;
 mod data;
 mod guest;
 mod image;
@@ -24,7 +25,10 @@ mod image;
 use std::path::PathBuf;
 
 pub use accel::{probe_accel, try_probe_accel, Accel};
-pub use binaries::{build_guest_binaries, is_static_elf, GuestBinaries};
+pub use binaries::{
+    build_guest_binaries, build_guest_binary, is_static_elf, GuestBinaries, GUEST_TARGET,
+};
+pub use cgroup::MemCgroup;
 pub use data::{cached_data_image, make_data_image, make_data_tree, DataTreeStats};
 pub use guest::{Drive, DriveSource, Guest, GuestConfig};
 pub use image::{newest_cloud_kernel, GuestImage, ImageBuilder, Kernel, DEFAULT_MODULES};

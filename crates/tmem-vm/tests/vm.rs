@@ -13,8 +13,8 @@ use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use tmem_vm::{
-    build_guest_binaries, make_data_image, make_data_tree, Drive, Guest, GuestBinaries,
-    GuestConfig, ImageBuilder, MARK_READY,
+    build_guest_binary, make_data_image, make_data_tree, Drive, Guest, GuestConfig, ImageBuilder,
+    MemCgroup, MARK_READY,
 };
 
 /// Generous: TCG on two shared cores can be slow.
@@ -28,9 +28,13 @@ fn workspace_root() -> PathBuf {
         .expect("workspace root")
 }
 
-fn bins() -> &'static GuestBinaries {
-    static B: OnceLock<GuestBinaries> = OnceLock::new();
-    B.get_or_init(|| build_guest_binaries(&workspace_root()).expect("building guest binaries"))
+/// The static `tmem-work` (only it: these tests must not depend on the
+/// state of other crates' binaries).
+fn tmem_work() -> &'static Path {
+    static B: OnceLock<PathBuf> = OnceLock::new();
+    B.get_or_init(|| {
+        build_guest_binary(&workspace_root(), "tmem-work").expect("building static tmem-work")
+    })
 }
 
 /// One guest at a time: the machine has two cores.
@@ -40,10 +44,8 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 }
 
 fn image(script: &str) -> ImageBuilder {
-    let b = bins();
     ImageBuilder::new()
-        .binary("tmem-work", &b.tmem_work)
-        .binary("tmem-guest", &b.tmem_guest)
+        .binary("tmem-work", tmem_work())
         .script(script)
 }
 
@@ -300,7 +302,7 @@ fn data_image_is_readable_in_guest() {
     // Host reference: the same tree, built with the same (static) binary.
     let tree = dir.join("tree");
     let stats = make_data_tree(seed, size / 10 * 6, &tree).expect("tree");
-    let host = Command::new(&bins().tmem_work)
+    let host = Command::new(tmem_work())
         .args(["build", "--src"])
         .arg(&tree)
         .arg("--out")
@@ -363,4 +365,31 @@ fn drop_kills_running_guest() {
         stat.is_empty() || !stat.contains("qemu"),
         "QEMU {pid} still alive: {stat}"
     );
+}
+
+/// The cgroup option puts QEMU into a memory cgroup the lab can limit.
+#[test]
+fn guest_runs_in_memory_cgroup() {
+    let _s = serial();
+    let cg = MemCgroup::create(
+        &format!("tmem-vm-test-{}", std::process::id()),
+        Some(1 << 30),
+    )
+    .expect("memory cgroup");
+    let img = image("tmem-work memcheck --mib 32\n")
+        .build()
+        .expect("image");
+    let guest = GuestConfig::new("cgroup")
+        .memory_mib(128)
+        .cgroup(cg.path())
+        .image(img)
+        .launch()
+        .expect("launch");
+    assert_eq!(cg.pids().expect("pids"), vec![guest.pid()]);
+    let code = guest.wait_exit(RUN).expect("exit");
+    assert_eq!(code, 0, "{}", guest.console_text());
+    drop(guest);
+    let dir = cg.path().to_path_buf();
+    drop(cg);
+    assert!(!dir.exists(), "cgroup {} not removed", dir.display());
 }
