@@ -70,7 +70,7 @@ mod tests {
         let n = (0..100).filter(|_| rl.allow()).count() as u64;
         // At most two windows can be touched in a fast loop.
         assert!(
-            n >= super::BURST_PER_SEC && n <= 2 * super::BURST_PER_SEC,
+            (super::BURST_PER_SEC..=2 * super::BURST_PER_SEC).contains(&n),
             "{n}"
         );
     }
