@@ -1,0 +1,417 @@
+//! A size-class slab allocator for page payloads (the zsmalloc idea, in safe Rust).
+//!
+//! Payloads of 1..=4096 bytes go to one of 256 classes of 16-byte granularity. Each class
+//! carves slabs of 1–4 pages (the count that wastes least for that size) into equal slots;
+//! free slots form an intrusive list inside the slab, so the allocator's own overhead is a
+//! small header per slab. An empty slab is returned to the system at once. The memory that
+//! counts against the budget is the sum of slab sizes plus slab headers: real bytes held.
+//!
+//! An [`Arenas`] set has several independently locked arenas so that puts on different
+//! threads do not serialise on one lock.
+
+use parking_lot::RwLock;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use crate::types::PAGE_SIZE;
+
+/// Granularity of size classes in bytes.
+pub(crate) const CLASS_DELTA: usize = 16;
+/// Number of size classes.
+pub(crate) const NUM_CLASSES: usize = PAGE_SIZE / CLASS_DELTA;
+/// Bytes charged per slab for its header (the `Slab` struct and its vector slot).
+const SLAB_HEADER: u64 = 32;
+const NO_SLOT: u16 = u16::MAX;
+const NOT_PARTIAL: u32 = u32::MAX;
+
+/// A stored payload's location: arena (4 bits) | class (8) | slab (36) | slot (16).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct Handle(pub(crate) u64);
+
+impl Handle {
+    fn new(arena: usize, class: usize, slab: u32, slot: u16) -> Self {
+        Handle(((arena as u64) << 60) | ((class as u64) << 52) | ((slab as u64) << 16) | slot as u64)
+    }
+    /// The arena field (the set's tag plus the arena number).
+    pub(crate) fn arena(self) -> usize {
+        (self.0 >> 60) as usize
+    }
+    fn class(self) -> usize {
+        ((self.0 >> 52) & 0xff) as usize
+    }
+    fn slab(self) -> usize {
+        ((self.0 >> 16) & 0xf_ffff_ffff) as usize
+    }
+    fn slot(self) -> usize {
+        (self.0 & 0xffff) as usize
+    }
+}
+
+/// The class index that holds payloads of `len` bytes (1..=4096).
+pub(crate) fn class_of(len: usize) -> usize {
+    (len.clamp(1, PAGE_SIZE) + CLASS_DELTA - 1) / CLASS_DELTA - 1
+}
+
+/// Bytes of one slot in class `class`.
+pub(crate) fn class_size(class: usize) -> usize {
+    (class + 1) * CLASS_DELTA
+}
+
+/// Pages per slab for a class: the count in 1..=4 that leaves the smallest unused tail.
+fn pages_per_slab(class: usize) -> usize {
+    let size = class_size(class);
+    let mut best = (1, usize::MAX);
+    for pages in 1..=4 {
+        let bytes = pages * PAGE_SIZE;
+        let waste_per_mille = (bytes % size) * 1000 / bytes;
+        if waste_per_mille < best.1 {
+            best = (pages, waste_per_mille);
+        }
+    }
+    best.0
+}
+
+struct Slab {
+    data: Box<[u8]>,
+    first_free: u16,
+    used: u16,
+    partial_pos: u32,
+}
+
+struct Class {
+    slot_size: usize,
+    slots: usize,
+    slab_bytes: usize,
+    slabs: Vec<Option<Slab>>,
+    free_ids: Vec<u32>,
+    partial: Vec<u32>,
+}
+
+impl Class {
+    fn new(class: usize) -> Self {
+        let slot_size = class_size(class);
+        let slab_bytes = pages_per_slab(class) * PAGE_SIZE;
+        Class {
+            slot_size,
+            slots: slab_bytes / slot_size,
+            slab_bytes,
+            slabs: Vec::new(),
+            free_ids: Vec::new(),
+            partial: Vec::new(),
+        }
+    }
+}
+
+/// One arena: a lock's worth of classes.
+struct Arena {
+    classes: Vec<Class>,
+}
+
+/// What the arenas hold, for statistics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AllocStats {
+    /// Bytes of slabs plus slab headers: what the allocator really holds.
+    pub held_bytes: u64,
+    /// Bytes of payload stored in slots (compressed lengths).
+    pub payload_bytes: u64,
+    /// Bytes of slots in use (payload rounded up to the class size).
+    pub slot_bytes: u64,
+    /// Number of live slabs.
+    pub slabs: u64,
+    /// Number of live payloads.
+    pub objects: u64,
+}
+
+impl AllocStats {
+    /// Share of held bytes that is not payload: (held − payload) / held, 0 when empty.
+    pub fn fragmentation(&self) -> f64 {
+        if self.held_bytes == 0 {
+            0.0
+        } else {
+            (self.held_bytes.saturating_sub(self.payload_bytes)) as f64 / self.held_bytes as f64
+        }
+    }
+}
+
+/// A set of independently locked arenas.
+pub(crate) struct Arenas {
+    arenas: Vec<RwLock<Arena>>,
+    /// Added to arena numbers in handles, so two sets can share the handle space.
+    tag: usize,
+    next: AtomicUsize,
+    held: AtomicU64,
+    payload: AtomicU64,
+    slot_bytes: AtomicU64,
+    slabs: AtomicU64,
+    objects: AtomicU64,
+}
+
+/// Outcome of an allocation attempt.
+pub(crate) enum Alloc {
+    /// Stored at this handle.
+    Done(Handle),
+    /// A new slab of this many bytes would be needed.
+    NeedsGrowth(u64),
+}
+
+thread_local! {
+    static ARENA_HINT: std::cell::Cell<usize> = const { std::cell::Cell::new(usize::MAX) };
+}
+
+impl Arenas {
+    /// Creates `n` arenas (1..=8); handles carry `tag` (0 or 8) in their arena field.
+    pub(crate) fn new(n: usize, tag: usize) -> Self {
+        let n = n.clamp(1, 8);
+        Arenas {
+            tag,
+            arenas: (0..n)
+                .map(|_| RwLock::new(Arena { classes: (0..NUM_CLASSES).map(Class::new).collect() }))
+                .collect(),
+            next: AtomicUsize::new(0),
+            held: AtomicU64::new(0),
+            payload: AtomicU64::new(0),
+            slot_bytes: AtomicU64::new(0),
+            slabs: AtomicU64::new(0),
+            objects: AtomicU64::new(0),
+        }
+    }
+
+    fn home_arena(&self) -> usize {
+        ARENA_HINT.with(|h| {
+            let mut v = h.get();
+            if v == usize::MAX {
+                v = self.next.fetch_add(1, Ordering::Relaxed);
+                h.set(v);
+            }
+            v % self.arenas.len()
+        })
+    }
+
+    /// Bytes held by all arenas (slabs plus headers).
+    pub(crate) fn held_bytes(&self) -> u64 {
+        self.held.load(Ordering::Relaxed)
+    }
+
+    /// Current statistics.
+    pub(crate) fn stats(&self) -> AllocStats {
+        AllocStats {
+            held_bytes: self.held.load(Ordering::Relaxed),
+            payload_bytes: self.payload.load(Ordering::Relaxed),
+            slot_bytes: self.slot_bytes.load(Ordering::Relaxed),
+            slabs: self.slabs.load(Ordering::Relaxed),
+            objects: self.objects.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Stores `data` (1..=4096 bytes). With `grow == false` only existing free slots are
+    /// used; otherwise a new slab is allocated if needed.
+    pub(crate) fn alloc(&self, data: &[u8], grow: bool) -> Alloc {
+        let class = class_of(data.len());
+        let home = self.home_arena();
+        // First try every arena without growing (free slots anywhere are free memory).
+        for i in 0..self.arenas.len() {
+            let a = (home + i) % self.arenas.len();
+            let mut arena = self.arenas[a].write();
+            if let Some(h) = arena.take_slot(a + self.tag, class, data) {
+                drop(arena);
+                self.account_alloc(data.len(), class);
+                return Alloc::Done(h);
+            }
+        }
+        let c = Class::new(class);
+        let need = c.slab_bytes as u64 + SLAB_HEADER;
+        if !grow {
+            return Alloc::NeedsGrowth(need);
+        }
+        let mut arena = self.arenas[home].write();
+        let h = arena.grow_and_take(home + self.tag, class, data);
+        drop(arena);
+        self.held.fetch_add(need, Ordering::Relaxed);
+        self.slabs.fetch_add(1, Ordering::Relaxed);
+        self.account_alloc(data.len(), class);
+        Alloc::Done(h)
+    }
+
+    fn account_alloc(&self, len: usize, class: usize) {
+        self.payload.fetch_add(len as u64, Ordering::Relaxed);
+        self.slot_bytes.fetch_add(class_size(class) as u64, Ordering::Relaxed);
+        self.objects.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Frees the slot at `h` whose payload was `len` bytes. Returns the bytes released to
+    /// the system (a whole slab when it became empty, else 0).
+    pub(crate) fn free(&self, h: Handle, len: usize) -> u64 {
+        let Some(lock) = h.arena().checked_sub(self.tag).and_then(|a| self.arenas.get(a)) else {
+            debug_assert!(false, "bad handle");
+            return 0;
+        };
+        let released = lock.write().free(h);
+        self.payload.fetch_sub(len as u64, Ordering::Relaxed);
+        self.slot_bytes.fetch_sub(class_size(h.class()) as u64, Ordering::Relaxed);
+        self.objects.fetch_sub(1, Ordering::Relaxed);
+        if released > 0 {
+            let r = released + SLAB_HEADER;
+            self.held.fetch_sub(r, Ordering::Relaxed);
+            self.slabs.fetch_sub(1, Ordering::Relaxed);
+            r
+        } else {
+            0
+        }
+    }
+
+    /// Runs `f` on the `len` payload bytes at `h`, under the arena's read lock.
+    pub(crate) fn with<R>(&self, h: Handle, len: usize, f: impl FnOnce(&[u8]) -> R) -> Option<R> {
+        let arena = self.arenas.get(h.arena().checked_sub(self.tag)?)?.read();
+        let class = arena.classes.get(h.class())?;
+        let slab = class.slabs.get(h.slab())?.as_ref()?;
+        let start = h.slot() * class.slot_size;
+        let bytes = slab.data.get(start..start + len.min(class.slot_size))?;
+        Some(f(bytes))
+    }
+}
+
+impl Arena {
+    fn take_slot(&mut self, arena: usize, class: usize, data: &[u8]) -> Option<Handle> {
+        let c = &mut self.classes[class];
+        let &slab_id = c.partial.last()?;
+        let slab = c.slabs[slab_id as usize].as_mut()?;
+        let slot = slab.first_free;
+        debug_assert_ne!(slot, NO_SLOT);
+        let start = slot as usize * c.slot_size;
+        let next = u16::from_ne_bytes([slab.data[start], slab.data[start + 1]]);
+        slab.first_free = next;
+        slab.used += 1;
+        slab.data[start..start + data.len()].copy_from_slice(data);
+        if slab.first_free == NO_SLOT {
+            // Full: leave the partial list.
+            slab.partial_pos = NOT_PARTIAL;
+            c.partial.pop();
+        }
+        Some(Handle::new(arena, class, slab_id, slot))
+    }
+
+    fn grow_and_take(&mut self, arena: usize, class: usize, data: &[u8]) -> Handle {
+        let c = &mut self.classes[class];
+        let mut mem = vec![0u8; c.slab_bytes].into_boxed_slice();
+        // Thread the intrusive free list through the slots.
+        for s in 0..c.slots {
+            let next = if s + 1 < c.slots { (s + 1) as u16 } else { NO_SLOT };
+            let at = s * c.slot_size;
+            mem[at..at + 2].copy_from_slice(&next.to_ne_bytes());
+        }
+        let slab = Slab { data: mem, first_free: 0, used: 0, partial_pos: c.partial.len() as u32 };
+        let id = match c.free_ids.pop() {
+            Some(id) => {
+                c.slabs[id as usize] = Some(slab);
+                id
+            }
+            None => {
+                c.slabs.push(Some(slab));
+                (c.slabs.len() - 1) as u32
+            }
+        };
+        c.partial.push(id);
+        match self.take_slot(arena, class, data) {
+            Some(h) => h,
+            None => unreachable!("a fresh slab has a free slot"),
+        }
+    }
+
+    /// Frees a slot; returns the slab's byte size if the slab was released.
+    fn free(&mut self, h: Handle) -> u64 {
+        let c = &mut self.classes[h.class()];
+        let slab_id = h.slab();
+        let Some(Some(slab)) = c.slabs.get_mut(slab_id) else {
+            debug_assert!(false, "free of a dead slab");
+            return 0;
+        };
+        let slot = h.slot();
+        let at = slot * c.slot_size;
+        slab.data[at..at + 2].copy_from_slice(&slab.first_free.to_ne_bytes());
+        let was_full = slab.first_free == NO_SLOT;
+        slab.first_free = slot as u16;
+        slab.used -= 1;
+        if slab.used == 0 {
+            // Release the slab at once.
+            let pos = slab.partial_pos;
+            if pos != NOT_PARTIAL {
+                Self::partial_remove(c, pos as usize);
+            }
+            c.slabs[slab_id] = None;
+            c.free_ids.push(slab_id as u32);
+            return c.slab_bytes as u64;
+        }
+        if was_full {
+            slab.partial_pos = c.partial.len() as u32;
+            c.partial.push(slab_id as u32);
+        }
+        0
+    }
+
+    fn partial_remove(c: &mut Class, pos: usize) {
+        c.partial.swap_remove(pos);
+        if let Some(&moved) = c.partial.get(pos) {
+            if let Some(Some(s)) = c.slabs.get_mut(moved as usize) {
+                s.partial_pos = pos as u32;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classes_cover_all_lengths() {
+        assert_eq!(class_of(1), 0);
+        assert_eq!(class_of(16), 0);
+        assert_eq!(class_of(17), 1);
+        assert_eq!(class_of(4096), NUM_CLASSES - 1);
+        for len in 1..=PAGE_SIZE {
+            assert!(class_size(class_of(len)) >= len);
+            assert!(class_size(class_of(len)) < len + CLASS_DELTA);
+        }
+        for c in 0..NUM_CLASSES {
+            let cl = Class::new(c);
+            assert!(cl.slots >= 1 && cl.slots < NO_SLOT as usize);
+        }
+    }
+
+    #[test]
+    fn alloc_read_free_releases_slabs() {
+        let a = Arenas::new(2, 0);
+        let mut hs = Vec::new();
+        for i in 0..1000usize {
+            let len = 1 + (i * 37) % 4096;
+            let data: Vec<u8> = (0..len).map(|j| (i + j) as u8).collect();
+            let h = match a.alloc(&data, true) {
+                Alloc::Done(h) => h,
+                Alloc::NeedsGrowth(_) => panic!("grow allowed"),
+            };
+            hs.push((h, data));
+        }
+        for (h, d) in &hs {
+            assert_eq!(a.with(*h, d.len(), |b| b.to_vec()).as_deref(), Some(&d[..]));
+        }
+        let s = a.stats();
+        assert!(s.held_bytes >= s.slot_bytes && s.slot_bytes >= s.payload_bytes);
+        assert!(s.fragmentation() < 0.2, "fragmentation {}", s.fragmentation());
+        for (h, d) in hs.drain(..) {
+            a.free(h, d.len());
+        }
+        assert_eq!(a.stats(), AllocStats::default());
+    }
+
+    #[test]
+    fn no_growth_means_no_new_memory() {
+        let a = Arenas::new(1, 8);
+        assert!(matches!(a.alloc(&[1u8; 100], false), Alloc::NeedsGrowth(_)));
+        assert_eq!(a.held_bytes(), 0);
+        let Alloc::Done(h) = a.alloc(&[1u8; 100], true) else { panic!() };
+        let held = a.held_bytes();
+        // The same class now has free slots: no growth needed.
+        assert!(matches!(a.alloc(&[2u8; 100], false), Alloc::Done(_)));
+        assert_eq!(a.held_bytes(), held);
+        a.free(h, 100);
+    }
+}

@@ -1,0 +1,990 @@
+//! The engine: clients, pools, put/get/flush, budget and eviction.
+
+use arc_swap::ArcSwap;
+use parking_lot::{Mutex, RwLock};
+use rustc_hash::FxHashMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
+
+use crate::alloc::{Alloc, Arenas, Handle};
+use crate::codec::{self, Shape};
+use crate::config::{ClientConfig, Codec, DedupScope, EngineConfig, PoolSpec};
+use crate::dedup::{DedupTable, Found, Inserted, Payloads};
+use crate::entry::{charge_for, Entry, Target};
+use crate::error::{Error, Result};
+use crate::shard::{ObjKey, Removed, Shard, GROUP_SHIFT};
+use crate::stats::{ClientStats, EngineStats, Gauges, OpStats, PoolStats, Striped};
+use crate::types::*;
+
+/// Pages evicted per shard visit.
+const EVICT_BATCH: usize = 32;
+
+pub(crate) struct ClientInfo {
+    pub(crate) id: ClientId,
+    pub(crate) weight: AtomicU32,
+    pub(crate) cap: AtomicU64,
+    pub(crate) frozen: AtomicBool,
+    pub(crate) ops: Striped,
+    pub(crate) eph: Gauges,
+    pub(crate) pers: Gauges,
+    /// Set while a live save runs: keys put or flushed meanwhile.
+    pub(crate) save_log: Mutex<Option<BTreeSet<PageKey>>>,
+    pub(crate) saving: AtomicBool,
+}
+
+pub(crate) struct PoolInfo {
+    pub(crate) id: PoolId,
+    pub(crate) spec: PoolSpec,
+    /// The client charged for the pool's pages (its creator).
+    pub(crate) owner: Arc<ClientInfo>,
+    /// Clients that joined a shared pool (the owner included).
+    pub(crate) members: RwLock<BTreeSet<ClientId>>,
+    pub(crate) ops: Striped,
+    pub(crate) held: Gauges,
+    pub(crate) dedup_domain: Option<u64>,
+}
+
+impl PoolInfo {
+    fn persistent(&self) -> bool {
+        self.spec.persistence == Persistence::Persistent
+    }
+    fn exclusive(&self) -> bool {
+        self.spec.persistence == Persistence::Ephemeral && self.spec.sharing == Sharing::Private && self.spec.exclusive_gets
+    }
+    fn gauges_of_owner(&self) -> &Gauges {
+        if self.persistent() {
+            &self.owner.pers
+        } else {
+            &self.owner.eph
+        }
+    }
+    fn queue_client(&self) -> Option<u32> {
+        (!self.persistent()).then_some(self.owner.id.0)
+    }
+}
+
+#[derive(Default)]
+struct Admin {
+    next_pool: u32,
+    /// Shared pools by UUID.
+    shared: BTreeMap<PoolUuid, PoolId>,
+    /// Who may join which shared pool.
+    authorized: BTreeMap<PoolUuid, BTreeSet<ClientId>>,
+}
+
+type Table<K, V> = ArcSwap<FxHashMap<K, Arc<V>>>;
+
+/// The transcendent memory pool engine. Cheap to share (`Send + Sync`); see the crate docs
+/// for the contract.
+pub struct Engine {
+    budget: AtomicU64,
+    threshold: usize,
+    shards: Box<[Mutex<Shard>]>,
+    eph_store: Arenas,
+    pers_store: Arenas,
+    dedup: DedupTable,
+    pools: Table<u32, PoolInfo>,
+    clients: Table<u32, ClientInfo>,
+    admin: Mutex<Admin>,
+    ops: Striped,
+    meta: AtomicI64,
+    evict_cursor: AtomicUsize,
+    /// Serialises evictors so that two puts do not both empty the pool for one page.
+    evict_lock: Mutex<()>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").field("budget", &self.budget()).field("held", &self.held_bytes()).finish()
+    }
+}
+
+impl Payloads for Engine {
+    fn arenas(&self, h: Handle) -> &Arenas {
+        if h.arena() >= 8 {
+            &self.pers_store
+        } else {
+            &self.eph_store
+        }
+    }
+}
+
+/// Bumps a counter in the global, pool and client stripes at once.
+struct Bump<'a>([&'a crate::stats::OpCounters; 3]);
+
+impl Bump<'_> {
+    fn add(&self, f: impl Fn(&crate::stats::OpCounters) -> &AtomicU64) {
+        for c in self.0 {
+            f(c).fetch_add(1, Relaxed);
+        }
+    }
+}
+
+/// How a data payload was stored before it is put in the index.
+struct Prepared {
+    entry: Entry,
+    charge: u64,
+}
+
+impl Engine {
+    /// Creates an empty engine.
+    pub fn new(cfg: EngineConfig) -> Self {
+        let n = cfg.shards.clamp(1, 1 << 16).next_power_of_two();
+        Engine {
+            budget: AtomicU64::new(cfg.budget),
+            threshold: cfg.compress_threshold.clamp(1, PAGE_SIZE - 1),
+            shards: (0..n).map(|_| Mutex::new(Shard::default())).collect(),
+            eph_store: Arenas::new(cfg.arenas, 0),
+            pers_store: Arenas::new(cfg.arenas, 8),
+            dedup: DedupTable::new(n),
+            pools: ArcSwap::from_pointee(FxHashMap::default()),
+            clients: ArcSwap::from_pointee(FxHashMap::default()),
+            admin: Mutex::new(Admin { next_pool: 1, ..Default::default() }),
+            ops: Striped::default(),
+            meta: AtomicI64::new(0),
+            evict_cursor: AtomicUsize::new(0),
+            evict_lock: Mutex::new(()),
+        }
+    }
+
+    // ----- clients -------------------------------------------------------------------------
+
+    /// Registers a client.
+    pub fn add_client(&self, id: ClientId, cfg: ClientConfig) -> Result<()> {
+        let _a = self.admin.lock();
+        if self.clients.load().contains_key(&id.0) {
+            return Err(Error::ClientExists(id));
+        }
+        let info = Arc::new(ClientInfo {
+            id,
+            weight: AtomicU32::new(cfg.weight),
+            cap: AtomicU64::new(cfg.persistent_cap),
+            frozen: AtomicBool::new(false),
+            ops: Striped::default(),
+            eph: Gauges::default(),
+            pers: Gauges::default(),
+            save_log: Mutex::new(None),
+            saving: AtomicBool::new(false),
+        });
+        self.clients.rcu(|t| {
+            let mut t = FxHashMap::clone(t);
+            t.insert(id.0, info.clone());
+            t
+        });
+        Ok(())
+    }
+
+    /// Removes a client: destroys the pools it owns and leaves the shared pools it joined.
+    pub fn remove_client(&self, id: ClientId) -> Result<()> {
+        self.client(id)?;
+        let pools: Vec<Arc<PoolInfo>> = self.pools.load().values().cloned().collect();
+        for p in pools {
+            if p.members.read().contains(&id) {
+                let _ = self.destroy_pool(id, p.id);
+            }
+        }
+        for set in self.admin.lock().authorized.values_mut() {
+            set.remove(&id);
+        }
+        self.clients.rcu(|t| {
+            let mut t = FxHashMap::clone(t);
+            t.remove(&id.0);
+            t
+        });
+        Ok(())
+    }
+
+    fn client(&self, id: ClientId) -> Result<Arc<ClientInfo>> {
+        self.clients.load().get(&id.0).cloned().ok_or(Error::UnknownClient(id))
+    }
+
+    /// Sets a client's weight (its share of ephemeral capacity relative to the others).
+    pub fn set_weight(&self, id: ClientId, weight: u32) -> Result<()> {
+        self.client(id)?.weight.store(weight, Relaxed);
+        Ok(())
+    }
+
+    /// Sets a client's cap on persistent bytes (`u64::MAX` = none). Pages already held are
+    /// kept; new persistent puts are refused while the client is over the cap.
+    pub fn set_persistent_cap(&self, id: ClientId, cap: u64) -> Result<()> {
+        self.client(id)?.cap.store(cap, Relaxed);
+        Ok(())
+    }
+
+    /// Freezes a client: new puts are refused with [`Error::Frozen`]; gets and flushes work.
+    pub fn freeze(&self, id: ClientId) -> Result<()> {
+        self.client(id)?.frozen.store(true, Relaxed);
+        Ok(())
+    }
+
+    /// Thaws a frozen client.
+    pub fn thaw(&self, id: ClientId) -> Result<()> {
+        self.client(id)?.frozen.store(false, Relaxed);
+        Ok(())
+    }
+
+    /// Ids of all clients.
+    pub fn clients(&self) -> Vec<ClientId> {
+        let mut v: Vec<ClientId> = self.clients.load().values().map(|c| c.id).collect();
+        v.sort();
+        v
+    }
+
+    // ----- pools ---------------------------------------------------------------------------
+
+    /// Authorizes `client` to join the shared pool `uuid` (shared pools are deny-by-default).
+    pub fn authorize_shared(&self, uuid: PoolUuid, client: ClientId) {
+        self.admin.lock().authorized.entry(uuid).or_default().insert(client);
+    }
+
+    /// Withdraws an authorization (clients that joined already stay members).
+    pub fn revoke_shared(&self, uuid: PoolUuid, client: ClientId) {
+        if let Some(s) = self.admin.lock().authorized.get_mut(&uuid) {
+            s.remove(&client);
+        }
+    }
+
+    /// Creates a pool for `client`, or — for a shared spec — joins the shared pool with that
+    /// UUID (creating it if it does not exist yet). Joining requires an authorization; a
+    /// failed join is an error, never a silent private pool. Shared persistent pools are
+    /// refused ([`Error::Unsupported`]): persistence needs one owner to cap and to save.
+    pub fn create_pool(&self, client: ClientId, spec: PoolSpec) -> Result<PoolId> {
+        let owner = self.client(client)?;
+        if spec.label.len() > 255 {
+            return Err(Error::Unsupported("pool label longer than 255 bytes"));
+        }
+        if let Codec::Zstd(l) = spec.codec {
+            if !(1..=19).contains(&l) {
+                return Err(Error::Unsupported("zstd level must be 1..=19"));
+            }
+        }
+        let mut admin = self.admin.lock();
+        if let Sharing::Shared(uuid) = spec.sharing {
+            if spec.persistence == Persistence::Persistent {
+                return Err(Error::Unsupported("shared persistent pools"));
+            }
+            if !admin.authorized.get(&uuid).is_some_and(|s| s.contains(&client)) {
+                return Err(Error::NotAuthorized { client, uuid });
+            }
+            if let Some(&id) = admin.shared.get(&uuid) {
+                let pools = self.pools.load();
+                let Some(p) = pools.get(&id.0) else { return Err(Error::UnknownPool(id)) };
+                if p.spec.codec != spec.codec || p.spec.dedup != spec.dedup {
+                    return Err(Error::SpecMismatch(uuid));
+                }
+                p.members.write().insert(client);
+                return Ok(id);
+            }
+        }
+        if admin.next_pool == u32::MAX {
+            return Err(Error::TooManyPools);
+        }
+        let id = PoolId(admin.next_pool);
+        admin.next_pool += 1;
+        let dedup_domain = match spec.dedup {
+            DedupScope::Off => None,
+            DedupScope::Pool => Some((1 << 62) | u64::from(id.0)),
+            DedupScope::Client => Some((2 << 62) | u64::from(client.0)),
+            DedupScope::Global => Some(3 << 62),
+        };
+        if let Sharing::Shared(uuid) = spec.sharing {
+            admin.shared.insert(uuid, id);
+        }
+        let info = Arc::new(PoolInfo {
+            id,
+            spec,
+            owner,
+            members: RwLock::new([client].into_iter().collect()),
+            ops: Striped::default(),
+            held: Gauges::default(),
+            dedup_domain,
+        });
+        self.pools.rcu(|t| {
+            let mut t = FxHashMap::clone(t);
+            t.insert(id.0, info.clone());
+            t
+        });
+        Ok(id)
+    }
+
+    /// Destroys a pool (flushing all its pages). For a shared pool this only removes the
+    /// client from it; the pool is destroyed when its last member leaves.
+    pub fn destroy_pool(&self, client: ClientId, pool: PoolId) -> Result<()> {
+        let p = self.pool_for(client, pool)?;
+        if let Sharing::Shared(uuid) = p.spec.sharing {
+            let mut m = p.members.write();
+            m.remove(&client);
+            if !m.is_empty() {
+                return Ok(());
+            }
+            drop(m);
+            self.admin.lock().shared.remove(&uuid);
+        }
+        self.pools.rcu(|t| {
+            let mut t = FxHashMap::clone(t);
+            t.remove(&pool.0);
+            t
+        });
+        // No new op can reach the pool now; drop its pages.
+        for s in 0..self.shards.len() {
+            let mut removed = Vec::new();
+            {
+                let mut shard = self.shards[s].lock();
+                for key in shard.objects_of(pool.0) {
+                    let (r, d) = shard.remove_object(&key, p.queue_client());
+                    self.meta.fetch_add(d, Relaxed);
+                    removed.extend(r);
+                }
+            }
+            let n = removed.len() as u64;
+            for r in removed {
+                self.release(&p, r, false);
+            }
+            p.ops.at(s).flushes.fetch_add(n, Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Resolves a pool for a client, checking access.
+    fn pool_for(&self, client: ClientId, pool: PoolId) -> Result<Arc<PoolInfo>> {
+        let p = self.pools.load().get(&pool.0).cloned().ok_or(Error::UnknownPool(pool))?;
+        match p.spec.sharing {
+            Sharing::Private if p.owner.id == client => return Ok(p),
+            Sharing::Shared(_) if p.members.read().contains(&client) => return Ok(p),
+            _ => {}
+        }
+        if !self.clients.load().contains_key(&client.0) {
+            return Err(Error::UnknownClient(client));
+        }
+        Err(Error::AccessDenied { client, pool })
+    }
+
+    /// The specification a pool was created with.
+    pub fn pool_spec(&self, client: ClientId, pool: PoolId) -> Result<PoolSpec> {
+        Ok(self.pool_for(client, pool)?.spec.clone())
+    }
+
+    /// Pools a client can reach (owned or joined), with their labels.
+    pub fn pools_of(&self, client: ClientId) -> Vec<(PoolId, String)> {
+        let mut v: Vec<(PoolId, String)> = self
+            .pools
+            .load()
+            .values()
+            .filter(|p| p.members.read().contains(&client))
+            .map(|p| (p.id, p.spec.label.clone()))
+            .collect();
+        v.sort();
+        v
+    }
+
+    // ----- data path -----------------------------------------------------------------------
+
+    fn shard_of(key: &PageKey) -> usize {
+        let mut h = u64::from(key.pool.0).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        for w in key.object.0 {
+            h = (h ^ w).wrapping_mul(0x2545_f491_4f6c_dd1d);
+        }
+        h ^= u64::from(key.index.0 >> GROUP_SHIFT);
+        h = h.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        (h >> 40) as usize
+    }
+
+    fn shard_idx(&self, key: &PageKey) -> usize {
+        Self::shard_of(key) & (self.shards.len() - 1)
+    }
+
+    /// Bytes held right now: allocator slabs plus index and dedup metadata.
+    pub fn held_bytes(&self) -> u64 {
+        let meta = (self.meta.load(Relaxed) + self.dedup.meta.load(Relaxed)).max(0) as u64;
+        self.eph_store.held_bytes() + self.pers_store.held_bytes() + meta
+    }
+
+    /// The budget in bytes.
+    pub fn budget(&self) -> u64 {
+        self.budget.load(Relaxed)
+    }
+
+    /// Sets the budget. If the engine holds more than the new budget, ephemeral pages are
+    /// evicted at once until it fits (persistent pages are never dropped). Returns the
+    /// bytes released.
+    pub fn set_budget(&self, bytes: u64) -> u64 {
+        self.budget.store(bytes, Relaxed);
+        let held = self.held_bytes();
+        if held > bytes {
+            self.shrink(held - bytes)
+        } else {
+            0
+        }
+    }
+
+    /// Releases at least `bytes` of memory at once if it can, by evicting ephemeral pages
+    /// (oldest first, from the clients most above their weighted share). Returns the bytes
+    /// actually released. Does not change the budget.
+    pub fn shrink(&self, bytes: u64) -> u64 {
+        let before = self.held_bytes();
+        let goal = before.saturating_sub(bytes);
+        let _g = self.evict_lock.lock();
+        while self.held_bytes() > goal {
+            if self.evict_some(EVICT_BATCH * 4) == 0 {
+                break;
+            }
+        }
+        before.saturating_sub(self.held_bytes())
+    }
+
+    /// Bytes that could be given back now by dropping every ephemeral page (the ephemeral
+    /// arenas plus an estimate of their index entries).
+    pub fn freeable_bytes(&self) -> u64 {
+        let eph_pages: u64 = self.clients.load().values().map(|c| c.eph.snapshot().pages).sum();
+        self.eph_store.held_bytes() + eph_pages * crate::entry::ENTRY_COST / 2
+    }
+
+    /// Picks the client most above its weighted share of ephemeral memory.
+    fn victim(&self) -> Option<Arc<ClientInfo>> {
+        let clients = self.clients.load();
+        let mut best: Option<(f64, &Arc<ClientInfo>)> = None;
+        for c in clients.values() {
+            let pages = c.eph.pages.load(Relaxed);
+            if pages <= 0 {
+                continue;
+            }
+            let used = c.eph.charged.load(Relaxed).max(1) as f64;
+            let w = f64::from(c.weight.load(Relaxed));
+            // Usage per unit of weight: the largest is the most above its share.
+            let score = if w == 0.0 { f64::INFINITY } else { used / w };
+            if best.is_none_or(|(b, _)| score > b) {
+                best = Some((score, c));
+            }
+        }
+        best.map(|(_, c)| c.clone())
+    }
+
+    /// Evicts up to `max` ephemeral pages; returns how many were evicted.
+    fn evict_some(&self, max: usize) -> usize {
+        let Some(victim) = self.victim() else { return 0 };
+        let pools = self.pools.load_full();
+        let evictable = |pool: u32| pools.get(&pool).is_some_and(|p| !p.persistent() && p.owner.id == victim.id);
+        let n = self.shards.len();
+        let start = self.evict_cursor.fetch_add(1, Relaxed);
+        let mut done = 0;
+        for i in 0..n {
+            if done >= max {
+                break;
+            }
+            let s = (start + i) & (n - 1);
+            let (removed, d) = self.shards[s].lock().evict(victim.id.0, EVICT_BATCH.min(max - done), &evictable);
+            self.meta.fetch_add(d, Relaxed);
+            done += removed.len();
+            for (pool, r) in removed {
+                if let Some(p) = pools.get(&pool) {
+                    p.ops.at(s).evictions.fetch_add(1, Relaxed);
+                    victim.ops.at(s).evictions.fetch_add(1, Relaxed);
+                    self.ops.at(s).evictions.fetch_add(1, Relaxed);
+                    self.release(p, r, false);
+                }
+            }
+        }
+        done
+    }
+
+    /// Releases a removed entry's storage and uncharges it. Returns bytes released.
+    fn release(&self, p: &PoolInfo, r: Removed, _replaced: bool) -> u64 {
+        let e = r.entry;
+        let charge = e.charge() as i64;
+        let same = i64::from(e.is_same());
+        p.held.add(-1, -same, -charge);
+        p.gauges_of_owner().add(-1, -same, -charge);
+        match e.target() {
+            Target::Same(_) => 0,
+            Target::Stored { handle, len, .. } => self.arenas(handle).free(handle, len),
+            Target::Dedup { hash, .. } => self.dedup.unref(self, hash),
+        }
+    }
+
+    /// Stores `data` in the arena set for `persistent`, evicting ephemeral pages if the
+    /// budget requires it.
+    fn alloc_room(&self, data: &[u8], persistent: bool) -> Result<Handle> {
+        let store = if persistent { &self.pers_store } else { &self.eph_store };
+        loop {
+            match store.alloc(data, false) {
+                Alloc::Done(h) => return Ok(h),
+                Alloc::NeedsGrowth(need) => {
+                    if self.held_bytes() + need <= self.budget() {
+                        if let Alloc::Done(h) = store.alloc(data, true) {
+                            return Ok(h);
+                        }
+                    }
+                    let _g = self.evict_lock.lock();
+                    // Another thread may have made room meanwhile.
+                    if self.held_bytes() + need <= self.budget() {
+                        continue;
+                    }
+                    if let Alloc::Done(h) = store.alloc(data, false) {
+                        return Ok(h);
+                    }
+                    if self.evict_some(EVICT_BATCH) == 0 {
+                        return Err(Error::NoSpace);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Makes sure `extra` metadata bytes fit, evicting if needed.
+    fn room_for_meta(&self, extra: u64) -> Result<()> {
+        while self.held_bytes() + extra > self.budget() {
+            let _g = self.evict_lock.lock();
+            if self.held_bytes() + extra <= self.budget() {
+                break;
+            }
+            if self.evict_some(EVICT_BATCH) == 0 {
+                return Err(Error::NoSpace);
+            }
+        }
+        Ok(())
+    }
+
+    /// Compresses (if it pays) and stores a data page outside the dedup table.
+    fn store_data(&self, p: &PoolInfo, page: &Page) -> Result<(Handle, u8, usize)> {
+        let mut buf = [0u8; PAGE_SIZE];
+        let (bytes, tag): (&[u8], u8) = match codec::compress(p.spec.codec, page, &mut buf, self.threshold) {
+            Some(n) => (&buf[..n], p.spec.codec.tag()),
+            None => (&page[..], 0),
+        };
+        let h = self.alloc_room(bytes, p.persistent())?;
+        Ok((h, tag, bytes.len()))
+    }
+
+    fn prepare(&self, p: &PoolInfo, page: &Page, stripe: usize) -> Result<Prepared> {
+        let ops = Bump([self.ops.at(stripe), p.ops.at(stripe), p.owner.ops.at(stripe)]);
+        match codec::classify(page) {
+            Shape::Same(w) => {
+                self.room_for_meta(crate::entry::ENTRY_COST)?;
+                if w == 0 {
+                    ops.add(|o| &o.zero_puts);
+                } else {
+                    ops.add(|o| &o.same_puts);
+                }
+                Ok(Prepared { entry: Entry::same(w), charge: charge_for(None) })
+            }
+            Shape::Data => {
+                let counted = |tag: u8| {
+                    if tag == 0 {
+                        ops.add(|o| &o.raw_puts);
+                    } else {
+                        ops.add(|o| &o.compressed_puts);
+                    }
+                };
+                let Some(domain) = p.dedup_domain else {
+                    let (h, tag, len) = self.store_data(p, page)?;
+                    counted(tag);
+                    return Ok(Prepared { entry: Entry::stored(h, tag, len), charge: charge_for(Some(len)) });
+                };
+                let hash = codec::hash_page(page, domain);
+                match self.dedup.find_and_ref(self, hash, page) {
+                    Found::Hit(len) => {
+                        ops.add(|o| &o.dedup_hits);
+                        return Ok(Prepared { entry: Entry::dedup(hash, len), charge: charge_for(Some(len)) });
+                    }
+                    Found::Collision => {
+                        let (h, tag, len) = self.store_data(p, page)?;
+                        counted(tag);
+                        return Ok(Prepared { entry: Entry::stored(h, tag, len), charge: charge_for(Some(len)) });
+                    }
+                    Found::Miss => {}
+                }
+                let (h, tag, len) = self.store_data(p, page)?;
+                self.room_for_meta(0)?;
+                match self.dedup.insert(self, hash, page, h, tag, len) {
+                    Inserted::Owned => {
+                        counted(tag);
+                        Ok(Prepared { entry: Entry::dedup(hash, len), charge: charge_for(Some(len)) })
+                    }
+                    Inserted::Existing(elen) => {
+                        self.arenas(h).free(h, len);
+                        ops.add(|o| &o.dedup_hits);
+                        Ok(Prepared { entry: Entry::dedup(hash, elen), charge: charge_for(Some(elen)) })
+                    }
+                    Inserted::Collision => {
+                        counted(tag);
+                        Ok(Prepared { entry: Entry::stored(h, tag, len), charge: charge_for(Some(len)) })
+                    }
+                }
+            }
+        }
+    }
+
+    /// Undoes a prepared entry that will not be installed.
+    fn discard(&self, prep: Prepared) {
+        match prep.entry.target() {
+            Target::Same(_) => {}
+            Target::Stored { handle, len, .. } => {
+                self.arenas(handle).free(handle, len);
+            }
+            Target::Dedup { hash, .. } => {
+                self.dedup.unref(self, hash);
+            }
+        }
+    }
+
+    fn log_touch(c: &ClientInfo, key: PageKey) {
+        if c.saving.load(Relaxed) {
+            if let Some(log) = c.save_log.lock().as_mut() {
+                log.insert(key);
+            }
+        }
+    }
+
+    /// Puts one page (exactly 4096 bytes). On success the page is held until flushed
+    /// (persistent) or until flushed or evicted (ephemeral). On any error the key holds
+    /// nothing afterwards: a failed replace flushes the old content.
+    pub fn put(&self, client: ClientId, key: PageKey, data: &[u8]) -> Result<()> {
+        let p = self.pool_for(client, key.pool)?;
+        let s = self.shard_idx(&key);
+        let result = self.put_in(&p, client, key, data, s);
+        let c = &p.owner;
+        match &result {
+            Ok(()) => {
+                self.ops.at(s).puts.fetch_add(1, Relaxed);
+                p.ops.at(s).puts.fetch_add(1, Relaxed);
+                c.ops.at(s).puts.fetch_add(1, Relaxed);
+            }
+            Err(_) => {
+                self.ops.at(s).puts_refused.fetch_add(1, Relaxed);
+                p.ops.at(s).puts_refused.fetch_add(1, Relaxed);
+                c.ops.at(s).puts_refused.fetch_add(1, Relaxed);
+                self.flush_in(&p, key, s);
+            }
+        }
+        Self::log_touch(&p.owner, key);
+        result
+    }
+
+    fn put_in(&self, p: &PoolInfo, client: ClientId, key: PageKey, data: &[u8], s: usize) -> Result<()> {
+        let page: &Page = data.try_into().map_err(|_| Error::BadLength(data.len()))?;
+        let putter = if client == p.owner.id { p.owner.clone() } else { self.client(client)? };
+        if putter.frozen.load(Relaxed) || p.owner.frozen.load(Relaxed) {
+            return Err(Error::Frozen(putter.id));
+        }
+        let prep = self.prepare(p, page, s)?;
+        if p.persistent() {
+            let cap = p.owner.cap.load(Relaxed);
+            let charged = p.owner.pers.charged.load(Relaxed).max(0) as u64;
+            if charged.saturating_add(prep.charge) > cap {
+                self.discard(prep);
+                return Err(Error::QuotaExceeded(p.owner.id));
+            }
+        }
+        let okey = ObjKey::new(key.pool, key.object);
+        let (old, d) = {
+            let mut shard = self.shards[s].lock();
+            let mut e = prep.entry;
+            e.set_referenced(false);
+            shard.insert(okey, key.index.0, e, p.queue_client())
+        };
+        self.meta.fetch_add(d, Relaxed);
+        let same = i64::from(prep.entry.is_same());
+        p.held.add(1, same, prep.charge as i64);
+        p.gauges_of_owner().add(1, same, prep.charge as i64);
+        if let Some(old) = old {
+            self.release(p, old, true);
+        }
+        Ok(())
+    }
+
+    /// Gets one page into `out` (exactly 4096 bytes). `Ok(None)` is a miss. Private
+    /// ephemeral pools with exclusive gets drop the page once it has been read.
+    pub fn get(&self, client: ClientId, key: PageKey, out: &mut [u8]) -> Result<Option<PageState>> {
+        let p = self.pool_for(client, key.pool)?;
+        let len = out.len();
+        let out: &mut Page = out.try_into().map_err(|_| Error::BadLength(len))?;
+        let s = self.shard_idx(&key);
+        let okey = ObjKey::new(key.pool, key.object);
+        let exclusive = p.exclusive();
+        let mut removed = None;
+        let mut corrupt = false;
+        let state = {
+            let mut shard = self.shards[s].lock();
+            match shard.get_mut(&okey, key.index.0) {
+                None => None,
+                Some(e) => {
+                    let state = match e.target() {
+                        Target::Same(w) => {
+                            codec::fill_same(out, w);
+                            Some(if w == 0 { PageState::Zero } else { PageState::Data })
+                        }
+                        Target::Stored { handle, codec: tag, len } => {
+                            let ok = self.arenas(handle).with(handle, len, |b| codec::decompress(tag, b, out)).unwrap_or(false);
+                            ok.then_some(PageState::Data)
+                        }
+                        Target::Dedup { hash, .. } => self.dedup.read(self, hash, out).then_some(PageState::Data),
+                    };
+                    if state.is_none() {
+                        corrupt = true;
+                    } else if !exclusive && !p.persistent() {
+                        e.set_referenced(true);
+                    }
+                    if exclusive || corrupt {
+                        let (r, d) = shard.remove(&okey, key.index.0, p.queue_client());
+                        self.meta.fetch_add(d, Relaxed);
+                        removed = r;
+                    }
+                    state
+                }
+            }
+        };
+        if corrupt {
+            tracing::error!(?key, "stored page failed to decode; dropped");
+        }
+        if let Some(r) = removed {
+            self.release(&p, r, false);
+            Self::log_touch(&p.owner, key);
+        }
+        let hit = state.is_some();
+        for ops in [self.ops.at(s), p.ops.at(s), p.owner.ops.at(s)] {
+            ops.gets.fetch_add(1, Relaxed);
+            if hit {
+                ops.get_hits.fetch_add(1, Relaxed);
+            } else {
+                ops.get_misses.fetch_add(1, Relaxed);
+            }
+        }
+        Ok(state)
+    }
+
+    /// Tells what a key holds without copying or counting a get (for block-status queries).
+    pub fn probe(&self, client: ClientId, key: PageKey) -> Result<Option<PageState>> {
+        let p = self.pool_for(client, key.pool)?;
+        let s = self.shard_idx(&key);
+        let mut shard = self.shards[s].lock();
+        Ok(shard.get_mut(&ObjKey::new(key.pool, key.object), key.index.0).map(|e| match e.target() {
+            Target::Same(0) => PageState::Zero,
+            _ => PageState::Data,
+        }))
+        .inspect(|_| drop(p))
+    }
+
+    fn flush_in(&self, p: &PoolInfo, key: PageKey, s: usize) -> bool {
+        let (r, d) = self.shards[s].lock().remove(&ObjKey::new(key.pool, key.object), key.index.0, p.queue_client());
+        self.meta.fetch_add(d, Relaxed);
+        match r {
+            Some(r) => {
+                self.release(p, r, false);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Flushes one page. Returns whether it was held.
+    pub fn flush_page(&self, client: ClientId, key: PageKey) -> Result<bool> {
+        let p = self.pool_for(client, key.pool)?;
+        let s = self.shard_idx(&key);
+        let had = self.flush_in(&p, key, s);
+        if had {
+            for ops in [self.ops.at(s), p.ops.at(s), p.owner.ops.at(s)] {
+                ops.flushes.fetch_add(1, Relaxed);
+            }
+        }
+        Self::log_touch(&p.owner, key);
+        Ok(had)
+    }
+
+    /// Flushes every page of an object. Returns how many pages were held.
+    pub fn flush_object(&self, client: ClientId, pool: PoolId, object: ObjectId) -> Result<u64> {
+        let p = self.pool_for(client, pool)?;
+        let okey = ObjKey::new(pool, object);
+        let mut total = 0;
+        for s in 0..self.shards.len() {
+            let (removed, d) = self.shards[s].lock().remove_object(&okey, p.queue_client());
+            self.meta.fetch_add(d, Relaxed);
+            let n = removed.len() as u64;
+            total += n;
+            for r in removed {
+                self.release(&p, r, false);
+            }
+            if n > 0 {
+                for ops in [self.ops.at(s), p.ops.at(s), p.owner.ops.at(s)] {
+                    ops.flushes.fetch_add(n, Relaxed);
+                }
+            }
+        }
+        if p.owner.saving.load(Relaxed) {
+            // Object-wide flush during a live save: log the object by its first key.
+            Self::log_touch(&p.owner, PageKey { pool, object, index: PageIndex(u32::MAX) });
+        }
+        Ok(total)
+    }
+
+    /// Puts consecutive pages of one object (`data.len()` must be a multiple of 4096),
+    /// resolving the pool once. Returns one result per page.
+    pub fn put_pages(&self, client: ClientId, pool: PoolId, object: ObjectId, first: u32, data: &[u8]) -> Result<Vec<Result<()>>> {
+        if data.len() % PAGE_SIZE != 0 {
+            return Err(Error::BadLength(data.len()));
+        }
+        let p = self.pool_for(client, pool)?;
+        let mut out = Vec::with_capacity(data.len() / PAGE_SIZE);
+        for (i, chunk) in data.chunks_exact(PAGE_SIZE).enumerate() {
+            let key = PageKey::new(pool, object, first.wrapping_add(i as u32));
+            let s = self.shard_idx(&key);
+            let r = self.put_in(&p, client, key, chunk, s);
+            let ops = [self.ops.at(s), p.ops.at(s), p.owner.ops.at(s)];
+            if r.is_ok() {
+                ops.iter().for_each(|o| _ = o.puts.fetch_add(1, Relaxed));
+            } else {
+                ops.iter().for_each(|o| _ = o.puts_refused.fetch_add(1, Relaxed));
+                self.flush_in(&p, key, s);
+            }
+            Self::log_touch(&p.owner, key);
+            out.push(r);
+        }
+        Ok(out)
+    }
+
+    // ----- statistics ----------------------------------------------------------------------
+
+    /// Engine-wide statistics (cheap: sums of counters, no locks on the data path).
+    pub fn stats(&self) -> EngineStats {
+        let clients = self.clients.load();
+        let pools = self.pools.load();
+        let (mut pages, mut eph, mut pers, mut same) = (0, 0, 0, 0);
+        for c in clients.values() {
+            let e = c.eph.snapshot();
+            let p = c.pers.snapshot();
+            eph += e.pages;
+            pers += p.pages;
+            pages += e.pages + p.pages;
+            same += e.same_pages + p.same_pages;
+        }
+        let ea = self.eph_store.stats();
+        let pa = self.pers_store.stats();
+        let alloc = crate::alloc::AllocStats {
+            held_bytes: ea.held_bytes + pa.held_bytes,
+            payload_bytes: ea.payload_bytes + pa.payload_bytes,
+            slot_bytes: ea.slot_bytes + pa.slot_bytes,
+            slabs: ea.slabs + pa.slabs,
+            objects: ea.objects + pa.objects,
+        };
+        let held = self.held_bytes();
+        EngineStats {
+            budget: self.budget(),
+            held_bytes: held,
+            metadata_bytes: held - alloc.held_bytes,
+            alloc,
+            logical_bytes: pages * PAGE_SIZE as u64,
+            pages,
+            ephemeral_pages: eph,
+            persistent_pages: pers,
+            same_pages: same,
+            unique_payloads: alloc.objects,
+            freeable_bytes: self.freeable_bytes(),
+            ops: self.ops.snapshot(),
+            clients: clients.len() as u64,
+            pools: pools.len() as u64,
+        }
+    }
+
+    /// Statistics of one client.
+    pub fn client_stats(&self, id: ClientId) -> Result<ClientStats> {
+        let c = self.client(id)?;
+        Ok(ClientStats {
+            client: id,
+            weight: c.weight.load(Relaxed),
+            persistent_cap: c.cap.load(Relaxed),
+            frozen: c.frozen.load(Relaxed),
+            ephemeral: c.eph.snapshot(),
+            persistent: c.pers.snapshot(),
+            ops: c.ops.snapshot(),
+            pools: self.pools_of(id).into_iter().map(|(p, _)| p).collect(),
+        })
+    }
+
+    /// Statistics of one pool (any client that can reach it may ask).
+    pub fn pool_stats(&self, client: ClientId, pool: PoolId) -> Result<PoolStats> {
+        let p = self.pool_for(client, pool)?;
+        Ok(Self::pool_stats_of(&p))
+    }
+
+    fn pool_stats_of(p: &PoolInfo) -> PoolStats {
+        PoolStats {
+            pool: p.id,
+            label: p.spec.label.clone(),
+            persistent: p.persistent(),
+            shared: matches!(p.spec.sharing, Sharing::Shared(_)),
+            held: p.held.snapshot(),
+            ops: p.ops.snapshot(),
+        }
+    }
+
+    /// Statistics of every pool.
+    pub fn all_pool_stats(&self) -> Vec<PoolStats> {
+        let mut v: Vec<PoolStats> = self.pools.load().values().map(|p| Self::pool_stats_of(p)).collect();
+        v.sort_by_key(|s| s.pool);
+        v
+    }
+
+    /// Operation counts summed over the engine.
+    pub fn op_stats(&self) -> OpStats {
+        self.ops.snapshot()
+    }
+
+    // ----- internals for save/restore --------------------------------------------------------
+
+    pub(crate) fn pool_infos_of(&self, client: ClientId) -> Vec<Arc<PoolInfo>> {
+        let mut v: Vec<Arc<PoolInfo>> = self.pools.load().values().filter(|p| p.owner.id == client).cloned().collect();
+        v.sort_by_key(|p| p.id);
+        v
+    }
+
+    pub(crate) fn client_info(&self, id: ClientId) -> Result<Arc<ClientInfo>> {
+        self.client(id)
+    }
+
+    pub(crate) fn shard_count(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// Copies out (key index, stored form) of the pages of `pool` in shard `s`.
+    pub(crate) fn snapshot_shard(&self, s: usize, pool: PoolId) -> Vec<(ObjectId, u32, crate::save::Stored)> {
+        let shard = self.shards[s].lock();
+        let mut out = Vec::new();
+        for key in shard.objects_of(pool.0) {
+            let Some(&slot) = shard.index.get(&key) else { continue };
+            let Some(Some(obj)) = shard.objs.get(slot as usize) else { continue };
+            let mut idxs: Vec<(&u32, &Entry)> = obj.pages.iter().collect();
+            idxs.sort_by_key(|(i, _)| **i);
+            for (&idx, e) in idxs {
+                let stored = match e.target() {
+                    Target::Same(w) => Some(crate::save::Stored::Same(w)),
+                    Target::Stored { handle, codec, len } => {
+                        self.arenas(handle).with(handle, len, |b| crate::save::Stored::Data(codec, b.to_vec()))
+                    }
+                    Target::Dedup { hash, .. } => self.dedup.stored_form(self, hash).map(|(c, b)| crate::save::Stored::Data(c, b)),
+                };
+                if let Some(st) = stored {
+                    out.push((ObjectId(key.oid), idx, st));
+                }
+            }
+        }
+        out
+    }
+
+    /// Destroys pools created by a failed restore.
+    pub(crate) fn rollback_pools(&self, client: ClientId, pools: &[PoolId]) {
+        for &p in pools {
+            let _ = self.destroy_pool(client, p);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn engine_is_send_sync() {
+        fn check<T: Send + Sync + 'static>() {}
+        check::<Engine>();
+    }
+}
