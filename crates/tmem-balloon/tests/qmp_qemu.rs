@@ -1,0 +1,144 @@
+//! QMP client against a real QEMU (paused q35 machine, TCG, no guest kernel).
+//! Skips with a message when `qemu-system-x86_64` is not installed.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tmem_balloon::qemu::{balloon_device_args, BalloonDeviceOpts};
+use tmem_balloon::qmp::{QmpClient, QmpError};
+
+const MIB: u64 = 1 << 20;
+
+/// A QEMU process we started; killed (by PID) and reaped on every path.
+struct Qemu {
+    child: Child,
+    dir: PathBuf,
+    qmp: PathBuf,
+}
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn find_qemu() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join("qemu-system-x86_64"))
+        .find(|p| p.is_file())
+}
+
+fn start(name: &str) -> Option<Qemu> {
+    let Some(bin) = find_qemu() else {
+        eprintln!("SKIP: qemu-system-x86_64 not found in PATH");
+        return None;
+    };
+    let dir = std::env::temp_dir().join(format!("tmem-balloon-qemu-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("tmpdir");
+    let qmp = dir.join("qmp.sock");
+    let mut cmd = Command::new(bin);
+    cmd.args([
+        "-M",
+        "q35",
+        "-S",
+        "-accel",
+        "tcg",
+        "-nodefaults",
+        "-display",
+        "none",
+        "-m",
+        "256",
+    ])
+    .args(balloon_device_args(&BalloonDeviceOpts::default()))
+    .arg("-qmp")
+    .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
+    let child = cmd.spawn().expect("spawn qemu");
+    let q = Qemu { child, dir, qmp };
+    wait_for(&q.qmp);
+    Some(q)
+}
+
+fn wait_for(p: &Path) {
+    let end = Instant::now() + Duration::from_secs(30);
+    while !p.exists() && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn qmp_balloon_qom_and_events() {
+    let Some(q) = start("main") else { return };
+    let mut c = QmpClient::connect(&q.qmp, Duration::from_secs(20)).expect("connect");
+    assert!(c.greeting()["QMP"]["version"]["qemu"]["major"]
+        .as_u64()
+        .is_some());
+
+    // Balloon: logical size equals RAM; a request is accepted even without a guest driver.
+    assert_eq!(c.query_balloon().expect("query-balloon"), 256 * MIB);
+    c.balloon(128 * MIB).expect("balloon");
+    assert_eq!(
+        c.query_balloon().expect("query-balloon"),
+        256 * MIB,
+        "no driver: unchanged"
+    );
+
+    // QOM guest stats: polling can be set; without a guest every stat is unset.
+    let path = BalloonDeviceOpts::default().qom_path();
+    c.set_stats_polling(&path, 2).expect("qom-set");
+    let (s, last) = c.guest_stats(&path, 1).expect("qom-get guest-stats");
+    assert_eq!(last, 0);
+    assert_eq!((s.total, s.available, s.major_faults), (None, None, None));
+
+    // Typed errors.
+    match c.execute("no-such-command", None) {
+        Err(QmpError::Command { class, .. }) => assert_eq!(class, "CommandNotFound"),
+        other => panic!("expected CommandNotFound, got {other:?}"),
+    }
+    assert!(matches!(
+        c.guest_stats("/machine/peripheral/nope", 0),
+        Err(QmpError::Command { .. })
+    ));
+
+    // Events interleaved with replies are captured: cont → RESUME, stop → STOP.
+    c.execute("cont", None).expect("cont");
+    let _ = c.query_balloon().expect("query after cont");
+    let ev = c
+        .wait_event("RESUME", Duration::from_secs(20))
+        .expect("wait");
+    assert!(ev.is_some(), "RESUME event captured");
+    c.execute("stop", None).expect("stop");
+    assert!(c
+        .wait_event("STOP", Duration::from_secs(20))
+        .expect("wait")
+        .is_some());
+    // Still in sync after events.
+    assert_eq!(c.query_balloon().expect("query"), 256 * MIB);
+}
+
+#[test]
+fn qmp_peer_gone_is_an_error_not_a_panic() {
+    let Some(mut q) = start("gone") else { return };
+    let mut c = QmpClient::connect(&q.qmp, Duration::from_secs(20)).expect("connect");
+    let _ = q.child.kill();
+    let _ = q.child.wait();
+    let r = c.query_balloon();
+    assert!(
+        matches!(
+            r,
+            Err(QmpError::Closed) | Err(QmpError::Io(_)) | Err(QmpError::Timeout)
+        ),
+        "{r:?}"
+    );
+    assert!(matches!(
+        QmpClient::connect(q.dir.join("missing.sock"), Duration::from_secs(1)),
+        Err(QmpError::Connect(_))
+    ));
+}
