@@ -1,11 +1,11 @@
-//! Serve `MemBackend` exports over NBD until SIGINT/SIGTERM or stdin closes.
+//! Serve `MemBackend` exports over NBD until SIGINT or SIGTERM, then shut down cleanly.
 //!
 //! ```text
 //! nbd-serve [--unix PATH] [--tcp ADDR] [--size BYTES[K|M|G]] [--export NAME]... [--workers N]
 //! ```
 //! Used by `scripts/bench-nbd` as "our server" baseline. Prints `ready` on stdout once listening.
 
-use std::io::{BufRead, Write};
+use std::io::Write;
 use std::sync::Arc;
 
 use tmem_nbd::{ListenAddr, MemBackend, ServerConfig, ServerHandle, StaticExports};
@@ -51,19 +51,23 @@ fn main() {
             Arc::new(MemBackend::new(size)),
         );
     }
+    // Block the signals in every thread (threads inherit the mask) and wait for them here.
+    // SAFETY: plain libc calls on a local, initialised sigset.
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    };
     let h =
         ServerHandle::start(Arc::new(t), cfg, &listen).unwrap_or_else(|e| fail(&format!("{e}")));
     println!("ready");
     let _ = std::io::stdout().flush();
-    // Run until stdin reaches EOF (the bench closes it, or the process is killed).
-    let stdin = std::io::stdin();
-    for line in stdin.lock().lines() {
-        match line.as_deref() {
-            Ok("stats") => println!("{:?}", h.all_stats()),
-            Ok(_) => {}
-            Err(_) => break,
-        }
-    }
+    let mut sig = 0;
+    // SAFETY: `set` is initialised and `sig` is a valid out-pointer.
+    unsafe { libc::sigwait(&set, &mut sig) };
     eprintln!("{:?}", h.all_stats());
     h.shutdown();
 }

@@ -6,7 +6,7 @@
 //! or be overtaken by later requests. Every reply is written in one `write_all` under the writer lock.
 
 use std::io::{self, BufReader, Read, Write};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -190,7 +190,12 @@ struct Ctx<W> {
     s: Session,
     stats: Arc<ExportStats>,
     broken: AtomicBool,
+    /// Write payload bytes sitting in the worker queue.
+    queued_bytes: AtomicU64,
 }
+
+/// Most write payload bytes queued for the workers of one connection.
+const MAX_QUEUED_BYTES: u64 = 64 << 20;
 
 struct Job {
     req: Request,
@@ -241,6 +246,7 @@ pub fn serve_transmission<R: Read, W: Write + Send + 'static>(
         s: session,
         stats,
         broken: AtomicBool::new(false),
+        queued_bytes: AtomicU64::new(0),
     });
     let mut pool: Option<Pool> = None;
     let res = reader_loop(reader, &ctx, cfg, &mut pool);
@@ -276,7 +282,16 @@ fn reader_loop<R: Read, W: Write + Send + 'static>(
         if req.typ == CMD_DISC {
             return Ok(());
         }
-        let heavy = cfg.workers > 0 && (req.typ == CMD_FLUSH || req.len > cfg.inline_max);
+        let mut heavy = cfg.workers > 0 && (req.typ == CMD_FLUSH || req.len > cfg.inline_max);
+        // Bound the write payload bytes queued for workers; past it, run inline (back-pressure).
+        let queued = if req.typ == CMD_WRITE {
+            u64::from(req.len)
+        } else {
+            0
+        };
+        if heavy && ctx.queued_bytes.load(Ordering::Relaxed) + queued > MAX_QUEUED_BYTES {
+            heavy = false;
+        }
         let mut data = Vec::new();
         if req.typ == CMD_WRITE {
             if req.len > MAX_PAYLOAD {
@@ -288,8 +303,13 @@ fn reader_loop<R: Read, W: Write + Send + 'static>(
                 return Err(TransmissionError::PayloadTooLarge(req.len));
             }
             let buf = if heavy { &mut data } else { &mut wbuf };
-            buf.resize(req.len as usize, 0);
-            r.read_exact(buf)?;
+            // Grow with the data actually received, so a peer that only announces a large
+            // payload cannot make us allocate it.
+            buf.clear();
+            let got = (&mut r).take(u64::from(req.len)).read_to_end(buf)?;
+            if got != req.len as usize {
+                return Err(TransmissionError::Io(io::ErrorKind::UnexpectedEof.into()));
+            }
         }
         if let Err(errno) = validate(&req, &ctx.s) {
             count_type(&ctx.stats, req.typ);
@@ -313,7 +333,9 @@ fn reader_loop<R: Read, W: Write + Send + 'static>(
         }
         match pool {
             Some(p) => {
+                ctx.queued_bytes.fetch_add(queued, Ordering::Relaxed);
                 if let Err(e) = p.tx.send(Job { req, data }) {
+                    ctx.queued_bytes.fetch_sub(queued, Ordering::Relaxed);
                     let job = e.0;
                     execute(ctx, &job.req, &job.data, &mut scratch)?;
                 }
@@ -355,7 +377,12 @@ fn worker<W: Write + Send>(ctx: &Ctx<W>, rx: &Mutex<Receiver<Job>>) {
             guard.recv()
         };
         let Ok(job) = job else { return };
-        if let Err(e) = execute(ctx, &job.req, &job.data, &mut scratch) {
+        let res = execute(ctx, &job.req, &job.data, &mut scratch);
+        if job.req.typ == CMD_WRITE {
+            ctx.queued_bytes
+                .fetch_sub(u64::from(job.req.len), Ordering::Relaxed);
+        }
+        if let Err(e) = res {
             ctx.broken.store(true, Ordering::Relaxed);
             rl_event!(debug, error = %e, "NBD reply failed");
         }
