@@ -54,6 +54,10 @@ pub mod sim;
 pub mod stats;
 
 #[cfg(feature = "host")]
+pub mod cgroup;
+#[cfg(feature = "host")]
+pub mod manager;
+#[cfg(feature = "host")]
 pub mod qmp;
 
 pub use agent::AgentReport;

@@ -1,0 +1,1013 @@
+//! The manager runtime: one thread per guest (no async runtime).
+//!
+//! Every interval each guest loop ([`GuestLoop::step`]):
+//!
+//! 1. reads the balloon's `actual` through its [`BalloonActuator`] and
+//!    accounts reclaimed / given-back bytes and rates;
+//! 2. polls its [`StatsSource`]s (QMP `guest-stats`, the agent channel) and
+//!    pushes the merged snapshot (agent first, gaps filled from QMP);
+//! 3. for the `pressure` policy, publishes its [`ShareInput`] and computes the
+//!    host-wide share plan ([`distribute`]) over all guests' latest inputs;
+//! 4. runs the [`Governor`];
+//! 5. actuates. **Growing a guest**: first [`PoolControl::shrink`] the pool
+//!    by the growth (at once), lower the budget, then deflate. **Shrinking**:
+//!    inflate; the pool budget rises as `actual` falls.
+//!
+//! Pool budget = host RAM − host reserve − Σ over guests of max(actual, target).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::agent::AgentReader;
+use crate::policy::{
+    distribute, host_goal, AnyPolicy, Decision, Governor, GovernorConfig, GuestView, HostView,
+    Policy, ShareInput, Spike, MIB,
+};
+use crate::qmp::{QmpClient, QmpError};
+use crate::stats::{GuestStats, MemInfo, Rates, StatsHistory};
+
+/// The host-side memory pool, as the manager sees it (implemented by the daemon).
+pub trait PoolControl: Send + Sync {
+    /// Set the pool's budget (bytes it may hold).
+    fn set_budget(&self, bytes: u64);
+    /// Release up to `bytes` now; returns bytes actually released.
+    fn shrink(&self, bytes: u64) -> u64;
+    /// Current budget.
+    fn budget(&self) -> u64;
+}
+
+/// A pool that does nothing (budget is only recorded). Useful without tmem.
+#[derive(Debug, Default)]
+pub struct NoPool(Mutex<u64>);
+
+impl PoolControl for NoPool {
+    fn set_budget(&self, bytes: u64) {
+        *lock(&self.0) = bytes;
+    }
+    fn shrink(&self, _bytes: u64) -> u64 {
+        0
+    }
+    fn budget(&self) -> u64 {
+        *lock(&self.0)
+    }
+}
+
+/// Errors from actuators and stats sources.
+#[derive(Debug, thiserror::Error)]
+pub enum ActuatorError {
+    /// A QMP operation failed.
+    #[error("QMP operation failed")]
+    Qmp(#[source] QmpError),
+    /// A cgroup file could not be read or written.
+    #[error("Cgroup file access failed: {0}")]
+    Cgroup(PathBuf, #[source] std::io::Error),
+    /// A value could not be parsed.
+    #[error("Cannot parse {0}")]
+    Parse(String),
+}
+
+/// Sets a guest's size.
+pub trait BalloonActuator: Send {
+    /// Short name for status (`"qmp"`, `"cgroup"`).
+    fn name(&self) -> &'static str;
+    /// Current logical size, bytes.
+    fn actual(&mut self) -> Result<u64, ActuatorError>;
+    /// Request logical size `bytes`.
+    fn set_target(&mut self, bytes: u64) -> Result<(), ActuatorError>;
+}
+
+/// Produces guest stats.
+pub trait StatsSource: Send {
+    /// Short name for status (`"qmp"`, `"agent"`).
+    fn name(&self) -> &'static str;
+    /// Newest stats. `t_ms` must be milliseconds since `epoch` of when the
+    /// data was produced/received, so that an unchanged report keeps its
+    /// timestamp. `Ok(None)`: nothing (fresh) available.
+    fn poll(&mut self, epoch: Instant) -> Result<Option<GuestStats>, ActuatorError>;
+}
+
+/// Samples the host (MemTotal, MemAvailable, PSI).
+pub trait HostProbe: Send + Sync {
+    /// A fresh host view (`share_target` is filled in by the manager).
+    fn sample(&self) -> HostView;
+}
+
+/// Reads `/proc/meminfo` and `/proc/pressure/memory`.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ProcHost;
+
+impl HostProbe for ProcHost {
+    fn sample(&self) -> HostView {
+        let m = MemInfo::parse(&std::fs::read_to_string("/proc/meminfo").unwrap_or_default());
+        HostView {
+            total: m.total.unwrap_or(0),
+            available: m.available.unwrap_or(0),
+            psi: crate::psi::Psi::read_host(),
+            share_target: None,
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+// ---------------------------------------------------------------- QMP adapter
+
+#[derive(Debug)]
+struct QmpConn {
+    path: PathBuf,
+    timeout: Duration,
+    qom_path: String,
+    polling_secs: u32,
+    client: Option<QmpClient>,
+    last_update: u64,
+    last_stats: Option<GuestStats>,
+}
+
+impl QmpConn {
+    fn with<R>(
+        &mut self,
+        f: impl FnOnce(&mut QmpClient) -> Result<R, QmpError>,
+    ) -> Result<R, ActuatorError> {
+        if self.client.is_none() {
+            let mut c = QmpClient::connect(&self.path, self.timeout).map_err(ActuatorError::Qmp)?;
+            if self.polling_secs > 0 {
+                // Stats polling is optional: a missing balloon device is reported later.
+                let _ = c.set_stats_polling(&self.qom_path, self.polling_secs);
+            }
+            self.client = Some(c);
+        }
+        let Some(c) = self.client.as_mut() else {
+            return Err(ActuatorError::Qmp(QmpError::Closed));
+        };
+        let r = f(c);
+        // Events are not needed here; keep the queue bounded.
+        let _ = c.take_events();
+        match r {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                if !matches!(e, QmpError::Command { .. }) {
+                    self.client = None; // reconnect next time
+                }
+                Err(ActuatorError::Qmp(e))
+            }
+        }
+    }
+}
+
+/// A shared, lazily (re)connecting QMP connection for one guest; clone it to
+/// use as both the [`BalloonActuator`] and (via [`QmpHandle::stats_source`])
+/// a [`StatsSource`].
+#[derive(Debug, Clone)]
+pub struct QmpHandle(Arc<Mutex<QmpConn>>);
+
+impl QmpHandle {
+    /// A handle for the QMP socket at `path`; `qom_path` is the balloon
+    /// device (`/machine/peripheral/balloon0`); `polling_secs` > 0 enables
+    /// guest-stats polling on connect.
+    pub fn new(
+        path: impl Into<PathBuf>,
+        qom_path: impl Into<String>,
+        polling_secs: u32,
+        timeout: Duration,
+    ) -> Self {
+        Self(Arc::new(Mutex::new(QmpConn {
+            path: path.into(),
+            timeout,
+            qom_path: qom_path.into(),
+            polling_secs,
+            client: None,
+            last_update: 0,
+            last_stats: None,
+        })))
+    }
+
+    /// A [`StatsSource`] reading QOM `guest-stats` over this connection.
+    pub fn stats_source(&self) -> QmpStats {
+        QmpStats(self.clone())
+    }
+}
+
+impl BalloonActuator for QmpHandle {
+    fn name(&self) -> &'static str {
+        "qmp"
+    }
+    fn actual(&mut self) -> Result<u64, ActuatorError> {
+        lock(&self.0).with(|c| c.query_balloon())
+    }
+    fn set_target(&mut self, bytes: u64) -> Result<(), ActuatorError> {
+        lock(&self.0).with(|c| c.balloon(bytes))
+    }
+}
+
+/// QOM `guest-stats` as a [`StatsSource`] (see [`QmpHandle::stats_source`]).
+#[derive(Debug, Clone)]
+pub struct QmpStats(QmpHandle);
+
+impl StatsSource for QmpStats {
+    fn name(&self) -> &'static str {
+        "qmp"
+    }
+    fn poll(&mut self, epoch: Instant) -> Result<Option<GuestStats>, ActuatorError> {
+        let mut conn = lock(&(self.0).0);
+        let qom = conn.qom_path.clone();
+        let t_ms = epoch.elapsed().as_millis() as u64;
+        let (s, last) = conn.with(|c| c.guest_stats(&qom, t_ms))?;
+        if last == 0 {
+            return Ok(None); // guest driver never reported
+        }
+        if last == conn.last_update {
+            return Ok(conn.last_stats); // unchanged: keep its timestamp
+        }
+        conn.last_update = last;
+        conn.last_stats = Some(s);
+        Ok(Some(s))
+    }
+}
+
+/// The agent channel as a [`StatsSource`].
+#[derive(Debug)]
+pub struct AgentStats {
+    reader: AgentReader,
+    max_age: Duration,
+}
+
+impl AgentStats {
+    /// Read from the agent socket at `path`; reports older than `max_age` are ignored.
+    pub fn spawn(path: impl Into<PathBuf>, max_age: Duration) -> std::io::Result<Self> {
+        Ok(Self {
+            reader: AgentReader::spawn(path)?,
+            max_age,
+        })
+    }
+}
+
+impl StatsSource for AgentStats {
+    fn name(&self) -> &'static str {
+        "agent"
+    }
+    fn poll(&mut self, epoch: Instant) -> Result<Option<GuestStats>, ActuatorError> {
+        let st = self.reader.status();
+        let Some((at, r)) = st.latest else {
+            return Ok(None);
+        };
+        if at.elapsed() > self.max_age {
+            return Ok(None);
+        }
+        let t_ms = at.saturating_duration_since(epoch).as_millis() as u64;
+        Ok(Some(r.to_stats(t_ms)))
+    }
+}
+
+// ---------------------------------------------------------------- status
+
+/// Per-guest status, for the daemon's API.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct GuestStatus {
+    /// Guest name.
+    pub name: String,
+    /// Policy name.
+    pub policy: String,
+    /// Actuator name.
+    pub actuator: String,
+    /// Maximum (boot) size, bytes.
+    pub max: u64,
+    /// Last read logical size, bytes.
+    pub actual: u64,
+    /// Last requested target, bytes.
+    pub target: u64,
+    /// Newest merged stats.
+    pub stats: Option<GuestStats>,
+    /// Rates from the newest two snapshots.
+    pub rates: Rates,
+    /// Stats sources that delivered data in the last interval.
+    pub live_sources: Vec<String>,
+    /// Last decision and its reason.
+    pub last_decision: Option<Decision>,
+    /// Last fast give-back.
+    pub last_spike: Option<Spike>,
+    /// The guest did not approach its target (see [`Governor`]).
+    pub stuck: bool,
+    /// Bytes taken from the guest (sum of observed decreases of `actual`).
+    pub reclaimed_bytes: u64,
+    /// Bytes given back (sum of observed increases of `actual`).
+    pub given_back_bytes: u64,
+    /// Last measured reclaim rate, MiB/s.
+    pub reclaim_mib_s: f64,
+    /// Last measured give-back rate, MiB/s.
+    pub give_back_mib_s: f64,
+    /// Time from a give-back decision until `actual` reached its target, ms
+    /// (interval-quantised).
+    pub last_spike_to_deflate_ms: Option<u64>,
+    /// Intervals run.
+    pub intervals: u64,
+    /// Errors seen.
+    pub errors: u64,
+    /// Last error message (full chain).
+    pub last_error: Option<String>,
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+// ---------------------------------------------------------------- guest loop
+
+/// Everything needed to manage one guest.
+pub struct GuestSpec {
+    /// Unique name.
+    pub name: String,
+    /// Boot (maximum) size, bytes.
+    pub max: u64,
+    /// Policy and limits.
+    pub governor: GovernorConfig,
+    /// How to set the size.
+    pub actuator: Box<dyn BalloonActuator>,
+    /// Stats sources, in priority order (agent first).
+    pub sources: Vec<Box<dyn StatsSource>>,
+}
+
+impl std::fmt::Debug for GuestSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GuestSpec")
+            .field("name", &self.name)
+            .field("max", &self.max)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Host-wide manager configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ManagerConfig {
+    /// Policy interval, ms. Default 2000.
+    pub interval_ms: u64,
+    /// Host RAM kept out of both guests and pool, bytes. Default 1 GiB.
+    pub host_reserve: u64,
+    /// Host RAM, bytes; `None` = host MemTotal from the probe.
+    pub host_total: Option<u64>,
+}
+
+impl Default for ManagerConfig {
+    fn default() -> Self {
+        Self {
+            interval_ms: 2000,
+            host_reserve: 1024 * MIB,
+            host_total: None,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct SharedGuest {
+    committed: u64,
+    pressure: bool,
+    share: Option<ShareInput>,
+}
+
+/// State shared by all guest loops.
+#[derive(Default)]
+pub struct Shared {
+    guests: Mutex<BTreeMap<String, SharedGuest>>,
+    status: Mutex<BTreeMap<String, GuestStatus>>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared").finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    /// Register a guest loop before any loop runs, so that the share plan
+    /// waits for every pressure-policy guest's first input.
+    pub fn register(&self, gl: &GuestLoop) {
+        let pressure = matches!(gl.gov.policy(), AnyPolicy::Pressure(_));
+        lock(&self.guests)
+            .entry(gl.spec.name.clone())
+            .or_default()
+            .pressure = pressure;
+    }
+
+    /// Status of every guest, by name.
+    pub fn status(&self) -> Vec<GuestStatus> {
+        lock(&self.status).values().cloned().collect()
+    }
+}
+
+/// One guest's control loop; [`GuestLoop::step`] runs one interval
+/// synchronously (the manager threads call it; tests can too).
+pub struct GuestLoop {
+    spec: GuestSpec,
+    gov: Governor,
+    history: StatsHistory,
+    status: GuestStatus,
+    epoch: Instant,
+    prev_actual: Option<(u64, Instant)>,
+    last_sent: Option<u64>,
+    pending_spike: Option<(Instant, u64)>,
+}
+
+impl std::fmt::Debug for GuestLoop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GuestLoop")
+            .field("name", &self.spec.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl GuestLoop {
+    /// A loop for `spec`; `epoch` is the common time origin of stats timestamps.
+    pub fn new(spec: GuestSpec, epoch: Instant) -> Self {
+        let gov = Governor::new(spec.governor.clone());
+        let status = GuestStatus {
+            name: spec.name.clone(),
+            policy: gov.policy().name().into(),
+            actuator: spec.actuator.name().into(),
+            max: spec.max,
+            ..Default::default()
+        };
+        Self {
+            spec,
+            gov,
+            history: StatsHistory::new(64),
+            status,
+            epoch,
+            prev_actual: None,
+            last_sent: None,
+            pending_spike: None,
+        }
+    }
+
+    /// Current status.
+    pub fn status(&self) -> &GuestStatus {
+        &self.status
+    }
+
+    fn error(&mut self, e: &dyn std::error::Error) {
+        self.status.errors += 1;
+        let msg = chain(e);
+        #[cfg(feature = "host")]
+        if self.status.last_error.as_deref() != Some(msg.as_str()) {
+            tracing::warn!(guest = %self.status.name, error = %msg, "balloon manager");
+        }
+        self.status.last_error = Some(msg);
+    }
+
+    /// Run one interval.
+    pub fn step(
+        &mut self,
+        cfg: &ManagerConfig,
+        host_probe: &dyn HostProbe,
+        pool: &dyn PoolControl,
+        shared: &Shared,
+    ) {
+        self.status.intervals += 1;
+        let now = Instant::now();
+        // 1. Actual size and reclaim/give-back accounting.
+        let actual = match self.spec.actuator.actual() {
+            Ok(a) => a,
+            Err(e) => {
+                self.error(&e);
+                self.publish(shared);
+                return;
+            }
+        };
+        if let Some((prev, at)) = self.prev_actual {
+            let dt = now.saturating_duration_since(at).as_secs_f64();
+            if actual < prev {
+                self.status.reclaimed_bytes += prev - actual;
+                if dt > 0.0 {
+                    self.status.reclaim_mib_s = (prev - actual) as f64 / MIB as f64 / dt;
+                }
+            } else if actual > prev {
+                self.status.given_back_bytes += actual - prev;
+                if dt > 0.0 {
+                    self.status.give_back_mib_s = (actual - prev) as f64 / MIB as f64 / dt;
+                }
+            }
+        }
+        self.prev_actual = Some((actual, now));
+        self.status.actual = actual;
+        if let Some((at, target)) = self.pending_spike {
+            if actual + self.gov.config().stuck_tolerance >= target {
+                self.status.last_spike_to_deflate_ms =
+                    Some(now.saturating_duration_since(at).as_millis() as u64);
+                self.pending_spike = None;
+            }
+        }
+
+        // 2. Stats.
+        let mut merged: Option<GuestStats> = None;
+        let mut live = Vec::new();
+        for i in 0..self.spec.sources.len() {
+            match self.spec.sources[i].poll(self.epoch) {
+                Ok(Some(s)) => {
+                    live.push(self.spec.sources[i].name().to_string());
+                    merged = Some(match merged {
+                        Some(m) => m.or(&s),
+                        None => s,
+                    });
+                }
+                Ok(None) => {}
+                Err(e) => self.error(&e),
+            }
+        }
+        self.status.live_sources = live;
+        if let Some(s) = merged {
+            self.history.push(s);
+        }
+        self.status.stats = self.history.latest().copied();
+        self.status.rates = self.history.rates();
+
+        // 3. Host view and share plan.
+        let mut host = host_probe.sample();
+        let view = GuestView {
+            history: &self.history,
+            actual,
+            max: self.spec.max,
+            interval_ms: cfg.interval_ms,
+        };
+        if let AnyPolicy::Pressure(p) = self.gov.policy() {
+            let mine = p.share_input(&view);
+            let goal = host_goal(&host, p.config());
+            let mut g = lock(&shared.guests);
+            g.entry(self.spec.name.clone()).or_default().share = Some(mine);
+            if g.values().any(|v| v.pressure && v.share.is_none()) {
+                // Not every guest has reported yet: hold rather than plan alone.
+                host.share_target = Some(actual);
+            } else {
+                let names: Vec<&String> = g
+                    .iter()
+                    .filter(|(_, v)| v.share.is_some())
+                    .map(|(k, _)| k)
+                    .collect();
+                let inputs: Vec<ShareInput> = g.values().filter_map(|v| v.share).collect();
+                let plan = distribute(goal, &inputs);
+                host.share_target = names
+                    .iter()
+                    .position(|n| **n == self.spec.name)
+                    .and_then(|i| plan.get(i).copied());
+            }
+        }
+
+        // 4. Decide.
+        let d = self.gov.step(&view, &host);
+        let target = d.decision.target;
+        self.status.stuck = d.stuck;
+        if let Some(sp) = &d.spike {
+            self.status.last_spike = Some(sp.clone());
+            if target > actual {
+                self.pending_spike = Some((now, target));
+            }
+        }
+        self.status.last_decision = Some(d.decision.clone());
+        self.status.target = target;
+
+        // 5. Actuate, pool first when growing.
+        if target > actual {
+            let grow = target - actual;
+            pool.shrink(grow);
+            self.set_committed(shared, actual.max(target));
+            self.update_budget(cfg, &host, pool, shared);
+            if self.last_sent != Some(target) {
+                match self.spec.actuator.set_target(target) {
+                    Ok(()) => self.last_sent = Some(target),
+                    Err(e) => self.error(&e),
+                }
+            }
+        } else {
+            if target < actual && self.last_sent != Some(target) {
+                match self.spec.actuator.set_target(target) {
+                    Ok(()) => self.last_sent = Some(target),
+                    Err(e) => self.error(&e),
+                }
+            }
+            self.set_committed(shared, actual);
+            self.update_budget(cfg, &host, pool, shared);
+        }
+        self.publish(shared);
+    }
+
+    fn set_committed(&self, shared: &Shared, bytes: u64) {
+        lock(&shared.guests)
+            .entry(self.spec.name.clone())
+            .or_default()
+            .committed = bytes;
+    }
+
+    fn update_budget(
+        &self,
+        cfg: &ManagerConfig,
+        host: &HostView,
+        pool: &dyn PoolControl,
+        shared: &Shared,
+    ) {
+        let total = cfg.host_total.unwrap_or(host.total);
+        let guests: u64 = lock(&shared.guests).values().map(|g| g.committed).sum();
+        pool.set_budget(
+            total
+                .saturating_sub(cfg.host_reserve)
+                .saturating_sub(guests),
+        );
+    }
+
+    fn publish(&self, shared: &Shared) {
+        lock(&shared.status).insert(self.spec.name.clone(), self.status.clone());
+    }
+}
+
+/// The running manager: one thread per guest.
+pub struct Manager {
+    shared: Arc<Shared>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Manager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Manager")
+            .field("threads", &self.threads.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Manager {
+    /// Start one loop thread per guest.
+    pub fn start(
+        cfg: ManagerConfig,
+        guests: Vec<GuestSpec>,
+        pool: Arc<dyn PoolControl>,
+        host: Arc<dyn HostProbe>,
+    ) -> std::io::Result<Self> {
+        let shared = Arc::new(Shared::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let epoch = Instant::now();
+        let mut threads = Vec::new();
+        for spec in guests {
+            let mut gl = GuestLoop::new(spec, epoch);
+            shared.register(&gl);
+            let (shared, stop2, pool, host, cfg) = (
+                shared.clone(),
+                stop.clone(),
+                pool.clone(),
+                host.clone(),
+                cfg.clone(),
+            );
+            let name = format!("tmem-bl-{}", gl.spec.name);
+            let spawned = std::thread::Builder::new().name(name).spawn(move || {
+                let interval = Duration::from_millis(cfg.interval_ms.max(1));
+                let mut next = Instant::now();
+                let stop = stop2;
+                while !stop.load(Ordering::Relaxed) {
+                    gl.step(&cfg, host.as_ref(), pool.as_ref(), &shared);
+                    next += interval;
+                    let now = Instant::now();
+                    if next < now {
+                        next = now;
+                    }
+                    while !stop.load(Ordering::Relaxed) && Instant::now() < next {
+                        std::thread::sleep((next - Instant::now()).min(Duration::from_millis(50)));
+                    }
+                }
+            });
+            match spawned {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    stop.store(true, Ordering::Relaxed);
+                    for t in threads {
+                        let _ = t.join();
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(Self {
+            shared,
+            stop,
+            threads,
+        })
+    }
+
+    /// Status of every guest.
+    pub fn status(&self) -> Vec<GuestStatus> {
+        self.shared.status()
+    }
+
+    /// Stop all loops and wait for them.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Manager {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{PolicyKind, PressureConfig, SelfBalloonConfig};
+
+    const GIB: u64 = 1 << 30;
+
+    #[derive(Debug, Clone, PartialEq)]
+    enum Op {
+        Shrink(u64),
+        Budget(u64),
+        Set(u64),
+    }
+
+    type Log = Arc<Mutex<Vec<Op>>>;
+
+    struct FakeBalloon {
+        actual: Arc<Mutex<u64>>,
+        log: Log,
+    }
+    impl BalloonActuator for FakeBalloon {
+        fn name(&self) -> &'static str {
+            "fake"
+        }
+        fn actual(&mut self) -> Result<u64, ActuatorError> {
+            Ok(*lock(&self.actual))
+        }
+        fn set_target(&mut self, b: u64) -> Result<(), ActuatorError> {
+            lock(&self.log).push(Op::Set(b));
+            *lock(&self.actual) = b; // instant balloon
+            Ok(())
+        }
+    }
+
+    struct FakePool {
+        log: Log,
+        budget: Mutex<u64>,
+    }
+    impl PoolControl for FakePool {
+        fn set_budget(&self, b: u64) {
+            *lock(&self.budget) = b;
+            lock(&self.log).push(Op::Budget(b));
+        }
+        fn shrink(&self, b: u64) -> u64 {
+            lock(&self.log).push(Op::Shrink(b));
+            b
+        }
+        fn budget(&self) -> u64 {
+            *lock(&self.budget)
+        }
+    }
+
+    struct Script(Arc<Mutex<Vec<GuestStats>>>);
+    impl StatsSource for Script {
+        fn name(&self) -> &'static str {
+            "script"
+        }
+        fn poll(&mut self, _: Instant) -> Result<Option<GuestStats>, ActuatorError> {
+            let mut v = lock(&self.0);
+            Ok(if v.is_empty() {
+                None
+            } else {
+                Some(v.remove(0))
+            })
+        }
+    }
+
+    struct FixedHost(HostView);
+    impl HostProbe for FixedHost {
+        fn sample(&self) -> HostView {
+            self.0
+        }
+    }
+
+    fn st(t: u64, total: u64, avail: u64, committed: u64, mf: u64) -> GuestStats {
+        GuestStats {
+            t_ms: t,
+            total: Some(total),
+            available: Some(avail),
+            committed: Some(committed),
+            major_faults: Some(mf),
+            ..Default::default()
+        }
+    }
+
+    fn sb() -> GovernorConfig {
+        GovernorConfig {
+            policy: PolicyKind::SelfBalloon(SelfBalloonConfig {
+                reserved_mb: Some(0),
+                ..Default::default()
+            }),
+            shrink_per_interval: GIB,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn shrink_raises_budget_and_spike_shrinks_pool_before_deflate() {
+        let log: Log = Arc::default();
+        let actual = Arc::new(Mutex::new(4 * GIB));
+        let stats = Arc::new(Mutex::new(vec![st(0, 4 * GIB - 24 * MIB, 3 * GIB, GIB, 0)]));
+        let spec = GuestSpec {
+            name: "g1".into(),
+            max: 4 * GIB,
+            governor: sb(),
+            actuator: Box::new(FakeBalloon {
+                actual: actual.clone(),
+                log: log.clone(),
+            }),
+            sources: vec![Box::new(Script(stats.clone()))],
+        };
+        let pool = FakePool {
+            log: log.clone(),
+            budget: Mutex::new(0),
+        };
+        let host = FixedHost(HostView {
+            total: 16 * GIB,
+            available: 8 * GIB,
+            psi: None,
+            share_target: None,
+        });
+        let cfg = ManagerConfig {
+            interval_ms: 1000,
+            host_reserve: GIB,
+            host_total: None,
+        };
+        let shared = Shared::default();
+        let mut gl = GuestLoop::new(spec, Instant::now());
+
+        // Interval 1: selfballoon shrinks (1/8 of the gap); budget counts actual (not yet freed).
+        gl.step(&cfg, &host, &pool, &shared);
+        let t1 = gl.status().target;
+        assert!(t1 < 4 * GIB);
+        assert_eq!(
+            lock(&log).as_slice(),
+            &[Op::Set(t1), Op::Budget(16 * GIB - GIB - 4 * GIB)]
+        );
+        lock(&log).clear();
+
+        // Interval 2: actual fell → reclaimed counted, budget rose.
+        lock(&stats).push(st(1000, t1 - 24 * MIB, t1 - 24 * MIB - GIB, GIB, 0));
+        gl.step(&cfg, &host, &pool, &shared);
+        assert_eq!(gl.status().reclaimed_bytes, 4 * GIB - t1);
+        let t2 = gl.status().target;
+        assert_eq!(lock(&log).last(), Some(&Op::Budget(16 * GIB - GIB - t1)));
+        lock(&log).clear();
+
+        // Interval 3: fault spike → pool shrinks first, budget drops, then deflate.
+        lock(&stats).push(st(2000, t2 - 24 * MIB, 100 * MIB, GIB, 100_000));
+        gl.step(&cfg, &host, &pool, &shared);
+        let s = gl.status().clone();
+        assert!(s.last_spike.is_some(), "{:?}", s.last_decision);
+        assert!(s.target > t2);
+        let ops = lock(&log).clone();
+        assert_eq!(
+            ops,
+            vec![
+                Op::Shrink(s.target - t2),
+                Op::Budget(16 * GIB - GIB - s.target),
+                Op::Set(s.target),
+            ]
+        );
+        assert_eq!(s.live_sources, vec!["script".to_string()]);
+        // Interval 4: actual reached the target → latency recorded, given-back counted.
+        gl.step(&cfg, &host, &pool, &shared);
+        assert!(gl.status().last_spike_to_deflate_ms.is_some());
+        assert_eq!(gl.status().given_back_bytes, s.target - t2);
+        assert_eq!(shared.status().len(), 1);
+    }
+
+    #[test]
+    fn pressure_share_plan_across_guests() {
+        // Two guests, host short by ~2 GiB: the plan splits the take by shares.
+        let log: Log = Arc::default();
+        let pool = FakePool {
+            log: log.clone(),
+            budget: Mutex::new(0),
+        };
+        let h0 = HostView {
+            total: 16 * GIB,
+            available: 0,
+            psi: None,
+            share_target: None,
+        };
+        let keep_free = host_goal(&h0, &PressureConfig::default()).unsigned_abs();
+        let host = FixedHost(HostView {
+            available: keep_free - GIB,
+            ..h0
+        });
+        let cfg = ManagerConfig {
+            interval_ms: 1000,
+            host_reserve: 0,
+            host_total: None,
+        };
+        let shared = Shared::default();
+        let mk = |name: &str, shares: u32| {
+            let gc = GovernorConfig {
+                policy: PolicyKind::Pressure(PressureConfig {
+                    shares,
+                    min_bytes: 0,
+                    ..Default::default()
+                }),
+                shrink_per_interval: 8 * GIB,
+                ..Default::default()
+            };
+            let stats = Arc::new(Mutex::new(vec![st(0, 8 * GIB, 7 * GIB, GIB, 0)]));
+            GuestLoop::new(
+                GuestSpec {
+                    name: name.into(),
+                    max: 8 * GIB,
+                    governor: gc,
+                    actuator: Box::new(FakeBalloon {
+                        actual: Arc::new(Mutex::new(8 * GIB)),
+                        log: log.clone(),
+                    }),
+                    sources: vec![Box::new(Script(stats))],
+                },
+                Instant::now(),
+            )
+        };
+        let (mut a, mut b) = (mk("a", 3000), mk("b", 1000));
+        shared.register(&a);
+        shared.register(&b);
+        let goal = host_goal(&host.0, &PressureConfig::default());
+        assert_eq!(goal, -(GIB as i64));
+        // a runs first: b has not reported, so a holds instead of taking it all.
+        a.step(&cfg, &host, &pool, &shared);
+        assert_eq!(a.status().target, 8 * GIB, "{:?}", a.status().last_decision);
+        // b plans with both inputs: min = used 1 GiB + 20 % = 2.6 GiB each; the
+        // 3000-share guest fills to its max first, so the whole take is b's.
+        b.step(&cfg, &host, &pool, &shared);
+        assert_eq!(b.status().target, 7 * GIB, "{:?}", b.status().last_decision);
+        a.step(&cfg, &host, &pool, &shared);
+        assert_eq!(a.status().target, 8 * GIB);
+        assert!(b
+            .status()
+            .last_decision
+            .as_ref()
+            .is_some_and(|d| d.reason.contains("shared plan")));
+        assert_eq!(a.status().policy, "pressure");
+    }
+
+    #[test]
+    fn threads_run_and_stop() {
+        let log: Log = Arc::default();
+        let stats = Arc::new(Mutex::new(
+            (0..1000)
+                .map(|i| st(i * 10, 4 * GIB, 3 * GIB, GIB, 0))
+                .collect(),
+        ));
+        let spec = GuestSpec {
+            name: "t".into(),
+            max: 4 * GIB,
+            governor: sb(),
+            actuator: Box::new(FakeBalloon {
+                actual: Arc::new(Mutex::new(4 * GIB)),
+                log: log.clone(),
+            }),
+            sources: vec![Box::new(Script(stats))],
+        };
+        let pool: Arc<dyn PoolControl> = Arc::new(NoPool::default());
+        let host: Arc<dyn HostProbe> = Arc::new(FixedHost(HostView {
+            total: 16 * GIB,
+            ..Default::default()
+        }));
+        let cfg = ManagerConfig {
+            interval_ms: 5,
+            host_reserve: 0,
+            host_total: None,
+        };
+        let m = Manager::start(cfg, vec![spec], pool.clone(), host).expect("start");
+        let end = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < end && m.status().first().map_or(0, |s| s.intervals) < 3 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let s = m.status();
+        assert!(s[0].intervals >= 3);
+        assert!(pool.budget() > 0);
+        m.stop();
+    }
+}
