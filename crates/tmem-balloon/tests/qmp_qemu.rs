@@ -1,12 +1,21 @@
 //! QMP client against a real QEMU (paused q35 machine, TCG, no guest kernel).
 //! Skips with a message when `qemu-system-x86_64` is not installed.
+#![cfg(feature = "host")]
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use std::sync::{Arc, Mutex};
+
+use tmem_balloon::manager::{
+    ActuatorError, GuestLoop, GuestSpec, HostProbe, ManagerConfig, NoPool, PoolControl, QmpHandle,
+    Shared, StatsSource,
+};
+use tmem_balloon::policy::{GovernorConfig, HostView, PolicyKind, SelfBalloonConfig};
 use tmem_balloon::qemu::{balloon_device_args, BalloonDeviceOpts};
 use tmem_balloon::qmp::{QmpClient, QmpError};
+use tmem_balloon::GuestStats;
 
 const MIB: u64 = 1 << 20;
 
@@ -141,4 +150,92 @@ fn qmp_peer_gone_is_an_error_not_a_panic() {
         QmpClient::connect(q.dir.join("missing.sock"), Duration::from_secs(1)),
         Err(QmpError::Connect(_))
     ));
+}
+
+struct Script(Arc<Mutex<u64>>);
+impl StatsSource for Script {
+    fn name(&self) -> &'static str {
+        "script"
+    }
+    fn poll(&mut self, _: Instant) -> Result<Option<GuestStats>, ActuatorError> {
+        let mut t = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        *t += 1000;
+        Ok(Some(GuestStats {
+            t_ms: *t,
+            total: Some(250 * MIB),
+            available: Some(200 * MIB),
+            committed: Some(20 * MIB),
+            major_faults: Some(0),
+            ..Default::default()
+        }))
+    }
+}
+
+struct Host;
+impl HostProbe for Host {
+    fn sample(&self) -> HostView {
+        HostView {
+            total: 8 << 30,
+            available: 4 << 30,
+            psi: None,
+            share_target: None,
+        }
+    }
+}
+
+/// The manager against a real QEMU whose guest never runs a balloon driver:
+/// the `balloon` request is accepted but `actual` never moves, so the guest is
+/// reported stuck instead of being chased forever.
+#[test]
+fn manager_reports_stuck_guest_against_real_qemu() {
+    let Some(q) = start("mgr") else { return };
+    let qmp = QmpHandle::new(
+        &q.qmp,
+        BalloonDeviceOpts::default().qom_path(),
+        2,
+        Duration::from_secs(20),
+    );
+    let gov = GovernorConfig {
+        policy: PolicyKind::SelfBalloon(SelfBalloonConfig {
+            reserved_mb: Some(0),
+            ..Default::default()
+        }),
+        stuck_after: 3,
+        stuck_backoff: 100,
+        ..Default::default()
+    };
+    let spec = GuestSpec {
+        name: "vm0".into(),
+        max: 256 * MIB,
+        governor: gov,
+        actuator: Box::new(qmp.clone()),
+        sources: vec![
+            Box::new(Script(Arc::default())),
+            Box::new(qmp.stats_source()),
+        ],
+    };
+    let shared = Shared::default();
+    let mut gl = GuestLoop::new(spec, Instant::now());
+    shared.register(&gl);
+    let pool = NoPool::default();
+    let cfg = ManagerConfig {
+        interval_ms: 1000,
+        host_reserve: 1 << 30,
+        host_total: None,
+    };
+    for _ in 0..6 {
+        gl.step(&cfg, &Host, &pool, &shared);
+    }
+    let s = gl.status();
+    assert_eq!(s.errors, 0, "{:?}", s.last_error);
+    assert_eq!(s.actual, 256 * MIB, "no guest driver: actual unchanged");
+    assert!(s.stuck, "{:?}", s.last_decision);
+    assert_eq!(
+        s.live_sources,
+        vec!["script".to_string()],
+        "QMP guest-stats never updated"
+    );
+    assert_eq!(s.target, s.actual, "stuck: not chased");
+    // Budget = 8 GiB - 1 GiB reserve - 256 MiB guest.
+    assert_eq!(pool.budget(), (7 << 30) - 256 * MIB);
 }
