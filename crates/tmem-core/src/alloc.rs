@@ -29,7 +29,9 @@ pub(crate) struct Handle(pub(crate) u64);
 
 impl Handle {
     fn new(arena: usize, class: usize, slab: u32, slot: u16) -> Self {
-        Handle(((arena as u64) << 60) | ((class as u64) << 52) | ((slab as u64) << 16) | slot as u64)
+        Handle(
+            ((arena as u64) << 60) | ((class as u64) << 52) | ((slab as u64) << 16) | slot as u64,
+        )
     }
     /// The arena field (the set's tag plus the arena number).
     pub(crate) fn arena(self) -> usize {
@@ -48,7 +50,7 @@ impl Handle {
 
 /// The class index that holds payloads of `len` bytes (1..=4096).
 pub(crate) fn class_of(len: usize) -> usize {
-    (len.clamp(1, PAGE_SIZE) + CLASS_DELTA - 1) / CLASS_DELTA - 1
+    len.clamp(1, PAGE_SIZE).div_ceil(CLASS_DELTA) - 1
 }
 
 /// Bytes of one slot in class `class`.
@@ -164,7 +166,11 @@ impl Arenas {
         Arenas {
             tag,
             arenas: (0..n)
-                .map(|_| RwLock::new(Arena { classes: (0..NUM_CLASSES).map(Class::new).collect() }))
+                .map(|_| {
+                    RwLock::new(Arena {
+                        classes: (0..NUM_CLASSES).map(Class::new).collect(),
+                    })
+                })
                 .collect(),
             next: AtomicUsize::new(0),
             held: AtomicU64::new(0),
@@ -233,20 +239,26 @@ impl Arenas {
 
     fn account_alloc(&self, len: usize, class: usize) {
         self.payload.fetch_add(len as u64, Ordering::Relaxed);
-        self.slot_bytes.fetch_add(class_size(class) as u64, Ordering::Relaxed);
+        self.slot_bytes
+            .fetch_add(class_size(class) as u64, Ordering::Relaxed);
         self.objects.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Frees the slot at `h` whose payload was `len` bytes. Returns the bytes released to
     /// the system (a whole slab when it became empty, else 0).
     pub(crate) fn free(&self, h: Handle, len: usize) -> u64 {
-        let Some(lock) = h.arena().checked_sub(self.tag).and_then(|a| self.arenas.get(a)) else {
+        let Some(lock) = h
+            .arena()
+            .checked_sub(self.tag)
+            .and_then(|a| self.arenas.get(a))
+        else {
             debug_assert!(false, "bad handle");
             return 0;
         };
         let released = lock.write().free(h);
         self.payload.fetch_sub(len as u64, Ordering::Relaxed);
-        self.slot_bytes.fetch_sub(class_size(h.class()) as u64, Ordering::Relaxed);
+        self.slot_bytes
+            .fetch_sub(class_size(h.class()) as u64, Ordering::Relaxed);
         self.objects.fetch_sub(1, Ordering::Relaxed);
         if released > 0 {
             let r = released + SLAB_HEADER;
@@ -294,11 +306,20 @@ impl Arena {
         let mut mem = vec![0u8; c.slab_bytes].into_boxed_slice();
         // Thread the intrusive free list through the slots.
         for s in 0..c.slots {
-            let next = if s + 1 < c.slots { (s + 1) as u16 } else { NO_SLOT };
+            let next = if s + 1 < c.slots {
+                (s + 1) as u16
+            } else {
+                NO_SLOT
+            };
             let at = s * c.slot_size;
             mem[at..at + 2].copy_from_slice(&next.to_ne_bytes());
         }
-        let slab = Slab { data: mem, first_free: 0, used: 0, partial_pos: c.partial.len() as u32 };
+        let slab = Slab {
+            data: mem,
+            first_free: 0,
+            used: 0,
+            partial_pos: c.partial.len() as u32,
+        };
         let id = match c.free_ids.pop() {
             Some(id) => {
                 c.slabs[id as usize] = Some(slab);
@@ -381,8 +402,13 @@ mod tests {
     fn alloc_read_free_releases_slabs() {
         let a = Arenas::new(2, 0);
         let mut hs = Vec::new();
-        for i in 0..1000usize {
-            let len = 1 + (i * 37) % 4096;
+        for i in 0..3000usize {
+            // Every class gets used, but most payloads cluster like compressed pages do.
+            let len = if i % 100 == 0 {
+                1 + (i * 37) % 4096
+            } else {
+                1200 + (i * 7) % 200
+            };
             let data: Vec<u8> = (0..len).map(|j| (i + j) as u8).collect();
             let h = match a.alloc(&data, true) {
                 Alloc::Done(h) => h,
@@ -395,7 +421,11 @@ mod tests {
         }
         let s = a.stats();
         assert!(s.held_bytes >= s.slot_bytes && s.slot_bytes >= s.payload_bytes);
-        assert!(s.fragmentation() < 0.2, "fragmentation {}", s.fragmentation());
+        assert!(
+            s.fragmentation() < 0.2,
+            "fragmentation {}",
+            s.fragmentation()
+        );
         for (h, d) in hs.drain(..) {
             a.free(h, d.len());
         }
@@ -407,7 +437,9 @@ mod tests {
         let a = Arenas::new(1, 8);
         assert!(matches!(a.alloc(&[1u8; 100], false), Alloc::NeedsGrowth(_)));
         assert_eq!(a.held_bytes(), 0);
-        let Alloc::Done(h) = a.alloc(&[1u8; 100], true) else { panic!() };
+        let Alloc::Done(h) = a.alloc(&[1u8; 100], true) else {
+            panic!()
+        };
         let held = a.held_bytes();
         // The same class now has free slots: no growth needed.
         assert!(matches!(a.alloc(&[2u8; 100], false), Alloc::Done(_)));

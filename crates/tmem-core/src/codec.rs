@@ -57,13 +57,22 @@ thread_local! {
 
 /// Compresses `page` into `out` if the result is at most `limit` bytes; returns its length.
 /// `None` means "store raw" (incompressible enough, or the codec failed).
-pub(crate) fn compress(codec: Codec, page: &[u8; PAGE_SIZE], out: &mut [u8], limit: usize) -> Option<usize> {
+pub(crate) fn compress(
+    codec: Codec,
+    page: &[u8; PAGE_SIZE],
+    out: &mut [u8],
+    limit: usize,
+) -> Option<usize> {
     let limit = limit.min(out.len());
     match codec {
         Codec::None => None,
-        Codec::Lz4 => {
-            lz4::block::compress_to_buffer(page, Some(lz4::block::CompressionMode::DEFAULT), false, &mut out[..limit]).ok()
-        }
+        Codec::Lz4 => lz4::block::compress_to_buffer(
+            page,
+            Some(lz4::block::CompressionMode::DEFAULT),
+            false,
+            &mut out[..limit],
+        )
+        .ok(),
         Codec::Zstd(level) => ZSTD_C.with(|cell| {
             let mut slot = cell.borrow_mut();
             let level = i32::from(level);
@@ -88,7 +97,10 @@ pub(crate) fn decompress(tag: u8, src: &[u8], out: &mut [u8; PAGE_SIZE]) -> bool
             out.copy_from_slice(src);
             true
         }
-        1 => matches!(lz4::block::decompress_to_buffer(src, Some(PAGE_SIZE as i32), out), Ok(PAGE_SIZE)),
+        1 => matches!(
+            lz4::block::decompress_to_buffer(src, Some(PAGE_SIZE as i32), out),
+            Ok(PAGE_SIZE)
+        ),
         2 => ZSTD_D.with(|cell| {
             let mut slot = cell.borrow_mut();
             if slot.is_none() {

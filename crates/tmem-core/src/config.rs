@@ -73,12 +73,20 @@ impl PoolSpec {
 
     /// A private persistent pool (frontswap) with per-client dedup and lz4.
     pub fn private_persistent() -> Self {
-        PoolSpec { persistence: Persistence::Persistent, exclusive_gets: false, ..Self::private_ephemeral() }
+        PoolSpec {
+            persistence: Persistence::Persistent,
+            exclusive_gets: false,
+            ..Self::private_ephemeral()
+        }
     }
 
     /// A shared ephemeral pool (shared cleancache) joined under `uuid`.
     pub fn shared_ephemeral(uuid: crate::PoolUuid) -> Self {
-        PoolSpec { sharing: Sharing::Shared(uuid), exclusive_gets: false, ..Self::private_ephemeral() }
+        PoolSpec {
+            sharing: Sharing::Shared(uuid),
+            exclusive_gets: false,
+            ..Self::private_ephemeral()
+        }
     }
 
     /// Sets the codec.
@@ -117,7 +125,10 @@ pub struct ClientConfig {
 
 impl Default for ClientConfig {
     fn default() -> Self {
-        ClientConfig { weight: 100, persistent_cap: u64::MAX }
+        ClientConfig {
+            weight: 100,
+            persistent_cap: u64::MAX,
+        }
     }
 }
 
@@ -140,13 +151,22 @@ pub struct EngineConfig {
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        EngineConfig { budget: 1 << 30, compress_threshold: 3072, shards: 64, arenas: 4, dedup_lookahead: false }
+        EngineConfig {
+            budget: 1 << 30,
+            compress_threshold: 3072,
+            shards: 64,
+            arenas: 4,
+            dedup_lookahead: false,
+        }
     }
 }
 
 impl EngineConfig {
     /// Default configuration with the given budget.
     pub fn with_budget(budget: u64) -> Self {
-        EngineConfig { budget, ..Default::default() }
+        EngineConfig {
+            budget,
+            ..Default::default()
+        }
     }
 }

@@ -56,7 +56,12 @@ pub(crate) trait Payloads {
 
 impl DedupTable {
     pub(crate) fn new(shards: usize) -> Self {
-        DedupTable { shards: (0..shards.next_power_of_two()).map(|_| Mutex::new(FxHashMap::default())).collect(), meta: AtomicI64::new(0) }
+        DedupTable {
+            shards: (0..shards.next_power_of_two())
+                .map(|_| Mutex::new(FxHashMap::default()))
+                .collect(),
+            meta: AtomicI64::new(0),
+        }
     }
 
     fn shard(&self, hash: u64) -> &Mutex<FxHashMap<u64, Rec>> {
@@ -66,7 +71,9 @@ impl DedupTable {
     fn same_content(p: &dyn Payloads, rec: &Rec, page: &Page) -> bool {
         let mut tmp = [0u8; PAGE_SIZE];
         p.arenas(rec.handle)
-            .with(rec.handle, rec.len as usize, |b| codec::decompress(rec.codec, b, &mut tmp))
+            .with(rec.handle, rec.len as usize, |b| {
+                codec::decompress(rec.codec, b, &mut tmp)
+            })
             .unwrap_or(false)
             && tmp == *page
     }
@@ -88,7 +95,15 @@ impl DedupTable {
     }
 
     /// Registers a freshly stored payload for `page` under `hash`.
-    pub(crate) fn insert(&self, p: &dyn Payloads, hash: u64, page: &Page, handle: Handle, codec: u8, len: usize) -> Inserted {
+    pub(crate) fn insert(
+        &self,
+        p: &dyn Payloads,
+        hash: u64,
+        page: &Page,
+        handle: Handle,
+        codec: u8,
+        len: usize,
+    ) -> Inserted {
         let mut map = self.shard(hash).lock();
         if let Some(rec) = map.get_mut(&hash) {
             if rec.refs < u32::MAX && Self::same_content(p, rec, page) {
@@ -98,14 +113,23 @@ impl DedupTable {
             return Inserted::Collision;
         }
         let cap = map.capacity();
-        map.insert(hash, Rec { handle, refs: 1, len: len as u16, codec });
+        map.insert(
+            hash,
+            Rec {
+                handle,
+                refs: 1,
+                len: len as u16,
+                codec,
+            },
+        );
         self.track(cap, map.capacity());
         Inserted::Owned
     }
 
     fn track(&self, before: usize, after: usize) {
         if before != after {
-            self.meta.fetch_add((after as i64 - before as i64) * SLOT_BYTES, Relaxed);
+            self.meta
+                .fetch_add((after as i64 - before as i64) * SLOT_BYTES, Relaxed);
         }
     }
 
@@ -134,14 +158,21 @@ impl DedupTable {
     /// Copies the page stored under `hash` into `out`.
     pub(crate) fn read(&self, p: &dyn Payloads, hash: u64, out: &mut Page) -> bool {
         let map = self.shard(hash).lock();
-        let Some(rec) = map.get(&hash) else { return false };
-        p.arenas(rec.handle).with(rec.handle, rec.len as usize, |b| codec::decompress(rec.codec, b, out)).unwrap_or(false)
+        let Some(rec) = map.get(&hash) else {
+            return false;
+        };
+        p.arenas(rec.handle)
+            .with(rec.handle, rec.len as usize, |b| {
+                codec::decompress(rec.codec, b, out)
+            })
+            .unwrap_or(false)
     }
 
     /// The stored form (codec, bytes) under `hash`, for save streams.
     pub(crate) fn stored_form(&self, p: &dyn Payloads, hash: u64) -> Option<(u8, Vec<u8>)> {
         let map = self.shard(hash).lock();
         let rec = map.get(&hash)?;
-        p.arenas(rec.handle).with(rec.handle, rec.len as usize, |b| (rec.codec, b.to_vec()))
+        p.arenas(rec.handle)
+            .with(rec.handle, rec.len as usize, |b| (rec.codec, b.to_vec()))
     }
 }

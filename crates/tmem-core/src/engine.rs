@@ -4,7 +4,9 @@ use arc_swap::ArcSwap;
 use parking_lot::{Mutex, RwLock};
 use rustc_hash::FxHashMap;
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed,
+};
 use std::sync::Arc;
 
 use crate::alloc::{Alloc, Arenas, Handle};
@@ -50,7 +52,9 @@ impl PoolInfo {
         self.spec.persistence == Persistence::Persistent
     }
     fn exclusive(&self) -> bool {
-        self.spec.persistence == Persistence::Ephemeral && self.spec.sharing == Sharing::Private && self.spec.exclusive_gets
+        self.spec.persistence == Persistence::Ephemeral
+            && self.spec.sharing == Sharing::Private
+            && self.spec.exclusive_gets
     }
     fn gauges_of_owner(&self) -> &Gauges {
         if self.persistent() {
@@ -96,7 +100,10 @@ pub struct Engine {
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Engine").field("budget", &self.budget()).field("held", &self.held_bytes()).finish()
+        f.debug_struct("Engine")
+            .field("budget", &self.budget())
+            .field("held", &self.held_bytes())
+            .finish()
     }
 }
 
@@ -140,7 +147,10 @@ impl Engine {
             dedup: DedupTable::new(n),
             pools: ArcSwap::from_pointee(FxHashMap::default()),
             clients: ArcSwap::from_pointee(FxHashMap::default()),
-            admin: Mutex::new(Admin { next_pool: 1, ..Default::default() }),
+            admin: Mutex::new(Admin {
+                next_pool: 1,
+                ..Default::default()
+            }),
             ops: Striped::default(),
             meta: AtomicI64::new(0),
             evict_cursor: AtomicUsize::new(0),
@@ -196,7 +206,11 @@ impl Engine {
     }
 
     fn client(&self, id: ClientId) -> Result<Arc<ClientInfo>> {
-        self.clients.load().get(&id.0).cloned().ok_or(Error::UnknownClient(id))
+        self.clients
+            .load()
+            .get(&id.0)
+            .cloned()
+            .ok_or(Error::UnknownClient(id))
     }
 
     /// Sets a client's weight (its share of ephemeral capacity relative to the others).
@@ -235,7 +249,12 @@ impl Engine {
 
     /// Authorizes `client` to join the shared pool `uuid` (shared pools are deny-by-default).
     pub fn authorize_shared(&self, uuid: PoolUuid, client: ClientId) {
-        self.admin.lock().authorized.entry(uuid).or_default().insert(client);
+        self.admin
+            .lock()
+            .authorized
+            .entry(uuid)
+            .or_default()
+            .insert(client);
     }
 
     /// Withdraws an authorization (clients that joined already stay members).
@@ -264,12 +283,18 @@ impl Engine {
             if spec.persistence == Persistence::Persistent {
                 return Err(Error::Unsupported("shared persistent pools"));
             }
-            if !admin.authorized.get(&uuid).is_some_and(|s| s.contains(&client)) {
+            if !admin
+                .authorized
+                .get(&uuid)
+                .is_some_and(|s| s.contains(&client))
+            {
                 return Err(Error::NotAuthorized { client, uuid });
             }
             if let Some(&id) = admin.shared.get(&uuid) {
                 let pools = self.pools.load();
-                let Some(p) = pools.get(&id.0) else { return Err(Error::UnknownPool(id)) };
+                let Some(p) = pools.get(&id.0) else {
+                    return Err(Error::UnknownPool(id));
+                };
                 if p.spec.codec != spec.codec || p.spec.dedup != spec.dedup {
                     return Err(Error::SpecMismatch(uuid));
                 }
@@ -348,7 +373,12 @@ impl Engine {
 
     /// Resolves a pool for a client, checking access.
     fn pool_for(&self, client: ClientId, pool: PoolId) -> Result<Arc<PoolInfo>> {
-        let p = self.pools.load().get(&pool.0).cloned().ok_or(Error::UnknownPool(pool))?;
+        let p = self
+            .pools
+            .load()
+            .get(&pool.0)
+            .cloned()
+            .ok_or(Error::UnknownPool(pool))?;
         match p.spec.sharing {
             Sharing::Private if p.owner.id == client => return Ok(p),
             Sharing::Shared(_) if p.members.read().contains(&client) => return Ok(p),
@@ -436,7 +466,12 @@ impl Engine {
     /// Bytes that could be given back now by dropping every ephemeral page (the ephemeral
     /// arenas plus an estimate of their index entries).
     pub fn freeable_bytes(&self) -> u64 {
-        let eph_pages: u64 = self.clients.load().values().map(|c| c.eph.snapshot().pages).sum();
+        let eph_pages: u64 = self
+            .clients
+            .load()
+            .values()
+            .map(|c| c.eph.snapshot().pages)
+            .sum();
         self.eph_store.held_bytes() + eph_pages * crate::entry::ENTRY_COST / 2
     }
 
@@ -453,7 +488,7 @@ impl Engine {
             let w = f64::from(c.weight.load(Relaxed));
             // Usage per unit of weight: the largest is the most above its share.
             let score = if w == 0.0 { f64::INFINITY } else { used / w };
-            if best.is_none_or(|(b, _)| score > b) {
+            if best.is_none() || best.is_some_and(|(b, _)| score > b) {
                 best = Some((score, c));
             }
         }
@@ -462,9 +497,15 @@ impl Engine {
 
     /// Evicts up to `max` ephemeral pages; returns how many were evicted.
     fn evict_some(&self, max: usize) -> usize {
-        let Some(victim) = self.victim() else { return 0 };
+        let Some(victim) = self.victim() else {
+            return 0;
+        };
         let pools = self.pools.load_full();
-        let evictable = |pool: u32| pools.get(&pool).is_some_and(|p| !p.persistent() && p.owner.id == victim.id);
+        let evictable = |pool: u32| {
+            pools
+                .get(&pool)
+                .is_some_and(|p| !p.persistent() && p.owner.id == victim.id)
+        };
         let n = self.shards.len();
         let start = self.evict_cursor.fetch_add(1, Relaxed);
         let mut done = 0;
@@ -473,7 +514,10 @@ impl Engine {
                 break;
             }
             let s = (start + i) & (n - 1);
-            let (removed, d) = self.shards[s].lock().evict(victim.id.0, EVICT_BATCH.min(max - done), &evictable);
+            let (removed, d) =
+                self.shards[s]
+                    .lock()
+                    .evict(victim.id.0, EVICT_BATCH.min(max - done), &evictable);
             self.meta.fetch_add(d, Relaxed);
             done += removed.len();
             for (pool, r) in removed {
@@ -505,7 +549,11 @@ impl Engine {
     /// Stores `data` in the arena set for `persistent`, evicting ephemeral pages if the
     /// budget requires it.
     fn alloc_room(&self, data: &[u8], persistent: bool) -> Result<Handle> {
-        let store = if persistent { &self.pers_store } else { &self.eph_store };
+        let store = if persistent {
+            &self.pers_store
+        } else {
+            &self.eph_store
+        };
         loop {
             match store.alloc(data, false) {
                 Alloc::Done(h) => return Ok(h),
@@ -548,16 +596,21 @@ impl Engine {
     /// Compresses (if it pays) and stores a data page outside the dedup table.
     fn store_data(&self, p: &PoolInfo, page: &Page) -> Result<(Handle, u8, usize)> {
         let mut buf = [0u8; PAGE_SIZE];
-        let (bytes, tag): (&[u8], u8) = match codec::compress(p.spec.codec, page, &mut buf, self.threshold) {
-            Some(n) => (&buf[..n], p.spec.codec.tag()),
-            None => (&page[..], 0),
-        };
+        let (bytes, tag): (&[u8], u8) =
+            match codec::compress(p.spec.codec, page, &mut buf, self.threshold) {
+                Some(n) => (&buf[..n], p.spec.codec.tag()),
+                None => (&page[..], 0),
+            };
         let h = self.alloc_room(bytes, p.persistent())?;
         Ok((h, tag, bytes.len()))
     }
 
     fn prepare(&self, p: &PoolInfo, page: &Page, stripe: usize) -> Result<Prepared> {
-        let ops = Bump([self.ops.at(stripe), p.ops.at(stripe), p.owner.ops.at(stripe)]);
+        let ops = Bump([
+            self.ops.at(stripe),
+            p.ops.at(stripe),
+            p.owner.ops.at(stripe),
+        ]);
         match codec::classify(page) {
             Shape::Same(w) => {
                 self.room_for_meta(crate::entry::ENTRY_COST)?;
@@ -566,7 +619,10 @@ impl Engine {
                 } else {
                     ops.add(|o| &o.same_puts);
                 }
-                Ok(Prepared { entry: Entry::same(w), charge: charge_for(None) })
+                Ok(Prepared {
+                    entry: Entry::same(w),
+                    charge: charge_for(None),
+                })
             }
             Shape::Data => {
                 let counted = |tag: u8| {
@@ -579,18 +635,27 @@ impl Engine {
                 let Some(domain) = p.dedup_domain else {
                     let (h, tag, len) = self.store_data(p, page)?;
                     counted(tag);
-                    return Ok(Prepared { entry: Entry::stored(h, tag, len), charge: charge_for(Some(len)) });
+                    return Ok(Prepared {
+                        entry: Entry::stored(h, tag, len),
+                        charge: charge_for(Some(len)),
+                    });
                 };
                 let hash = codec::hash_page(page, domain);
                 match self.dedup.find_and_ref(self, hash, page) {
                     Found::Hit(len) => {
                         ops.add(|o| &o.dedup_hits);
-                        return Ok(Prepared { entry: Entry::dedup(hash, len), charge: charge_for(Some(len)) });
+                        return Ok(Prepared {
+                            entry: Entry::dedup(hash, len),
+                            charge: charge_for(Some(len)),
+                        });
                     }
                     Found::Collision => {
                         let (h, tag, len) = self.store_data(p, page)?;
                         counted(tag);
-                        return Ok(Prepared { entry: Entry::stored(h, tag, len), charge: charge_for(Some(len)) });
+                        return Ok(Prepared {
+                            entry: Entry::stored(h, tag, len),
+                            charge: charge_for(Some(len)),
+                        });
                     }
                     Found::Miss => {}
                 }
@@ -599,16 +664,25 @@ impl Engine {
                 match self.dedup.insert(self, hash, page, h, tag, len) {
                     Inserted::Owned => {
                         counted(tag);
-                        Ok(Prepared { entry: Entry::dedup(hash, len), charge: charge_for(Some(len)) })
+                        Ok(Prepared {
+                            entry: Entry::dedup(hash, len),
+                            charge: charge_for(Some(len)),
+                        })
                     }
                     Inserted::Existing(elen) => {
                         self.arenas(h).free(h, len);
                         ops.add(|o| &o.dedup_hits);
-                        Ok(Prepared { entry: Entry::dedup(hash, elen), charge: charge_for(Some(elen)) })
+                        Ok(Prepared {
+                            entry: Entry::dedup(hash, elen),
+                            charge: charge_for(Some(elen)),
+                        })
                     }
                     Inserted::Collision => {
                         counted(tag);
-                        Ok(Prepared { entry: Entry::stored(h, tag, len), charge: charge_for(Some(len)) })
+                        Ok(Prepared {
+                            entry: Entry::stored(h, tag, len),
+                            charge: charge_for(Some(len)),
+                        })
                     }
                 }
             }
@@ -661,9 +735,20 @@ impl Engine {
         result
     }
 
-    fn put_in(&self, p: &PoolInfo, client: ClientId, key: PageKey, data: &[u8], s: usize) -> Result<()> {
+    fn put_in(
+        &self,
+        p: &PoolInfo,
+        client: ClientId,
+        key: PageKey,
+        data: &[u8],
+        s: usize,
+    ) -> Result<()> {
         let page: &Page = data.try_into().map_err(|_| Error::BadLength(data.len()))?;
-        let putter = if client == p.owner.id { p.owner.clone() } else { self.client(client)? };
+        let putter = if client == p.owner.id {
+            p.owner.clone()
+        } else {
+            self.client(client)?
+        };
         if putter.frozen.load(Relaxed) || p.owner.frozen.load(Relaxed) {
             return Err(Error::Frozen(putter.id));
         }
@@ -712,13 +797,26 @@ impl Engine {
                     let state = match e.target() {
                         Target::Same(w) => {
                             codec::fill_same(out, w);
-                            Some(if w == 0 { PageState::Zero } else { PageState::Data })
+                            Some(if w == 0 {
+                                PageState::Zero
+                            } else {
+                                PageState::Data
+                            })
                         }
-                        Target::Stored { handle, codec: tag, len } => {
-                            let ok = self.arenas(handle).with(handle, len, |b| codec::decompress(tag, b, out)).unwrap_or(false);
+                        Target::Stored {
+                            handle,
+                            codec: tag,
+                            len,
+                        } => {
+                            let ok = self
+                                .arenas(handle)
+                                .with(handle, len, |b| codec::decompress(tag, b, out))
+                                .unwrap_or(false);
                             ok.then_some(PageState::Data)
                         }
-                        Target::Dedup { hash, .. } => self.dedup.read(self, hash, out).then_some(PageState::Data),
+                        Target::Dedup { hash, .. } => {
+                            self.dedup.read(self, hash, out).then_some(PageState::Data)
+                        }
                     };
                     if state.is_none() {
                         corrupt = true;
@@ -758,15 +856,21 @@ impl Engine {
         let p = self.pool_for(client, key.pool)?;
         let s = self.shard_idx(&key);
         let mut shard = self.shards[s].lock();
-        Ok(shard.get_mut(&ObjKey::new(key.pool, key.object), key.index.0).map(|e| match e.target() {
-            Target::Same(0) => PageState::Zero,
-            _ => PageState::Data,
-        }))
+        Ok(shard
+            .get_mut(&ObjKey::new(key.pool, key.object), key.index.0)
+            .map(|e| match e.target() {
+                Target::Same(0) => PageState::Zero,
+                _ => PageState::Data,
+            }))
         .inspect(|_| drop(p))
     }
 
     fn flush_in(&self, p: &PoolInfo, key: PageKey, s: usize) -> bool {
-        let (r, d) = self.shards[s].lock().remove(&ObjKey::new(key.pool, key.object), key.index.0, p.queue_client());
+        let (r, d) = self.shards[s].lock().remove(
+            &ObjKey::new(key.pool, key.object),
+            key.index.0,
+            p.queue_client(),
+        );
         self.meta.fetch_add(d, Relaxed);
         match r {
             Some(r) => {
@@ -812,14 +916,28 @@ impl Engine {
         }
         if p.owner.saving.load(Relaxed) {
             // Object-wide flush during a live save: log the object by its first key.
-            Self::log_touch(&p.owner, PageKey { pool, object, index: PageIndex(u32::MAX) });
+            Self::log_touch(
+                &p.owner,
+                PageKey {
+                    pool,
+                    object,
+                    index: PageIndex(u32::MAX),
+                },
+            );
         }
         Ok(total)
     }
 
     /// Puts consecutive pages of one object (`data.len()` must be a multiple of 4096),
     /// resolving the pool once. Returns one result per page.
-    pub fn put_pages(&self, client: ClientId, pool: PoolId, object: ObjectId, first: u32, data: &[u8]) -> Result<Vec<Result<()>>> {
+    pub fn put_pages(
+        &self,
+        client: ClientId,
+        pool: PoolId,
+        object: ObjectId,
+        first: u32,
+        data: &[u8],
+    ) -> Result<Vec<Result<()>>> {
         if data.len() % PAGE_SIZE != 0 {
             return Err(Error::BadLength(data.len()));
         }
@@ -833,7 +951,8 @@ impl Engine {
             if r.is_ok() {
                 ops.iter().for_each(|o| _ = o.puts.fetch_add(1, Relaxed));
             } else {
-                ops.iter().for_each(|o| _ = o.puts_refused.fetch_add(1, Relaxed));
+                ops.iter()
+                    .for_each(|o| _ = o.puts_refused.fetch_add(1, Relaxed));
                 self.flush_in(&p, key, s);
             }
             Self::log_touch(&p.owner, key);
@@ -919,7 +1038,12 @@ impl Engine {
 
     /// Statistics of every pool.
     pub fn all_pool_stats(&self) -> Vec<PoolStats> {
-        let mut v: Vec<PoolStats> = self.pools.load().values().map(|p| Self::pool_stats_of(p)).collect();
+        let mut v: Vec<PoolStats> = self
+            .pools
+            .load()
+            .values()
+            .map(|p| Self::pool_stats_of(p))
+            .collect();
         v.sort_by_key(|s| s.pool);
         v
     }
@@ -932,7 +1056,13 @@ impl Engine {
     // ----- internals for save/restore --------------------------------------------------------
 
     pub(crate) fn pool_infos_of(&self, client: ClientId) -> Vec<Arc<PoolInfo>> {
-        let mut v: Vec<Arc<PoolInfo>> = self.pools.load().values().filter(|p| p.owner.id == client).cloned().collect();
+        let mut v: Vec<Arc<PoolInfo>> = self
+            .pools
+            .load()
+            .values()
+            .filter(|p| p.owner.id == client)
+            .cloned()
+            .collect();
         v.sort_by_key(|p| p.id);
         v
     }
@@ -946,21 +1076,34 @@ impl Engine {
     }
 
     /// Copies out (key index, stored form) of the pages of `pool` in shard `s`.
-    pub(crate) fn snapshot_shard(&self, s: usize, pool: PoolId) -> Vec<(ObjectId, u32, crate::save::Stored)> {
+    pub(crate) fn snapshot_shard(
+        &self,
+        s: usize,
+        pool: PoolId,
+    ) -> Vec<(ObjectId, u32, crate::save::Stored)> {
         let shard = self.shards[s].lock();
         let mut out = Vec::new();
         for key in shard.objects_of(pool.0) {
-            let Some(&slot) = shard.index.get(&key) else { continue };
-            let Some(Some(obj)) = shard.objs.get(slot as usize) else { continue };
+            let Some(&slot) = shard.index.get(&key) else {
+                continue;
+            };
+            let Some(Some(obj)) = shard.objs.get(slot as usize) else {
+                continue;
+            };
             let mut idxs: Vec<(&u32, &Entry)> = obj.pages.iter().collect();
             idxs.sort_by_key(|(i, _)| **i);
             for (&idx, e) in idxs {
                 let stored = match e.target() {
                     Target::Same(w) => Some(crate::save::Stored::Same(w)),
                     Target::Stored { handle, codec, len } => {
-                        self.arenas(handle).with(handle, len, |b| crate::save::Stored::Data(codec, b.to_vec()))
+                        self.arenas(handle).with(handle, len, |b| {
+                            crate::save::Stored::Data(codec, b.to_vec())
+                        })
                     }
-                    Target::Dedup { hash, .. } => self.dedup.stored_form(self, hash).map(|(c, b)| crate::save::Stored::Data(c, b)),
+                    Target::Dedup { hash, .. } => self
+                        .dedup
+                        .stored_form(self, hash)
+                        .map(|(c, b)| crate::save::Stored::Data(c, b)),
                 };
                 if let Some(st) = stored {
                     out.push((ObjectId(key.oid), idx, st));

@@ -1,6 +1,6 @@
 //! The 12-byte index entry of one page.
 
-use crate::alloc::{class_size, class_of, Handle};
+use crate::alloc::{class_of, class_size, Handle};
 use crate::types::PAGE_SIZE;
 
 /// Bytes charged per page for its index entry and queue slot, on top of its payload.
@@ -30,27 +30,44 @@ pub(crate) enum Target {
     /// Every word of the page equals this.
     Same(u64),
     /// A payload of `len` bytes in codec `codec` at `handle`.
-    Stored { handle: Handle, codec: u8, len: usize },
+    Stored {
+        handle: Handle,
+        codec: u8,
+        len: usize,
+    },
     /// A deduplicated payload of `len` bytes, found in the dedup table under `hash`.
     Dedup { hash: u64, len: usize },
 }
 
 impl Entry {
     pub(crate) fn same(word: u64) -> Self {
-        Entry { w0: word, w1: KIND_SAME }
+        Entry {
+            w0: word,
+            w1: KIND_SAME,
+        }
     }
     pub(crate) fn stored(handle: Handle, codec: u8, len: usize) -> Self {
-        Entry { w0: handle.0, w1: KIND_STORED | (u32::from(codec) << CODEC_SHIFT) | ((len as u32) << LEN_SHIFT) }
+        Entry {
+            w0: handle.0,
+            w1: KIND_STORED | (u32::from(codec) << CODEC_SHIFT) | ((len as u32) << LEN_SHIFT),
+        }
     }
     pub(crate) fn dedup(hash: u64, len: usize) -> Self {
-        Entry { w0: hash, w1: KIND_DEDUP | ((len as u32) << LEN_SHIFT) }
+        Entry {
+            w0: hash,
+            w1: KIND_DEDUP | ((len as u32) << LEN_SHIFT),
+        }
     }
     pub(crate) fn target(&self) -> Target {
         let w0 = self.w0;
         let w1 = self.w1;
         let len = ((w1 >> LEN_SHIFT) & 0x1fff) as usize;
         match w1 & KIND_MASK {
-            KIND_STORED => Target::Stored { handle: Handle(w0), codec: ((w1 >> CODEC_SHIFT) & 0b11) as u8, len },
+            KIND_STORED => Target::Stored {
+                handle: Handle(w0),
+                codec: ((w1 >> CODEC_SHIFT) & 0b11) as u8,
+                len,
+            },
             KIND_DEDUP => Target::Dedup { hash: w0, len },
             _ => Target::Same(w0),
         }
@@ -72,7 +89,9 @@ impl Entry {
     pub(crate) fn charge(&self) -> u64 {
         match self.target() {
             Target::Same(_) => ENTRY_COST,
-            Target::Stored { len, .. } | Target::Dedup { len, .. } => ENTRY_COST + class_size(class_of(len)) as u64,
+            Target::Stored { len, .. } | Target::Dedup { len, .. } => {
+                ENTRY_COST + class_size(class_of(len)) as u64
+            }
         }
     }
 }
@@ -92,13 +111,30 @@ mod tests {
         assert_eq!(std::mem::size_of::<(u32, Entry)>(), 16);
         let h = Handle(0xf123_4567_89ab_cdef);
         let mut e = Entry::stored(h, 2, 4096);
-        assert_eq!(e.target(), Target::Stored { handle: h, codec: 2, len: 4096 });
+        assert_eq!(
+            e.target(),
+            Target::Stored {
+                handle: h,
+                codec: 2,
+                len: 4096
+            }
+        );
         e.set_referenced(true);
         assert!(e.referenced());
-        assert_eq!(e.target(), Target::Stored { handle: h, codec: 2, len: 4096 });
+        assert_eq!(
+            e.target(),
+            Target::Stored {
+                handle: h,
+                codec: 2,
+                len: 4096
+            }
+        );
         e.set_referenced(false);
         assert!(!e.referenced());
-        assert_eq!(Entry::dedup(7, 1).target(), Target::Dedup { hash: 7, len: 1 });
+        assert_eq!(
+            Entry::dedup(7, 1).target(),
+            Target::Dedup { hash: 7, len: 1 }
+        );
         assert_eq!(Entry::same(u64::MAX).target(), Target::Same(u64::MAX));
         assert!(Entry::same(0).is_same());
         assert_eq!(Entry::same(0).charge(), ENTRY_COST);

@@ -3,7 +3,8 @@
 //! # Format (version 1, little endian)
 //! ```text
 //! header  "TMEMSAV1" | u16 version=1 | u16 flags (bit0 ephemeral included, bit1 continuation)
-//!         | u32 source client | u32 resume.pool | u32 resume.shard
+//!         | u32 source client | u32 resume.pool | u32 resume.shard | u64 resume.frames
+//!         | u32 crc32 of the 32 bytes before
 //! frame   u8 type | u32 length | payload | u32 crc32(type, length, payload)
 //!   1 POOL   u32 local id | u8 persistent | u8 exclusive | u8 dedup | u8 codec | i8 level
 //!            | u8 label length | label
@@ -12,10 +13,14 @@
 //!   3 END    u32 pools | u64 pages | u32 crc32 of every previous frame's crc
 //! ```
 //! A stream is written pool by pool and, inside a pool, shard by shard; each (pool, shard)
-//! unit is one PAGES frame. A save that fails part-way reports the cursor of the next unit,
-//! and [`Engine::save`] with that cursor writes a continuation stream holding the rest.
-//! [`Engine::restore`] reads a whole stream (and its continuations, in order) and either
-//! applies all of it or — on any corruption, truncation or refused put — destroys the pools
+//! unit is one PAGES frame. A save that fails part-way reports a [`SaveCursor`]: the unit
+//! it was writing and how many frames were completely written before it. [`Engine::save`]
+//! with that cursor writes a *continuation* stream holding the rest, and
+//! [`Engine::restore_parts`] restores the interrupted part (cut at any frame boundary at or
+//! after the cursor's frame count is rejected unless it matches exactly) followed by the
+//! continuation. Every part but the last ends at a frame boundary without END; the
+//! continuation's header names how many frames must precede it, so a lost frame is detected.
+//! [`Engine::restore`] reads one whole stream. Both either apply all of it or — on any corruption, truncation or refused put — destroys the pools
 //! it created, leaving the engine as it was (ephemeral pages of other pools may have been
 //! evicted to make room, as they may be at any time).
 
@@ -35,6 +40,7 @@ const T_PAGES: u8 = 2;
 const T_END: u8 = 3;
 /// Largest frame accepted by restore.
 const MAX_FRAME: u32 = 64 << 20;
+const HEADER_LEN: usize = 36;
 
 /// A page as it is stored: a same-filled word or (codec tag, payload).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,13 +88,16 @@ pub enum StreamError {
     OutOfOrder,
 }
 
-/// Where a save stands: the next (pool position, shard) unit to write.
+/// Where a save stands: the next (pool position, shard) unit to write, and how many frames
+/// were completely written before it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct SaveCursor {
     /// Position of the pool in the client's pool list (by id).
     pub pool: u32,
     /// Shard inside that pool.
     pub shard: u32,
+    /// Frames completely written before this point (END frames excluded).
+    pub frames: u64,
 }
 
 /// Options of a save.
@@ -134,6 +143,7 @@ fn io(e: std::io::Error) -> StreamError {
 struct FrameWriter<'w, W: Write> {
     w: &'w mut W,
     bytes: u64,
+    frames: u64,
     crcs: crc32fast::Hasher,
 }
 
@@ -151,6 +161,7 @@ impl<W: Write> FrameWriter<'_, W> {
         self.w.write_all(&crc.to_le_bytes())?;
         self.crcs.update(&crc.to_le_bytes());
         self.bytes += 9 + payload.len() as u64;
+        self.frames += 1;
         Ok(())
     }
 }
@@ -186,7 +197,12 @@ impl Engine {
     /// Saves `client`'s private pools (persistent, and ephemeral if asked) to `w`, while
     /// the engine keeps serving. Keys put or flushed during the save are reported in
     /// [`SaveReport::touched`] (Xen's live-migration approach).
-    pub fn save<W: Write>(&self, client: ClientId, opts: SaveOptions, w: &mut W) -> Result<SaveReport> {
+    pub fn save<W: Write>(
+        &self,
+        client: ClientId,
+        opts: SaveOptions,
+        w: &mut W,
+    ) -> Result<SaveReport> {
         let c = self.client_info(client)?;
         *c.save_log.lock() = Some(Default::default());
         c.saving.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -198,7 +214,12 @@ impl Engine {
         Ok(rep)
     }
 
-    fn save_inner<W: Write>(&self, client: ClientId, opts: SaveOptions, w: &mut W) -> Result<SaveReport> {
+    fn save_inner<W: Write>(
+        &self,
+        client: ClientId,
+        opts: SaveOptions,
+        w: &mut W,
+    ) -> Result<SaveReport> {
         let pools: Vec<_> = self
             .pool_infos_of(client)
             .into_iter()
@@ -213,26 +234,55 @@ impl Engine {
         if opts.resume.is_some() {
             flags |= FLAG_CONTINUATION;
         }
-        let werr = |cursor: SaveCursor| move |e: std::io::Error| Error::Stream(StreamError::WriteAt { cursor, message: e.to_string() });
-        let mut hdr = Vec::with_capacity(24);
+        let werr = |cursor: SaveCursor| {
+            move |e: std::io::Error| {
+                Error::Stream(StreamError::WriteAt {
+                    cursor,
+                    message: e.to_string(),
+                })
+            }
+        };
+        let mut hdr = Vec::with_capacity(HEADER_LEN);
         hdr.extend_from_slice(MAGIC);
         hdr.extend_from_slice(&VERSION.to_le_bytes());
         hdr.extend_from_slice(&flags.to_le_bytes());
         hdr.extend_from_slice(&client.0.to_le_bytes());
         hdr.extend_from_slice(&start.pool.to_le_bytes());
         hdr.extend_from_slice(&start.shard.to_le_bytes());
+        hdr.extend_from_slice(&start.frames.to_le_bytes());
+        let hcrc = crc32fast::hash(&hdr);
+        hdr.extend_from_slice(&hcrc.to_le_bytes());
         w.write_all(&hdr).map_err(werr(start))?;
-        let mut fw = FrameWriter { w, bytes: hdr.len() as u64, crcs: crc32fast::Hasher::new() };
+        let mut fw = FrameWriter {
+            w,
+            bytes: hdr.len() as u64,
+            frames: start.frames,
+            crcs: crc32fast::Hasher::new(),
+        };
         let mut rep = SaveReport::default();
         for (i, p) in pools.iter().enumerate() {
             if (i as u32) < start.pool {
                 continue;
             }
-            fw.frame(T_POOL, &pool_frame(i as u32, &p.spec)).map_err(werr(SaveCursor { pool: i as u32, shard: 0 }))?;
+            let first_shard = if i as u32 == start.pool {
+                start.shard
+            } else {
+                0
+            };
+            let at = SaveCursor {
+                pool: i as u32,
+                shard: first_shard,
+                frames: fw.frames,
+            };
+            fw.frame(T_POOL, &pool_frame(i as u32, &p.spec))
+                .map_err(werr(at))?;
             rep.pools += 1;
-            let first_shard = if i as u32 == start.pool { start.shard } else { 0 };
             for s in first_shard as usize..self.shard_count() {
-                let cursor = SaveCursor { pool: i as u32, shard: s as u32 };
+                let cursor = SaveCursor {
+                    pool: i as u32,
+                    shard: s as u32,
+                    frames: fw.frames,
+                };
                 let pages = self.snapshot_shard(s, p.id);
                 if pages.is_empty() {
                     continue;
@@ -265,7 +315,11 @@ impl Engine {
         end.extend_from_slice(&rep.pools.to_le_bytes());
         end.extend_from_slice(&rep.pages.to_le_bytes());
         end.extend_from_slice(&fw.crcs.clone().finalize().to_le_bytes());
-        let done = SaveCursor { pool: pools.len() as u32, shard: 0 };
+        let done = SaveCursor {
+            pool: pools.len() as u32,
+            shard: 0,
+            frames: fw.frames,
+        };
         fw.frame(T_END, &end).map_err(werr(done))?;
         fw.w.flush().map_err(werr(done))?;
         rep.bytes = fw.bytes;
@@ -279,11 +333,25 @@ impl Engine {
     }
 
     /// Restores a first stream followed by its continuation streams, all or nothing.
-    pub fn restore_parts<R: Read>(&self, client: ClientId, parts: &mut [&mut R]) -> Result<RestoreReport> {
+    pub fn restore_parts<R: Read>(
+        &self,
+        client: ClientId,
+        parts: &mut [&mut R],
+    ) -> Result<RestoreReport> {
         self.client_info(client)?;
-        let mut st = RestoreState { map: Vec::new(), report: RestoreReport::default(), frame: 0, created: Vec::new() };
+        let mut st = RestoreState {
+            map: Vec::new(),
+            report: RestoreReport::default(),
+            frame: 0,
+            data_frames: 0,
+            created: Vec::new(),
+        };
+        let n_parts = parts.len();
+        if n_parts == 0 {
+            return Err(StreamError::Truncated.into());
+        }
         for (n, r) in parts.iter_mut().enumerate() {
-            if let Err(e) = self.restore_one(client, *r, n == 0, &mut st) {
+            if let Err(e) = self.restore_one(client, *r, n == 0, n + 1 == n_parts, &mut st) {
                 self.rollback_pools(client, &st.created);
                 return Err(e);
             }
@@ -291,18 +359,44 @@ impl Engine {
         Ok(st.report)
     }
 
-    fn restore_one<R: Read>(&self, client: ClientId, r: &mut R, first: bool, st: &mut RestoreState) -> Result<()> {
-        let mut hdr = [0u8; 24];
-        r.read_exact(&mut hdr).map_err(io)?;
-        if &hdr[..8] != MAGIC {
+    fn restore_one<R: Read>(
+        &self,
+        client: ClientId,
+        r: &mut R,
+        first: bool,
+        last: bool,
+        st: &mut RestoreState,
+    ) -> Result<()> {
+        let mut hdr = [0u8; HEADER_LEN];
+        let got = read_full(r, &mut hdr).map_err(io)?;
+        if got < 8 || &hdr[..8] != MAGIC {
             return Err(StreamError::BadMagic.into());
+        }
+        if got < HEADER_LEN {
+            return Err(StreamError::Truncated.into());
+        }
+        if crc32fast::hash(&hdr[..32]).to_le_bytes() != hdr[32..36] {
+            return Err(StreamError::BadChecksum(0).into());
         }
         let version = u16::from_le_bytes([hdr[8], hdr[9]]);
         if version != VERSION {
             return Err(StreamError::BadVersion(version).into());
         }
         let flags = u16::from_le_bytes([hdr[10], hdr[11]]);
+        if flags & !(FLAG_EPHEMERAL | FLAG_CONTINUATION) != 0 {
+            return Err(StreamError::Malformed {
+                frame: 0,
+                what: "unknown header flags",
+            }
+            .into());
+        }
         if (flags & FLAG_CONTINUATION != 0) == first {
+            return Err(StreamError::OutOfOrder.into());
+        }
+        let mut fb = [0u8; 8];
+        fb.copy_from_slice(&hdr[24..32]);
+        if u64::from_le_bytes(fb) != st.data_frames {
+            // A continuation must follow exactly the frames its save had written.
             return Err(StreamError::OutOfOrder.into());
         }
         let mut crcs = crc32fast::Hasher::new();
@@ -312,11 +406,22 @@ impl Engine {
             st.frame += 1;
             let frame = st.frame;
             let mut th = [0u8; 5];
-            r.read_exact(&mut th).map_err(io)?;
+            let got = read_full(r, &mut th).map_err(io)?;
+            if got == 0 && !last {
+                // A part that is continued elsewhere ends at a frame boundary.
+                return Ok(());
+            }
+            if got < th.len() {
+                return Err(StreamError::Truncated.into());
+            }
             let t = th[0];
             let len = u32::from_le_bytes([th[1], th[2], th[3], th[4]]);
             if len > MAX_FRAME {
-                return Err(StreamError::Malformed { frame, what: "frame too large" }.into());
+                return Err(StreamError::Malformed {
+                    frame,
+                    what: "frame too large",
+                }
+                .into());
             }
             let mut payload = vec![0u8; len as usize];
             r.read_exact(&mut payload).map_err(io)?;
@@ -348,14 +453,19 @@ impl Engine {
                         _ => return Err(p.bad("unknown codec")),
                     };
                     let ll = p.u8()? as usize;
-                    let label = String::from_utf8(p.take(ll)?.to_vec()).map_err(|_| p.bad("label is not UTF-8"))?;
+                    let label = String::from_utf8(p.take(ll)?.to_vec())
+                        .map_err(|_| p.bad("label is not UTF-8"))?;
                     p.end()?;
                     if st.map.iter().any(|(l, _)| *l == local) {
                         // A continuation repeats the pool it resumes in; it maps to the same pool.
                         pools_in_part += 1;
                     } else {
                         let spec = PoolSpec {
-                            persistence: if persistent { Persistence::Persistent } else { Persistence::Ephemeral },
+                            persistence: if persistent {
+                                Persistence::Persistent
+                            } else {
+                                Persistence::Ephemeral
+                            },
                             sharing: Sharing::Private,
                             exclusive_gets: exclusive,
                             dedup,
@@ -392,6 +502,7 @@ impl Engine {
                         }
                         self.put(client, PageKey::new(pool, oid, idx), &page)?;
                         pages_in_part += 1;
+                        st.report.pages += 1;
                     }
                 }
                 T_END => {
@@ -405,20 +516,38 @@ impl Engine {
                     if pools != pools_in_part || pages != pages_in_part {
                         return Err(p.bad("counts do not match the frames"));
                     }
-                    st.report.pages += pages;
+                    if !last {
+                        return Err(StreamError::OutOfOrder.into());
+                    }
                     return Ok(());
                 }
                 _ => return Err(p.bad("unknown frame type")),
             }
             crcs.update(&crcb);
+            st.data_frames += 1;
         }
     }
+}
+
+/// Reads until `buf` is full or EOF; returns the bytes read.
+fn read_full<R: Read>(r: &mut R, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
 }
 
 struct RestoreState {
     map: Vec<(u32, PoolId)>,
     report: RestoreReport,
     frame: u64,
+    data_frames: u64,
     created: Vec<PoolId>,
 }
 
@@ -429,7 +558,11 @@ struct Parser<'a> {
 
 impl<'a> Parser<'a> {
     fn bad(&self, what: &'static str) -> Error {
-        StreamError::Malformed { frame: self.frame, what }.into()
+        StreamError::Malformed {
+            frame: self.frame,
+            what,
+        }
+        .into()
     }
     fn take(&mut self, n: usize) -> Result<&'a [u8]> {
         if self.b.len() < n {

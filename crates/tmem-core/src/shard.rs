@@ -18,7 +18,10 @@ pub(crate) struct ObjKey {
 
 impl ObjKey {
     pub(crate) fn new(pool: PoolId, oid: ObjectId) -> Self {
-        ObjKey { pool: pool.0, oid: oid.0 }
+        ObjKey {
+            pool: pool.0,
+            oid: oid.0,
+        }
     }
 }
 
@@ -40,7 +43,8 @@ pub(crate) struct Queue {
 /// Bytes of one page-table slot (key, entry, control byte).
 const PAGE_SLOT: i64 = (std::mem::size_of::<(u32, Entry)>() + 1) as i64;
 /// Bytes of one object-table slot plus the object header.
-const OBJ_SLOT: i64 = (std::mem::size_of::<(ObjKey, u32)>() + 1 + std::mem::size_of::<Option<Object>>()) as i64;
+const OBJ_SLOT: i64 =
+    (std::mem::size_of::<(ObjKey, u32)>() + 1 + std::mem::size_of::<Option<Object>>()) as i64;
 const QUEUE_SLOT: i64 = std::mem::size_of::<QItem>() as i64;
 
 #[derive(Default)]
@@ -75,17 +79,30 @@ impl Shard {
     /// Looks up an entry.
     pub(crate) fn get_mut(&mut self, key: &ObjKey, idx: u32) -> Option<&mut Entry> {
         let &slot = self.index.get(key)?;
-        self.objs.get_mut(slot as usize)?.as_mut()?.pages.get_mut(&idx)
+        self.objs
+            .get_mut(slot as usize)?
+            .as_mut()?
+            .pages
+            .get_mut(&idx)
     }
 
     /// Inserts or replaces an entry; returns the old one and the metadata delta.
     /// `queue_client` is the client charged for an ephemeral page (None for persistent).
-    pub(crate) fn insert(&mut self, key: ObjKey, idx: u32, e: Entry, queue_client: Option<u32>) -> (Option<Removed>, i64) {
+    pub(crate) fn insert(
+        &mut self,
+        key: ObjKey,
+        idx: u32,
+        e: Entry,
+        queue_client: Option<u32>,
+    ) -> (Option<Removed>, i64) {
         let (slot, mut delta) = match self.index.get(&key) {
             Some(&s) => (s, 0),
             None => {
                 let cap = self.index.capacity();
-                let obj = Object { key, pages: FxHashMap::default() };
+                let obj = Object {
+                    key,
+                    pages: FxHashMap::default(),
+                };
                 let s = match self.free_objs.pop() {
                     Some(s) => {
                         self.objs[s as usize] = Some(obj);
@@ -123,14 +140,25 @@ impl Shard {
     }
 
     /// Removes an entry; returns it and the metadata delta.
-    pub(crate) fn remove(&mut self, key: &ObjKey, idx: u32, queue_client: Option<u32>) -> (Option<Removed>, i64) {
-        let Some(&slot) = self.index.get(key) else { return (None, 0) };
-        let Some(Some(obj)) = self.objs.get_mut(slot as usize) else { return (None, 0) };
-        let Some(entry) = obj.pages.remove(&idx) else { return (None, 0) };
+    pub(crate) fn remove(
+        &mut self,
+        key: &ObjKey,
+        idx: u32,
+        queue_client: Option<u32>,
+    ) -> (Option<Removed>, i64) {
+        let Some(&slot) = self.index.get(key) else {
+            return (None, 0);
+        };
+        let Some(Some(obj)) = self.objs.get_mut(slot as usize) else {
+            return (None, 0);
+        };
+        let Some(entry) = obj.pages.remove(&idx) else {
+            return (None, 0);
+        };
         let mut delta = 0;
         if obj.pages.is_empty() {
             delta -= obj.pages.capacity() as i64 * PAGE_SLOT;
-            self.drop_object(key, slot);
+            delta += self.drop_object(key, slot);
         } else if obj.pages.capacity() > 64 && obj.pages.len() < obj.pages.capacity() / 4 {
             let cap = obj.pages.capacity();
             obj.pages.shrink_to_fit();
@@ -148,16 +176,29 @@ impl Shard {
         (Some(Removed { entry }), delta)
     }
 
-    fn drop_object(&mut self, key: &ObjKey, slot: u32) {
-        self.index.remove(key);
-        self.objs[slot as usize] = None;
-        self.free_objs.push(slot);
+    /// Removes an (empty) object; returns the metadata delta of the object index.
+    fn drop_object(&mut self, key: &ObjKey, slot: u32) -> i64 {
+        drop_object_in(
+            &mut self.index,
+            &mut self.objs,
+            &mut self.free_objs,
+            key,
+            slot,
+        )
     }
 
     /// Removes every page of an object; returns them and the metadata delta.
-    pub(crate) fn remove_object(&mut self, key: &ObjKey, queue_client: Option<u32>) -> (Vec<Removed>, i64) {
-        let Some(&slot) = self.index.get(key) else { return (Vec::new(), 0) };
-        let Some(Some(obj)) = self.objs.get_mut(slot as usize) else { return (Vec::new(), 0) };
+    pub(crate) fn remove_object(
+        &mut self,
+        key: &ObjKey,
+        queue_client: Option<u32>,
+    ) -> (Vec<Removed>, i64) {
+        let Some(&slot) = self.index.get(key) else {
+            return (Vec::new(), 0);
+        };
+        let Some(Some(obj)) = self.objs.get_mut(slot as usize) else {
+            return (Vec::new(), 0);
+        };
         let pages = std::mem::take(&mut obj.pages);
         let n = pages.len();
         self.drop_object(key, slot);
@@ -168,24 +209,34 @@ impl Shard {
             self.compact_queue(c);
         }
         let delta = self.recount();
-        (pages.into_values().map(|entry| Removed { entry }).collect(), delta)
+        (
+            pages.into_values().map(|entry| Removed { entry }).collect(),
+            delta,
+        )
     }
 
     /// Keys of all objects of a pool.
     pub(crate) fn objects_of(&self, pool: u32) -> Vec<ObjKey> {
-        self.index.keys().filter(|k| k.pool == pool).copied().collect()
+        self.index
+            .keys()
+            .filter(|k| k.pool == pool)
+            .copied()
+            .collect()
     }
 
     /// Drops stale queue items (flushed pages, duplicates). Returns the metadata delta.
     fn compact_queue(&mut self, client: u32) -> i64 {
-        let Some(q) = self.queues.get_mut(&client) else { return 0 };
+        let Some(q) = self.queues.get_mut(&client) else {
+            return 0;
+        };
         let before = q.items.capacity() as i64;
         let mut seen = rustc_hash::FxHashSet::default();
         let objs = &self.objs;
         // Keep the newest occurrence of each live page, in order.
         let mut kept: VecDeque<QItem> = VecDeque::with_capacity(q.live);
         for &(slot, idx) in q.items.iter().rev() {
-            let live = matches!(objs.get(slot as usize), Some(Some(o)) if o.pages.contains_key(&idx));
+            let live =
+                matches!(objs.get(slot as usize), Some(Some(o)) if o.pages.contains_key(&idx));
             if live && seen.insert((slot, idx)) {
                 kept.push_front((slot, idx));
             }
@@ -201,33 +252,52 @@ impl Shard {
     /// Pops up to `max` ephemeral victims of `client` in FIFO order, giving referenced pages
     /// a second chance (CLOCK). `is_evictable(pool)` must say whether a pool is ephemeral
     /// and charged to `client`. Returns the removed entries with their pools.
-    pub(crate) fn evict(&mut self, client: u32, max: usize, is_evictable: &dyn Fn(u32) -> bool) -> (Vec<(u32, Removed)>, i64) {
+    pub(crate) fn evict(
+        &mut self,
+        client: u32,
+        max: usize,
+        is_evictable: &dyn Fn(u32) -> bool,
+    ) -> (Vec<(u32, Removed)>, i64) {
         let mut out = Vec::new();
         let mut delta = 0;
-        let Some(q) = self.queues.get_mut(&client) else { return (out, 0) };
+        let Some(q) = self.queues.get_mut(&client) else {
+            return (out, 0);
+        };
         let mut budget = q.items.len();
         while out.len() < max && budget > 0 {
             budget -= 1;
-            let Some((slot, idx)) = q.items.pop_front() else { break };
-            let Some(Some(obj)) = self.objs.get_mut(slot as usize) else { continue };
+            let Some((slot, idx)) = q.items.pop_front() else {
+                break;
+            };
+            let Some(Some(obj)) = self.objs.get_mut(slot as usize) else {
+                continue;
+            };
             if !is_evictable(obj.key.pool) {
                 continue;
             }
-            let Some(e) = obj.pages.get_mut(&idx) else { continue };
+            let Some(e) = obj.pages.get_mut(&idx) else {
+                continue;
+            };
             if e.referenced() {
                 e.set_referenced(false);
                 q.items.push_back((slot, idx));
                 continue;
             }
             let pool = obj.key.pool;
-            let Some(entry) = obj.pages.remove(&idx) else { continue };
+            let Some(entry) = obj.pages.remove(&idx) else {
+                continue;
+            };
             q.live = q.live.saturating_sub(1);
             if obj.pages.is_empty() {
                 delta -= obj.pages.capacity() as i64 * PAGE_SLOT;
                 let key = obj.key;
-                self.index.remove(&key);
-                self.objs[slot as usize] = None;
-                self.free_objs.push(slot);
+                delta += drop_object_in(
+                    &mut self.index,
+                    &mut self.objs,
+                    &mut self.free_objs,
+                    &key,
+                    slot,
+                );
             }
             out.push((pool, Removed { entry }));
         }
@@ -239,4 +309,22 @@ impl Shard {
         self.meta += delta;
         (out, delta)
     }
+}
+
+/// Removes an (empty) object from the tables; returns the metadata delta of the index.
+fn drop_object_in(
+    index: &mut FxHashMap<ObjKey, u32>,
+    objs: &mut [Option<Object>],
+    free: &mut Vec<u32>,
+    key: &ObjKey,
+    slot: u32,
+) -> i64 {
+    index.remove(key);
+    objs[slot as usize] = None;
+    free.push(slot);
+    let cap = index.capacity();
+    if index.len() <= cap / 2 {
+        index.shrink_to_fit();
+    }
+    (index.capacity() as i64 - cap as i64) * OBJ_SLOT
 }

@@ -46,7 +46,11 @@ pub struct PageKey {
 impl PageKey {
     /// Builds a key from its parts.
     pub const fn new(pool: PoolId, object: ObjectId, index: u32) -> Self {
-        PageKey { pool, object, index: PageIndex(index) }
+        PageKey {
+            pool,
+            object,
+            index: PageIndex(index),
+        }
     }
 }
 

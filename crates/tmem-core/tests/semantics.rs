@@ -51,7 +51,14 @@ fn persistent_round_trip_all_codecs_and_shapes() {
     for codec in [Codec::None, Codec::Lz4, Codec::Zstd(1), Codec::Zstd(3)] {
         for dedup in [DedupScope::Off, DedupScope::Client] {
             let e = engine(64 << 20);
-            let p = e.create_pool(A, PoolSpec::private_persistent().with_codec(codec).with_dedup(dedup)).unwrap();
+            let p = e
+                .create_pool(
+                    A,
+                    PoolSpec::private_persistent()
+                        .with_codec(codec)
+                        .with_dedup(dedup),
+                )
+                .unwrap();
             let mut same = [0u8; PAGE_SIZE];
             for c in same.chunks_exact_mut(8) {
                 c.copy_from_slice(&0x0102_0304_0506_0708u64.to_ne_bytes());
@@ -64,7 +71,14 @@ fn persistent_round_trip_all_codecs_and_shapes() {
                 let mut out = [0xffu8; PAGE_SIZE];
                 let st = e.get(A, key(p, i as u32), &mut out).unwrap();
                 assert_eq!(&out, pg, "codec {codec:?} dedup {dedup:?} page {i}");
-                assert_eq!(st, Some(if i == 2 { PageState::Zero } else { PageState::Data }));
+                assert_eq!(
+                    st,
+                    Some(if i == 2 {
+                        PageState::Zero
+                    } else {
+                        PageState::Data
+                    })
+                );
             }
             let s = e.stats();
             assert_eq!(s.pages, 5);
@@ -110,7 +124,10 @@ fn replace_never_leaves_old_content_and_failed_replace_flushes() {
     e.thaw(A).unwrap();
     e.put(A, key(p, 2), &random_page(1)).unwrap();
     e.set_persistent_cap(A, 1).unwrap();
-    assert_eq!(e.put(A, key(p, 2), &random_page(2)), Err(Error::QuotaExceeded(A)));
+    assert_eq!(
+        e.put(A, key(p, 2), &random_page(2)),
+        Err(Error::QuotaExceeded(A))
+    );
     assert_eq!(e.get(A, key(p, 2), &mut out).unwrap(), None);
 }
 
@@ -123,7 +140,10 @@ fn frozen_client_refuses_puts_but_serves_gets_and_flushes() {
     e.freeze(A).unwrap();
     assert_eq!(e.put(A, key(p, 5), &page(5)), Err(Error::Frozen(A)));
     let mut out = [0u8; PAGE_SIZE];
-    assert_eq!(e.get(A, key(p, 0), &mut out).unwrap(), Some(PageState::Data));
+    assert_eq!(
+        e.get(A, key(p, 0), &mut out).unwrap(),
+        Some(PageState::Data)
+    );
     assert_eq!(out, page(0));
     assert!(e.flush_page(A, key(p, 1)).unwrap());
     assert!(e.client_stats(A).unwrap().frozen);
@@ -136,7 +156,14 @@ fn frozen_client_refuses_puts_but_serves_gets_and_flushes() {
 fn persistent_quota_is_enforced_and_typed() {
     let e = engine(64 << 20);
     e.set_persistent_cap(A, 10 * 4200).unwrap();
-    let p = e.create_pool(A, PoolSpec::private_persistent().with_codec(Codec::None).with_dedup(DedupScope::Off)).unwrap();
+    let p = e
+        .create_pool(
+            A,
+            PoolSpec::private_persistent()
+                .with_codec(Codec::None)
+                .with_dedup(DedupScope::Off),
+        )
+        .unwrap();
     let mut ok = 0;
     for i in 0..20 {
         match e.put(A, key(p, i), &random_page(u64::from(i))) {
@@ -158,7 +185,14 @@ fn persistent_quota_is_enforced_and_typed() {
 #[test]
 fn full_budget_gives_typed_no_space_for_persistent_and_never_drops() {
     let e = engine(256 << 10);
-    let p = e.create_pool(A, PoolSpec::private_persistent().with_codec(Codec::None).with_dedup(DedupScope::Off)).unwrap();
+    let p = e
+        .create_pool(
+            A,
+            PoolSpec::private_persistent()
+                .with_codec(Codec::None)
+                .with_dedup(DedupScope::Off),
+        )
+        .unwrap();
     let mut stored = Vec::new();
     let mut refused = 0;
     for i in 0..200u32 {
@@ -172,7 +206,10 @@ fn full_budget_gives_typed_no_space_for_persistent_and_never_drops() {
     assert!(e.held_bytes() <= e.budget() + 64 * 1024);
     let mut out = [0u8; PAGE_SIZE];
     for i in stored {
-        assert_eq!(e.get(A, key(p, i), &mut out).unwrap(), Some(PageState::Data));
+        assert_eq!(
+            e.get(A, key(p, i), &mut out).unwrap(),
+            Some(PageState::Data)
+        );
         assert_eq!(out, random_page(u64::from(i)));
     }
 }
@@ -180,18 +217,35 @@ fn full_budget_gives_typed_no_space_for_persistent_and_never_drops() {
 #[test]
 fn persistent_puts_evict_ephemeral_pages() {
     let e = engine(512 << 10);
-    let eph = e.create_pool(B, PoolSpec::private_ephemeral().with_codec(Codec::None).with_dedup(DedupScope::Off)).unwrap();
+    let eph = e
+        .create_pool(
+            B,
+            PoolSpec::private_ephemeral()
+                .with_codec(Codec::None)
+                .with_dedup(DedupScope::Off),
+        )
+        .unwrap();
     for i in 0..200 {
         let _ = e.put(B, key(eph, i), &random_page(1000 + u64::from(i)));
     }
     let before = e.client_stats(B).unwrap().ephemeral.pages;
     assert!(before > 50);
-    let p = e.create_pool(A, PoolSpec::private_persistent().with_codec(Codec::None).with_dedup(DedupScope::Off)).unwrap();
+    let p = e
+        .create_pool(
+            A,
+            PoolSpec::private_persistent()
+                .with_codec(Codec::None)
+                .with_dedup(DedupScope::Off),
+        )
+        .unwrap();
     for i in 0..50 {
         e.put(A, key(p, i), &random_page(u64::from(i))).unwrap();
     }
     let after = e.client_stats(B).unwrap().ephemeral.pages;
-    assert!(after < before, "ephemeral pages were evicted ({before} -> {after})");
+    assert!(
+        after < before,
+        "ephemeral pages were evicted ({before} -> {after})"
+    );
     assert!(e.stats().ops.evictions > 0);
 }
 
@@ -203,21 +257,42 @@ fn eviction_takes_first_from_client_most_above_weighted_share() {
     let heavy = ClientId(10);
     let light = ClientId(11);
     // Same usage, but `light` is entitled to 3× the share: `heavy` is further above its share.
-    e.add_client(heavy, ClientConfig { weight: 100, ..Default::default() }).unwrap();
-    e.add_client(light, ClientConfig { weight: 300, ..Default::default() }).unwrap();
-    let spec = PoolSpec::private_ephemeral().with_codec(Codec::None).with_dedup(DedupScope::Off);
+    e.add_client(
+        heavy,
+        ClientConfig {
+            weight: 100,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    e.add_client(
+        light,
+        ClientConfig {
+            weight: 300,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let spec = PoolSpec::private_ephemeral()
+        .with_codec(Codec::None)
+        .with_dedup(DedupScope::Off);
     let ph = e.create_pool(heavy, spec.clone()).unwrap();
     let pl = e.create_pool(light, spec).unwrap();
     for i in 0..100 {
-        e.put(heavy, key(ph, i), &random_page(u64::from(i))).unwrap();
-        e.put(light, key(pl, i), &random_page(500 + u64::from(i))).unwrap();
+        e.put(heavy, key(ph, i), &random_page(u64::from(i)))
+            .unwrap();
+        e.put(light, key(pl, i), &random_page(500 + u64::from(i)))
+            .unwrap();
     }
     let freed = e.shrink(200 * 1024);
     assert!(freed >= 200 * 1024, "freed {freed}");
     let h = e.client_stats(heavy).unwrap();
     let l = e.client_stats(light).unwrap();
     assert!(h.ops.evictions > 0);
-    assert_eq!(l.ops.evictions, 0, "the client under its share keeps its pages");
+    assert_eq!(
+        l.ops.evictions, 0,
+        "the client under its share keeps its pages"
+    );
     // Weights flip the choice.
     e.set_weight(heavy, 1000).unwrap();
     e.shrink(100 * 1024);
@@ -226,12 +301,28 @@ fn eviction_takes_first_from_client_most_above_weighted_share() {
 
 #[test]
 fn eviction_is_oldest_first_with_second_chance() {
-    let e = Engine::new(EngineConfig { budget: 64 << 20, shards: 1, ..Default::default() });
+    let e = Engine::new(EngineConfig {
+        budget: 64 << 20,
+        shards: 1,
+        ..Default::default()
+    });
     e.add_client(A, ClientConfig::default()).unwrap();
-    let p = e.create_pool(A, PoolSpec::shared_ephemeral(PoolUuid(9)).with_codec(Codec::None).with_dedup(DedupScope::Off));
+    let p = e.create_pool(
+        A,
+        PoolSpec::shared_ephemeral(PoolUuid(9))
+            .with_codec(Codec::None)
+            .with_dedup(DedupScope::Off),
+    );
     assert!(matches!(p, Err(Error::NotAuthorized { .. })));
     e.authorize_shared(PoolUuid(9), A);
-    let p = e.create_pool(A, PoolSpec::shared_ephemeral(PoolUuid(9)).with_codec(Codec::None).with_dedup(DedupScope::Off)).unwrap();
+    let p = e
+        .create_pool(
+            A,
+            PoolSpec::shared_ephemeral(PoolUuid(9))
+                .with_codec(Codec::None)
+                .with_dedup(DedupScope::Off),
+        )
+        .unwrap();
     for i in 0..64 {
         e.put(A, key(p, i), &random_page(u64::from(i))).unwrap();
     }
@@ -241,9 +332,19 @@ fn eviction_is_oldest_first_with_second_chance() {
     while e.client_stats(A).unwrap().ephemeral.pages > 60 {
         e.shrink(4096);
     }
-    assert!(e.get(A, key(p, 0), &mut out).unwrap().is_some(), "referenced page survived");
-    assert_eq!(e.get(A, key(p, 1), &mut out).unwrap(), None, "oldest unreferenced page went first");
-    assert!(e.get(A, key(p, 63), &mut out).unwrap().is_some(), "newest page kept");
+    assert!(
+        e.get(A, key(p, 0), &mut out).unwrap().is_some(),
+        "referenced page survived"
+    );
+    assert_eq!(
+        e.get(A, key(p, 1), &mut out).unwrap(),
+        None,
+        "oldest unreferenced page went first"
+    );
+    assert!(
+        e.get(A, key(p, 63), &mut out).unwrap().is_some(),
+        "newest page kept"
+    );
 }
 
 #[test]
@@ -287,13 +388,34 @@ fn private_pools_are_private() {
     let p = e.create_pool(A, PoolSpec::private_persistent()).unwrap();
     e.put(A, key(p, 0), &page(0)).unwrap();
     let mut out = [0u8; PAGE_SIZE];
-    assert_eq!(e.get(B, key(p, 0), &mut out), Err(Error::AccessDenied { client: B, pool: p }));
-    assert_eq!(e.put(B, key(p, 0), &page(1)), Err(Error::AccessDenied { client: B, pool: p }));
-    assert_eq!(e.flush_page(B, key(p, 0)), Err(Error::AccessDenied { client: B, pool: p }));
-    assert_eq!(e.flush_object(B, p, ObjectId::from_u64(7)), Err(Error::AccessDenied { client: B, pool: p }));
-    assert_eq!(e.destroy_pool(B, p), Err(Error::AccessDenied { client: B, pool: p }));
-    assert_eq!(e.get(ClientId(99), key(p, 0), &mut out), Err(Error::UnknownClient(ClientId(99))));
-    assert_eq!(e.get(A, key(PoolId(999), 0), &mut out), Err(Error::UnknownPool(PoolId(999))));
+    assert_eq!(
+        e.get(B, key(p, 0), &mut out),
+        Err(Error::AccessDenied { client: B, pool: p })
+    );
+    assert_eq!(
+        e.put(B, key(p, 0), &page(1)),
+        Err(Error::AccessDenied { client: B, pool: p })
+    );
+    assert_eq!(
+        e.flush_page(B, key(p, 0)),
+        Err(Error::AccessDenied { client: B, pool: p })
+    );
+    assert_eq!(
+        e.flush_object(B, p, ObjectId::from_u64(7)),
+        Err(Error::AccessDenied { client: B, pool: p })
+    );
+    assert_eq!(
+        e.destroy_pool(B, p),
+        Err(Error::AccessDenied { client: B, pool: p })
+    );
+    assert_eq!(
+        e.get(ClientId(99), key(p, 0), &mut out),
+        Err(Error::UnknownClient(ClientId(99)))
+    );
+    assert_eq!(
+        e.get(A, key(PoolId(999), 0), &mut out),
+        Err(Error::UnknownPool(PoolId(999)))
+    );
     // A's data is intact.
     e.get(A, key(p, 0), &mut out).unwrap();
     assert_eq!(out, page(0));
@@ -303,11 +425,20 @@ fn private_pools_are_private() {
 fn shared_pools_need_authorization_and_share_pages() {
     let e = engine(64 << 20);
     let uuid = PoolUuid(0x1234_5678_9abc_def0_1122_3344_5566_7788);
-    assert_eq!(e.create_pool(A, PoolSpec::shared_ephemeral(uuid)), Err(Error::NotAuthorized { client: A, uuid }));
-    assert!(e.pools_of(A).is_empty(), "a failed join never makes a private pool");
+    assert_eq!(
+        e.create_pool(A, PoolSpec::shared_ephemeral(uuid)),
+        Err(Error::NotAuthorized { client: A, uuid })
+    );
+    assert!(
+        e.pools_of(A).is_empty(),
+        "a failed join never makes a private pool"
+    );
     e.authorize_shared(uuid, A);
     let pa = e.create_pool(A, PoolSpec::shared_ephemeral(uuid)).unwrap();
-    assert_eq!(e.create_pool(B, PoolSpec::shared_ephemeral(uuid)), Err(Error::NotAuthorized { client: B, uuid }));
+    assert_eq!(
+        e.create_pool(B, PoolSpec::shared_ephemeral(uuid)),
+        Err(Error::NotAuthorized { client: B, uuid })
+    );
     e.authorize_shared(uuid, B);
     let pb = e.create_pool(B, PoolSpec::shared_ephemeral(uuid)).unwrap();
     assert_eq!(pa, pb);
@@ -323,7 +454,10 @@ fn shared_pools_need_authorization_and_share_pages() {
     assert_eq!(out, page(4));
     // Spec mismatch is refused.
     e.authorize_shared(uuid, ClientId(1));
-    assert_eq!(e.create_pool(A, PoolSpec::shared_ephemeral(uuid).with_codec(Codec::None)), Err(Error::SpecMismatch(uuid)));
+    assert_eq!(
+        e.create_pool(A, PoolSpec::shared_ephemeral(uuid).with_codec(Codec::None)),
+        Err(Error::SpecMismatch(uuid))
+    );
     // Shared persistent pools are refused.
     let mut sp = PoolSpec::shared_ephemeral(uuid);
     sp.persistence = Persistence::Persistent;
@@ -331,7 +465,10 @@ fn shared_pools_need_authorization_and_share_pages() {
     // Leaving: the pool lives until its last member leaves.
     e.destroy_pool(A, pa).unwrap();
     assert!(e.get(B, key(pb, 3), &mut out).unwrap().is_some());
-    assert!(matches!(e.get(A, key(pa, 3), &mut out), Err(Error::AccessDenied { .. })));
+    assert!(matches!(
+        e.get(A, key(pa, 3), &mut out),
+        Err(Error::AccessDenied { .. })
+    ));
     e.destroy_pool(B, pb).unwrap();
     assert_eq!(e.get(B, key(pb, 3), &mut out), Err(Error::UnknownPool(pb)));
     assert_eq!(e.stats().pages, 0);
@@ -341,14 +478,23 @@ fn shared_pools_need_authorization_and_share_pages() {
 fn private_ephemeral_gets_are_exclusive_unless_asked() {
     let e = engine(64 << 20);
     let p = e.create_pool(A, PoolSpec::private_ephemeral()).unwrap();
-    let q = e.create_pool(A, PoolSpec::private_ephemeral().with_exclusive_gets(false)).unwrap();
+    let q = e
+        .create_pool(A, PoolSpec::private_ephemeral().with_exclusive_gets(false))
+        .unwrap();
     e.put(A, key(p, 0), &page(0)).unwrap();
     e.put(A, key(q, 0), &page(0)).unwrap();
     let mut out = [0u8; PAGE_SIZE];
     assert!(e.get(A, key(p, 0), &mut out).unwrap().is_some());
-    assert_eq!(e.get(A, key(p, 0), &mut out).unwrap(), None, "exclusive get removed it");
+    assert_eq!(
+        e.get(A, key(p, 0), &mut out).unwrap(),
+        None,
+        "exclusive get removed it"
+    );
     assert!(e.get(A, key(q, 0), &mut out).unwrap().is_some());
-    assert!(e.get(A, key(q, 0), &mut out).unwrap().is_some(), "non-exclusive keeps it");
+    assert!(
+        e.get(A, key(q, 0), &mut out).unwrap().is_some(),
+        "non-exclusive keeps it"
+    );
 }
 
 #[test]
@@ -357,14 +503,26 @@ fn flush_object_and_destroy_pool_release_everything() {
     let p = e.create_pool(A, PoolSpec::private_persistent()).unwrap();
     for o in 0..3u64 {
         for i in 0..100 {
-            e.put(A, PageKey::new(p, ObjectId::from_u64(o), i), &page(o * 1000 + u64::from(i))).unwrap();
+            e.put(
+                A,
+                PageKey::new(p, ObjectId::from_u64(o), i),
+                &page(o * 1000 + u64::from(i)),
+            )
+            .unwrap();
         }
     }
     assert_eq!(e.flush_object(A, p, ObjectId::from_u64(1)).unwrap(), 100);
     assert_eq!(e.stats().pages, 200);
     let mut out = [0u8; PAGE_SIZE];
-    assert_eq!(e.get(A, PageKey::new(p, ObjectId::from_u64(1), 5), &mut out).unwrap(), None);
-    assert!(e.get(A, PageKey::new(p, ObjectId::from_u64(2), 5), &mut out).unwrap().is_some());
+    assert_eq!(
+        e.get(A, PageKey::new(p, ObjectId::from_u64(1), 5), &mut out)
+            .unwrap(),
+        None
+    );
+    assert!(e
+        .get(A, PageKey::new(p, ObjectId::from_u64(2), 5), &mut out)
+        .unwrap()
+        .is_some());
     e.destroy_pool(A, p).unwrap();
     let s = e.stats();
     assert_eq!(s.pages, 0);
@@ -382,7 +540,10 @@ fn dedup_is_per_client_by_default() {
     e.put(A, key(pa2, 0), &page(42)).unwrap();
     e.put(B, key(pb, 0), &page(42)).unwrap();
     let s = e.stats();
-    assert_eq!(s.ops.dedup_hits, 1, "same client shares, other client does not");
+    assert_eq!(
+        s.ops.dedup_hits, 1,
+        "same client shares, other client does not"
+    );
     assert_eq!(s.unique_payloads, 2);
     // Flushing one reference keeps the other readable.
     e.flush_page(A, key(pa, 0)).unwrap();
@@ -390,8 +551,18 @@ fn dedup_is_per_client_by_default() {
     e.get(A, key(pa2, 0), &mut out).unwrap();
     assert_eq!(out, page(42));
     // Global dedup shares across clients when both opt in.
-    let ga = e.create_pool(A, PoolSpec::private_persistent().with_dedup(DedupScope::Global)).unwrap();
-    let gb = e.create_pool(B, PoolSpec::private_persistent().with_dedup(DedupScope::Global)).unwrap();
+    let ga = e
+        .create_pool(
+            A,
+            PoolSpec::private_persistent().with_dedup(DedupScope::Global),
+        )
+        .unwrap();
+    let gb = e
+        .create_pool(
+            B,
+            PoolSpec::private_persistent().with_dedup(DedupScope::Global),
+        )
+        .unwrap();
     e.put(A, key(ga, 0), &page(43)).unwrap();
     e.put(B, key(gb, 0), &page(43)).unwrap();
     assert_eq!(e.stats().ops.dedup_hits, 2);
@@ -405,7 +576,10 @@ fn remove_client_destroys_its_pools() {
     e.remove_client(A).unwrap();
     assert_eq!(e.stats().pages, 0);
     assert_eq!(e.client_stats(A), Err(Error::UnknownClient(A)));
-    assert_eq!(e.add_client(B, ClientConfig::default()), Err(Error::ClientExists(B)));
+    assert_eq!(
+        e.add_client(B, ClientConfig::default()),
+        Err(Error::ClientExists(B))
+    );
 }
 
 #[test]
@@ -423,5 +597,8 @@ fn put_pages_batches() {
         e.get(A, key(p, 10 + i as u32), &mut out).unwrap();
         assert_eq!(out, page(i));
     }
-    assert_eq!(e.put_pages(A, p, ObjectId::from_u64(7), 0, &data[..100]), Err(Error::BadLength(100)));
+    assert_eq!(
+        e.put_pages(A, p, ObjectId::from_u64(7), 0, &data[..100]),
+        Err(Error::BadLength(100))
+    );
 }

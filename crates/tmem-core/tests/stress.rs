@@ -1,0 +1,187 @@
+//! Concurrent stress: threads × random ops on shared and private pools with a budget small
+//! enough to force eviction. Every page carries its own key and a version, so any read can
+//! be checked: a persistent page must be exactly the last version its (single) writer put;
+//! an ephemeral page must be a version some writer put for that very key and never older
+//! than one that writer put and saw acknowledged after a flush.
+
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use tmem_core::*;
+
+fn make(key: &PageKey, version: u64, zeroish: bool) -> [u8; PAGE_SIZE] {
+    let mut p = [0u8; PAGE_SIZE];
+    if zeroish && version % 7 == 0 {
+        return p; // version 7k pages are zero pages (stored without data)
+    }
+    p[0..4].copy_from_slice(&key.pool.0.to_le_bytes());
+    p[4..12].copy_from_slice(&key.object.0[0].to_le_bytes());
+    p[12..16].copy_from_slice(&key.index.0.to_le_bytes());
+    p[16..24].copy_from_slice(&version.to_le_bytes());
+    // Compressible body derived from key and version: identical for equal (key, version).
+    for (i, b) in p.iter_mut().enumerate().skip(24) {
+        *b = ((i as u64 / 64) ^ version ^ u64::from(key.index.0)) as u8;
+    }
+    p
+}
+
+fn check(key: &PageKey, page: &[u8; PAGE_SIZE]) -> Option<u64> {
+    if page.iter().all(|&b| b == 0) {
+        return Some(0); // a zero page: version unknown but self-consistent
+    }
+    let mut v = [0u8; 8];
+    v.copy_from_slice(&page[16..24]);
+    let version = u64::from_le_bytes(v);
+    (make(key, version, false) == *page).then_some(version)
+}
+
+#[test]
+fn concurrent_random_ops_keep_every_page_consistent() {
+    let threads = 4;
+    let ops_per_thread = 40_000;
+    let e = Arc::new(Engine::new(EngineConfig {
+        budget: 3 << 20,
+        shards: 16,
+        arenas: 2,
+        ..Default::default()
+    }));
+    let uuid = PoolUuid(1);
+    let mut private = Vec::new();
+    for t in 0..threads {
+        let c = ClientId(t as u32);
+        e.add_client(
+            c,
+            ClientConfig {
+                weight: 100 + 50 * t as u32,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        e.authorize_shared(uuid, c);
+        let pers = e.create_pool(c, PoolSpec::private_persistent()).unwrap();
+        let eph = e
+            .create_pool(
+                c,
+                PoolSpec::private_ephemeral().with_exclusive_gets(t % 2 == 0),
+            )
+            .unwrap();
+        private.push((pers, eph));
+    }
+    let shared = e
+        .create_pool(ClientId(0), PoolSpec::shared_ephemeral(uuid))
+        .unwrap();
+    for t in 1..threads {
+        assert_eq!(
+            e.create_pool(ClientId(t as u32), PoolSpec::shared_ephemeral(uuid))
+                .unwrap(),
+            shared
+        );
+    }
+    let errors = Arc::new(AtomicU64::new(0));
+    let handles: Vec<_> = (0..threads)
+        .map(|t| {
+            let e = e.clone();
+            let (pers, eph) = private[t];
+            let errors = errors.clone();
+            std::thread::spawn(move || {
+                let c = ClientId(t as u32);
+                let mut rng = SmallRng::seed_from_u64(t as u64);
+                // Last acknowledged version per persistent key (this thread is its only writer).
+                let mut last: std::collections::HashMap<u32, u64> = Default::default();
+                let mut out = [0u8; PAGE_SIZE];
+                let mut version = 1u64;
+                for _ in 0..ops_per_thread {
+                    let idx = rng.gen_range(0..300u32);
+                    let obj = ObjectId::from_u64(u64::from(idx % 3));
+                    version += 1;
+                    match rng.gen_range(0..10) {
+                        0..=2 => {
+                            let key = PageKey::new(pers, obj, idx);
+                            match e.put(c, key, &make(&key, version, true)) {
+                                Ok(()) => {
+                                    last.insert(idx, version);
+                                }
+                                Err(Error::NoSpace) => {
+                                    last.remove(&idx);
+                                }
+                                Err(other) => panic!("{other}"),
+                            }
+                        }
+                        3..=4 => {
+                            let key = PageKey::new(pers, obj, idx);
+                            let got = e.get(c, key, &mut out).unwrap();
+                            match (got, last.get(&idx)) {
+                                (Some(_), Some(&v)) => {
+                                    let want = make(&key, v, true);
+                                    if out != want {
+                                        errors.fetch_add(1, Ordering::Relaxed);
+                                    }
+                                }
+                                (None, Some(_)) | (Some(_), None) => {
+                                    errors.fetch_add(1, Ordering::Relaxed);
+                                }
+                                (None, None) => {}
+                            }
+                        }
+                        5 => {
+                            let key = PageKey::new(pers, obj, idx);
+                            e.flush_page(c, key).unwrap();
+                            last.remove(&idx);
+                        }
+                        6 => {
+                            let pool = if rng.gen_bool(0.5) { eph } else { shared };
+                            let key = PageKey::new(pool, obj, idx);
+                            let _ = e.put(c, key, &make(&key, version, true));
+                        }
+                        7..=8 => {
+                            let pool = if rng.gen_bool(0.5) { eph } else { shared };
+                            let key = PageKey::new(pool, obj, idx);
+                            if e.get(c, key, &mut out).unwrap().is_some()
+                                && check(&key, &out).is_none()
+                            {
+                                errors.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        _ => {
+                            if rng.gen_ratio(1, 50) {
+                                e.shrink(256 << 10);
+                            } else {
+                                let key = PageKey::new(shared, obj, idx);
+                                let _ = e.flush_page(c, key);
+                            }
+                        }
+                    }
+                }
+                // Final check of every persistent page this thread owns.
+                for (&idx, &v) in &last {
+                    let key = PageKey::new(pers, ObjectId::from_u64(u64::from(idx % 3)), idx);
+                    match e.get(c, key, &mut out).unwrap() {
+                        Some(_) if out == make(&key, v, true) => {}
+                        _ => {
+                            errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().expect("worker thread panicked");
+    }
+    assert_eq!(errors.load(Ordering::Relaxed), 0, "inconsistent reads");
+    let s = e.stats();
+    assert!(s.ops.evictions > 0, "the budget forced evictions");
+    assert!(
+        s.held_bytes <= s.budget + (1 << 20),
+        "held {} budget {}",
+        s.held_bytes,
+        s.budget
+    );
+    // Tear down releases everything.
+    for t in 0..threads {
+        e.remove_client(ClientId(t as u32)).unwrap();
+    }
+    let s = e.stats();
+    assert_eq!((s.pages, s.alloc.objects, s.alloc.held_bytes), (0, 0, 0));
+}
