@@ -20,7 +20,10 @@ fn page(seed: u64) -> [u8; PAGE_SIZE] {
     p
 }
 
-fn populated() -> (Engine, Vec<(PoolId, Vec<(PageKey, [u8; PAGE_SIZE])>)>) {
+/// Pools with the pages put into them.
+type Saved = Vec<(PoolId, Vec<(PageKey, [u8; PAGE_SIZE])>)>;
+
+fn populated() -> (Engine, Saved) {
     let e = Engine::new(EngineConfig::with_budget(256 << 20));
     e.add_client(A, ClientConfig::default()).unwrap();
     e.add_client(B, ClientConfig::default()).unwrap();
