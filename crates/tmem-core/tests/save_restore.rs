@@ -70,12 +70,7 @@ fn save_all(e: &Engine, opts: SaveOptions) -> (Vec<u8>, SaveReport) {
     (buf, rep)
 }
 
-fn check_restored(
-    e: &Engine,
-    client: ClientId,
-    rep: &RestoreReport,
-    pools: &[(PoolId, Vec<(PageKey, [u8; PAGE_SIZE])>)],
-) {
+fn check_restored(e: &Engine, client: ClientId, rep: &RestoreReport, pools: &Saved) {
     let labels = ["swap0", "swap1", "raw"];
     let mut out = [0u8; PAGE_SIZE];
     for (n, (_, pages)) in pools.iter().enumerate() {
