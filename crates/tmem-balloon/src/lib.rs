@@ -39,7 +39,10 @@
 //! * `deflate-on-oom=on` — last-resort safety net: the guest's OOM notifier
 //!   deflates 1 MiB per callback instead of killing. The manager's fast
 //!   give-back is the primary mechanism; this only covers the window between
-//!   two intervals.
+//!   two intervals. Note (verified in a TCG guest): with this feature the
+//!   guest keeps inflated pages inside `MemTotal` and counts them as used;
+//!   the manager normalises stats ([`GuestStats::balloon_normalized`]) so
+//!   policies behave the same in both modes.
 //! * guest stats polling is enabled over QMP (`guest-stats-polling-interval`).
 //!
 //! The agent channel is [`qemu::agent_channel_args`]: a `virtserialport` whose

@@ -5,7 +5,8 @@
 //! 1. reads the balloon's `actual` through its [`BalloonActuator`] and
 //!    accounts reclaimed / given-back bytes and rates;
 //! 2. polls its [`StatsSource`]s (QMP `guest-stats`, the agent channel) and
-//!    pushes the merged snapshot (agent first, gaps filled from QMP);
+//!    pushes the merged snapshot (agent first, gaps filled from QMP),
+//!    normalised for `deflate-on-oom` ([`GuestStats::balloon_normalized`]);
 //! 3. for the `pressure` policy, publishes its [`ShareInput`] and computes the
 //!    host-wide share plan ([`distribute`]) over all guests' latest inputs;
 //! 4. runs the [`Governor`];
@@ -532,7 +533,8 @@ impl GuestLoop {
         }
         self.status.live_sources = live;
         if let Some(s) = merged {
-            self.history.push(s);
+            self.history
+                .push(s.balloon_normalized(actual, self.spec.max));
         }
         self.status.stats = self.history.latest().copied();
         self.status.rates = self.history.rates();

@@ -289,6 +289,25 @@ impl GuestStats {
         }
     }
 
+    /// Make `total` mean "memory the guest can use" whatever the balloon mode.
+    ///
+    /// Without `deflate-on-oom`, the Linux driver removes inflated pages from
+    /// `MemTotal`. With `deflate-on-oom=on` it does not: `MemTotal` stays at
+    /// the boot value and the balloon's pages count as used (MemAvailable
+    /// drops). `MemTotal > actual` can only happen in the second mode; then
+    /// the balloon (`max - actual`) is subtracted from `total` so policies
+    /// see the same numbers in both modes. (When the balloon is smaller than
+    /// the kernel's reserved memory the modes are indistinguishable and the
+    /// error is at most that reserve.)
+    pub fn balloon_normalized(mut self, actual: u64, max: u64) -> Self {
+        if let Some(t) = self.total {
+            if t > actual {
+                self.total = Some(t.saturating_sub(max.saturating_sub(actual)));
+            }
+        }
+        self
+    }
+
     /// Memory in use that cannot be reclaimed cheaply: `MemTotal - MemAvailable`.
     pub fn used(&self) -> Option<u64> {
         Some(self.total?.saturating_sub(self.available?))
@@ -499,6 +518,38 @@ mod tests {
         h.push(s(5000, 25)); // same timestamp replaces
         assert_eq!(h.len(), 3);
         assert_eq!(h.rates().major_faults, Some(20.0));
+    }
+
+    #[test]
+    fn balloon_normalization_both_modes() {
+        let mib = 1u64 << 20;
+        // deflate-on-oom: MemTotal stays 1000 MiB of a 1024 MiB guest inflated to 512 MiB.
+        let s = GuestStats {
+            total: Some(1000 * mib),
+            available: Some(300 * mib),
+            ..Default::default()
+        };
+        let n = s.balloon_normalized(512 * mib, 1024 * mib);
+        assert_eq!(n.total, Some(488 * mib));
+        assert_eq!(n.used(), Some(188 * mib));
+        // Plain mode: MemTotal already shrank to 488 MiB: unchanged.
+        let s = GuestStats {
+            total: Some(488 * mib),
+            ..Default::default()
+        };
+        assert_eq!(
+            s.balloon_normalized(512 * mib, 1024 * mib).total,
+            Some(488 * mib)
+        );
+        // Not inflated: unchanged.
+        let s = GuestStats {
+            total: Some(1000 * mib),
+            ..Default::default()
+        };
+        assert_eq!(
+            s.balloon_normalized(1024 * mib, 1024 * mib).total,
+            Some(1000 * mib)
+        );
     }
 
     #[test]
