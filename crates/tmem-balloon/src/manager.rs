@@ -596,7 +596,10 @@ impl GuestLoop {
                 }
             }
         } else {
-            if target < actual && self.last_sent != Some(target) {
+            // While stuck, re-send `actual` once to cancel the outstanding
+            // request, so the guest driver stops burning CPU on it.
+            let cancel = d.stuck && target == actual;
+            if (target < actual || cancel) && self.last_sent != Some(target) {
                 match self.spec.actuator.set_target(target) {
                     Ok(()) => self.last_sent = Some(target),
                     Err(e) => self.error(&e),
@@ -606,6 +609,35 @@ impl GuestLoop {
             self.update_budget(cfg, &host, pool, shared);
         }
         self.publish(shared);
+    }
+
+    /// After a give-back, poll `actual` every `poll` until the guest reached
+    /// the give-back target or `max_wait` passed; records the spike→deflate
+    /// latency at that resolution. Returns immediately when nothing is pending.
+    /// The manager threads call this in place of part of the interval sleep.
+    pub fn settle(&mut self, max_wait: Duration, poll: Duration) {
+        let end = Instant::now() + max_wait;
+        while let Some((at, target)) = self.pending_spike {
+            match self.spec.actuator.actual() {
+                Ok(a) if a + self.gov.config().stuck_tolerance >= target => {
+                    let now = Instant::now();
+                    self.status.last_spike_to_deflate_ms =
+                        Some(now.saturating_duration_since(at).as_millis() as u64);
+                    self.pending_spike = None;
+                    return;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    self.error(&e);
+                    return;
+                }
+            }
+            let now = Instant::now();
+            if now >= end {
+                return;
+            }
+            std::thread::sleep(poll.min(end - now));
+        }
     }
 
     fn set_committed(&self, shared: &Shared, bytes: u64) {
@@ -681,6 +713,11 @@ impl Manager {
                 while !stop.load(Ordering::Relaxed) {
                     gl.step(&cfg, host.as_ref(), pool.as_ref(), &shared);
                     next += interval;
+                    gl.settle(
+                        next.saturating_duration_since(Instant::now()),
+                        Duration::from_millis(20),
+                    );
+                    gl.publish(&shared);
                     let now = Instant::now();
                     if next < now {
                         next = now;
@@ -895,9 +932,12 @@ mod tests {
             ]
         );
         assert_eq!(s.live_sources, vec!["script".to_string()]);
-        // Interval 4: actual reached the target → latency recorded, given-back counted.
-        gl.step(&cfg, &host, &pool, &shared);
+        // Within the interval, settle() sees the deflate and records the latency.
+        assert!(gl.status().last_spike_to_deflate_ms.is_none());
+        gl.settle(Duration::from_secs(30), Duration::from_millis(1));
         assert!(gl.status().last_spike_to_deflate_ms.is_some());
+        // Interval 4: given-back counted.
+        gl.step(&cfg, &host, &pool, &shared);
         assert_eq!(gl.status().given_back_bytes, s.target - t2);
         assert_eq!(shared.status().len(), 1);
     }
