@@ -106,7 +106,7 @@ fn libs_of(bin: &str) -> Vec<PathBuf> {
         .collect()
 }
 
-fn build_initrd(dir: &Path, modules: &Path, busybox: &Path) -> PathBuf {
+fn build_initrd(dir: &Path, modules: &Path, busybox: &Path, tail: &str) -> PathBuf {
     let root = dir.join("root");
     for d in ["bin", "proc", "sys", "dev", "tmp", "lib/modules"] {
         std::fs::create_dir_all(root.join(d)).expect("mkdir");
@@ -126,7 +126,7 @@ fn build_initrd(dir: &Path, modules: &Path, busybox: &Path) -> PathBuf {
         ins.push_str(&format!("insmod /lib/modules/{name}\n"));
     }
     let init = format!(
-        "#!/bin/busybox sh\n/bin/busybox --install -s /bin\nmount -t proc proc /proc\nmount -t sysfs sysfs /sys\nmount -t devtmpfs devtmpfs /dev\n{ins}echo TMEM-INIT-READY\n/tmem-guest --port {AGENT_PORT_NAME} --interval 0.5 &\nsleep 3600\npoweroff -f\n"
+        "#!/bin/busybox sh\n/bin/busybox --install -s /bin\nmount -t proc proc /proc\nmount -t sysfs sysfs /sys\nmount -t devtmpfs devtmpfs /dev\nmkdir -p /dev/shm\nmount -t tmpfs tmpfs /dev/shm\n{ins}echo TMEM-INIT-READY\n/tmem-guest --port {AGENT_PORT_NAME} --interval 0.5 &\n{tail}\nsleep 3600\npoweroff -f\n"
     );
     std::fs::write(root.join("init"), init).expect("init");
     let st = Command::new("chmod")
@@ -160,28 +160,46 @@ fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
     panic!("timed out waiting for {what}");
 }
 
-#[test]
-fn agent_balloon_and_stats_in_a_real_guest() {
+/// A booted guest: QMP socket, agent socket, optional control socket.
+struct Booted {
+    vm: Vm,
+    qmp: PathBuf,
+    agent: PathBuf,
+    ctl: PathBuf,
+}
+
+const CTL_PORT: &str = "org.tmem.test.ctl";
+
+/// Guest side of the control port: `hog N` writes N MiB to tmpfs, `free` removes it.
+const CTL_LOOP: &str = r#"for d in /sys/class/virtio-ports/*; do [ "$(cat $d/name)" = org.tmem.test.ctl ] && CTL=/dev/$(basename $d); done
+( exec 3<$CTL; while true; do while read cmd arg <&3; do
+  case "$cmd" in hog) dd if=/dev/zero of=/dev/shm/hog bs=1M count=$arg 2>/dev/null; echo HOG-DONE ;; free) rm -f /dev/shm/hog ;; esac
+done; sleep 0.2; done ) &"#;
+
+fn boot(name: &str, tail: &str) -> Option<Booted> {
     let (Some(qemu), Some(busybox), Some(_)) =
         (which("qemu-system-x86_64"), which("busybox"), which("cpio"))
     else {
         eprintln!("SKIP: qemu-system-x86_64, busybox or cpio missing");
-        return;
+        return None;
     };
     let Some((vmlinuz, modules)) = kernel() else {
         eprintln!("SKIP: no readable /boot/vmlinuz-* with virtio modules");
-        return;
+        return None;
     };
-    let dir = std::env::temp_dir().join(format!("tmem-guest-vm-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("tmem-guest-vm-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("tmpdir");
     let mut vm = Vm {
         child: None,
         dir: dir.clone(),
     };
-    let initrd = build_initrd(&dir, &modules, &busybox);
-    let (qmp_sock, agent_sock) = (dir.join("qmp.sock"), dir.join("agent.sock"));
-    let opts = BalloonDeviceOpts::default();
+    let initrd = build_initrd(&dir, &modules, &busybox, tail);
+    let (qmp, agent, ctl) = (
+        dir.join("qmp.sock"),
+        dir.join("agent.sock"),
+        dir.join("ctl.sock"),
+    );
     let child = Command::new(qemu)
         .args([
             "-accel",
@@ -200,21 +218,41 @@ fn agent_balloon_and_stats_in_a_real_guest() {
         .arg("-initrd")
         .arg(&initrd)
         .args(["-append", "console=ttyS0 quiet panic=-1"])
-        .args(balloon_device_args(&opts))
-        .args(agent_channel_args("tmemag", &agent_sock, AGENT_PORT_NAME))
+        .args(balloon_device_args(&BalloonDeviceOpts::default()))
+        .args(agent_channel_args("tmemag", &agent, AGENT_PORT_NAME))
+        .arg("-chardev")
+        .arg(format!(
+            "socket,id=tmemctl,path={},server=on,wait=off",
+            ctl.display()
+        ))
+        .args([
+            "-device",
+            &format!("virtserialport,bus=tmemvser0.0,chardev=tmemctl,name={CTL_PORT}"),
+        ])
         .arg("-qmp")
-        .arg(format!("unix:{},server=on,wait=off", qmp_sock.display()))
+        .arg(format!("unix:{},server=on,wait=off", qmp.display()))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .expect("spawn qemu");
     vm.child = Some(child);
-    wait_until("QMP socket", 60, || {
-        qmp_sock.exists() && agent_sock.exists()
+    wait_until("QEMU sockets", 60, || {
+        qmp.exists() && agent.exists() && ctl.exists()
     });
+    Some(Booted {
+        vm,
+        qmp,
+        agent,
+        ctl,
+    })
+}
 
-    // 1. Agent reports arrive over virtio-serial.
+#[test]
+fn agent_balloon_and_stats_in_a_real_guest() {
+    let Some(b) = boot("stats", "") else { return };
+    let (qmp_sock, agent_sock, dir) = (b.qmp.clone(), b.agent.clone(), b.vm.dir.clone());
+    let opts = BalloonDeviceOpts::default();
     let reader = AgentReader::spawn(&agent_sock).expect("reader");
     let console = dir.join("console.log");
     let show = || std::fs::read_to_string(&console).unwrap_or_default();
@@ -302,4 +340,104 @@ fn agent_balloon_and_stats_in_a_real_guest() {
         "agent fields merged"
     );
     assert_eq!(s.errors, 0, "{:?}", s.last_error);
+}
+
+/// Fast give-back on a real guest: the manager squeezes the guest with
+/// selfballoon down to a floor, then the guest fills tmpfs; MemAvailable falls
+/// under the give-back threshold and the next interval deflates at once.
+#[test]
+fn give_back_in_a_real_guest() {
+    let Some(b) = boot("giveback", CTL_LOOP) else {
+        return;
+    };
+    let opts = BalloonDeviceOpts::default();
+    let qh = QmpHandle::new(&b.qmp, opts.qom_path(), 1, Duration::from_secs(30));
+    let gov = GovernorConfig {
+        policy: PolicyKind::SelfBalloon(Default::default()),
+        floor: 160 * MIB,
+        shrink_per_interval: 64 * MIB,
+        ..Default::default()
+    };
+    let spec = GuestSpec {
+        name: "vm".into(),
+        max: 256 * MIB,
+        governor: gov,
+        actuator: Box::new(qh.clone()),
+        sources: vec![
+            Box::new(AgentStats::spawn(&b.agent, Duration::from_secs(30)).expect("agent")),
+            Box::new(qh.stats_source()),
+        ],
+    };
+    let shared = Shared::default();
+    let mut gl = GuestLoop::new(spec, Instant::now());
+    let cfg = ManagerConfig {
+        interval_ms: 1000,
+        ..Default::default()
+    };
+    let pool = NoPool::default();
+    let console = b.vm.dir.join("console.log");
+    let tick = |gl: &mut GuestLoop| {
+        let next = Instant::now() + Duration::from_millis(cfg.interval_ms);
+        gl.step(&cfg, &ProcHost, &pool, &shared);
+        gl.settle(
+            next.saturating_duration_since(Instant::now()),
+            Duration::from_millis(20),
+        );
+        std::thread::sleep(next.saturating_duration_since(Instant::now()));
+    };
+    // 1. Squeeze to the floor.
+    let end = Instant::now() + Duration::from_secs(300);
+    tick(&mut gl);
+    while gl.status().actual == 0 || gl.status().actual > 170 * MIB {
+        assert!(
+            Instant::now() < end,
+            "not squeezed: {:?}\nconsole:\n{}",
+            gl.status(),
+            std::fs::read_to_string(&console).unwrap_or_default()
+        );
+        tick(&mut gl);
+    }
+    let squeezed = gl.status().actual;
+    assert!(
+        gl.status().last_spike.is_none(),
+        "{:?}",
+        gl.status().last_decision
+    );
+    assert!(gl.status().reclaimed_bytes >= 80 * MIB);
+
+    // 2. The guest allocates 60 MiB of tmpfs.
+    let mut ctl = std::os::unix::net::UnixStream::connect(&b.ctl).expect("ctl");
+    std::io::Write::write_all(&mut ctl, b"hog 60\n").expect("hog");
+    let end = Instant::now() + Duration::from_secs(300);
+    while gl.status().given_back_bytes == 0 || gl.status().last_spike_to_deflate_ms.is_none() {
+        assert!(Instant::now() < end, "no give-back: {:?}", gl.status());
+        tick(&mut gl);
+    }
+    let s = gl.status();
+    let spike = s.last_spike.clone().expect("spike");
+    assert!(
+        spike.cause.contains("MemAvailable") || spike.cause.contains("fault"),
+        "{}",
+        spike.cause
+    );
+    assert!(
+        s.actual > squeezed,
+        "deflated: {} -> {}",
+        squeezed,
+        s.actual
+    );
+    assert_eq!(s.errors, 0, "{:?}", s.last_error);
+    assert!(
+        s.stats.and_then(|x| x.oom_kills).unwrap_or(0) == 0,
+        "no OOM kill in the guest"
+    );
+    eprintln!(
+        "give-back: {} -> {} MiB, cause {}, spike->deflate {:?} ms, reclaim {:.1} MiB/s, give-back {:.1} MiB/s",
+        squeezed >> 20,
+        s.actual >> 20,
+        spike.cause,
+        s.last_spike_to_deflate_ms,
+        s.reclaim_mib_s,
+        s.give_back_mib_s
+    );
 }
