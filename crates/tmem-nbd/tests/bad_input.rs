@@ -248,3 +248,72 @@ fn transmission_errors_simple() {
     c.request(CMD_DISC, 0, 99, 0, 0, &[]);
     assert!(c.is_closed());
 }
+
+/// A read-only view of a `MemBackend`.
+struct ReadOnly(tmem_nbd::MemBackend);
+
+impl tmem_nbd::BlockBackend for ReadOnly {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn caps(&self) -> tmem_nbd::BackendCaps {
+        tmem_nbd::BackendCaps {
+            read_only: true,
+            can_block_status: true,
+            ..Default::default()
+        }
+    }
+    fn read(&self, o: u64, b: &mut [u8]) -> Result<tmem_nbd::ZeroRanges, tmem_nbd::BackendError> {
+        self.0.read(o, b)
+    }
+    fn write(&self, _: u64, _: &[u8], _: bool) -> Result<(), tmem_nbd::BackendError> {
+        Err(tmem_nbd::BackendError::ReadOnly)
+    }
+    fn trim(&self, _: u64, _: u64) -> Result<(), tmem_nbd::BackendError> {
+        Err(tmem_nbd::BackendError::ReadOnly)
+    }
+    fn write_zeroes(&self, _: u64, _: u64, _: bool, _: bool) -> Result<(), tmem_nbd::BackendError> {
+        Err(tmem_nbd::BackendError::ReadOnly)
+    }
+    fn flush(&self) -> Result<(), tmem_nbd::BackendError> {
+        Ok(())
+    }
+    fn cache(&self, _: u64, _: u64) -> Result<(), tmem_nbd::BackendError> {
+        Err(tmem_nbd::BackendError::Unsupported)
+    }
+    fn block_status(
+        &self,
+        o: u64,
+        l: u64,
+    ) -> Result<Vec<tmem_nbd::Extent>, tmem_nbd::BackendError> {
+        self.0.block_status(o, l)
+    }
+}
+
+#[test]
+fn read_only_export_and_unadvertised_commands() {
+    use std::sync::Arc;
+    let be: Arc<dyn tmem_nbd::BlockBackend> = Arc::new(ReadOnly(tmem_nbd::MemBackend::new(SIZE)));
+    let srv = TestServer::start_with(vec![("ro", be)], tmem_nbd::ServerConfig::default());
+    let mut c = RawClient::open(&srv.sock, "ro", true);
+    assert!(c.tflags & TFLAG_READ_ONLY != 0);
+    assert!(
+        c.tflags
+            & (TFLAG_SEND_TRIM | TFLAG_SEND_WRITE_ZEROES | TFLAG_SEND_CACHE | TFLAG_CAN_MULTI_CONN)
+            == 0
+    );
+    c.request(CMD_WRITE, 0, 1, 0, 4096, &[1u8; 4096]);
+    assert_eq!(c.reply(0).0, EPERM);
+    // Not advertised -> EINVAL (TRIM, WRITE_ZEROES, CACHE).
+    for (i, cmd) in [CMD_TRIM, CMD_WRITE_ZEROES, CMD_CACHE]
+        .into_iter()
+        .enumerate()
+    {
+        c.request(cmd, 0, 10 + i as u64, 0, 4096, &[]);
+        assert_eq!(c.reply(0).0, EINVAL, "cmd {cmd}");
+    }
+    c.request(CMD_READ, 0, 20, 0, 4096, &[]);
+    assert_eq!(c.reply(0), (0, 20, vec![0u8; 4096]));
+    c.request(CMD_FLUSH, 0, 21, 0, 0, &[]);
+    assert_eq!(c.reply(0).0, 0);
+}
