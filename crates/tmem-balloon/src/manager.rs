@@ -668,49 +668,112 @@ impl GuestLoop {
     }
 }
 
-/// The running manager: one thread per guest.
-pub struct Manager {
-    shared: Arc<Shared>,
+/// Errors from [`Manager`] operations.
+#[derive(Debug, thiserror::Error)]
+pub enum ManagerError {
+    /// A guest with this name is already managed.
+    #[error("Guest {0} is already managed")]
+    Duplicate(String),
+    /// The guest's thread could not be started.
+    #[error("Cannot start guest thread")]
+    Spawn(#[source] std::io::Error),
+}
+
+struct Worker {
     stop: Arc<AtomicBool>,
-    threads: Vec<JoinHandle<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Worker {
+    fn halt(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The running manager: one thread per guest; guests can be added and
+/// removed while it runs.
+pub struct Manager {
+    cfg: ManagerConfig,
+    pool: Arc<dyn PoolControl>,
+    host: Arc<dyn HostProbe>,
+    epoch: Instant,
+    shared: Arc<Shared>,
+    workers: Mutex<BTreeMap<String, Worker>>,
 }
 
 impl std::fmt::Debug for Manager {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Manager")
-            .field("threads", &self.threads.len())
+            .field("cfg", &self.cfg)
             .finish_non_exhaustive()
     }
 }
 
 impl Manager {
-    /// Start one loop thread per guest.
+    /// A manager with no guests yet.
+    pub fn new(cfg: ManagerConfig, pool: Arc<dyn PoolControl>, host: Arc<dyn HostProbe>) -> Self {
+        Self {
+            cfg,
+            pool,
+            host,
+            epoch: Instant::now(),
+            shared: Arc::new(Shared::default()),
+            workers: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// A manager running `guests`.
     pub fn start(
         cfg: ManagerConfig,
         guests: Vec<GuestSpec>,
         pool: Arc<dyn PoolControl>,
         host: Arc<dyn HostProbe>,
-    ) -> std::io::Result<Self> {
-        let shared = Arc::new(Shared::default());
+    ) -> Result<Self, ManagerError> {
+        let m = Self::new(cfg, pool, host);
+        // Register all first so the share plan waits for every guest's input.
+        let loops: Vec<GuestLoop> = guests
+            .into_iter()
+            .map(|g| GuestLoop::new(g, m.epoch))
+            .collect();
+        for gl in &loops {
+            m.shared.register(gl);
+        }
+        for gl in loops {
+            m.spawn(gl)?;
+        }
+        Ok(m)
+    }
+
+    /// Start managing one more guest.
+    pub fn add_guest(&self, spec: GuestSpec) -> Result<(), ManagerError> {
+        let gl = GuestLoop::new(spec, self.epoch);
+        self.shared.register(&gl);
+        self.spawn(gl)
+    }
+
+    fn spawn(&self, mut gl: GuestLoop) -> Result<(), ManagerError> {
+        let name = gl.spec.name.clone();
+        let mut workers = lock(&self.workers);
+        if workers.contains_key(&name) {
+            return Err(ManagerError::Duplicate(name));
+        }
         let stop = Arc::new(AtomicBool::new(false));
-        let epoch = Instant::now();
-        let mut threads = Vec::new();
-        for spec in guests {
-            let mut gl = GuestLoop::new(spec, epoch);
-            shared.register(&gl);
-            let (shared, stop2, pool, host, cfg) = (
-                shared.clone(),
-                stop.clone(),
-                pool.clone(),
-                host.clone(),
-                cfg.clone(),
-            );
-            let name = format!("tmem-bl-{}", gl.spec.name);
-            let spawned = std::thread::Builder::new().name(name).spawn(move || {
+        let (shared, stop2, pool, host, cfg) = (
+            self.shared.clone(),
+            stop.clone(),
+            self.pool.clone(),
+            self.host.clone(),
+            self.cfg.clone(),
+        );
+        let thread = std::thread::Builder::new()
+            .name(format!("tmem-bl-{name}"))
+            .spawn(move || {
                 let interval = Duration::from_millis(cfg.interval_ms.max(1));
                 let mut next = Instant::now();
-                let stop = stop2;
-                while !stop.load(Ordering::Relaxed) {
+                while !stop2.load(Ordering::Relaxed) {
                     gl.step(&cfg, host.as_ref(), pool.as_ref(), &shared);
                     next += interval;
                     gl.settle(
@@ -722,27 +785,37 @@ impl Manager {
                     if next < now {
                         next = now;
                     }
-                    while !stop.load(Ordering::Relaxed) && Instant::now() < next {
+                    while !stop2.load(Ordering::Relaxed) && Instant::now() < next {
                         std::thread::sleep((next - Instant::now()).min(Duration::from_millis(50)));
                     }
                 }
-            });
-            match spawned {
-                Ok(t) => threads.push(t),
-                Err(e) => {
-                    stop.store(true, Ordering::Relaxed);
-                    for t in threads {
-                        let _ = t.join();
-                    }
-                    return Err(e);
-                }
-            }
-        }
-        Ok(Self {
-            shared,
-            stop,
-            threads,
-        })
+            })
+            .map_err(ManagerError::Spawn)?;
+        workers.insert(
+            name,
+            Worker {
+                stop,
+                thread: Some(thread),
+            },
+        );
+        Ok(())
+    }
+
+    /// Stop managing `name` (its balloon is left where it is). Returns false
+    /// if no such guest. The pool budget is recomputed on the next interval
+    /// of any remaining guest.
+    pub fn remove_guest(&self, name: &str) -> bool {
+        let w = lock(&self.workers).remove(name);
+        let Some(mut w) = w else { return false };
+        w.halt();
+        lock(&self.shared.guests).remove(name);
+        lock(&self.shared.status).remove(name);
+        true
+    }
+
+    /// Names of managed guests.
+    pub fn guests(&self) -> Vec<String> {
+        lock(&self.workers).keys().cloned().collect()
     }
 
     /// Status of every guest.
@@ -751,21 +824,53 @@ impl Manager {
     }
 
     /// Stop all loops and wait for them.
-    pub fn stop(mut self) {
-        self.shutdown();
-    }
-
-    fn shutdown(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
+    pub fn stop(self) {
+        drop(self);
     }
 }
 
 impl Drop for Manager {
     fn drop(&mut self) {
-        self.shutdown();
+        let mut ws = std::mem::take(&mut *lock(&self.workers));
+        for w in ws.values_mut() {
+            w.stop.store(true, Ordering::Relaxed);
+        }
+        for w in ws.values_mut() {
+            w.halt();
+        }
+    }
+}
+
+impl GuestSpec {
+    /// A QEMU guest: QMP `balloon` actuator; stats from the agent socket (if
+    /// given, first) and QOM guest-stats (polled every `stats_secs`).
+    pub fn qemu(
+        name: impl Into<String>,
+        max: u64,
+        governor: GovernorConfig,
+        qmp_socket: impl Into<PathBuf>,
+        agent_socket: Option<PathBuf>,
+        stats_secs: u32,
+    ) -> std::io::Result<Self> {
+        let qh = QmpHandle::new(
+            qmp_socket,
+            crate::qemu::BalloonDeviceOpts::default().qom_path(),
+            stats_secs,
+            Duration::from_secs(5),
+        );
+        let mut sources: Vec<Box<dyn StatsSource>> = Vec::new();
+        if let Some(a) = agent_socket {
+            let max_age = Duration::from_secs(u64::from(stats_secs.max(1)) * 3);
+            sources.push(Box::new(AgentStats::spawn(a, max_age)?));
+        }
+        sources.push(Box::new(qh.stats_source()));
+        Ok(Self {
+            name: name.into(),
+            max,
+            governor,
+            actuator: Box::new(qh),
+            sources,
+        })
     }
 }
 
@@ -1050,6 +1155,21 @@ mod tests {
         let s = m.status();
         assert!(s[0].intervals >= 3);
         assert!(pool.budget() > 0);
+        let dup = GuestSpec {
+            name: "t".into(),
+            max: GIB,
+            governor: sb(),
+            actuator: Box::new(FakeBalloon {
+                actual: Arc::new(Mutex::new(GIB)),
+                log: log.clone(),
+            }),
+            sources: vec![],
+        };
+        assert!(matches!(m.add_guest(dup), Err(ManagerError::Duplicate(_))));
+        assert_eq!(m.guests(), vec!["t".to_string()]);
+        assert!(m.remove_guest("t"));
+        assert!(!m.remove_guest("t"));
+        assert!(m.status().is_empty());
         m.stop();
     }
 }
