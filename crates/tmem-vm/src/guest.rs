@@ -382,6 +382,7 @@ impl GuestConfig {
             name: self.name.clone(),
             child: Mutex::new(Some(child)),
             exit_status: Mutex::new(None),
+            console_buf: Mutex::new(Vec::new()),
             pid,
             accel,
             run_dir,
@@ -445,6 +446,7 @@ pub struct Guest {
     name: String,
     child: Mutex<Option<Child>>,
     exit_status: Mutex<Option<std::process::ExitStatus>>,
+    console_buf: Mutex<Vec<u8>>,
     pid: u32,
     accel: Accel,
     run_dir: PathBuf,
@@ -501,11 +503,27 @@ impl Guest {
         self.started.elapsed()
     }
 
+    /// Reads console bytes written since the last call into the buffer.
+    fn refresh_console(&self) -> std::sync::MutexGuard<'_, Vec<u8>> {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut buf = self.console_buf.lock().unwrap_or_else(|e| e.into_inner());
+        if let Ok(mut f) = std::fs::File::open(&self.console) {
+            let pos = buf.len() as u64;
+            if f.seek(SeekFrom::Start(pos)).is_ok() {
+                let _ = f.read_to_end(&mut buf);
+            }
+        }
+        buf
+    }
+
     /// The console output so far (carriage returns removed).
     pub fn console_text(&self) -> String {
-        std::fs::read(&self.console)
-            .map(|b| String::from_utf8_lossy(&b).replace('\r', ""))
-            .unwrap_or_default()
+        String::from_utf8_lossy(&self.refresh_console()).replace('\r', "")
+    }
+
+    /// Bytes of console output so far; a position for [`Guest::wait_for_console_from`].
+    pub fn console_len(&self) -> usize {
+        self.refresh_console().len()
     }
 
     fn tail(&self) -> String {
@@ -536,7 +554,8 @@ impl Guest {
 
     /// Polls the console until a line containing `needle` appears; returns that line.
     pub fn wait_for_console(&self, needle: &str, timeout: Duration) -> Result<String> {
-        self.wait_for_console_matching(needle, |l| l.contains(needle), timeout)
+        self.wait_for_console_from(0, needle, |l| l.contains(needle), timeout)
+            .map(|(line, _)| line)
     }
 
     /// Polls the console until a line satisfies `pred`; returns that line.
@@ -544,27 +563,46 @@ impl Guest {
     pub fn wait_for_console_matching(
         &self,
         what: &str,
-        mut pred: impl FnMut(&str) -> bool,
+        pred: impl FnMut(&str) -> bool,
         timeout: Duration,
     ) -> Result<String> {
+        self.wait_for_console_from(0, what, pred, timeout)
+            .map(|(line, _)| line)
+    }
+
+    /// Like [`Guest::wait_for_console_matching`], but only considers lines
+    /// starting at byte `from` (see [`Guest::console_len`]); returns the line
+    /// and the position just after it, to wait for a later occurrence.
+    pub fn wait_for_console_from(
+        &self,
+        from: usize,
+        what: &str,
+        mut pred: impl FnMut(&str) -> bool,
+        timeout: Duration,
+    ) -> Result<(String, usize)> {
         let start = Instant::now();
-        let mut checked_lines = 0usize;
+        let mut pos = from;
         loop {
             // Check exit before reading, so output written just before exit is seen.
             let exited = self.try_exit_status();
-            let text = self.console_text();
-            // Only complete lines (or everything once QEMU is gone).
-            let complete = match text.rfind('\n') {
-                _ if exited.is_some() => text.as_str(),
-                Some(i) => &text[..i],
-                None => "",
-            };
-            for line in complete.lines().skip(checked_lines) {
-                if pred(line) {
-                    return Ok(line.to_string());
+            {
+                let buf = self.refresh_console();
+                while pos < buf.len() {
+                    let rest = &buf[pos..];
+                    let (line, next) = match rest.iter().position(|&b| b == b'\n') {
+                        Some(i) => (&rest[..i], pos + i + 1),
+                        // A partial last line counts only once QEMU is gone.
+                        None if exited.is_some() => (rest, buf.len()),
+                        None => break,
+                    };
+                    pos = next;
+                    let line = String::from_utf8_lossy(line);
+                    let line = line.trim_end_matches('\r');
+                    if pred(line) {
+                        return Ok((line.to_string(), pos));
+                    }
                 }
             }
-            checked_lines = complete.lines().count();
             if let Some(status) = exited {
                 return Err(Error::Exited {
                     what: what.to_string(),
@@ -659,6 +697,72 @@ mod tests {
         assert_eq!(parse_exit("TMEM-EXIT 137\r"), Some(137));
         assert_eq!(parse_exit("TMEM-EXIT"), None);
         assert_eq!(parse_exit("echo TMEM-EXIT 3"), None);
+    }
+
+    /// A `Guest` around an arbitrary process and a hand-written console log.
+    fn fake_guest(console_text: &[u8], cmd: &str) -> Guest {
+        let run_dir = fresh_run_dir("fake").unwrap();
+        let console = run_dir.join("console.log");
+        std::fs::write(&console, console_text).unwrap();
+        let child = Command::new("sh").args(["-c", cmd]).spawn().unwrap();
+        Guest {
+            name: "fake".into(),
+            pid: child.id(),
+            child: Mutex::new(Some(child)),
+            exit_status: Mutex::new(None),
+            console_buf: Mutex::new(Vec::new()),
+            accel: Accel::Tcg,
+            stderr_path: run_dir.join("qemu.stderr"),
+            run_dir,
+            owns_run_dir: true,
+            console,
+            qmp_path: None,
+            agent_path: None,
+            sockets: Vec::new(),
+            started: Instant::now(),
+        }
+    }
+
+    #[test]
+    fn console_waits_and_exit_marker() {
+        let g = fake_guest(b"boot\r\ntick 1\ntick 2\nTMEM-EXIT 4\r\n", "exit 0");
+        let (l, pos) = g
+            .wait_for_console_from(0, "tick", |l| l.starts_with("tick"), Duration::from_secs(5))
+            .unwrap();
+        assert_eq!(l, "tick 1");
+        let (l, _) = g
+            .wait_for_console_from(
+                pos,
+                "tick",
+                |l| l.starts_with("tick"),
+                Duration::from_secs(5),
+            )
+            .unwrap();
+        assert_eq!(l, "tick 2");
+        assert_eq!(g.wait_exit(Duration::from_secs(5)).unwrap(), 4);
+        assert!(!g.is_running());
+        let dir = g.run_dir().to_path_buf();
+        drop(g);
+        assert!(!dir.exists());
+    }
+
+    #[test]
+    fn console_wait_fails_on_exit_and_timeout() {
+        // Process exits without the marker: an Exited error, partial line seen.
+        let g = fake_guest(b"Kernel panic - not syncing", "exit 1");
+        let e = g.wait_exit(Duration::from_secs(10)).unwrap_err();
+        assert!(matches!(e, Error::Exited { .. }), "{e}");
+        assert!(e.to_string().contains("Kernel panic"), "{e}");
+        // Still running and nothing appears: a timeout; drop kills the process.
+        let g = fake_guest(b"", "sleep 600");
+        let e = g
+            .wait_for_console("never", Duration::from_millis(200))
+            .unwrap_err();
+        assert!(matches!(e, Error::Timeout { .. }), "{e}");
+        let pid = g.pid();
+        drop(g);
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        assert!(stat.is_empty() || !stat.contains("sleep"), "{stat}");
     }
 
     #[test]
