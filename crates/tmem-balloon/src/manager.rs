@@ -30,7 +30,7 @@ use crate::policy::{
     distribute, host_goal, AnyPolicy, Decision, Governor, GovernorConfig, GuestView, HostView,
     Policy, ShareInput, Spike, MIB,
 };
-use crate::qmp::{QmpClient, QmpError};
+use crate::qmp::{QmpClient, QmpError, QmpEvent};
 use crate::stats::{GuestStats, MemInfo, Rates, StatsHistory};
 
 /// The host-side memory pool, as the manager sees it (implemented by the daemon).
@@ -133,6 +133,7 @@ struct QmpConn {
     client: Option<QmpClient>,
     last_update: u64,
     last_stats: Option<GuestStats>,
+    events: std::collections::VecDeque<QmpEvent>,
 }
 
 impl QmpConn {
@@ -152,8 +153,13 @@ impl QmpConn {
             return Err(ActuatorError::Qmp(QmpError::Closed));
         };
         let r = f(c);
-        // Events are not needed here; keep the queue bounded.
-        let _ = c.take_events();
+        // Keep asynchronous events (BALLOON_CHANGE, ...) for the owner, bounded.
+        for ev in c.take_events() {
+            if self.events.len() >= 256 {
+                self.events.pop_front();
+            }
+            self.events.push_back(ev);
+        }
         match r {
             Ok(v) => Ok(v),
             Err(e) => {
@@ -190,7 +196,14 @@ impl QmpHandle {
             client: None,
             last_update: 0,
             last_stats: None,
+            events: std::collections::VecDeque::new(),
         })))
+    }
+
+    /// Events QEMU sent since the last call (e.g. `BALLOON_CHANGE {actual}`),
+    /// oldest first; at most the newest 256 are kept.
+    pub fn take_events(&self) -> Vec<QmpEvent> {
+        lock(&self.0).events.drain(..).collect()
     }
 
     /// A [`StatsSource`] reading QOM `guest-stats` over this connection.

@@ -75,9 +75,10 @@ fn start(name: &str) -> Option<Qemu> {
     Some(q)
 }
 
+/// Wait until QEMU accepts connections (the socket file appears before listen()).
 fn wait_for(p: &Path) {
     let end = Instant::now() + Duration::from_secs(30);
-    while !p.exists() && Instant::now() < end {
+    while std::os::unix::net::UnixStream::connect(p).is_err() && Instant::now() < end {
         std::thread::sleep(Duration::from_millis(20));
     }
 }

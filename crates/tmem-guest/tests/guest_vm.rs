@@ -237,8 +237,9 @@ fn boot(name: &str, tail: &str) -> Option<Booted> {
         .spawn()
         .expect("spawn qemu");
     vm.child = Some(child);
+    // The socket files appear before QEMU listens: probe QMP until it accepts.
     wait_until("QEMU sockets", 60, || {
-        qmp.exists() && agent.exists() && ctl.exists()
+        agent.exists() && ctl.exists() && std::os::unix::net::UnixStream::connect(&qmp).is_ok()
     });
     Some(Booted {
         vm,
