@@ -315,6 +315,38 @@ mod tests {
         assert!(ok.is_ok());
     }
 
+    /// Parsers and decoder never panic on arbitrary bytes (deterministic LCG).
+    #[test]
+    fn garbage_never_panics() {
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let alphabet = b"{}[]\":,0123456789 -.eE\nkBMemTotal:xyzallocstall_\ttrue";
+        for len in 0..2000usize {
+            let mut buf = Vec::with_capacity(len);
+            for _ in 0..len % 300 {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let b = (x >> 33) as usize;
+                buf.push(if b % 4 == 0 {
+                    (b >> 8) as u8
+                } else {
+                    alphabet[b % alphabet.len()]
+                });
+            }
+            let _ = AgentReport::decode(&buf);
+            let text = String::from_utf8_lossy(&buf);
+            let _ = MemInfo::parse(&text);
+            let _ = VmStat::parse(&text);
+            let _ = crate::stats::parse_uptime_ms(&text);
+            let _ = crate::psi::Psi::parse(&text);
+        }
+        // Overflowing kB values are skipped, not wrapped.
+        assert_eq!(
+            MemInfo::parse("MemTotal: 18446744073709551615 kB\n").total,
+            None
+        );
+    }
+
     #[cfg(feature = "host")]
     #[test]
     fn reader_skips_garbage_and_reconnects() {

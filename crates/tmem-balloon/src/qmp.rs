@@ -373,6 +373,56 @@ mod tests {
         assert_eq!(guest_stats_from_qom(&json!(null), 0), GuestStats::default());
     }
 
+    /// Adversarial replies: every one is an error or a value, never a panic.
+    #[test]
+    fn adversarial_replies() {
+        let path = tmp("adv");
+        let _ = std::fs::remove_file(&path);
+        let l = UnixListener::bind(&path).expect("bind");
+        let replies: Vec<String> = vec![
+            "[1,2]".into(),
+            "{\"event\":5}".into(),
+            "{\"return\":{\"actual\":\"x\"},\"id\":ID}".into(),
+            "{\"return\":{\"actual\":-1},\"id\":ID}".into(),
+            "{\"error\":7,\"id\":ID}".into(),
+            "\u{0}\u{1}\u{ff}".into(),
+            "{\"return\":{\"actual\":1e400},\"id\":ID}".into(),
+            "{\"return\":{\"actual\":7},\"id\":ID}".into(),
+        ];
+        let n = replies.len();
+        let srv = std::thread::spawn(move || {
+            let (s, _) = l.accept().expect("accept");
+            let mut w = s.try_clone().expect("clone");
+            let mut r = BufReader::new(s);
+            let _ = w.write_all(b"{\"QMP\":{}}\n");
+            let mut line = String::new();
+            let _ = r.read_line(&mut line);
+            let v: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
+            let _ = w.write_all(format!("{{\"return\":{{}},\"id\":{}}}\n", v["id"]).as_bytes());
+            for rep in replies {
+                line.clear();
+                if r.read_line(&mut line).unwrap_or(0) == 0 {
+                    break;
+                }
+                let v: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
+                let out = rep.replace("ID", &v["id"].to_string());
+                let _ = w.write_all(format!("{out}\n").as_bytes());
+            }
+        });
+        let mut c = QmpClient::connect(&path, Duration::from_secs(10)).expect("connect");
+        c.set_timeout(Duration::from_millis(300));
+        let mut results = Vec::new();
+        for _ in 0..n {
+            results.push(c.query_balloon().ok());
+        }
+        // Only the last, well-formed reply yields a value (earlier garbage may
+        // desynchronise nothing: ids keep replies matched).
+        assert_eq!(results.last().copied().flatten(), Some(7), "{results:?}");
+        assert!(results[..n - 1].iter().all(|r| r.is_none()), "{results:?}");
+        let _ = srv.join();
+        let _ = std::fs::remove_file(&path);
+    }
+
     /// A fake QEMU that interleaves events, stale replies and garbage.
     #[test]
     fn fake_peer_events_ids_and_errors() {

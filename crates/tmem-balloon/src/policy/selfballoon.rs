@@ -9,8 +9,9 @@
 //! balloon target = tgt + (actual - MemTotal)
 //! ```
 //!
-//! `reserved_mb` defaults to 10 % of the guest's RAM (MemTotal at the first
-//! sample, truncated to whole MiB), as `xen_selfballoon_init` does. The Xen
+//! `reserved_mb` defaults to 10 % of the guest's RAM (boot MemTotal, i.e.
+//! MemTotal + balloon at the first sample, truncated to whole MiB), as
+//! `xen_selfballoon_init` does. The Xen
 //! driver adds `frontswap_curr_pages()` to the goal ("room to repatriate");
 //! the KVM analogue is guest swap in use (the tmem pool backs guest swap), so
 //! [`SelfBalloonConfig::include_swap_used`] defaults to true.
@@ -103,8 +104,11 @@ impl Policy for SelfBalloon {
         let (Some(cur), Some(committed)) = (s.total, s.committed) else {
             return Decision::new(g.actual, "selfballoon: MemTotal/Committed_AS missing; hold");
         };
-        // PAGES2MB(totalram_pages() / 10), i.e. truncated to whole MiB.
-        let reserve = *self.reserve.get_or_insert((cur / 10) / MIB * MIB);
+        // PAGES2MB(totalram_pages() / 10) at driver init, i.e. 10 % of the
+        // boot MemTotal truncated to whole MiB. If we start on an inflated
+        // guest, the boot MemTotal is MemTotal + balloon (max - actual).
+        let boot_total = cur.saturating_add(g.max.saturating_sub(g.actual));
+        let reserve = *self.reserve.get_or_insert((boot_total / 10) / MIB * MIB);
         let mut goal = committed
             .saturating_add(self.cfg.totalreserve_bytes)
             .saturating_add(reserve);
@@ -268,6 +272,15 @@ mod tests {
         });
         let d = p.decide(&view(&h, 2000 * MIB, 2000 * MIB), &HostView::default());
         assert_eq!(d.target, 2000 * MIB - (2000 * MIB - 700 * MIB) / 8);
+    }
+
+    #[test]
+    fn reserve_uses_boot_memtotal_when_started_inflated() {
+        // 2 GiB guest already inflated to 1 GiB: MemTotal 1000 MiB, offset 24 MiB.
+        let h = hist(1000 * MIB, 100 * MIB);
+        let mut p = SelfBalloon::new(SelfBalloonConfig::default());
+        p.decide(&view(&h, 1024 * MIB, 2048 * MIB), &HostView::default());
+        assert_eq!(p.reserve(), Some(202 * MIB)); // (1000 + 1024) / 10, truncated
     }
 
     #[test]
