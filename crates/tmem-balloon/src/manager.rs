@@ -507,12 +507,14 @@ impl GuestLoop {
         if let Some((prev, at)) = self.prev_actual {
             let dt = now.saturating_duration_since(at).as_secs_f64();
             if actual < prev {
-                self.status.reclaimed_bytes += prev - actual;
+                self.status.reclaimed_bytes =
+                    self.status.reclaimed_bytes.saturating_add(prev - actual);
                 if dt > 0.0 {
                     self.status.reclaim_mib_s = (prev - actual) as f64 / MIB as f64 / dt;
                 }
             } else if actual > prev {
-                self.status.given_back_bytes += actual - prev;
+                self.status.given_back_bytes =
+                    self.status.given_back_bytes.saturating_add(actual - prev);
                 if dt > 0.0 {
                     self.status.give_back_mib_s = (actual - prev) as f64 / MIB as f64 / dt;
                 }
@@ -521,7 +523,7 @@ impl GuestLoop {
         self.prev_actual = Some((actual, now));
         self.status.actual = actual;
         if let Some((at, target)) = self.pending_spike {
-            if actual + self.gov.config().stuck_tolerance >= target {
+            if actual.saturating_add(self.gov.config().stuck_tolerance) >= target {
                 self.status.last_spike_to_deflate_ms =
                     Some(now.saturating_duration_since(at).as_millis() as u64);
                 self.pending_spike = None;
@@ -632,7 +634,7 @@ impl GuestLoop {
         let end = Instant::now() + max_wait;
         while let Some((at, target)) = self.pending_spike {
             match self.spec.actuator.actual() {
-                Ok(a) if a + self.gov.config().stuck_tolerance >= target => {
+                Ok(a) if a.saturating_add(self.gov.config().stuck_tolerance) >= target => {
                     let now = Instant::now();
                     self.status.last_spike_to_deflate_ms =
                         Some(now.saturating_duration_since(at).as_millis() as u64);

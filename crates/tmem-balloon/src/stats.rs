@@ -240,7 +240,11 @@ impl GuestStats {
     pub fn from_proc(t_ms: u64, m: &MemInfo, v: &VmStat) -> Self {
         let cache = match (m.buffers, m.cached, m.swap_cached) {
             (None, None, _) => None,
-            (b, c, s) => Some(b.unwrap_or(0) + c.unwrap_or(0) + s.unwrap_or(0)),
+            (b, c, s) => Some(
+                b.unwrap_or(0)
+                    .saturating_add(c.unwrap_or(0))
+                    .saturating_add(s.unwrap_or(0)),
+            ),
         };
         let refaults = match (v.refault_anon, v.refault_file) {
             (None, None) => None,

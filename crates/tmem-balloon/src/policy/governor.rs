@@ -339,6 +339,8 @@ impl Governor {
                 }
             }
         }
+        // `actual` above `max` (impossible for a real balloon) must not leak through.
+        let target = target.clamp(floor, max);
         if target != policy_target
             && !reason.contains("rate-limited")
             && !reason.contains("learned floor")
@@ -505,6 +507,73 @@ mod tests {
             "{}",
             d.decision.reason
         );
+    }
+
+    /// Hostile guest-reported values (any u64) never overflow-panic any policy.
+    #[test]
+    fn hostile_stats_never_panic() {
+        use crate::policy::PressureConfig;
+        let mut x: u64 = 12345;
+        let mut next = || {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            match x >> 62 {
+                0 => Some(u64::MAX - (x & 0xff)),
+                1 => None,
+                2 => Some(x >> 40),
+                _ => Some(x),
+            }
+        };
+        let kinds = [
+            PolicyKind::Static,
+            PolicyKind::SelfBalloon(SelfBalloonConfig::default()),
+            PolicyKind::Pressure(PressureConfig::default()),
+        ];
+        for kind in kinds {
+            let mut gov = Governor::new(GovernorConfig {
+                policy: kind,
+                ..Default::default()
+            });
+            let mut h = StatsHistory::new(4);
+            for t in 0..500u64 {
+                let s = GuestStats {
+                    t_ms: t * 1000,
+                    total: next(),
+                    available: next(),
+                    free: next(),
+                    cache: next(),
+                    committed: next(),
+                    swap_total: next(),
+                    swap_free: next(),
+                    major_faults: next(),
+                    swap_in_bytes: next(),
+                    alloc_stalls: next(),
+                    oom_kills: next(),
+                    ..Default::default()
+                };
+                h.push(s.balloon_normalized(next().unwrap_or(0), next().unwrap_or(0)));
+                let g = GuestView {
+                    history: &h,
+                    actual: next().unwrap_or(0),
+                    max: next().unwrap_or(u64::MAX),
+                    interval_ms: 1000,
+                };
+                let host = HostView {
+                    total: next().unwrap_or(0),
+                    available: next().unwrap_or(0),
+                    psi: None,
+                    share_target: next(),
+                };
+                let d = gov.step(&g, &host);
+                assert!(
+                    d.decision.target <= g.max.max(gov.config().floor),
+                    "{d:?} {} {}",
+                    g.actual,
+                    g.max
+                );
+            }
+        }
     }
 
     #[test]

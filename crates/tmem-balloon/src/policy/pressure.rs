@@ -139,7 +139,10 @@ pub fn share_input(cfg: &PressureConfig, g: &GuestView<'_>) -> ShareInput {
     let max = g.max;
     let mut min = cfg.min_bytes;
     if let Some(used) = g.history.latest().and_then(|s| s.used()) {
-        min = min.max(used + frac(g.actual, cfg.guest_headroom) + g.kernel_offset());
+        min = min.max(
+            used.saturating_add(frac(g.actual, cfg.guest_headroom))
+                .saturating_add(g.kernel_offset()),
+        );
     } else {
         // No stats: never take from a guest we cannot see.
         min = min.max(g.actual);
@@ -266,7 +269,13 @@ impl Policy for PressurePolicy {
         let goal = host_goal(host, &self.cfg);
         let (target, plan) = match host.share_target {
             Some(t) => (t.clamp(input.min, input.max), "shared plan"),
-            None => (distribute(goal, &[input])[0], "single-guest plan"),
+            None => (
+                distribute(goal, &[input])
+                    .first()
+                    .copied()
+                    .unwrap_or(input.current),
+                "single-guest plan",
+            ),
         };
         let psi = host
             .psi

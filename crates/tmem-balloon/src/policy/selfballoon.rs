@@ -64,11 +64,11 @@ pub fn selfballoon_floor(max: u64, totalreserve: u64, min_usable_mb: u64) -> u64
     if useful < 16 * MIB {
         max // not worth ballooning
     } else if useful < 64 * MIB {
-        totalreserve + 16 * MIB + (useful - 16 * MIB) / 2
+        totalreserve.saturating_add(16 * MIB + (useful - 16 * MIB) / 2)
     } else if useful < 512 * MIB {
-        totalreserve + 40 * MIB + (useful - 40 * MIB) / 8
+        totalreserve.saturating_add(40 * MIB + (useful - 40 * MIB) / 8)
     } else {
-        totalreserve + 99 * MIB + (useful - 99 * MIB) / 32
+        totalreserve.saturating_add(99 * MIB + (useful - 99 * MIB) / 32)
     }
 }
 
