@@ -1,1 +1,681 @@
-//! tmem-api (placeholder; being written).
+//! # tmem-api: the control API's request and response types
+//!
+//! Shared by the daemon (`tmemd`) and the CLI (`tmemctl`) so that both sides agree on the
+//! JSON they exchange and validate sizes the same way (Cloud Hypervisor's `ch-remote` reuses
+//! the daemon's parsers for the same reason).
+//!
+//! ## Protocol
+//! HTTP/1.1 over the Unix socket `STATE_DIR/ctl.sock`, JSON bodies, resources under
+//! [`API_PREFIX`] (`/api/v1`):
+//!
+//! | method | path | body | reply |
+//! | --- | --- | --- | --- |
+//! | GET | `/status` | | [`Status`] |
+//! | GET | `/stats` | | [`Stats`] |
+//! | GET | `/clients` | | `[`[`ClientInfo`]`]` |
+//! | POST | `/clients` | [`CreateClient`] | [`ClientInfo`] (201) |
+//! | DELETE | `/clients/{id}` | | 204 |
+//! | POST | `/clients/{id}/freeze`, `/clients/{id}/thaw` | | [`ClientInfo`] |
+//! | GET | `/exports` | | `[`[`ExportInfo`]`]` |
+//! | POST | `/exports` | [`CreateExport`] | [`ExportInfo`] (201) |
+//! | DELETE | `/exports/{name}` | | 204 |
+//! | PUT | `/budget` | [`SetBudget`] | [`BudgetReply`] |
+//! | POST | `/shrink` | [`ShrinkRequest`] | [`ShrinkReply`] |
+//! | GET | `/guests` | | `[`[`GuestInfo`]`]` |
+//! | POST | `/guests` | [`CreateGuest`] | [`GuestInfo`] (201) |
+//! | DELETE | `/guests/{name}` | | 204 |
+//!
+//! `GET /metrics` (unversioned) answers Prometheus text. Every error is an [`ErrorBody`]:
+//! `{"error": "...", "chain": ["...", "..."]}` with a 4xx/5xx status.
+//!
+//! Sizes in request bodies ([`Size`]) are either a JSON number of bytes or a string with an
+//! optional binary suffix (`"512M"`, `"2G"`, `"4096"`); see [`parse_size`].
+#![warn(missing_docs, missing_debug_implementations)]
+
+use std::fmt;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// Prefix of every versioned resource.
+pub const API_PREFIX: &str = "/api/v1";
+/// File name of the control socket inside the state directory.
+pub const CTL_SOCKET: &str = "ctl.sock";
+/// File name of the NBD socket inside the state directory.
+pub const NBD_SOCKET: &str = "nbd.sock";
+/// Environment variable naming the state directory (read by `tmemctl`).
+pub const STATE_DIR_ENV: &str = "TMEM_STATE_DIR";
+/// Largest request body the daemon accepts, bytes.
+pub const MAX_BODY: usize = 1 << 20;
+
+/// The default state directory: `/run/tmem` as root, otherwise `$XDG_RUNTIME_DIR/tmem`, or
+/// `/tmp/tmem-$UID` without a runtime dir.
+pub fn default_state_dir() -> PathBuf {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let uid = unsafe { libc_geteuid() };
+    if uid == 0 {
+        return PathBuf::from("/run/tmem");
+    }
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(d) if !d.is_empty() => PathBuf::from(d).join("tmem"),
+        _ => PathBuf::from(format!("/tmp/tmem-{uid}")),
+    }
+}
+
+extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
+
+// ------------------------------------------------------------------------------- sizes
+
+/// Why a size string was rejected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SizeError(pub String);
+
+impl fmt::Display for SizeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "Invalid size {:?} (expected bytes or a number with K, M, G or T)",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for SizeError {}
+
+/// Parses a size: a decimal number of bytes with an optional binary suffix `K`, `M`, `G`,
+/// `T` (also `KiB`, `MB`, `k`, ...; all powers of 1024). `"512M"` → 536870912, `"4096"` → 4096.
+pub fn parse_size(s: &str) -> Result<u64, SizeError> {
+    let err = || SizeError(s.to_owned());
+    let t = s.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    if digits == 0 {
+        return Err(err());
+    }
+    let n: u64 = t[..digits].parse().map_err(|_| err())?;
+    let suffix = t[digits..].trim().to_ascii_lowercase();
+    let shift = match suffix.as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        _ => return Err(err()),
+    };
+    n.checked_mul(1u64 << shift).ok_or_else(err)
+}
+
+/// Formats bytes for humans with a binary suffix and one decimal: `1.5G`, `512M`, `4.0K`, `17B`.
+pub fn format_size(bytes: u64) -> String {
+    const UNITS: [(&str, u32); 4] = [("T", 40), ("G", 30), ("M", 20), ("K", 10)];
+    for (u, shift) in UNITS {
+        let unit = 1u64 << shift;
+        if bytes >= unit {
+            let v = bytes as f64 / unit as f64;
+            return if bytes % unit == 0 {
+                format!("{}{u}", bytes / unit)
+            } else {
+                format!("{v:.1}{u}")
+            };
+        }
+    }
+    format!("{bytes}B")
+}
+
+/// A size in bytes. Deserializes from a JSON number or a size string (`"2G"`); serializes
+/// as a number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Size(pub u64);
+
+impl Serialize for Size {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Size {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d) {
+            Ok(Raw::N(n)) => Ok(Size(n)),
+            Ok(Raw::S(s)) => parse_size(&s).map(Size).map_err(serde::de::Error::custom),
+            Err(_) => Err(serde::de::Error::custom(
+                "expected a size: a number of bytes or a string like \"2G\"",
+            )),
+        }
+    }
+}
+
+impl std::str::FromStr for Size {
+    type Err = SizeError;
+    fn from_str(s: &str) -> Result<Self, SizeError> {
+        parse_size(s).map(Size)
+    }
+}
+
+impl fmt::Display for Size {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&format_size(self.0))
+    }
+}
+
+// ------------------------------------------------------------------------------- errors
+
+/// The body of every error reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// The top-level message.
+    pub error: String,
+    /// The messages of the whole chain, outermost first (the first equals `error`).
+    pub chain: Vec<String>,
+}
+
+impl ErrorBody {
+    /// Builds the body from an error and its `source()` chain.
+    pub fn from_error(e: &dyn std::error::Error) -> Self {
+        let mut chain = vec![e.to_string()];
+        let mut cur = e.source();
+        while let Some(c) = cur {
+            chain.push(c.to_string());
+            cur = c.source();
+        }
+        ErrorBody {
+            error: e.to_string(),
+            chain,
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------- status & stats
+
+/// `GET /status`: what the daemon is and where it listens.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    /// Daemon version.
+    pub version: String,
+    /// Daemon process id.
+    pub pid: u32,
+    /// Seconds since start.
+    pub uptime_secs: u64,
+    /// State directory.
+    pub state_dir: PathBuf,
+    /// NBD Unix socket.
+    pub nbd_socket: PathBuf,
+    /// NBD TCP address, if any.
+    pub nbd_tcp: Option<String>,
+    /// Metrics TCP address, if any.
+    pub metrics_addr: Option<String>,
+    /// Pool budget, bytes.
+    pub budget: u64,
+    /// Bytes held by the pool.
+    pub held_bytes: u64,
+    /// Number of clients.
+    pub clients: u64,
+    /// Number of exports.
+    pub exports: u64,
+    /// Number of managed guests.
+    pub guests: u64,
+    /// Problems found at start (e.g. a corrupt state file moved aside).
+    pub warnings: Vec<String>,
+}
+
+/// Operation counters (see tmem-core `OpStats`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ops {
+    /// Puts accepted.
+    pub puts: u64,
+    /// Puts refused (frozen, quota, no space).
+    pub puts_refused: u64,
+    /// Gets asked.
+    pub gets: u64,
+    /// Gets that found the page.
+    pub get_hits: u64,
+    /// Gets that missed.
+    pub get_misses: u64,
+    /// Pages flushed on request.
+    pub flushes: u64,
+    /// Ephemeral pages evicted.
+    pub evictions: u64,
+    /// Puts of all-zero pages.
+    pub zero_puts: u64,
+    /// Puts of same-filled non-zero pages.
+    pub same_puts: u64,
+    /// Puts that found an identical page.
+    pub dedup_hits: u64,
+    /// Puts stored compressed.
+    pub compressed_puts: u64,
+    /// Puts stored raw.
+    pub raw_puts: u64,
+}
+
+impl Ops {
+    /// Hits / gets, or `None` before the first get.
+    pub fn hit_rate(&self) -> Option<f64> {
+        (self.gets > 0).then(|| self.get_hits as f64 / self.gets as f64)
+    }
+}
+
+/// What a client or pool holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Held {
+    /// Pages held.
+    pub pages: u64,
+    /// Of those, zero or same-filled pages (no data page).
+    pub same_pages: u64,
+    /// Bytes charged (stored size plus metadata).
+    pub charged_bytes: u64,
+    /// Logical bytes: pages × 4096.
+    pub logical_bytes: u64,
+}
+
+/// The pool as a whole.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PoolSummary {
+    /// Budget, bytes.
+    pub budget: u64,
+    /// Bytes really held (allocator slabs + metadata).
+    pub held_bytes: u64,
+    /// Of which index metadata.
+    pub metadata_bytes: u64,
+    /// Logical bytes: pages × 4096.
+    pub logical_bytes: u64,
+    /// Physical payload bytes (compressed lengths) in the allocator.
+    pub physical_bytes: u64,
+    /// Allocator slab bytes.
+    pub slab_bytes: u64,
+    /// Pages held.
+    pub pages: u64,
+    /// Ephemeral pages held.
+    pub ephemeral_pages: u64,
+    /// Persistent pages held.
+    pub persistent_pages: u64,
+    /// Zero or same-filled pages held.
+    pub same_pages: u64,
+    /// Distinct stored payloads.
+    pub unique_payloads: u64,
+    /// Bytes that could be released now.
+    pub freeable_bytes: u64,
+    /// Logical / held.
+    pub effective_ratio: f64,
+    /// Compression ratio of data pages.
+    pub compression_ratio: f64,
+    /// Dedup ratio of data pages.
+    pub dedup_ratio: f64,
+    /// Allocator fragmentation, 0..1.
+    pub fragmentation: f64,
+    /// Number of clients.
+    pub clients: u64,
+    /// Number of pools.
+    pub pools: u64,
+    /// Operation counters.
+    pub ops: Ops,
+}
+
+/// One client.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ClientInfo {
+    /// Client id.
+    pub id: u32,
+    /// Weight (share of ephemeral capacity).
+    pub weight: u32,
+    /// Cap on persistent bytes (`None` = no cap).
+    pub persistent_cap: Option<u64>,
+    /// Whether puts are refused.
+    pub frozen: bool,
+    /// Ephemeral pages charged.
+    pub ephemeral: Held,
+    /// Persistent pages charged.
+    pub persistent: Held,
+    /// Operation counters.
+    pub ops: Ops,
+    /// Pool ids it can reach.
+    pub pools: Vec<u32>,
+}
+
+/// One pool.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PoolInfo {
+    /// Pool id.
+    pub id: u32,
+    /// Label.
+    pub label: String,
+    /// Persistent or ephemeral.
+    pub persistent: bool,
+    /// Shared or private.
+    pub shared: bool,
+    /// What it holds.
+    pub held: Held,
+    /// Operation counters.
+    pub ops: Ops,
+}
+
+/// Kind of an export.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExportKind {
+    /// A swap device backed by a persistent pool (with a spill file).
+    Swap,
+    /// A disk image with an ephemeral read cache in the pool.
+    Cached,
+}
+
+impl fmt::Display for ExportKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ExportKind::Swap => "swap",
+            ExportKind::Cached => "cached",
+        })
+    }
+}
+
+impl std::str::FromStr for ExportKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "swap" => Ok(ExportKind::Swap),
+            "cached" => Ok(ExportKind::Cached),
+            _ => Err(format!("unknown export kind {s:?} (swap or cached)")),
+        }
+    }
+}
+
+/// NBD request counters of an export.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NbdStats {
+    /// Connections that used the export.
+    pub connections: u64,
+    /// READ requests.
+    pub reads: u64,
+    /// WRITE requests.
+    pub writes: u64,
+    /// FLUSH requests.
+    pub flushes: u64,
+    /// TRIM requests.
+    pub trims: u64,
+    /// WRITE_ZEROES requests.
+    pub write_zeroes: u64,
+    /// Bytes read.
+    pub bytes_read: u64,
+    /// Bytes written.
+    pub bytes_written: u64,
+    /// Requests answered with an error.
+    pub errors: u64,
+}
+
+impl NbdStats {
+    /// All requests.
+    pub fn ops(&self) -> u64 {
+        self.reads + self.writes + self.flushes + self.trims + self.write_zeroes
+    }
+}
+
+/// Backend counters of an export (fields that do not apply to its kind are 0).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendCounters {
+    /// Pages held in the pool.
+    pub pool_pages: u64,
+    /// Swap: pages written to the spill file because the pool refused them.
+    pub spilled_pages: u64,
+    /// Cached: 512-byte sectors read from the image.
+    pub sectors_read: u64,
+    /// Cached: 512-byte sectors written to the image.
+    pub sectors_written: u64,
+    /// Reads served from the pool.
+    pub hits: u64,
+    /// Reads that missed the pool.
+    pub misses: u64,
+}
+
+/// One export.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExportInfo {
+    /// Export (and NBD export) name.
+    pub name: String,
+    /// Kind.
+    pub kind: ExportKind,
+    /// Size in bytes.
+    pub size: u64,
+    /// Client whose pools hold its pages.
+    pub client: u32,
+    /// Pool id, if known.
+    pub pool: Option<u32>,
+    /// Cached: the image.
+    pub image: Option<PathBuf>,
+    /// NBD URI to reach it.
+    pub uri: String,
+    /// Backend counters.
+    pub backend: BackendCounters,
+    /// NBD counters.
+    pub nbd: NbdStats,
+}
+
+/// One managed guest (balloon).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct GuestInfo {
+    /// Name.
+    pub name: String,
+    /// QMP socket.
+    pub qmp: PathBuf,
+    /// Agent socket, if any.
+    pub agent: Option<PathBuf>,
+    /// Policy name.
+    pub policy: String,
+    /// Actuator name.
+    pub actuator: String,
+    /// Maximum (boot) size, bytes (0 until known).
+    pub max: u64,
+    /// Last read balloon size, bytes.
+    pub actual: u64,
+    /// Last requested target, bytes.
+    pub target: u64,
+    /// Whether the guest is flagged stuck.
+    pub stuck: bool,
+    /// Bytes taken from the guest.
+    pub reclaimed_bytes: u64,
+    /// Bytes given back.
+    pub given_back_bytes: u64,
+    /// Intervals run.
+    pub intervals: u64,
+    /// Errors seen.
+    pub errors: u64,
+    /// Last error (full chain).
+    pub last_error: Option<String>,
+}
+
+/// `GET /stats`: everything `tmemctl top` shows.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Stats {
+    /// Pool-wide figures.
+    pub pool: PoolSummary,
+    /// Clients.
+    pub clients: Vec<ClientInfo>,
+    /// Pools.
+    pub pools: Vec<PoolInfo>,
+    /// Exports.
+    pub exports: Vec<ExportInfo>,
+    /// Guests.
+    pub guests: Vec<GuestInfo>,
+}
+
+// ------------------------------------------------------------------------------- requests
+
+/// `POST /clients`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateClient {
+    /// Client id (`None`: the next free id).
+    #[serde(default)]
+    pub id: Option<u32>,
+    /// Weight. Default 100.
+    #[serde(default)]
+    pub weight: Option<u32>,
+    /// Cap on persistent bytes. Default none.
+    #[serde(default)]
+    pub persistent_cap: Option<Size>,
+}
+
+/// `POST /exports`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateExport {
+    /// Name (letters, digits, `-`, `_`, `.`; 1..=64 bytes).
+    pub name: String,
+    /// Kind.
+    pub kind: ExportKind,
+    /// Swap: device size (required).
+    #[serde(default)]
+    pub size: Option<Size>,
+    /// Cached: the image file (required).
+    #[serde(default)]
+    pub image: Option<PathBuf>,
+    /// Client (`None`: a new client; a given id is created if it does not exist).
+    #[serde(default)]
+    pub client: Option<u32>,
+    /// Codec: `none`, `lz4`, `zstd` or `zstd:LEVEL`. Default: the daemon's.
+    #[serde(default)]
+    pub codec: Option<String>,
+    /// Dedup scope: `off`, `pool`, `client`, `global`. Default: the daemon's.
+    #[serde(default)]
+    pub dedup: Option<String>,
+    /// Cached: open the image with O_DIRECT. Default false.
+    #[serde(default)]
+    pub direct_io: Option<bool>,
+}
+
+/// `PUT /budget`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetBudget {
+    /// New budget.
+    pub bytes: Size,
+}
+
+/// Reply to `PUT /budget`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BudgetReply {
+    /// The budget now.
+    pub budget: u64,
+    /// Bytes released to fit it.
+    pub released: u64,
+}
+
+/// `POST /shrink`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShrinkRequest {
+    /// Bytes to release.
+    pub bytes: Size,
+}
+
+/// Reply to `POST /shrink`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShrinkReply {
+    /// Bytes asked for.
+    pub requested: u64,
+    /// Bytes released.
+    pub released: u64,
+}
+
+/// A balloon policy choice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum PolicyName {
+    /// xen-selfballoon (the default).
+    #[default]
+    Selfballoon,
+    /// MemAvailable + PSI sharing.
+    Pressure,
+    /// Keep the guest at its maximum (or `min`..`max` bounds).
+    Static,
+}
+
+impl std::str::FromStr for PolicyName {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "selfballoon" => Ok(PolicyName::Selfballoon),
+            "pressure" => Ok(PolicyName::Pressure),
+            "static" => Ok(PolicyName::Static),
+            _ => Err(format!(
+                "unknown policy {s:?} (selfballoon, pressure or static)"
+            )),
+        }
+    }
+}
+
+/// `POST /guests`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateGuest {
+    /// Unique name.
+    pub name: String,
+    /// QEMU QMP socket.
+    pub qmp: PathBuf,
+    /// Agent (virtio-serial) socket.
+    #[serde(default)]
+    pub agent: Option<PathBuf>,
+    /// Policy. Default selfballoon.
+    #[serde(default)]
+    pub policy: Option<PolicyName>,
+    /// Never shrink below this.
+    #[serde(default)]
+    pub min: Option<Size>,
+    /// Never grow above this (default: the boot size).
+    #[serde(default)]
+    pub max: Option<Size>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("2G"), Ok(2 << 30));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_size("1k"), Ok(1024));
+        for bad in ["", "G", "12Q", "-1", "1.5G", "99999999999999T"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn sizes_format() {
+        assert_eq!(format_size(512 << 20), "512M");
+        assert_eq!(format_size(3 << 29), "1.5G");
+        assert_eq!(format_size(17), "17B");
+    }
+
+    #[test]
+    fn size_json() {
+        let s: SetBudget = serde_json::from_str(r#"{"bytes":"2G"}"#).unwrap();
+        assert_eq!(s.bytes, Size(2 << 30));
+        let s: SetBudget = serde_json::from_str(r#"{"bytes":4096}"#).unwrap();
+        assert_eq!(s.bytes, Size(4096));
+        assert!(serde_json::from_str::<SetBudget>(r#"{"bytes":"2Q"}"#).is_err());
+        assert!(serde_json::from_str::<SetBudget>(r#"{"bytes":1,"x":2}"#).is_err());
+        assert_eq!(
+            serde_json::to_string(&SetBudget { bytes: Size(5) }).unwrap(),
+            r#"{"bytes":5}"#
+        );
+    }
+
+    #[test]
+    fn export_request_roundtrip() {
+        let r: CreateExport =
+            serde_json::from_str(r#"{"name":"s","kind":"swap","size":"1G"}"#).unwrap();
+        assert_eq!(r.kind, ExportKind::Swap);
+        assert_eq!(r.size, Some(Size(1 << 30)));
+        let back: CreateExport = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
+        assert_eq!(back, r);
+    }
+}

@@ -1,0 +1,275 @@
+//! The control API: FC-style resources under `/api/v1` (one `match` routes them), errors as
+//! `{"error", "chain"}` with HTTP codes chosen by an exhaustive match, and `/metrics`.
+
+use std::sync::Arc;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tmem_api::{
+    CreateClient, CreateExport, CreateGuest, ErrorBody, SetBudget, ShrinkRequest, API_PREFIX,
+};
+
+use crate::balloon::GuestError;
+use crate::daemon::{Daemon, OpError};
+use crate::http::{Handler, Request, Response};
+use crate::ratelimit::RateLimit;
+
+/// Why a request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// No such resource.
+    #[error("No resource at {0}")]
+    NotFound(String),
+    /// The resource does not take this method.
+    #[error("Method {0} not allowed on {1}")]
+    MethodNotAllowed(String, String),
+    /// The body is not the expected JSON.
+    #[error("Invalid JSON body")]
+    BadJson(#[source] serde_json::Error),
+    /// A path parameter is invalid.
+    #[error("Invalid path parameter {0:?}")]
+    BadParam(String),
+    /// The operation failed.
+    #[error("{0} failed")]
+    Op(&'static str, #[source] OpError),
+}
+
+impl ApiError {
+    /// The HTTP status. Exhaustive on purpose (no `_` arm): a new variant must pick one.
+    pub fn status(&self) -> u16 {
+        match self {
+            ApiError::NotFound(_) => 404,
+            ApiError::MethodNotAllowed(..) => 405,
+            ApiError::BadJson(_) | ApiError::BadParam(_) => 400,
+            ApiError::Op(_, e) => op_status(e),
+        }
+    }
+}
+
+fn op_status(e: &OpError) -> u16 {
+    match e {
+        OpError::Invalid(_) | OpError::Option(_) => 400,
+        OpError::UnknownClient(_) | OpError::UnknownExport(_) => 404,
+        OpError::ClientExists(_) | OpError::ExportExists(_) | OpError::ClientBusy(..) => 409,
+        OpError::Engine(e) => engine_status(e),
+        OpError::Export(_, e) => export_status(e),
+        OpError::Guest(e) => match e {
+            GuestError::Exists(_) => 409,
+            GuestError::Unknown(_) => 404,
+            GuestError::BadName(_) | GuestError::Bounds(..) => 400,
+            GuestError::Qmp(..) | GuestError::Agent(..) => 502,
+            GuestError::Thread(_) => 500,
+        },
+        OpError::ShuttingDown => 503,
+    }
+}
+
+fn engine_status(e: &tmem_core::Error) -> u16 {
+    use tmem_core::Error as E;
+    match e {
+        E::UnknownClient(_) | E::UnknownPool(_) => 404,
+        E::ClientExists(_) | E::SpecMismatch(_) => 409,
+        E::AccessDenied { .. } | E::NotAuthorized { .. } | E::Frozen(_) => 403,
+        E::Unsupported(_) | E::BadLength(_) => 400,
+        E::QuotaExceeded(_) | E::NoSpace | E::TooManyPools => 507,
+        E::Stream(_) => 500,
+    }
+}
+
+fn export_status(e: &tmem_exports::ExportError) -> u16 {
+    use tmem_exports::ExportError as X;
+    match e {
+        X::TooLarge { .. } | X::InvalidConfig(_) => 400,
+        X::CreatePool(e) | X::JoinPool(e) | X::Engine(e) | X::ReleasePool(e) => engine_status(e),
+        X::LookupPool { source, .. } => engine_status(source),
+        X::AttachPool { .. } => 409,
+        X::ImageOpen { source, .. } | X::SpillOpen { source, .. } => match source.kind() {
+            std::io::ErrorKind::NotFound => 404,
+            std::io::ErrorKind::PermissionDenied => 403,
+            _ => 500,
+        },
+        X::SpillIo(_) | X::ImageIo(_) | X::SpillRemove { .. } => 500,
+        X::Closed => 409,
+    }
+}
+
+/// The control API handler.
+#[derive(Debug)]
+pub struct Api {
+    d: Arc<Daemon>,
+}
+
+static REQ_ERRORS: RateLimit = RateLimit::new();
+
+fn json<T: Serialize>(status: u16, v: &T) -> Response {
+    match serde_json::to_vec_pretty(v) {
+        Ok(mut b) => {
+            b.push(b'\n');
+            Response::json(status, b)
+        }
+        Err(e) => error_response(500, &e),
+    }
+}
+
+fn error_response(status: u16, e: &dyn std::error::Error) -> Response {
+    let body = ErrorBody::from_error(e);
+    let mut b = serde_json::to_vec(&body)
+        .unwrap_or_else(|_| b"{\"error\":\"internal\",\"chain\":[]}".to_vec());
+    b.push(b'\n');
+    Response::json(status, b)
+}
+
+fn body<T: DeserializeOwned>(req: &Request) -> Result<T, ApiError> {
+    serde_json::from_slice(&req.body).map_err(ApiError::BadJson)
+}
+
+fn op<T: Serialize>(
+    what: &'static str,
+    status: u16,
+    r: Result<T, OpError>,
+) -> Result<Response, ApiError> {
+    r.map(|v| json(status, &v))
+        .map_err(|e| ApiError::Op(what, e))
+}
+
+fn op_empty(what: &'static str, r: Result<(), OpError>) -> Result<Response, ApiError> {
+    r.map(|()| Response::empty(204))
+        .map_err(|e| ApiError::Op(what, e))
+}
+
+fn client_id(s: &str) -> Result<u32, ApiError> {
+    s.parse().map_err(|_| ApiError::BadParam(s.to_owned()))
+}
+
+impl Api {
+    /// A handler over the daemon.
+    pub fn new(d: Arc<Daemon>) -> Self {
+        Api { d }
+    }
+
+    /// Routes one request.
+    pub fn route(&self, req: &Request) -> Result<Response, ApiError> {
+        let m = req.method.as_str();
+        let path = req.path.trim_end_matches('/');
+        if path == "/metrics" {
+            return match m {
+                "GET" | "HEAD" => Ok(self.metrics()),
+                _ => Err(ApiError::MethodNotAllowed(m.into(), path.into())),
+            };
+        }
+        let Some(rest) = path.strip_prefix(API_PREFIX) else {
+            return Err(ApiError::NotFound(req.path.clone()));
+        };
+        let segs: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
+        let d = &self.d;
+        match (m, segs.as_slice()) {
+            ("GET", ["status"]) => Ok(json(200, &d.status())),
+            ("GET", ["stats"]) => Ok(json(200, &d.stats())),
+            ("GET", ["clients"]) => Ok(json(200, &d.clients())),
+            ("POST", ["clients"]) => op(
+                "Create client",
+                201,
+                d.create_client(&body::<CreateClient>(req)?),
+            ),
+            ("DELETE", ["clients", id]) => {
+                op_empty("Delete client", d.delete_client(client_id(id)?))
+            }
+            ("POST", ["clients", id, "freeze"]) => {
+                op("Freeze client", 200, d.freeze_client(client_id(id)?, true))
+            }
+            ("POST", ["clients", id, "thaw"]) => {
+                op("Thaw client", 200, d.freeze_client(client_id(id)?, false))
+            }
+            ("GET", ["exports"]) => Ok(json(200, &d.exports())),
+            ("GET", ["exports", name]) => op("Get export", 200, d.export(name)),
+            ("POST", ["exports"]) => op(
+                "Create export",
+                201,
+                d.create_export(&body::<CreateExport>(req)?),
+            ),
+            ("DELETE", ["exports", name]) => op_empty("Delete export", d.delete_export(name)),
+            ("PUT", ["budget"]) => op(
+                "Set budget",
+                200,
+                d.set_budget(body::<SetBudget>(req)?.bytes.0),
+            ),
+            ("POST", ["shrink"]) => {
+                op("Shrink", 200, d.shrink(body::<ShrinkRequest>(req)?.bytes.0))
+            }
+            ("GET", ["guests"]) => Ok(json(200, &d.guests())),
+            ("POST", ["guests"]) => op("Add guest", 201, d.add_guest(&body::<CreateGuest>(req)?)),
+            ("DELETE", ["guests", name]) => op_empty("Remove guest", d.remove_guest(name)),
+            (_, s) if known(s) => Err(ApiError::MethodNotAllowed(m.into(), req.path.clone())),
+            _ => Err(ApiError::NotFound(req.path.clone())),
+        }
+    }
+
+    fn metrics(&self) -> Response {
+        Response {
+            status: 200,
+            content_type: "text/plain; version=0.0.4",
+            body: crate::metrics::render(&self.d.stats()).into_bytes(),
+        }
+    }
+}
+
+fn known(segs: &[&str]) -> bool {
+    matches!(
+        segs,
+        ["status"]
+            | ["stats"]
+            | ["clients"]
+            | ["clients", _]
+            | ["clients", _, "freeze" | "thaw"]
+            | ["exports"]
+            | ["exports", _]
+            | ["budget"]
+            | ["shrink"]
+            | ["guests"]
+            | ["guests", _]
+    )
+}
+
+impl Handler for Api {
+    fn handle(&self, req: &Request) -> Response {
+        match self.route(req) {
+            Ok(r) => r,
+            Err(e) => {
+                let status = e.status();
+                if REQ_ERRORS.allow() {
+                    let c = ErrorBody::from_error(&e).chain.join(": ");
+                    if status >= 500 {
+                        tracing::warn!(method = %req.method, path = %req.path, status, error = %c, "request failed");
+                    } else {
+                        tracing::debug!(method = %req.method, path = %req.path, status, error = %c, "request refused");
+                    }
+                }
+                error_response(status, &e)
+            }
+        }
+    }
+
+    fn reject(&self, status: u16, message: &str) -> Response {
+        #[derive(Debug, thiserror::Error)]
+        #[error("Malformed HTTP request: {0}")]
+        struct Malformed(String);
+        error_response(status, &Malformed(message.to_owned()))
+    }
+}
+
+/// Serves only `GET /metrics` (the TCP metrics listener).
+#[derive(Debug)]
+pub struct MetricsOnly(pub Arc<Api>);
+
+impl Handler for MetricsOnly {
+    fn handle(&self, req: &Request) -> Response {
+        if req.path.trim_end_matches('/') == "/metrics" {
+            self.0.handle(req)
+        } else {
+            error_response(404, &ApiError::NotFound(req.path.clone()))
+        }
+    }
+    fn reject(&self, status: u16, message: &str) -> Response {
+        self.0.reject(status, message)
+    }
+}

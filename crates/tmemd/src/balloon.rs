@@ -1,0 +1,354 @@
+//! Balloon manager integration: the engine as the manager's [`PoolControl`], and a runtime
+//! that adds and removes guests while the daemon runs.
+//!
+//! `tmem_balloon::manager::Manager` starts a fixed set of guests, so the daemon drives the
+//! public [`GuestLoop`] itself: one thread per guest, all sharing one
+//! [`Shared`](tmem_balloon::manager::Shared). Removing a guest rebuilds that shared state
+//! from the remaining loops (it has no unregister), so a removed guest no longer counts in
+//! the pool budget.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use tmem_api::{CreateGuest, GuestInfo, PolicyName};
+use tmem_balloon::manager::{
+    AgentStats, BalloonActuator, GuestLoop, GuestSpec, HostProbe, ManagerConfig, PoolControl,
+    QmpHandle, Shared, StatsSource,
+};
+use tmem_balloon::policy::{PressureConfig, SelfBalloonConfig};
+use tmem_balloon::{GovernorConfig, PolicyKind};
+use tmem_core::Engine;
+
+/// QOM path of the balloon device (`tmem_balloon::qemu` names it `balloon0`).
+pub const BALLOON_QOM: &str = "/machine/peripheral/balloon0";
+/// QMP command timeout.
+pub const QMP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The engine as the balloon manager's pool: budget up when guests shrink, `shrink` at once
+/// when a guest must grow.
+#[derive(Debug)]
+pub struct EnginePool(pub Arc<Engine>);
+
+impl PoolControl for EnginePool {
+    fn set_budget(&self, bytes: u64) {
+        let released = self.0.set_budget(bytes);
+        if released > 0 {
+            tracing::debug!(
+                budget = bytes,
+                released,
+                "balloon manager lowered pool budget"
+            );
+        }
+    }
+    fn shrink(&self, bytes: u64) -> u64 {
+        self.0.shrink(bytes)
+    }
+    fn budget(&self) -> u64 {
+        self.0.budget()
+    }
+}
+
+/// Errors adding or removing a guest.
+#[derive(Debug, thiserror::Error)]
+pub enum GuestError {
+    /// A guest with this name is managed already.
+    #[error("Guest {0:?} already exists")]
+    Exists(String),
+    /// No guest with this name.
+    #[error("Unknown guest {0:?}")]
+    Unknown(String),
+    /// The name is not valid.
+    #[error("Invalid guest name {0:?}")]
+    BadName(String),
+    /// The guest's size could not be read over QMP.
+    #[error("Cannot query guest {0:?} over QMP")]
+    Qmp(String, #[source] tmem_balloon::manager::ActuatorError),
+    /// The agent channel could not be opened.
+    #[error("Cannot open agent channel {0}")]
+    Agent(PathBuf, #[source] std::io::Error),
+    /// The guest thread could not be started.
+    #[error("Cannot start guest thread")]
+    Thread(#[source] std::io::Error),
+    /// `min` is above `max`.
+    #[error("Guest min {0} is above max {1}")]
+    Bounds(u64, u64),
+}
+
+struct Running {
+    qmp: PathBuf,
+    agent: Option<PathBuf>,
+    policy: String,
+    gl: Arc<Mutex<GuestLoop>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Running {
+    fn stop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The running guests.
+pub struct GuestRuntime {
+    cfg: ManagerConfig,
+    pool: Arc<dyn PoolControl>,
+    host: Arc<dyn HostProbe>,
+    shared: Arc<RwLock<Arc<Shared>>>,
+    epoch: Instant,
+    guests: Mutex<BTreeMap<String, Running>>,
+}
+
+impl std::fmt::Debug for GuestRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GuestRuntime")
+            .field("cfg", &self.cfg)
+            .finish_non_exhaustive()
+    }
+}
+
+impl GuestRuntime {
+    /// A runtime with no guests.
+    pub fn new(cfg: ManagerConfig, pool: Arc<dyn PoolControl>, host: Arc<dyn HostProbe>) -> Self {
+        GuestRuntime {
+            cfg,
+            pool,
+            host,
+            shared: Arc::new(RwLock::new(Arc::new(Shared::default()))),
+            epoch: Instant::now(),
+            guests: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// Starts managing a guest.
+    pub fn add(&self, req: &CreateGuest) -> Result<GuestInfo, GuestError> {
+        if !crate::exports::valid_name(&req.name) {
+            return Err(GuestError::BadName(req.name.clone()));
+        }
+        let mut guests = lock(&self.guests);
+        if guests.contains_key(&req.name) {
+            return Err(GuestError::Exists(req.name.clone()));
+        }
+        let mut qmp = QmpHandle::new(&req.qmp, BALLOON_QOM, 2, QMP_TIMEOUT);
+        let max = match req.max {
+            Some(m) => m.0,
+            None => qmp
+                .actual()
+                .map_err(|e| GuestError::Qmp(req.name.clone(), e))?,
+        };
+        let floor = req.min.map(|m| m.0).unwrap_or(0);
+        if floor > max {
+            return Err(GuestError::Bounds(floor, max));
+        }
+        let policy = req.policy.unwrap_or_default();
+        let kind = match policy {
+            PolicyName::Selfballoon => PolicyKind::SelfBalloon(SelfBalloonConfig::default()),
+            PolicyName::Pressure => PolicyKind::Pressure(PressureConfig::default()),
+            PolicyName::Static => PolicyKind::Static,
+        };
+        let mut sources: Vec<Box<dyn StatsSource>> = Vec::new();
+        if let Some(a) = &req.agent {
+            let s = AgentStats::spawn(a, Duration::from_millis(self.cfg.interval_ms.max(1) * 3))
+                .map_err(|e| GuestError::Agent(a.clone(), e))?;
+            sources.push(Box::new(s));
+        }
+        sources.push(Box::new(qmp.stats_source()));
+        let spec = GuestSpec {
+            name: req.name.clone(),
+            max,
+            governor: GovernorConfig {
+                policy: kind,
+                floor,
+                max: req.max.map(|m| m.0),
+                ..Default::default()
+            },
+            actuator: Box::new(qmp) as Box<dyn BalloonActuator>,
+            sources,
+        };
+        let gl = GuestLoop::new(spec, self.epoch);
+        let policy_name = gl.status().policy.clone();
+        read_shared(&self.shared).register(&gl);
+        let gl = Arc::new(Mutex::new(gl));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (gl, stop, shared, cfg, host, pool) = (
+                gl.clone(),
+                stop.clone(),
+                self.shared.clone(),
+                self.cfg.clone(),
+                self.host.clone(),
+                self.pool.clone(),
+            );
+            std::thread::Builder::new()
+                .name(format!("tmemd-bl-{}", req.name))
+                .spawn(move || guest_thread(gl, stop, shared, cfg, host, pool))
+                .map_err(GuestError::Thread)?
+        };
+        let r = Running {
+            qmp: req.qmp.clone(),
+            agent: req.agent.clone(),
+            policy: policy_name,
+            gl,
+            stop,
+            thread: Some(thread),
+        };
+        let info = self.info_of(&req.name, &r);
+        guests.insert(req.name.clone(), r);
+        tracing::info!(guest = %req.name, max, "guest added to balloon manager");
+        Ok(info)
+    }
+
+    /// Stops managing a guest (its balloon stays where it is).
+    pub fn remove(&self, name: &str) -> Result<(), GuestError> {
+        let mut guests = lock(&self.guests);
+        let mut r = guests
+            .remove(name)
+            .ok_or_else(|| GuestError::Unknown(name.to_owned()))?;
+        r.stop();
+        // Shared has no unregister: rebuild it from the remaining loops.
+        let fresh = Arc::new(Shared::default());
+        for g in guests.values() {
+            fresh.register(&lock(&g.gl));
+        }
+        *self.shared.write().unwrap_or_else(|e| e.into_inner()) = fresh;
+        tracing::info!(guest = %name, "guest removed from balloon manager");
+        Ok(())
+    }
+
+    fn info_of(&self, name: &str, r: &Running) -> GuestInfo {
+        let published = read_shared(&self.shared)
+            .status()
+            .into_iter()
+            .find(|s| s.name == name);
+        let st = match published {
+            Some(s) => s,
+            None => match r.gl.try_lock() {
+                Ok(g) => g.status().clone(),
+                Err(_) => Default::default(),
+            },
+        };
+        GuestInfo {
+            name: name.to_owned(),
+            qmp: r.qmp.clone(),
+            agent: r.agent.clone(),
+            policy: r.policy.clone(),
+            actuator: if st.actuator.is_empty() {
+                "qmp".into()
+            } else {
+                st.actuator
+            },
+            max: st.max,
+            actual: st.actual,
+            target: st.target,
+            stuck: st.stuck,
+            reclaimed_bytes: st.reclaimed_bytes,
+            given_back_bytes: st.given_back_bytes,
+            intervals: st.intervals,
+            errors: st.errors,
+            last_error: st.last_error,
+        }
+    }
+
+    /// Every guest's status, by name.
+    pub fn list(&self) -> Vec<GuestInfo> {
+        let guests = lock(&self.guests);
+        guests.iter().map(|(n, r)| self.info_of(n, r)).collect()
+    }
+
+    /// Number of guests.
+    pub fn len(&self) -> usize {
+        lock(&self.guests).len()
+    }
+
+    /// Whether no guest is managed.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Stops every guest thread.
+    pub fn stop_all(&self) {
+        let mut guests = lock(&self.guests);
+        for r in guests.values_mut() {
+            r.stop();
+        }
+        guests.clear();
+    }
+}
+
+fn read_shared(s: &RwLock<Arc<Shared>>) -> Arc<Shared> {
+    s.read().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
+fn guest_thread(
+    gl: Arc<Mutex<GuestLoop>>,
+    stop: Arc<AtomicBool>,
+    shared: Arc<RwLock<Arc<Shared>>>,
+    cfg: ManagerConfig,
+    host: Arc<dyn HostProbe>,
+    pool: Arc<dyn PoolControl>,
+) {
+    let interval = Duration::from_millis(cfg.interval_ms.max(1));
+    let mut next = Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        let s = read_shared(&shared);
+        lock(&gl).step(&cfg, host.as_ref(), pool.as_ref(), &s);
+        next += interval;
+        let now = Instant::now();
+        if next < now {
+            next = now;
+        }
+        while !stop.load(Ordering::Relaxed) && Instant::now() < next {
+            std::thread::sleep((next - Instant::now()).min(Duration::from_millis(50)));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tmem_balloon::manager::ProcHost;
+    use tmem_core::EngineConfig;
+
+    #[test]
+    fn engine_pool_control() {
+        let e = Arc::new(Engine::new(EngineConfig::with_budget(64 << 20)));
+        let p = EnginePool(e.clone());
+        p.set_budget(32 << 20);
+        assert_eq!(p.budget(), 32 << 20);
+        assert_eq!(e.budget(), 32 << 20);
+        assert_eq!(p.shrink(1 << 20), 0);
+    }
+
+    #[test]
+    fn unreachable_qmp_is_a_typed_error() {
+        let e = Arc::new(Engine::new(EngineConfig::with_budget(64 << 20)));
+        let rt = GuestRuntime::new(
+            ManagerConfig::default(),
+            Arc::new(EnginePool(e)),
+            Arc::new(ProcHost),
+        );
+        let d = tempfile::tempdir().unwrap();
+        let req = CreateGuest {
+            name: "g".into(),
+            qmp: d.path().join("nope.sock"),
+            agent: None,
+            policy: None,
+            min: None,
+            max: None,
+        };
+        assert!(matches!(rt.add(&req), Err(GuestError::Qmp(..))));
+        assert!(matches!(rt.remove("g"), Err(GuestError::Unknown(_))));
+        assert!(rt.is_empty());
+    }
+}

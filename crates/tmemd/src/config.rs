@@ -1,0 +1,280 @@
+//! Configuration: embedded defaults, an optional TOML file, and command-line flags (in
+//! increasing priority).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use tmem_api::Size;
+use tmem_balloon::manager::ManagerConfig;
+use tmem_core::{Codec, DedupScope};
+
+/// Errors loading the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("Cannot read config file {0}")]
+    Read(PathBuf, #[source] std::io::Error),
+    /// The config file is not valid TOML for our schema.
+    #[error("Invalid config file {0}")]
+    Parse(PathBuf, #[source] toml::de::Error),
+    /// A codec name is invalid.
+    #[error("Invalid codec {0:?} (none, lz4, zstd or zstd:LEVEL with LEVEL 1..=19)")]
+    Codec(String),
+    /// A dedup scope name is invalid.
+    #[error("Invalid dedup scope {0:?} (off, pool, client or global)")]
+    Dedup(String),
+    /// The budget fraction is out of range.
+    #[error("Invalid budget fraction {0} (0 < fraction <= 1)")]
+    Fraction(f64),
+}
+
+/// The configuration file (`--config FILE`), all keys optional.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FileConfig {
+    /// Pool budget (bytes or `"2G"`). Default: `budget_fraction` of MemTotal.
+    pub budget: Option<Size>,
+    /// Fraction of MemTotal used as budget when `budget` is not set. Default 0.25.
+    pub budget_fraction: Option<f64>,
+    /// State directory. Default `/run/tmem` (root).
+    pub state_dir: Option<PathBuf>,
+    /// Optional TCP listener for `GET /metrics`.
+    pub metrics_addr: Option<SocketAddr>,
+    /// Optional NBD TCP listener.
+    pub nbd_tcp: Option<SocketAddr>,
+    /// Default codec of new exports: `none`, `lz4` (default), `zstd`, `zstd:LEVEL`.
+    pub codec: Option<String>,
+    /// Default dedup scope of new exports: `off`, `pool`, `client` (default), `global`.
+    pub dedup: Option<String>,
+    /// Balloon manager settings (`interval_ms`, `host_reserve`, `host_total`).
+    pub balloon: Option<ManagerConfig>,
+}
+
+/// Command-line overrides (all optional; see `tmemd --help`).
+#[derive(Debug, Clone, Default, clap::Parser)]
+#[command(
+    name = "tmemd",
+    version,
+    about = "tmem daemon: page pool, NBD exports, control API"
+)]
+pub struct Args {
+    /// TOML configuration file.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Pool budget (e.g. 2G, 512M, 4096).
+    #[arg(long, value_name = "SIZE")]
+    pub budget: Option<Size>,
+    /// State directory (sockets, spill files, saved state).
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Serve GET /metrics on this TCP address too.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+    /// Serve NBD on this TCP address too.
+    #[arg(long, value_name = "ADDR")]
+    pub nbd_tcp: Option<SocketAddr>,
+    /// Default codec of new exports (none, lz4, zstd, zstd:LEVEL).
+    #[arg(long)]
+    pub codec: Option<String>,
+    /// Default dedup scope of new exports (off, pool, client, global).
+    #[arg(long)]
+    pub dedup: Option<String>,
+}
+
+/// The resolved configuration the daemon runs with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Pool budget, bytes.
+    pub budget: u64,
+    /// State directory.
+    pub state_dir: PathBuf,
+    /// Metrics TCP listener.
+    pub metrics_addr: Option<SocketAddr>,
+    /// NBD TCP listener.
+    pub nbd_tcp: Option<SocketAddr>,
+    /// Default codec.
+    pub codec: Codec,
+    /// Default dedup scope.
+    pub dedup: DedupScope,
+    /// Balloon manager settings.
+    pub balloon: ManagerConfig,
+}
+
+/// Default share of host RAM for the pool budget.
+pub const DEFAULT_BUDGET_FRACTION: f64 = 0.25;
+/// Budget used when MemTotal cannot be read.
+pub const FALLBACK_BUDGET: u64 = 1 << 30;
+
+/// Parses a codec name.
+pub fn parse_codec(s: &str) -> Result<Codec, ConfigError> {
+    let bad = || ConfigError::Codec(s.to_owned());
+    match s {
+        "none" | "off" => Ok(Codec::None),
+        "lz4" => Ok(Codec::Lz4),
+        "zstd" => Ok(Codec::Zstd(1)),
+        _ => {
+            let level = s.strip_prefix("zstd:").ok_or_else(bad)?;
+            let l: i8 = level.parse().map_err(|_| bad())?;
+            if (1..=19).contains(&l) {
+                Ok(Codec::Zstd(l))
+            } else {
+                Err(bad())
+            }
+        }
+    }
+}
+
+/// Formats a codec as [`parse_codec`] reads it.
+pub fn codec_name(c: Codec) -> String {
+    match c {
+        Codec::None => "none".into(),
+        Codec::Lz4 => "lz4".into(),
+        Codec::Zstd(l) => format!("zstd:{l}"),
+    }
+}
+
+/// Parses a dedup scope name.
+pub fn parse_dedup(s: &str) -> Result<DedupScope, ConfigError> {
+    match s {
+        "off" | "none" => Ok(DedupScope::Off),
+        "pool" => Ok(DedupScope::Pool),
+        "client" => Ok(DedupScope::Client),
+        "global" => Ok(DedupScope::Global),
+        _ => Err(ConfigError::Dedup(s.to_owned())),
+    }
+}
+
+/// Formats a dedup scope as [`parse_dedup`] reads it.
+pub fn dedup_name(d: DedupScope) -> &'static str {
+    match d {
+        DedupScope::Off => "off",
+        DedupScope::Pool => "pool",
+        DedupScope::Client => "client",
+        DedupScope::Global => "global",
+    }
+}
+
+/// MemTotal from `/proc/meminfo`, bytes.
+pub fn host_mem_total() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    parse_mem_total(&s)
+}
+
+fn parse_mem_total(s: &str) -> Option<u64> {
+    let line = s.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kb.checked_mul(1024)
+}
+
+impl Config {
+    /// Resolves defaults, the file named by `args.config` (if any) and the flags.
+    pub fn load(args: &Args) -> Result<Config, ConfigError> {
+        let file = match &args.config {
+            Some(p) => read_file(p)?,
+            None => FileConfig::default(),
+        };
+        Self::resolve(args, file, host_mem_total())
+    }
+
+    /// Resolves from already-read parts (testable).
+    pub fn resolve(
+        args: &Args,
+        file: FileConfig,
+        mem_total: Option<u64>,
+    ) -> Result<Config, ConfigError> {
+        let fraction = file.budget_fraction.unwrap_or(DEFAULT_BUDGET_FRACTION);
+        if !(fraction > 0.0 && fraction <= 1.0) {
+            return Err(ConfigError::Fraction(fraction));
+        }
+        let default_budget = mem_total
+            .map(|m| ((m as f64 * fraction) as u64) & !4095)
+            .unwrap_or(FALLBACK_BUDGET);
+        let budget = args
+            .budget
+            .or(file.budget)
+            .map(|s| s.0)
+            .unwrap_or(default_budget);
+        let codec = match args.codec.as_deref().or(file.codec.as_deref()) {
+            Some(c) => parse_codec(c)?,
+            None => Codec::Lz4,
+        };
+        let dedup = match args.dedup.as_deref().or(file.dedup.as_deref()) {
+            Some(d) => parse_dedup(d)?,
+            None => DedupScope::Client,
+        };
+        Ok(Config {
+            budget,
+            state_dir: args
+                .state_dir
+                .clone()
+                .or(file.state_dir)
+                .unwrap_or_else(tmem_api::default_state_dir),
+            metrics_addr: args.metrics_addr.or(file.metrics_addr),
+            nbd_tcp: args.nbd_tcp.or(file.nbd_tcp),
+            codec,
+            dedup,
+            balloon: file.balloon.unwrap_or_default(),
+        })
+    }
+}
+
+fn read_file(p: &Path) -> Result<FileConfig, ConfigError> {
+    let s = std::fs::read_to_string(p).map_err(|e| ConfigError::Read(p.to_owned(), e))?;
+    toml::from_str(&s).map_err(|e| ConfigError::Parse(p.to_owned(), e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_without_any_config() {
+        let c = Config::resolve(&Args::default(), FileConfig::default(), Some(8 << 30)).unwrap();
+        assert_eq!(c.budget, 2 << 30);
+        assert_eq!(c.codec, Codec::Lz4);
+        assert_eq!(c.dedup, DedupScope::Client);
+        assert_eq!(c.metrics_addr, None);
+        let c = Config::resolve(&Args::default(), FileConfig::default(), None).unwrap();
+        assert_eq!(c.budget, FALLBACK_BUDGET);
+    }
+
+    #[test]
+    fn file_then_flags() {
+        let file: FileConfig = toml::from_str(
+            "budget = \"1G\"\ncodec = \"zstd:3\"\nstate_dir = \"/x\"\n[balloon]\ninterval_ms = 500\n",
+        )
+        .unwrap();
+        let args = Args {
+            budget: Some(Size(512 << 20)),
+            ..Default::default()
+        };
+        let c = Config::resolve(&args, file, Some(8 << 30)).unwrap();
+        assert_eq!(c.budget, 512 << 20);
+        assert_eq!(c.codec, Codec::Zstd(3));
+        assert_eq!(c.state_dir, PathBuf::from("/x"));
+        assert_eq!(c.balloon.interval_ms, 500);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_rejected() {
+        assert!(toml::from_str::<FileConfig>("budgt = 1").is_err());
+        assert!(toml::from_str::<FileConfig>("budget = \"1Q\"").is_err());
+        assert!(toml::from_str::<FileConfig>("[balloon]\nfoo = 1").is_err());
+        let file = FileConfig {
+            codec: Some("zstd:99".into()),
+            ..Default::default()
+        };
+        assert!(Config::resolve(&Args::default(), file, None).is_err());
+        assert!(parse_dedup("all").is_err());
+    }
+
+    #[test]
+    fn meminfo() {
+        assert_eq!(
+            parse_mem_total("MemTotal:       16318440 kB\nMemFree: 1 kB\n"),
+            Some(16318440 * 1024)
+        );
+        assert_eq!(parse_mem_total("nothing"), None);
+    }
+}

@@ -1,0 +1,937 @@
+//! The daemon: engine, exports, NBD server, balloon guests, saved state.
+
+use std::fs;
+use std::io::{self, BufReader};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use tmem_api::{
+    BudgetReply, ClientInfo, CreateClient, CreateExport, CreateGuest, ExportInfo, ExportKind,
+    GuestInfo, Held, NbdStats, Ops, PoolInfo, PoolSummary, ShrinkReply, Stats, Status,
+};
+use tmem_balloon::manager::ProcHost;
+use tmem_core::{ClientConfig, ClientId, Engine, EngineConfig, SaveOptions};
+use tmem_exports::{CachedConfig, CachedExport, ExportError, SwapConfig, SwapExport};
+use tmem_nbd::{ListenAddr, ServerConfig, ServerHandle};
+
+use crate::balloon::{EnginePool, GuestError, GuestRuntime};
+use crate::config::{codec_name, dedup_name, parse_codec, parse_dedup, Config, ConfigError};
+use crate::exports::{valid_name, Backend, Export, ExportSet};
+use crate::http::HttpServer;
+use crate::lock::{DirLock, LockError};
+use crate::state::{self, ClientEntry, ExportEntry, Manifest, StateError};
+
+/// Errors of control operations (each maps to an HTTP status in `api`).
+#[derive(Debug, thiserror::Error)]
+pub enum OpError {
+    /// The request is invalid.
+    #[error("Invalid request: {0}")]
+    Invalid(String),
+    /// An option value is invalid.
+    #[error("Invalid option")]
+    Option(#[source] ConfigError),
+    /// No such client.
+    #[error("Unknown client {0}")]
+    UnknownClient(u32),
+    /// The client exists.
+    #[error("Client {0} already exists")]
+    ClientExists(u32),
+    /// The client still has exports.
+    #[error("Client {0} still has exports: {1}")]
+    ClientBusy(u32, String),
+    /// No such export.
+    #[error("Unknown export {0:?}")]
+    UnknownExport(String),
+    /// The export exists.
+    #[error("Export {0:?} already exists")]
+    ExportExists(String),
+    /// The engine refused.
+    #[error("Pool operation failed")]
+    Engine(#[source] tmem_core::Error),
+    /// Creating or releasing an export failed.
+    #[error("Export {0:?} failed")]
+    Export(String, #[source] ExportError),
+    /// A balloon guest operation failed.
+    #[error("Guest operation failed")]
+    Guest(#[source] GuestError),
+    /// The daemon is shutting down.
+    #[error("Daemon is shutting down")]
+    ShuttingDown,
+}
+
+/// Errors starting or stopping the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// The state directory could not be created.
+    #[error("Cannot create state directory {0}")]
+    StateDir(PathBuf, #[source] io::Error),
+    /// Another daemon owns the state directory.
+    #[error("Cannot lock state directory")]
+    Lock(#[source] LockError),
+    /// The NBD server did not start.
+    #[error("Cannot start NBD server")]
+    Nbd(#[source] tmem_nbd::ServerError),
+    /// A control or metrics socket could not be bound.
+    #[error("Cannot listen on {0}")]
+    Listen(String, #[source] io::Error),
+    /// Saving state failed.
+    #[error("Cannot save state")]
+    Save(#[source] StateError),
+    /// Saving a client's pages failed.
+    #[error("Cannot save pages of client {0}")]
+    SaveClient(u32, #[source] tmem_core::Error),
+}
+
+/// Paths inside the state directory.
+#[derive(Debug, Clone)]
+pub struct Paths {
+    /// The state directory.
+    pub dir: PathBuf,
+    /// NBD socket.
+    pub nbd: PathBuf,
+    /// Control socket.
+    pub ctl: PathBuf,
+    /// Saved state (manifest and streams).
+    pub state: PathBuf,
+    /// Spill files.
+    pub spill: PathBuf,
+}
+
+impl Paths {
+    /// The layout of `dir`.
+    pub fn new(dir: &Path) -> Self {
+        Paths {
+            dir: dir.to_owned(),
+            nbd: dir.join(tmem_api::NBD_SOCKET),
+            ctl: dir.join(tmem_api::CTL_SOCKET),
+            state: dir.join("state"),
+            spill: dir.join("spill"),
+        }
+    }
+}
+
+/// The daemon's shared state.
+pub struct Daemon {
+    cfg: Config,
+    paths: Paths,
+    engine: Arc<Engine>,
+    exports: Arc<ExportSet>,
+    guests: GuestRuntime,
+    nbd: Mutex<Option<ServerHandle>>,
+    control: Mutex<()>,
+    started: Instant,
+    warnings: Mutex<Vec<String>>,
+    stopping: AtomicBool,
+    _lock: DirLock,
+}
+
+impl std::fmt::Debug for Daemon {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Daemon")
+            .field("paths", &self.paths)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    tmem_api::ErrorBody::from_error(e).chain.join(": ")
+}
+
+/// What the running daemon owns besides [`Daemon`]: its listeners.
+pub struct Running {
+    /// The daemon.
+    pub daemon: Arc<Daemon>,
+    ctl: HttpServer,
+    metrics: Option<HttpServer>,
+}
+
+impl std::fmt::Debug for Running {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Running").finish_non_exhaustive()
+    }
+}
+
+fn bind_unix(path: &Path) -> Result<UnixListener, DaemonError> {
+    // The directory lock is held: any socket file here is stale.
+    match fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(DaemonError::Listen(path.display().to_string(), e)),
+    }
+    UnixListener::bind(path).map_err(|e| DaemonError::Listen(path.display().to_string(), e))
+}
+
+impl Daemon {
+    /// Starts everything: locks the state directory, restores saved state, starts the NBD
+    /// server and the control API (and the metrics listener if configured).
+    pub fn start(cfg: Config) -> Result<Running, DaemonError> {
+        let paths = Paths::new(&cfg.state_dir);
+        for d in [&paths.dir, &paths.state, &paths.spill] {
+            fs::create_dir_all(d).map_err(|e| DaemonError::StateDir(d.clone(), e))?;
+        }
+        let _ = fs::set_permissions(&paths.dir, fs::Permissions::from_mode(0o700));
+        let dir_lock = DirLock::acquire(&paths.dir).map_err(DaemonError::Lock)?;
+        let engine = Arc::new(Engine::new(EngineConfig::with_budget(cfg.budget)));
+        let guests = GuestRuntime::new(
+            cfg.balloon.clone(),
+            Arc::new(EnginePool(engine.clone())),
+            Arc::new(ProcHost),
+        );
+        let daemon = Arc::new(Daemon {
+            cfg: cfg.clone(),
+            paths: paths.clone(),
+            engine,
+            exports: Arc::new(ExportSet::default()),
+            guests,
+            nbd: Mutex::new(None),
+            control: Mutex::new(()),
+            started: Instant::now(),
+            warnings: Mutex::new(Vec::new()),
+            stopping: AtomicBool::new(false),
+            _lock: dir_lock,
+        });
+        daemon.restore();
+        let mut listen = vec![ListenAddr::Unix(paths.nbd.clone())];
+        if let Some(a) = cfg.nbd_tcp {
+            listen.push(ListenAddr::Tcp(a));
+        }
+        let _ = fs::remove_file(&paths.nbd);
+        let nbd = ServerHandle::start(daemon.exports.clone(), ServerConfig::default(), &listen)
+            .map_err(DaemonError::Nbd)?;
+        *lock(&daemon.nbd) = Some(nbd);
+        let handler = Arc::new(crate::api::Api::new(daemon.clone()));
+        let ctl = HttpServer::unix(bind_unix(&paths.ctl)?, handler.clone(), tmem_api::MAX_BODY)
+            .map_err(|e| DaemonError::Listen(paths.ctl.display().to_string(), e))?;
+        let _ = fs::set_permissions(&paths.ctl, fs::Permissions::from_mode(0o600));
+        let metrics = match cfg.metrics_addr {
+            Some(a) => {
+                let l = std::net::TcpListener::bind(a)
+                    .map_err(|e| DaemonError::Listen(a.to_string(), e))?;
+                let h = Arc::new(crate::api::MetricsOnly(handler));
+                Some(HttpServer::tcp(l, h, 0).map_err(|e| DaemonError::Listen(a.to_string(), e))?)
+            }
+            None => None,
+        };
+        tracing::info!(
+            dir = %paths.dir.display(),
+            budget = cfg.budget,
+            nbd = %paths.nbd.display(),
+            ctl = %paths.ctl.display(),
+            "tmemd started"
+        );
+        Ok(Running {
+            daemon,
+            ctl,
+            metrics,
+        })
+    }
+
+    /// The engine.
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+    /// The resolved configuration.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    fn warn(&self, msg: String) {
+        tracing::error!("{msg}");
+        lock(&self.warnings).push(msg);
+    }
+
+    // ------------------------------------------------------------------ state
+
+    fn restore(&self) {
+        let m = match state::read_manifest(&self.paths.state) {
+            Ok(Some(m)) => m,
+            Ok(None) => return,
+            Err(e) => {
+                let path = self.paths.state.join(state::MANIFEST);
+                let moved = state::move_aside(&path)
+                    .map(|p| format!("moved to {}", p.display()))
+                    .unwrap_or_else(|e| format!("cannot move it aside: {e}"));
+                self.warn(format!(
+                    "Saved state is unusable, starting empty ({moved}): {}",
+                    chain(&e)
+                ));
+                return;
+            }
+        };
+        if !m.clean && m.exports.iter().any(|e| e.kind == ExportKind::Swap) {
+            self.warn(
+                "Previous tmemd did not shut down cleanly: swap exports were recreated empty"
+                    .into(),
+            );
+        }
+        let mut restored: std::collections::HashMap<(u32, String), tmem_core::PoolId> =
+            Default::default();
+        for c in &m.clients {
+            let id = ClientId(c.id);
+            let cc = ClientConfig {
+                weight: c.weight,
+                persistent_cap: c.persistent_cap.unwrap_or(u64::MAX),
+            };
+            if let Err(e) = self.engine.add_client(id, cc) {
+                self.warn(format!("Cannot restore client {}: {}", c.id, chain(&e)));
+                continue;
+            }
+            if let (true, Some(name)) = (m.clean, &c.stream) {
+                let path = self.paths.state.join(name);
+                match self.restore_stream(id, &path) {
+                    Ok(pools) => {
+                        for (p, label) in pools {
+                            restored.insert((c.id, label), p);
+                        }
+                        let _ = fs::remove_file(&path);
+                    }
+                    Err(msg) => {
+                        let moved = state::move_aside(&path)
+                            .map(|p| format!("moved to {}", p.display()))
+                            .unwrap_or_else(|e| format!("cannot move it aside: {e}"));
+                        self.warn(format!(
+                            "Corrupt state file {} for client {} ({moved}); its pages are lost: {msg}",
+                            path.display(),
+                            c.id
+                        ));
+                    }
+                }
+            }
+            if c.frozen {
+                let _ = self.engine.freeze(id);
+            }
+        }
+        for e in &m.exports {
+            let res = self.reopen_export(e, &restored, m.clean);
+            if let Err(err) = res {
+                self.warn(format!(
+                    "Cannot restore export {:?}: {}",
+                    e.name,
+                    chain(&err)
+                ));
+            }
+        }
+        if let Err(e) = self.write_manifest() {
+            self.warn(format!("Cannot rewrite manifest: {}", chain(&e)));
+        }
+    }
+
+    fn restore_stream(
+        &self,
+        client: ClientId,
+        path: &Path,
+    ) -> Result<Vec<(tmem_core::PoolId, String)>, String> {
+        let f = match fs::File::open(path) {
+            Ok(f) => f,
+            Err(e) => return Err(format!("cannot open: {e}")),
+        };
+        let mut r = BufReader::new(f);
+        self.engine
+            .restore(client, &mut r)
+            .map(|rep| {
+                tracing::info!(client = client.0, pages = rep.pages, "restored saved pages");
+                rep.pools
+            })
+            .map_err(|e| chain(&e))
+    }
+
+    fn reopen_export(
+        &self,
+        e: &ExportEntry,
+        restored: &std::collections::HashMap<(u32, String), tmem_core::PoolId>,
+        clean: bool,
+    ) -> Result<(), OpError> {
+        let codec = parse_codec(&e.codec).map_err(OpError::Option)?;
+        let dedup = parse_dedup(&e.dedup).map_err(OpError::Option)?;
+        let client = ClientId(e.client);
+        let backend = match e.kind {
+            ExportKind::Swap => {
+                let cfg = SwapConfig {
+                    name: e.name.clone(),
+                    size: e.size,
+                    client,
+                    spill_path: self.spill_path(&e.name),
+                    codec,
+                    dedup,
+                };
+                let label = e.pool_label.clone().unwrap_or(format!("swap:{}", e.name));
+                match restored.get(&(e.client, label)) {
+                    Some(&pool) => Backend::Swap(
+                        SwapExport::attach(self.engine.clone(), cfg, pool)
+                            .map_err(|x| OpError::Export(e.name.clone(), x))?,
+                    ),
+                    None => {
+                        if clean {
+                            self.warn(format!(
+                                "Swap export {:?}: no saved pool found, recreated empty",
+                                e.name
+                            ));
+                        }
+                        Backend::Swap(
+                            SwapExport::create(self.engine.clone(), cfg)
+                                .map_err(|x| OpError::Export(e.name.clone(), x))?,
+                        )
+                    }
+                }
+            }
+            ExportKind::Cached => {
+                let image = e
+                    .image
+                    .clone()
+                    .ok_or_else(|| OpError::Invalid("cached export without image".into()))?;
+                Backend::Cached(
+                    CachedExport::open(
+                        self.engine.clone(),
+                        CachedConfig {
+                            name: e.name.clone(),
+                            image: image.clone(),
+                            client,
+                            uuid: None,
+                            direct_io: e.direct_io,
+                            codec,
+                            dedup,
+                        },
+                    )
+                    .map_err(|x| OpError::Export(e.name.clone(), x))?,
+                )
+            }
+        };
+        let size = backend.block().size();
+        self.exports.insert(Arc::new(Export {
+            name: e.name.clone(),
+            kind: e.kind,
+            size,
+            client,
+            image: e.image.clone(),
+            codec,
+            dedup,
+            direct_io: e.direct_io,
+            backend,
+        }));
+        Ok(())
+    }
+
+    fn manifest(&self, clean: bool) -> Manifest {
+        let clients = self
+            .engine
+            .clients()
+            .into_iter()
+            .filter_map(|id| self.engine.client_stats(id).ok())
+            .map(|c| ClientEntry {
+                id: c.client.0,
+                weight: c.weight,
+                persistent_cap: (c.persistent_cap != u64::MAX).then_some(c.persistent_cap),
+                frozen: c.frozen,
+                stream: clean.then(|| state::stream_name(c.client.0)),
+            })
+            .collect();
+        let exports = self
+            .exports
+            .all()
+            .iter()
+            .map(|e| ExportEntry {
+                name: e.name.clone(),
+                kind: e.kind,
+                size: e.size,
+                client: e.client.0,
+                image: e.image.clone(),
+                pool_label: (e.kind == ExportKind::Swap).then(|| format!("swap:{}", e.name)),
+                codec: codec_name(e.codec),
+                dedup: dedup_name(e.dedup).into(),
+                direct_io: e.direct_io,
+            })
+            .collect();
+        Manifest {
+            clean,
+            clients,
+            exports,
+            ..Default::default()
+        }
+    }
+
+    fn write_manifest(&self) -> Result<(), StateError> {
+        state::write_manifest(&self.paths.state, &self.manifest(false))
+    }
+
+    fn manifest_changed(&self) {
+        if let Err(e) = self.write_manifest() {
+            tracing::error!(error = %chain(&e), "cannot write manifest");
+        }
+    }
+
+    /// Saves every client's persistent pages and a clean manifest.
+    fn save_all(&self) -> Result<(), DaemonError> {
+        for id in self.engine.clients() {
+            let path = self.paths.state.join(state::stream_name(id.0));
+            let engine = &self.engine;
+            let r = state::write_atomic(&path, |w| engine.save(id, SaveOptions::default(), w))
+                .map_err(DaemonError::Save)?;
+            let rep = r.map_err(|e| DaemonError::SaveClient(id.0, e))?;
+            tracing::info!(
+                client = id.0,
+                pages = rep.pages,
+                bytes = rep.bytes,
+                "saved pages"
+            );
+        }
+        state::write_manifest(&self.paths.state, &self.manifest(true)).map_err(DaemonError::Save)
+    }
+
+    fn spill_path(&self, name: &str) -> PathBuf {
+        self.paths.spill.join(format!("{name}.spill"))
+    }
+
+    // ------------------------------------------------------------------ queries
+
+    /// `GET /status`.
+    pub fn status(&self) -> Status {
+        Status {
+            version: env!("CARGO_PKG_VERSION").into(),
+            pid: std::process::id(),
+            uptime_secs: self.started.elapsed().as_secs(),
+            state_dir: self.paths.dir.clone(),
+            nbd_socket: self.paths.nbd.clone(),
+            nbd_tcp: self.cfg.nbd_tcp.map(|a| a.to_string()),
+            metrics_addr: self.cfg.metrics_addr.map(|a| a.to_string()),
+            budget: self.engine.budget(),
+            held_bytes: self.engine.held_bytes(),
+            clients: self.engine.clients().len() as u64,
+            exports: self.exports.all().len() as u64,
+            guests: self.guests.len() as u64,
+            warnings: lock(&self.warnings).clone(),
+        }
+    }
+
+    fn client_info(&self, id: ClientId) -> Result<ClientInfo, OpError> {
+        let c = self.engine.client_stats(id).map_err(|e| match e {
+            tmem_core::Error::UnknownClient(c) => OpError::UnknownClient(c.0),
+            e => OpError::Engine(e),
+        })?;
+        Ok(ClientInfo {
+            id: c.client.0,
+            weight: c.weight,
+            persistent_cap: (c.persistent_cap != u64::MAX).then_some(c.persistent_cap),
+            frozen: c.frozen,
+            ephemeral: held(&c.ephemeral),
+            persistent: held(&c.persistent),
+            ops: ops(&c.ops),
+            pools: c.pools.iter().map(|p| p.0).collect(),
+        })
+    }
+
+    /// `GET /clients`.
+    pub fn clients(&self) -> Vec<ClientInfo> {
+        self.engine
+            .clients()
+            .into_iter()
+            .filter_map(|id| self.client_info(id).ok())
+            .collect()
+    }
+
+    fn export_info(&self, e: &Export, nbd: Option<&ServerHandle>) -> ExportInfo {
+        let n = nbd.and_then(|s| s.stats(&e.name)).unwrap_or_default();
+        ExportInfo {
+            name: e.name.clone(),
+            kind: e.kind,
+            size: e.size,
+            client: e.client.0,
+            pool: e.backend.pool().map(|p| p.0),
+            image: e.image.clone(),
+            uri: format!("nbd+unix:///{}?socket={}", e.name, self.paths.nbd.display()),
+            backend: e.backend.counters(&self.engine, e.client),
+            nbd: NbdStats {
+                connections: n.connections,
+                reads: n.reads,
+                writes: n.writes,
+                flushes: n.flushes,
+                trims: n.trims,
+                write_zeroes: n.write_zeroes,
+                bytes_read: n.bytes_read,
+                bytes_written: n.bytes_written,
+                errors: n.errors,
+            },
+        }
+    }
+
+    /// `GET /exports`.
+    pub fn exports(&self) -> Vec<ExportInfo> {
+        let nbd = lock(&self.nbd);
+        self.exports
+            .all()
+            .iter()
+            .map(|e| self.export_info(e, nbd.as_ref()))
+            .collect()
+    }
+
+    /// `GET /exports/{name}`.
+    pub fn export(&self, name: &str) -> Result<ExportInfo, OpError> {
+        let e = self
+            .exports
+            .get(name)
+            .ok_or_else(|| OpError::UnknownExport(name.to_owned()))?;
+        let nbd = lock(&self.nbd);
+        Ok(self.export_info(&e, nbd.as_ref()))
+    }
+
+    /// `GET /guests`.
+    pub fn guests(&self) -> Vec<GuestInfo> {
+        self.guests.list()
+    }
+
+    /// `GET /stats`.
+    pub fn stats(&self) -> Stats {
+        let s = self.engine.stats();
+        let pool = PoolSummary {
+            budget: s.budget,
+            held_bytes: s.held_bytes,
+            metadata_bytes: s.metadata_bytes,
+            logical_bytes: s.logical_bytes,
+            physical_bytes: s.alloc.payload_bytes,
+            slab_bytes: s.alloc.held_bytes,
+            pages: s.pages,
+            ephemeral_pages: s.ephemeral_pages,
+            persistent_pages: s.persistent_pages,
+            same_pages: s.same_pages,
+            unique_payloads: s.unique_payloads,
+            freeable_bytes: s.freeable_bytes,
+            effective_ratio: s.effective_ratio(),
+            compression_ratio: s.compression_ratio(),
+            dedup_ratio: s.dedup_ratio(),
+            fragmentation: s.alloc.fragmentation(),
+            clients: s.clients,
+            pools: s.pools,
+            ops: ops(&s.ops),
+        };
+        let pools = self
+            .engine
+            .all_pool_stats()
+            .into_iter()
+            .map(|p| PoolInfo {
+                id: p.pool.0,
+                label: p.label,
+                persistent: p.persistent,
+                shared: p.shared,
+                held: held(&p.held),
+                ops: ops(&p.ops),
+            })
+            .collect();
+        Stats {
+            pool,
+            clients: self.clients(),
+            pools,
+            exports: self.exports(),
+            guests: self.guests(),
+        }
+    }
+
+    // ------------------------------------------------------------------ mutations
+
+    fn guard(&self) -> Result<MutexGuard<'_, ()>, OpError> {
+        let g = lock(&self.control);
+        if self.stopping.load(Ordering::Relaxed) {
+            return Err(OpError::ShuttingDown);
+        }
+        Ok(g)
+    }
+
+    fn next_client_id(&self) -> u32 {
+        self.engine
+            .clients()
+            .iter()
+            .map(|c| c.0)
+            .max()
+            .map_or(1, |m| m.saturating_add(1))
+    }
+
+    /// `POST /clients`.
+    pub fn create_client(&self, req: &CreateClient) -> Result<ClientInfo, OpError> {
+        let _g = self.guard()?;
+        let id = req.id.unwrap_or_else(|| self.next_client_id());
+        let cfg = ClientConfig {
+            weight: req.weight.unwrap_or(100),
+            persistent_cap: req.persistent_cap.map_or(u64::MAX, |s| s.0),
+        };
+        self.engine
+            .add_client(ClientId(id), cfg)
+            .map_err(|e| match e {
+                tmem_core::Error::ClientExists(_) => OpError::ClientExists(id),
+                e => OpError::Engine(e),
+            })?;
+        self.manifest_changed();
+        self.client_info(ClientId(id))
+    }
+
+    /// `DELETE /clients/{id}`.
+    pub fn delete_client(&self, id: u32) -> Result<(), OpError> {
+        let _g = self.guard()?;
+        let users: Vec<String> = self
+            .exports
+            .all()
+            .iter()
+            .filter(|e| e.client.0 == id)
+            .map(|e| e.name.clone())
+            .collect();
+        if !users.is_empty() {
+            return Err(OpError::ClientBusy(id, users.join(", ")));
+        }
+        self.engine
+            .remove_client(ClientId(id))
+            .map_err(|e| match e {
+                tmem_core::Error::UnknownClient(_) => OpError::UnknownClient(id),
+                e => OpError::Engine(e),
+            })?;
+        self.manifest_changed();
+        Ok(())
+    }
+
+    /// `POST /clients/{id}/freeze` (`freeze = true`) or `/thaw`.
+    pub fn freeze_client(&self, id: u32, freeze: bool) -> Result<ClientInfo, OpError> {
+        let _g = self.guard()?;
+        let r = if freeze {
+            self.engine.freeze(ClientId(id))
+        } else {
+            self.engine.thaw(ClientId(id))
+        };
+        r.map_err(|e| match e {
+            tmem_core::Error::UnknownClient(_) => OpError::UnknownClient(id),
+            e => OpError::Engine(e),
+        })?;
+        self.manifest_changed();
+        self.client_info(ClientId(id))
+    }
+
+    /// `POST /exports`.
+    pub fn create_export(&self, req: &CreateExport) -> Result<ExportInfo, OpError> {
+        let _g = self.guard()?;
+        if !valid_name(&req.name) {
+            return Err(OpError::Invalid(format!(
+                "export name {:?} must be 1-64 characters of A-Z a-z 0-9 . _ - (not starting with .)",
+                req.name
+            )));
+        }
+        if self.exports.contains(&req.name) {
+            return Err(OpError::ExportExists(req.name.clone()));
+        }
+        let codec = match &req.codec {
+            Some(c) => parse_codec(c).map_err(OpError::Option)?,
+            None => self.cfg.codec,
+        };
+        let dedup = match &req.dedup {
+            Some(d) => parse_dedup(d).map_err(OpError::Option)?,
+            None => self.cfg.dedup,
+        };
+        match req.kind {
+            ExportKind::Swap => {
+                if req.image.is_some() {
+                    return Err(OpError::Invalid("a swap export takes no image".into()));
+                }
+                match req.size {
+                    None => return Err(OpError::Invalid("a swap export needs a size".into())),
+                    Some(s) if s.0 == 0 || s.0 % 4096 != 0 => {
+                        return Err(OpError::Invalid(format!(
+                            "swap size {} must be a non-zero multiple of 4096",
+                            s.0
+                        )))
+                    }
+                    Some(_) => {}
+                }
+            }
+            ExportKind::Cached => {
+                if req.image.is_none() {
+                    return Err(OpError::Invalid("a cached export needs an image".into()));
+                }
+                if req.size.is_some() {
+                    return Err(OpError::Invalid(
+                        "a cached export takes its size from the image".into(),
+                    ));
+                }
+            }
+        }
+        let (client, created) = match req.client {
+            Some(id) => match self
+                .engine
+                .add_client(ClientId(id), ClientConfig::default())
+            {
+                Ok(()) => (ClientId(id), true),
+                Err(tmem_core::Error::ClientExists(_)) => (ClientId(id), false),
+                Err(e) => return Err(OpError::Engine(e)),
+            },
+            None => {
+                let id = ClientId(self.next_client_id());
+                self.engine
+                    .add_client(id, ClientConfig::default())
+                    .map_err(OpError::Engine)?;
+                (id, true)
+            }
+        };
+        let made = match req.kind {
+            ExportKind::Swap => SwapExport::create(
+                self.engine.clone(),
+                SwapConfig {
+                    name: req.name.clone(),
+                    size: req.size.map_or(0, |s| s.0),
+                    client,
+                    spill_path: self.spill_path(&req.name),
+                    codec,
+                    dedup,
+                },
+            )
+            .map(Backend::Swap),
+            ExportKind::Cached => CachedExport::open(
+                self.engine.clone(),
+                CachedConfig {
+                    name: req.name.clone(),
+                    image: req.image.clone().unwrap_or_default(),
+                    client,
+                    uuid: None,
+                    direct_io: req.direct_io.unwrap_or(false),
+                    codec,
+                    dedup,
+                },
+            )
+            .map(Backend::Cached),
+        };
+        let backend = match made {
+            Ok(b) => b,
+            Err(e) => {
+                if created {
+                    let _ = self.engine.remove_client(client);
+                }
+                return Err(OpError::Export(req.name.clone(), e));
+            }
+        };
+        let export = Arc::new(Export {
+            name: req.name.clone(),
+            kind: req.kind,
+            size: backend.block().size(),
+            client,
+            image: req.image.clone(),
+            codec,
+            dedup,
+            direct_io: req.direct_io.unwrap_or(false),
+            backend,
+        });
+        self.exports.insert(export.clone());
+        self.manifest_changed();
+        tracing::info!(name = %export.name, kind = %export.kind, size = export.size, client = client.0, "export added");
+        let nbd = lock(&self.nbd);
+        Ok(self.export_info(&export, nbd.as_ref()))
+    }
+
+    /// `DELETE /exports/{name}`.
+    pub fn delete_export(&self, name: &str) -> Result<(), OpError> {
+        let _g = self.guard()?;
+        let e = self
+            .exports
+            .remove(name)
+            .ok_or_else(|| OpError::UnknownExport(name.to_owned()))?;
+        self.manifest_changed();
+        tracing::info!(name, "export removed");
+        e.backend
+            .release()
+            .map_err(|x| OpError::Export(name.to_owned(), x))
+    }
+
+    /// `PUT /budget`.
+    pub fn set_budget(&self, bytes: u64) -> Result<BudgetReply, OpError> {
+        let _g = self.guard()?;
+        if bytes == 0 {
+            return Err(OpError::Invalid("budget must be above 0".into()));
+        }
+        let released = self.engine.set_budget(bytes);
+        tracing::info!(budget = bytes, released, "budget set");
+        Ok(BudgetReply {
+            budget: self.engine.budget(),
+            released,
+        })
+    }
+
+    /// `POST /shrink`.
+    pub fn shrink(&self, bytes: u64) -> Result<ShrinkReply, OpError> {
+        let _g = self.guard()?;
+        let released = self.engine.shrink(bytes);
+        Ok(ShrinkReply {
+            requested: bytes,
+            released,
+        })
+    }
+
+    /// `POST /guests`.
+    pub fn add_guest(&self, req: &CreateGuest) -> Result<GuestInfo, OpError> {
+        let _g = self.guard()?;
+        self.guests.add(req).map_err(OpError::Guest)
+    }
+
+    /// `DELETE /guests/{name}`.
+    pub fn remove_guest(&self, name: &str) -> Result<(), OpError> {
+        let _g = self.guard()?;
+        self.guests.remove(name).map_err(OpError::Guest)
+    }
+}
+
+impl Running {
+    /// Stops everything in order: control API and metrics, balloon guests, NBD server; then
+    /// flushes every export and saves every client's persistent pages.
+    pub fn shutdown(mut self) -> Result<(), DaemonError> {
+        let d = self.daemon.clone();
+        {
+            let _g = lock(&d.control);
+            d.stopping.store(true, Ordering::Relaxed);
+        }
+        self.ctl.shutdown();
+        if let Some(m) = self.metrics.as_mut() {
+            m.shutdown();
+        }
+        d.guests.stop_all();
+        if let Some(nbd) = lock(&d.nbd).take() {
+            nbd.shutdown();
+        }
+        for e in d.exports.all() {
+            if let Err(err) = e.backend.flush() {
+                tracing::error!(export = %e.name, error = %chain(&err), "flush failed");
+            }
+        }
+        let r = d.save_all();
+        let _ = fs::remove_file(&d.paths.ctl);
+        let _ = fs::remove_file(&d.paths.nbd);
+        if r.is_ok() {
+            tracing::info!("state saved, tmemd stopped");
+        }
+        r
+    }
+}
+
+fn held(h: &tmem_core::HeldStats) -> Held {
+    Held {
+        pages: h.pages,
+        same_pages: h.same_pages,
+        charged_bytes: h.charged_bytes,
+        logical_bytes: h.logical_bytes(),
+    }
+}
+
+fn ops(o: &tmem_core::OpStats) -> Ops {
+    Ops {
+        puts: o.puts,
+        puts_refused: o.puts_refused,
+        gets: o.gets,
+        get_hits: o.get_hits,
+        get_misses: o.get_misses,
+        flushes: o.flushes,
+        evictions: o.evictions,
+        zero_puts: o.zero_puts,
+        same_puts: o.same_puts,
+        dedup_hits: o.dedup_hits,
+        compressed_puts: o.compressed_puts,
+        raw_puts: o.raw_puts,
+    }
+}

@@ -1,0 +1,193 @@
+//! The daemon's dynamic export table: exports added and removed at runtime, served by the
+//! NBD server through [`tmem_nbd::ExportTable`].
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+
+use tmem_api::{BackendCounters, ExportKind};
+use tmem_core::{ClientId, Codec, DedupScope, Engine, PoolId};
+use tmem_exports::{CachedExport, ExportError, SwapExport};
+use tmem_nbd::{BlockBackend, ExportInfo, ExportTable};
+
+/// The store behind an export.
+#[derive(Debug, Clone)]
+pub enum Backend {
+    /// A swap export.
+    Swap(Arc<SwapExport>),
+    /// A cached image export.
+    Cached(Arc<CachedExport>),
+}
+
+impl Backend {
+    /// The backend as the NBD server sees it.
+    pub fn block(&self) -> Arc<dyn BlockBackend> {
+        match self {
+            Backend::Swap(s) => s.clone(),
+            Backend::Cached(c) => c.clone(),
+        }
+    }
+
+    /// The pool the export keeps its pages in, when it has one of its own.
+    pub fn pool(&self) -> Option<PoolId> {
+        match self {
+            Backend::Swap(s) => Some(s.pool()),
+            Backend::Cached(c) => Some(c.pool()),
+        }
+    }
+
+    /// Backend counters (`engine` and `client` give the cached pool's page count).
+    pub fn counters(&self, engine: &Engine, client: ClientId) -> BackendCounters {
+        match self {
+            Backend::Swap(s) => {
+                let st = s.stats();
+                BackendCounters {
+                    pool_pages: st.pages_in_pool,
+                    spilled_pages: st.pages_spilled,
+                    sectors_read: 0,
+                    sectors_written: 0,
+                    hits: 0,
+                    misses: 0,
+                }
+            }
+            Backend::Cached(c) => {
+                let st = c.stats();
+                BackendCounters {
+                    pool_pages: engine
+                        .pool_stats(client, c.pool())
+                        .map_or(0, |p| p.held.pages),
+                    spilled_pages: 0,
+                    sectors_read: st.sectors_read,
+                    sectors_written: st.sectors_written,
+                    hits: st.cache_hits,
+                    misses: st.cache_misses,
+                }
+            }
+        }
+    }
+
+    /// Makes completed writes durable (spill file or image).
+    pub fn flush(&self) -> Result<(), tmem_nbd::BackendError> {
+        self.block().flush()
+    }
+
+    /// Destroys a swap export (pool and spill file) or closes a cached one.
+    pub fn release(&self) -> Result<(), ExportError> {
+        match self {
+            Backend::Swap(s) => s.destroy(),
+            Backend::Cached(c) => c.close(),
+        }
+    }
+}
+
+/// One export and how it was made.
+#[derive(Debug, Clone)]
+pub struct Export {
+    /// Name (= NBD export name).
+    pub name: String,
+    /// Kind.
+    pub kind: ExportKind,
+    /// Size in bytes.
+    pub size: u64,
+    /// Client.
+    pub client: ClientId,
+    /// Cached: the image.
+    pub image: Option<PathBuf>,
+    /// Codec.
+    pub codec: Codec,
+    /// Dedup scope.
+    pub dedup: DedupScope,
+    /// Cached: O_DIRECT.
+    pub direct_io: bool,
+    /// The store.
+    pub backend: Backend,
+}
+
+/// Name → export, read by every NBD `GO`/`LIST` and changed by the control API.
+#[derive(Debug, Default)]
+pub struct ExportSet {
+    map: RwLock<BTreeMap<String, Arc<Export>>>,
+}
+
+impl ExportSet {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Arc<Export>>> {
+        self.map.read().unwrap_or_else(|e| e.into_inner())
+    }
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, Arc<Export>>> {
+        self.map.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Adds an export; `false` if the name is taken.
+    pub fn insert(&self, e: Arc<Export>) -> bool {
+        let mut m = self.write();
+        if m.contains_key(&e.name) {
+            return false;
+        }
+        m.insert(e.name.clone(), e);
+        true
+    }
+
+    /// Removes an export.
+    pub fn remove(&self, name: &str) -> Option<Arc<Export>> {
+        self.write().remove(name)
+    }
+
+    /// One export.
+    pub fn get(&self, name: &str) -> Option<Arc<Export>> {
+        self.read().get(name).cloned()
+    }
+
+    /// Whether the name is taken.
+    pub fn contains(&self, name: &str) -> bool {
+        self.read().contains_key(name)
+    }
+
+    /// All exports, by name.
+    pub fn all(&self) -> Vec<Arc<Export>> {
+        self.read().values().cloned().collect()
+    }
+
+    /// Removes every export (for shutdown).
+    pub fn drain(&self) -> Vec<Arc<Export>> {
+        std::mem::take(&mut *self.write()).into_values().collect()
+    }
+}
+
+impl ExportTable for ExportSet {
+    fn lookup(&self, name: &str) -> Option<Arc<dyn BlockBackend>> {
+        self.read().get(name).map(|e| e.backend.block())
+    }
+
+    fn list(&self) -> Vec<ExportInfo> {
+        self.read()
+            .values()
+            .map(|e| ExportInfo {
+                name: e.name.clone(),
+                description: format!("tmem {} export, client {}", e.kind, e.client.0),
+            })
+            .collect()
+    }
+}
+
+/// Checks an export name: 1..=64 bytes of `[A-Za-z0-9._-]`, not starting with `.`.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert!(valid_name("swap-1.vm_a"));
+        for bad in ["", ".x", "a/b", "a b", &"x".repeat(65), "é"] {
+            assert!(!valid_name(bad), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,91 @@
+//! # tmemd: the tmem host daemon
+//!
+//! Wires the pool engine (`tmem-core`), block exports (`tmem-exports`), the NBD server
+//! (`tmem-nbd`) and the balloon manager (`tmem-balloon`) into one process, controlled over
+//! HTTP/1.1 + JSON on a Unix socket (Cloud Hypervisor style) with Firecracker-style
+//! resources under `/api/v1` (see `tmem-api` for the routes and types).
+//!
+//! ## Layout of the state directory (`--state-dir`, default `/run/tmem` as root)
+//! * `tmemd.lock` — flock held while the daemon runs (taken before stale sockets are removed);
+//! * `nbd.sock` — NBD server: `nbd+unix:///NAME?socket=DIR/nbd.sock`;
+//! * `ctl.sock` — control API and `GET /metrics`;
+//! * `spill/NAME.spill` — swap exports' spill files;
+//! * `state/manifest.json`, `state/client-ID.tmem` — saved clients, exports and pages.
+//!
+//! ## Lifecycle
+//! [`run`] starts the daemon ([`daemon::Daemon::start`]: lock, restore, NBD, API), waits
+//! for SIGTERM or SIGINT, then [`daemon::Running::shutdown`]: stop the API, the guests and
+//! the NBD server, flush every export, save every client's persistent pages and a clean
+//! manifest. A restart restores them, so guest swap data survives it. A corrupt state file
+//! is moved aside (`.corrupt`) and reported in `GET /status` `warnings`.
+//!
+//! ## Modules
+//! [`config`] (defaults, TOML, flags), [`http`] (the small HTTP server), [`api`] (routes and
+//! error codes), [`daemon`] (operations), [`exports`] (dynamic NBD export table), [`state`]
+//! (manifest and atomic files), [`metrics`] (Prometheus text), [`balloon`] (pool control
+//! and guest runtime), [`lock`] (state dir lock).
+
+pub mod api;
+pub mod balloon;
+pub mod config;
+pub mod daemon;
+pub mod exports;
+pub mod http;
+pub mod lock;
+pub mod metrics;
+pub mod ratelimit;
+pub mod state;
+
+use config::{Args, Config, ConfigError};
+use daemon::{Daemon, DaemonError};
+
+/// Errors of the whole run.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The configuration is invalid.
+    #[error("Invalid configuration")]
+    Config(#[source] ConfigError),
+    /// Starting or stopping failed.
+    #[error("Daemon failed")]
+    Daemon(#[source] DaemonError),
+    /// Signal handlers could not be installed.
+    #[error("Cannot install signal handlers")]
+    Signals(#[source] std::io::Error),
+}
+
+/// Installs a tracing subscriber (`RUST_LOG`, default `info`) writing to stderr.
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+}
+
+/// Runs the daemon until SIGTERM or SIGINT, then shuts down cleanly.
+pub fn run(args: &Args) -> Result<(), RunError> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let cfg = Config::load(args).map_err(RunError::Config)?;
+    // Register before starting so that an early signal is not lost.
+    let mut signals =
+        signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).map_err(RunError::Signals)?;
+    let running = Daemon::start(cfg).map_err(RunError::Daemon)?;
+    if let Some(sig) = signals.forever().next() {
+        tracing::info!(signal = sig, "shutting down");
+    }
+    running.shutdown().map_err(RunError::Daemon)
+}
+
+/// Prints an error and its numbered chain to stderr.
+pub fn print_error_chain(e: &dyn std::error::Error) {
+    eprintln!("tmemd: error: {e}");
+    let mut cur = e.source();
+    let mut i = 1;
+    while let Some(c) = cur {
+        eprintln!("  {i}: {c}");
+        cur = c.source();
+        i += 1;
+    }
+}

@@ -1,0 +1,454 @@
+//! Prometheus text exposition (format 0.0.4) of the daemon's [`Stats`].
+
+use std::fmt::Write;
+
+use tmem_api::{Ops, Stats};
+
+/// Escapes a label value.
+fn esc(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+struct Out {
+    s: String,
+}
+
+impl Out {
+    fn family(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.s, "# HELP {name} {help}");
+        let _ = writeln!(self.s, "# TYPE {name} {kind}");
+    }
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], v: f64) {
+        self.s.push_str(name);
+        if !labels.is_empty() {
+            self.s.push('{');
+            for (i, (k, val)) in labels.iter().enumerate() {
+                if i > 0 {
+                    self.s.push(',');
+                }
+                let _ = write!(self.s, "{k}=\"{}\"", esc(val));
+            }
+            self.s.push('}');
+        }
+        if v.is_finite() && v.fract() == 0.0 && v.abs() < 9.0e15 {
+            let _ = writeln!(self.s, " {}", v as i64);
+        } else if v.is_finite() {
+            let _ = writeln!(self.s, " {v}");
+        } else {
+            let _ = writeln!(self.s, " NaN");
+        }
+    }
+    fn gauge(&mut self, name: &str, help: &str, v: f64) {
+        self.family(name, "gauge", help);
+        self.sample(name, &[], v);
+    }
+}
+
+fn op_list(o: &Ops) -> [(&'static str, u64); 12] {
+    [
+        ("put", o.puts),
+        ("put_refused", o.puts_refused),
+        ("get", o.gets),
+        ("get_hit", o.get_hits),
+        ("get_miss", o.get_misses),
+        ("flush", o.flushes),
+        ("eviction", o.evictions),
+        ("zero_put", o.zero_puts),
+        ("same_put", o.same_puts),
+        ("dedup_hit", o.dedup_hits),
+        ("compressed_put", o.compressed_puts),
+        ("raw_put", o.raw_puts),
+    ]
+}
+
+/// Renders all metrics.
+pub fn render(st: &Stats) -> String {
+    let mut o = Out { s: String::new() };
+    let p = &st.pool;
+    o.gauge(
+        "tmem_budget_bytes",
+        "Pool budget in bytes.",
+        p.budget as f64,
+    );
+    o.gauge(
+        "tmem_held_bytes",
+        "Bytes really held by the pool (slabs + metadata).",
+        p.held_bytes as f64,
+    );
+    o.gauge(
+        "tmem_metadata_bytes",
+        "Index and dedup metadata bytes.",
+        p.metadata_bytes as f64,
+    );
+    o.gauge(
+        "tmem_logical_bytes",
+        "Logical bytes held (pages x 4096).",
+        p.logical_bytes as f64,
+    );
+    o.gauge(
+        "tmem_physical_bytes",
+        "Payload bytes stored after compression.",
+        p.physical_bytes as f64,
+    );
+    o.gauge(
+        "tmem_slab_bytes",
+        "Allocator slab bytes.",
+        p.slab_bytes as f64,
+    );
+    o.gauge(
+        "tmem_freeable_bytes",
+        "Bytes that could be released now.",
+        p.freeable_bytes as f64,
+    );
+    o.gauge(
+        "tmem_unique_payloads",
+        "Distinct stored payloads after dedup.",
+        p.unique_payloads as f64,
+    );
+    o.gauge(
+        "tmem_effective_ratio",
+        "Logical bytes / held bytes.",
+        p.effective_ratio,
+    );
+    o.gauge(
+        "tmem_compression_ratio",
+        "Compression ratio of data pages.",
+        p.compression_ratio,
+    );
+    o.gauge(
+        "tmem_dedup_ratio",
+        "Data pages / unique payloads.",
+        p.dedup_ratio,
+    );
+    o.gauge(
+        "tmem_fragmentation_ratio",
+        "Allocator fragmentation (held - payload) / held.",
+        p.fragmentation,
+    );
+    o.gauge("tmem_clients", "Number of clients.", p.clients as f64);
+    o.gauge("tmem_pools", "Number of pools.", p.pools as f64);
+    o.family("tmem_pages", "gauge", "Pages held by kind.");
+    for (k, v) in [
+        ("ephemeral", p.ephemeral_pages),
+        ("persistent", p.persistent_pages),
+        ("same_filled", p.same_pages),
+    ] {
+        o.sample("tmem_pages", &[("kind", k)], v as f64);
+    }
+    o.family("tmem_ops_total", "counter", "Engine operations.");
+    for (op, v) in op_list(&p.ops) {
+        o.sample("tmem_ops_total", &[("op", op)], v as f64);
+    }
+
+    o.family(
+        "tmem_client_pages",
+        "gauge",
+        "Pages charged to a client by kind.",
+    );
+    for c in &st.clients {
+        let id = c.id.to_string();
+        o.sample(
+            "tmem_client_pages",
+            &[("client", &id), ("kind", "ephemeral")],
+            c.ephemeral.pages as f64,
+        );
+        o.sample(
+            "tmem_client_pages",
+            &[("client", &id), ("kind", "persistent")],
+            c.persistent.pages as f64,
+        );
+    }
+    o.family(
+        "tmem_client_charged_bytes",
+        "gauge",
+        "Bytes charged to a client by kind.",
+    );
+    for c in &st.clients {
+        let id = c.id.to_string();
+        o.sample(
+            "tmem_client_charged_bytes",
+            &[("client", &id), ("kind", "ephemeral")],
+            c.ephemeral.charged_bytes as f64,
+        );
+        o.sample(
+            "tmem_client_charged_bytes",
+            &[("client", &id), ("kind", "persistent")],
+            c.persistent.charged_bytes as f64,
+        );
+    }
+    o.family(
+        "tmem_client_frozen",
+        "gauge",
+        "1 if the client's puts are refused.",
+    );
+    for c in &st.clients {
+        o.sample(
+            "tmem_client_frozen",
+            &[("client", &c.id.to_string())],
+            f64::from(u8::from(c.frozen)),
+        );
+    }
+    o.family(
+        "tmem_client_ops_total",
+        "counter",
+        "Operations of a client.",
+    );
+    for c in &st.clients {
+        let id = c.id.to_string();
+        for (op, v) in op_list(&c.ops) {
+            o.sample(
+                "tmem_client_ops_total",
+                &[("client", &id), ("op", op)],
+                v as f64,
+            );
+        }
+    }
+
+    o.family("tmem_pool_pages", "gauge", "Pages held in a pool.");
+    for pl in &st.pools {
+        let id = pl.id.to_string();
+        o.sample(
+            "tmem_pool_pages",
+            &[("pool", &id), ("label", &pl.label)],
+            pl.held.pages as f64,
+        );
+    }
+    o.family("tmem_pool_ops_total", "counter", "Operations on a pool.");
+    for pl in &st.pools {
+        let id = pl.id.to_string();
+        for (op, v) in op_list(&pl.ops) {
+            o.sample(
+                "tmem_pool_ops_total",
+                &[("pool", &id), ("label", &pl.label), ("op", op)],
+                v as f64,
+            );
+        }
+    }
+
+    o.family("tmem_export_size_bytes", "gauge", "Size of an export.");
+    for e in &st.exports {
+        let kind = e.kind.to_string();
+        o.sample(
+            "tmem_export_size_bytes",
+            &[("export", &e.name), ("kind", &kind)],
+            e.size as f64,
+        );
+    }
+    o.family(
+        "tmem_export_pool_pages",
+        "gauge",
+        "Pages an export holds in the pool.",
+    );
+    for e in &st.exports {
+        o.sample(
+            "tmem_export_pool_pages",
+            &[("export", &e.name)],
+            e.backend.pool_pages as f64,
+        );
+    }
+    o.family(
+        "tmem_export_nbd_requests_total",
+        "counter",
+        "NBD requests to an export.",
+    );
+    for e in &st.exports {
+        for (op, v) in [
+            ("read", e.nbd.reads),
+            ("write", e.nbd.writes),
+            ("flush", e.nbd.flushes),
+            ("trim", e.nbd.trims),
+            ("write_zeroes", e.nbd.write_zeroes),
+        ] {
+            o.sample(
+                "tmem_export_nbd_requests_total",
+                &[("export", &e.name), ("op", op)],
+                v as f64,
+            );
+        }
+    }
+    o.family(
+        "tmem_export_nbd_bytes_total",
+        "counter",
+        "NBD payload bytes of an export.",
+    );
+    for e in &st.exports {
+        o.sample(
+            "tmem_export_nbd_bytes_total",
+            &[("export", &e.name), ("dir", "read")],
+            e.nbd.bytes_read as f64,
+        );
+        o.sample(
+            "tmem_export_nbd_bytes_total",
+            &[("export", &e.name), ("dir", "write")],
+            e.nbd.bytes_written as f64,
+        );
+    }
+    o.family(
+        "tmem_export_nbd_connections_total",
+        "counter",
+        "NBD connections to an export.",
+    );
+    for e in &st.exports {
+        o.sample(
+            "tmem_export_nbd_connections_total",
+            &[("export", &e.name)],
+            e.nbd.connections as f64,
+        );
+    }
+    o.family(
+        "tmem_export_nbd_errors_total",
+        "counter",
+        "NBD requests answered with an error.",
+    );
+    for e in &st.exports {
+        o.sample(
+            "tmem_export_nbd_errors_total",
+            &[("export", &e.name)],
+            e.nbd.errors as f64,
+        );
+    }
+    o.family(
+        "tmem_swap_spilled_pages",
+        "gauge",
+        "Swap pages in the spill file.",
+    );
+    for e in st
+        .exports
+        .iter()
+        .filter(|e| e.kind == tmem_api::ExportKind::Swap)
+    {
+        o.sample(
+            "tmem_swap_spilled_pages",
+            &[("export", &e.name)],
+            e.backend.spilled_pages as f64,
+        );
+    }
+    o.family(
+        "tmem_cached_sectors_total",
+        "counter",
+        "512-byte sectors read from or written to a cached export's image.",
+    );
+    for e in st
+        .exports
+        .iter()
+        .filter(|e| e.kind == tmem_api::ExportKind::Cached)
+    {
+        o.sample(
+            "tmem_cached_sectors_total",
+            &[("export", &e.name), ("dir", "read")],
+            e.backend.sectors_read as f64,
+        );
+        o.sample(
+            "tmem_cached_sectors_total",
+            &[("export", &e.name), ("dir", "write")],
+            e.backend.sectors_written as f64,
+        );
+    }
+    o.family(
+        "tmem_cached_lookups_total",
+        "counter",
+        "Cached export reads served from the pool (hit) or the image (miss).",
+    );
+    for e in st
+        .exports
+        .iter()
+        .filter(|e| e.kind == tmem_api::ExportKind::Cached)
+    {
+        o.sample(
+            "tmem_cached_lookups_total",
+            &[("export", &e.name), ("result", "hit")],
+            e.backend.hits as f64,
+        );
+        o.sample(
+            "tmem_cached_lookups_total",
+            &[("export", &e.name), ("result", "miss")],
+            e.backend.misses as f64,
+        );
+    }
+
+    o.family(
+        "tmem_guest_balloon_actual_bytes",
+        "gauge",
+        "Guest balloon size last read.",
+    );
+    for g in &st.guests {
+        o.sample(
+            "tmem_guest_balloon_actual_bytes",
+            &[("guest", &g.name)],
+            g.actual as f64,
+        );
+    }
+    o.family(
+        "tmem_guest_balloon_target_bytes",
+        "gauge",
+        "Guest balloon target last requested.",
+    );
+    for g in &st.guests {
+        o.sample(
+            "tmem_guest_balloon_target_bytes",
+            &[("guest", &g.name)],
+            g.target as f64,
+        );
+    }
+    o.family(
+        "tmem_guest_max_bytes",
+        "gauge",
+        "Guest maximum (boot) size.",
+    );
+    for g in &st.guests {
+        o.sample("tmem_guest_max_bytes", &[("guest", &g.name)], g.max as f64);
+    }
+    o.family(
+        "tmem_guest_stuck",
+        "gauge",
+        "1 if the guest does not approach its target.",
+    );
+    for g in &st.guests {
+        o.sample(
+            "tmem_guest_stuck",
+            &[("guest", &g.name)],
+            f64::from(u8::from(g.stuck)),
+        );
+    }
+    o.s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tmem_api::{ExportInfo, ExportKind, GuestInfo};
+
+    #[test]
+    fn renders_valid_lines() {
+        let mut st = Stats::default();
+        st.pool.budget = 1 << 30;
+        st.pool.effective_ratio = 2.5;
+        st.exports.push(ExportInfo {
+            name: "a\"b".into(),
+            kind: ExportKind::Swap,
+            size: 4096,
+            client: 1,
+            pool: Some(0),
+            image: None,
+            uri: String::new(),
+            backend: Default::default(),
+            nbd: Default::default(),
+        });
+        st.guests.push(GuestInfo {
+            name: "g".into(),
+            actual: 5,
+            ..Default::default()
+        });
+        let t = render(&st);
+        assert!(t.contains("tmem_budget_bytes 1073741824\n"));
+        assert!(t.contains("tmem_effective_ratio 2.5\n"));
+        assert!(t.contains("tmem_swap_spilled_pages{export=\"a\\\"b\"} 0\n"));
+        assert!(t.contains("tmem_guest_balloon_actual_bytes{guest=\"g\"} 5\n"));
+        for l in t.lines().filter(|l| !l.starts_with('#')) {
+            let (_, v) = l.rsplit_once(' ').unwrap();
+            v.parse::<f64>().unwrap();
+        }
+    }
+}
