@@ -1,1 +1,84 @@
-//! tmem-exports (placeholder; being written).
+//! # tmem-exports: the two export kinds tmemd serves over NBD
+//!
+//! Both are [`tmem_nbd::BlockBackend`]s on top of a [`tmem_core::Engine`].
+//!
+//! ## swap ([`SwapExport`]): frontswap with writeback
+//! A block device of `size` bytes whose page *i* is key (object 0, index *i*) of a
+//! persistent private pool labelled `swap:<name>`. Devices above 16 TiB (2^32 pages) are
+//! refused ([`ExportError::TooLarge`]).
+//! * **Zeros.** Never-written, trimmed and all-zero pages are held nowhere: a write of an
+//!   all-zero page flushes the key. Such pages (and engine [`tmem_core::PageState::Zero`]
+//!   pages) are reported as zero ranges, so the server sends holes. TRIM and WRITE_ZEROES
+//!   flush whole pages (and free their spill copies) and zero partial ones.
+//! * **Page locks.** 1024 striped mutexes, one per `page % 1024`. Every page operation —
+//!   read, the read-modify-write of an unaligned or sub-page write, discard, writeback,
+//!   pull-back — runs under its page's stripe, and no code path holds two stripes at once.
+//!   The stripe also guards the **location map** (`page → Pool(seq) | Spill`; absent =
+//!   zero, or a page restored into the pool): a page is in exactly one place.
+//! * **Spill.** When a put is refused (`NoSpace`, `QuotaExceeded`, `Frozen`) the engine has
+//!   already flushed the key; the page is written to the export's sparse spill file at
+//!   offset `page * 4096` (identity layout: no slot allocator, and the file describes
+//!   itself after a restart). A page leaving the spill file (rewritten into the pool,
+//!   pulled back, discarded) gets its range hole-punched (zero-filled where the filesystem
+//!   cannot punch). The older copy is always invalidated unconditionally — the zswap
+//!   stale-duplicate bug cannot happen because both places change under the same lock.
+//!   A guest never sees an error because the pool is full; only spill-file I/O errors
+//!   (`ENOSPC` → NBD `ENOSPC`, others `EIO`) reach it.
+//! * **Oldest first.** Every successful put appends `(page, seq)` to a FIFO; an entry is
+//!   stale once the page's map entry no longer says `Pool(seq)`. After a refused put the
+//!   writer (outside its page lock; one writer at a time) moves up to
+//!   [`swap::WRITEBACK_BATCH`] of the oldest pool pages to the spill file — spill copy
+//!   written first, then the pool copy flushed — so that the next writes fit in the pool
+//!   (zswap's LRU writeback). The FIFO is compacted when it grows past 4× the pool pages.
+//! * **Pull-back.** Reading a spilled page moves it back into the pool when the engine has
+//!   room (more than ⅛ of the budget free and no refusal during the last 256 puts).
+//! * **Durability.** Pool pages live as long as the daemon (which saves pools on SIGTERM);
+//!   FLUSH and FUA `fdatasync` the spill file if it was written since the last sync.
+//! * **Restart.** [`SwapExport::attach`] re-attaches to a restored pool: the spill file's
+//!   allocated extents (`SEEK_DATA`) are the spilled pages, except where the pool also
+//!   holds the page (every path leaves the pool copy at least as new), then the spill
+//!   copy is dropped.
+//!
+//! ## cached ([`CachedExport`]): shared cleancache in front of a raw image
+//! Reads look each page up in a shared ephemeral pool joined by UUID (by default derived
+//! from the image's device and inode), object 0, index = page. A run of missed pages is
+//! read from the image in one `pread` (`O_DIRECT` where the filesystem allows, through a
+//! 4096-aligned buffer) and put into the pool. Writes go to the image and replace the
+//! cached pages before they are acknowledged; unaligned writes read-modify-write whole
+//! pages. Only the image's `size` bytes are exposed; the partial tail page is written
+//! through a second, buffered descriptor.
+//!
+//! **The miss/write race** (reader misses, reads old data, writer writes and invalidates,
+//! reader puts the old data) is closed by per-stripe generation counters shared by every
+//! export of the image in the process (a registry keyed by engine and device/inode): a
+//! writer holds the stripe locks of its pages (ascending order) and bumps their generation
+//! to odd before reading/writing anything and back to even after the new pages are in
+//! the cache; a reader records the generation before its `pread` and puts a page only if,
+//! under the stripe lock, it is even and unchanged. The reader holds no lock during I/O.
+//!
+//! ## Errors
+//! [`ExportError`] maps into [`tmem_nbd::BackendError`] with an exhaustive match.
+#![warn(missing_docs)]
+
+mod cached;
+mod error;
+pub mod swap;
+mod sys;
+
+pub use cached::{image_uuid, CachedConfig, CachedExport, CachedStats};
+pub use error::ExportError;
+pub use swap::{SwapConfig, SwapExport, SwapStats};
+
+use tmem_nbd::BackendError;
+
+/// Largest export: 2^32 pages of 4 KiB (one object's index space), i.e. 16 TiB.
+pub const MAX_EXPORT_BYTES: u64 = (1u64 << 32) * tmem_core::PAGE_SIZE as u64;
+
+/// Rejects ranges outside an export of `size` bytes (the server checks too; direct
+/// callers may not).
+fn check_range(size: u64, offset: u64, len: u64) -> Result<(), BackendError> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(BackendError::OutOfRange { offset, len }),
+    }
+}
