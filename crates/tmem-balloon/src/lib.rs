@@ -19,8 +19,23 @@
 //! * **Simulation** ([`sim`]): a deterministic scripted guest for tests/lab.
 //! * **Manager** ([`manager`], feature `host`): one thread per guest; polls
 //!   collectors, runs the governor, actuates through [`manager::BalloonActuator`]
-//!   (QMP `balloon`, or cgroup v2 `memory.high` for containers) and keeps the
-//!   pool budget in step through [`manager::PoolControl`].
+//!   (QMP `balloon`, or cgroup v2 `memory.high` + `memory.reclaim` for
+//!   containers, [`cgroup`]) and keeps the pool budget in step through
+//!   [`manager::PoolControl`].
+//!
+//! ## Quick start (daemon side)
+//!
+//! ```no_run
+//! # use std::sync::Arc;
+//! use tmem_balloon::manager::{GuestSpec, Manager, ManagerConfig, NoPool, ProcHost};
+//! use tmem_balloon::GovernorConfig;
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let m = Manager::new(ManagerConfig::default(), Arc::new(NoPool::default()), Arc::new(ProcHost));
+//! m.add_guest(GuestSpec::qemu("vm1", 4 << 30, GovernorConfig::default(),
+//!     "/run/vm1/qmp.sock", Some("/run/vm1/agent.sock".into()), 2)?)?;
+//! for s in m.status() { println!("{} actual={} target={} stuck={}", s.name, s.actual, s.target, s.stuck); }
+//! # Ok(()) }
+//! ```
 //!
 //! ## Features
 //!
