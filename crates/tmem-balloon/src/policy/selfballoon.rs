@@ -19,6 +19,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::{mib, Decision, GuestView, HostView, Policy, MIB};
+use crate::stats::PAGE_SIZE;
 
 /// Tunables; defaults are the driver's.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -57,19 +58,25 @@ impl Default for SelfBalloonConfig {
 /// `max` is the guest's maximum size (`max_pfn`), `totalreserve` the kernel's
 /// reserve; all in bytes. Returns a MemTotal-domain minimum.
 pub fn selfballoon_floor(max: u64, totalreserve: u64, min_usable_mb: u64) -> u64 {
-    if min_usable_mb != 0 {
-        return totalreserve.saturating_add(min_usable_mb.saturating_mul(MIB));
-    }
-    let useful = max.saturating_sub(totalreserve);
-    if useful < 16 * MIB {
-        max // not worth ballooning
-    } else if useful < 64 * MIB {
-        totalreserve.saturating_add(16 * MIB + (useful - 16 * MIB) / 2)
-    } else if useful < 512 * MIB {
-        totalreserve.saturating_add(40 * MIB + (useful - 40 * MIB) / 8)
+    // Computed in 4 KiB pages like the driver, so integer division rounds the same way.
+    let p = |b: u64| b / PAGE_SIZE;
+    let mb2pages = |mb: u64| mb.saturating_mul(MIB / PAGE_SIZE);
+    let (max_pfn, reserve) = (p(max), p(totalreserve));
+    let floor = if min_usable_mb != 0 {
+        reserve.saturating_add(mb2pages(min_usable_mb))
     } else {
-        totalreserve.saturating_add(99 * MIB + (useful - 99 * MIB) / 32)
-    }
+        let useful = max_pfn.saturating_sub(reserve);
+        if useful < mb2pages(16) {
+            max_pfn // not worth ballooning
+        } else if useful < mb2pages(64) {
+            reserve + mb2pages(16) + (useful - mb2pages(16)) / 2
+        } else if useful < mb2pages(512) {
+            reserve + mb2pages(40) + (useful - mb2pages(40)) / 8
+        } else {
+            reserve + mb2pages(99) + (useful - mb2pages(99)) / 32
+        }
+    };
+    floor.saturating_mul(PAGE_SIZE)
 }
 
 /// The xen-selfballoon policy.
@@ -117,13 +124,16 @@ impl Policy for SelfBalloon {
         }
         let down = u64::from(self.cfg.down_hysteresis.max(1));
         let up = u64::from(self.cfg.up_hysteresis.max(1));
-        let (mut tgt, dir) = if cur > goal {
-            (cur - (cur - goal) / down, "shrink")
-        } else if cur < goal {
-            (cur + (goal - cur) / up, "grow")
+        // In pages, as the driver does (integer division of page counts).
+        let (cur_p, goal_p) = (cur / PAGE_SIZE, goal / PAGE_SIZE);
+        let (tgt_p, dir) = if cur_p > goal_p {
+            (cur_p - (cur_p - goal_p) / down, "shrink")
+        } else if cur_p < goal_p {
+            (cur_p + (goal_p - cur_p) / up, "grow")
         } else {
-            (cur, "steady")
+            (cur_p, "steady")
         };
+        let mut tgt = tgt_p * PAGE_SIZE;
         let floor = selfballoon_floor(g.max, self.cfg.totalreserve_bytes, self.cfg.min_usable_mb);
         let floored = tgt < floor;
         tgt = tgt.max(floor);
@@ -272,6 +282,22 @@ mod tests {
         });
         let d = p.decide(&view(&h, 2000 * MIB, 2000 * MIB), &HostView::default());
         assert_eq!(d.target, 2000 * MIB - (2000 * MIB - 700 * MIB) / 8);
+    }
+
+    #[test]
+    fn page_granular_like_the_driver() {
+        // Gap of 9 pages: the driver moves 9/8 = 1 page, not 4608 bytes.
+        let cur = 4096 * MIB;
+        let committed = cur - 9 * PAGE_SIZE;
+        let h = hist(cur, committed);
+        let cfg = SelfBalloonConfig {
+            reserved_mb: Some(0),
+            ..Default::default()
+        };
+        let d = SelfBalloon::new(cfg).decide(&view(&h, cur, 8192 * MIB), &HostView::default());
+        assert_eq!(d.target, cur - PAGE_SIZE);
+        // Sub-page remainders of the inputs are truncated.
+        assert_eq!(selfballoon_floor(256 * MIB + 100, 0, 0), 67 * MIB);
     }
 
     #[test]
