@@ -1,0 +1,506 @@
+//! # tmemctl: command-line client of tmemd
+//!
+//! Talks HTTP/1.1 + JSON to `STATE_DIR/ctl.sock` (state dir from `--state-dir`, the
+//! `TMEM_STATE_DIR` environment variable, or the default `/run/tmem` as root) with the
+//! request types of `tmem-api`, so sizes are parsed exactly as the daemon parses them.
+//! Errors print the daemon's whole error chain and exit non-zero.
+//!
+//! `tmemctl top` is a live xentop-like view ([`top`]); `top --once` prints one frame as
+//! plain text.
+
+pub mod client;
+pub mod top;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use client::{Client, ClientError};
+use tmem_api::{
+    format_size, BudgetReply, ClientInfo, CreateClient, CreateExport, CreateGuest, ExportInfo,
+    ExportKind, GuestInfo, PolicyName, SetBudget, ShrinkReply, ShrinkRequest, Size, Stats, Status,
+    API_PREFIX,
+};
+
+/// Command line.
+#[derive(Debug, Parser)]
+#[command(name = "tmemctl", version, about = "Control a running tmemd")]
+pub struct Cli {
+    /// State directory of the daemon (holds ctl.sock). Default: /run/tmem as root.
+    #[arg(long, env = "TMEM_STATE_DIR", value_name = "DIR", global = true)]
+    pub state_dir: Option<PathBuf>,
+    /// What to do.
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Cmd {
+    /// Show the daemon's status.
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show pool, client, export and guest statistics.
+    Stats {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add or remove an export.
+    Export {
+        /// What to do.
+        #[command(subcommand)]
+        cmd: ExportCmd,
+    },
+    /// List exports.
+    Exports {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add or remove a client.
+    Client {
+        /// What to do.
+        #[command(subcommand)]
+        cmd: ClientCmd,
+    },
+    /// List clients.
+    Clients {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Set the pool budget.
+    Budget {
+        /// What to do.
+        #[command(subcommand)]
+        cmd: BudgetCmd,
+    },
+    /// Release memory from the pool now.
+    Shrink {
+        /// Bytes to release (e.g. 512M).
+        size: Size,
+    },
+    /// Refuse new puts of a client.
+    Freeze {
+        /// Client id.
+        client: u32,
+    },
+    /// Accept puts of a frozen client again.
+    Thaw {
+        /// Client id.
+        client: u32,
+    },
+    /// Add or remove a ballooned guest.
+    Guest {
+        /// What to do.
+        #[command(subcommand)]
+        cmd: GuestCmd,
+    },
+    /// List ballooned guests.
+    Guests {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Live view (q quits).
+    Top {
+        /// Print one frame as plain text and exit.
+        #[arg(long)]
+        once: bool,
+        /// Refresh interval in seconds (also the rate window of --once).
+        #[arg(long, default_value_t = 1.0)]
+        interval: f64,
+    },
+}
+
+/// `export` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ExportCmd {
+    /// Create an export.
+    Add {
+        /// Export (NBD) name.
+        name: String,
+        /// swap or cached.
+        #[arg(long)]
+        kind: ExportKind,
+        /// Swap: device size (e.g. 1G).
+        #[arg(long)]
+        size: Option<Size>,
+        /// Cached: the disk image.
+        #[arg(long)]
+        image: Option<PathBuf>,
+        /// Client id (default: a new client).
+        #[arg(long)]
+        client: Option<u32>,
+        /// Codec: none, lz4, zstd, zstd:LEVEL (default: the daemon's).
+        #[arg(long)]
+        codec: Option<String>,
+        /// Dedup scope: off, pool, client, global (default: the daemon's).
+        #[arg(long)]
+        dedup: Option<String>,
+        /// Cached: open the image with O_DIRECT.
+        #[arg(long)]
+        direct_io: bool,
+    },
+    /// Remove an export (its pages are dropped).
+    Rm {
+        /// Export name.
+        name: String,
+    },
+}
+
+/// `client` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ClientCmd {
+    /// Create a client.
+    Add {
+        /// Client id (default: the next free one).
+        #[arg(long)]
+        id: Option<u32>,
+        /// Weight (share of ephemeral capacity). Default 100.
+        #[arg(long)]
+        weight: Option<u32>,
+        /// Cap on persistent bytes.
+        #[arg(long)]
+        cap: Option<Size>,
+    },
+    /// Remove a client (it must have no exports).
+    Rm {
+        /// Client id.
+        id: u32,
+    },
+}
+
+/// `budget` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum BudgetCmd {
+    /// Set the budget (e.g. 2G).
+    Set {
+        /// New budget.
+        size: Size,
+    },
+}
+
+/// `guest` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum GuestCmd {
+    /// Manage a guest's balloon.
+    Add {
+        /// Guest name.
+        name: String,
+        /// QEMU QMP socket.
+        #[arg(long)]
+        qmp: PathBuf,
+        /// Agent (virtio-serial) socket.
+        #[arg(long)]
+        agent: Option<PathBuf>,
+        /// Policy: selfballoon, pressure or static.
+        #[arg(long)]
+        policy: Option<PolicyName>,
+        /// Never shrink below this.
+        #[arg(long)]
+        min: Option<Size>,
+        /// Never grow above this (default: boot size from QMP).
+        #[arg(long)]
+        max: Option<Size>,
+    },
+    /// Stop managing a guest.
+    Rm {
+        /// Guest name.
+        name: String,
+    },
+}
+
+/// Errors of a command.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// Talking to the daemon failed.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    /// The terminal failed (top).
+    #[error("Terminal error")]
+    Terminal(#[source] std::io::Error),
+    /// Bad arguments.
+    #[error("{0}")]
+    Usage(String),
+}
+
+fn print_json<T: serde::Serialize>(v: &T) {
+    match serde_json::to_string_pretty(v) {
+        Ok(s) => println!("{s}"),
+        Err(e) => eprintln!("tmemctl: cannot print JSON: {e}"),
+    }
+}
+
+fn v1(path: &str) -> String {
+    format!("{API_PREFIX}{path}")
+}
+
+/// Runs a parsed command.
+pub fn run(cli: Cli) -> Result<(), CliError> {
+    let dir = cli
+        .state_dir
+        .clone()
+        .unwrap_or_else(tmem_api::default_state_dir);
+    let c = Client::new(dir.join(tmem_api::CTL_SOCKET));
+    match cli.cmd {
+        Cmd::Status { json } => {
+            let s: Status = c.get("/status")?;
+            if json {
+                print_json(&s);
+            } else {
+                println!("tmemd {} (pid {}), up {}s", s.version, s.pid, s.uptime_secs);
+                println!("state dir  {}", s.state_dir.display());
+                println!("nbd socket {}", s.nbd_socket.display());
+                if let Some(t) = &s.nbd_tcp {
+                    println!("nbd tcp    {t}");
+                }
+                if let Some(m) = &s.metrics_addr {
+                    println!("metrics    http://{m}/metrics");
+                }
+                println!(
+                    "budget {}  held {}  clients {}  exports {}  guests {}",
+                    format_size(s.budget),
+                    format_size(s.held_bytes),
+                    s.clients,
+                    s.exports,
+                    s.guests
+                );
+                for w in &s.warnings {
+                    println!("warning: {w}");
+                }
+            }
+        }
+        Cmd::Stats { json } => {
+            let s: Stats = c.get("/stats")?;
+            if json {
+                print_json(&s);
+            } else {
+                print!("{}", top::Frame::build(&s, None).to_text());
+            }
+        }
+        Cmd::Export { cmd } => match cmd {
+            ExportCmd::Add {
+                name,
+                kind,
+                size,
+                image,
+                client,
+                codec,
+                dedup,
+                direct_io,
+            } => {
+                let req = CreateExport {
+                    name,
+                    kind,
+                    size,
+                    image: image.map(|p| std::path::absolute(&p).unwrap_or(p)),
+                    client,
+                    codec,
+                    dedup,
+                    direct_io: direct_io.then_some(true),
+                };
+                let e: ExportInfo = c.call("POST", &v1("/exports"), Some(&req))?;
+                println!(
+                    "export {} ({}, {}, client {}): {}",
+                    e.name,
+                    e.kind,
+                    format_size(e.size),
+                    e.client,
+                    e.uri
+                );
+            }
+            ExportCmd::Rm { name } => {
+                c.call::<(), ()>("DELETE", &v1(&format!("/exports/{name}")), None)?;
+                println!("export {name} removed");
+            }
+        },
+        Cmd::Exports { json } => {
+            let v: Vec<ExportInfo> = c.get("/exports")?;
+            if json {
+                print_json(&v);
+            } else {
+                println!(
+                    "{:<20} {:<6} {:>8} {:>6}  URI",
+                    "NAME", "KIND", "SIZE", "CLIENT"
+                );
+                for e in v {
+                    println!(
+                        "{:<20} {:<6} {:>8} {:>6}  {}",
+                        e.name,
+                        e.kind.to_string(),
+                        format_size(e.size),
+                        e.client,
+                        e.uri
+                    );
+                }
+            }
+        }
+        Cmd::Client { cmd } => match cmd {
+            ClientCmd::Add { id, weight, cap } => {
+                let req = CreateClient {
+                    id,
+                    weight,
+                    persistent_cap: cap,
+                };
+                let ci: ClientInfo = c.call("POST", &v1("/clients"), Some(&req))?;
+                println!("client {} (weight {})", ci.id, ci.weight);
+            }
+            ClientCmd::Rm { id } => {
+                c.call::<(), ()>("DELETE", &v1(&format!("/clients/{id}")), None)?;
+                println!("client {id} removed");
+            }
+        },
+        Cmd::Clients { json } => {
+            let v: Vec<ClientInfo> = c.get("/clients")?;
+            if json {
+                print_json(&v);
+            } else {
+                println!(
+                    "{:>6} {:>6} {:>8} {:>10} {:>10}",
+                    "ID", "WEIGHT", "STATE", "EPH", "PERS"
+                );
+                for ci in v {
+                    println!(
+                        "{:>6} {:>6} {:>8} {:>10} {:>10}",
+                        ci.id,
+                        ci.weight,
+                        if ci.frozen { "frozen" } else { "active" },
+                        ci.ephemeral.pages,
+                        ci.persistent.pages
+                    );
+                }
+            }
+        }
+        Cmd::Budget {
+            cmd: BudgetCmd::Set { size },
+        } => {
+            let r: BudgetReply = c.call("PUT", &v1("/budget"), Some(&SetBudget { bytes: size }))?;
+            println!(
+                "budget {} (released {})",
+                format_size(r.budget),
+                format_size(r.released)
+            );
+        }
+        Cmd::Shrink { size } => {
+            let r: ShrinkReply =
+                c.call("POST", &v1("/shrink"), Some(&ShrinkRequest { bytes: size }))?;
+            println!(
+                "released {} of {} requested",
+                format_size(r.released),
+                format_size(r.requested)
+            );
+        }
+        Cmd::Freeze { client } => {
+            let ci: ClientInfo =
+                c.call::<(), _>("POST", &v1(&format!("/clients/{client}/freeze")), None)?;
+            println!("client {} frozen", ci.id);
+        }
+        Cmd::Thaw { client } => {
+            let ci: ClientInfo =
+                c.call::<(), _>("POST", &v1(&format!("/clients/{client}/thaw")), None)?;
+            println!("client {} thawed", ci.id);
+        }
+        Cmd::Guest { cmd } => match cmd {
+            GuestCmd::Add {
+                name,
+                qmp,
+                agent,
+                policy,
+                min,
+                max,
+            } => {
+                let req = CreateGuest {
+                    name,
+                    qmp: std::path::absolute(&qmp).unwrap_or(qmp),
+                    agent: agent.map(|a| std::path::absolute(&a).unwrap_or(a)),
+                    policy,
+                    min,
+                    max,
+                };
+                let g: GuestInfo = c.call("POST", &v1("/guests"), Some(&req))?;
+                println!("guest {} managed ({} policy)", g.name, g.policy);
+            }
+            GuestCmd::Rm { name } => {
+                c.call::<(), ()>("DELETE", &v1(&format!("/guests/{name}")), None)?;
+                println!("guest {name} removed");
+            }
+        },
+        Cmd::Guests { json } => {
+            let v: Vec<GuestInfo> = c.get("/guests")?;
+            if json {
+                print_json(&v);
+            } else {
+                println!(
+                    "{:<16} {:<12} {:>8} {:>8} {:>8} {:>6}",
+                    "NAME", "POLICY", "MAX", "ACTUAL", "TARGET", "STUCK"
+                );
+                for g in v {
+                    println!(
+                        "{:<16} {:<12} {:>8} {:>8} {:>8} {:>6}",
+                        g.name,
+                        g.policy,
+                        format_size(g.max),
+                        format_size(g.actual),
+                        format_size(g.target),
+                        if g.stuck { "yes" } else { "no" }
+                    );
+                    if let Some(e) = g.last_error {
+                        println!("  last error: {e}");
+                    }
+                }
+            }
+        }
+        Cmd::Top { once, interval } => {
+            if !(interval.is_finite() && interval > 0.0 && interval <= 3600.0) {
+                return Err(CliError::Usage(format!(
+                    "--interval {interval} must be between 0 and 3600 seconds"
+                )));
+            }
+            let interval = Duration::from_secs_f64(interval);
+            if once {
+                let first: Stats = c.get("/stats")?;
+                let t0 = Instant::now();
+                std::thread::sleep(interval);
+                let cur: Stats = c.get("/stats")?;
+                let frame = top::Frame::build(&cur, Some((&first, t0.elapsed())));
+                print!("{}", frame.to_text());
+            } else {
+                // Fail early (and print the chain) if the daemon is not there.
+                let _: Stats = c.get("/stats")?;
+                top::run_live(interval, || {
+                    c.get::<Stats>("/stats")
+                        .map_err(|e| tmem_api::ErrorBody::from_error(&e).chain.join(": "))
+                })
+                .map_err(CliError::Terminal)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Prints an error: the local chain, then the daemon's chain for server errors.
+pub fn print_error(e: &CliError) {
+    match e {
+        CliError::Client(ClientError::Server { status, body }) => {
+            eprintln!("tmemctl: error: {} (HTTP {status})", body.error);
+            for (i, c) in body.chain.iter().skip(1).enumerate() {
+                eprintln!("  {}: {c}", i + 1);
+            }
+        }
+        e => {
+            eprintln!("tmemctl: error: {e}");
+            let mut cur = std::error::Error::source(e);
+            let mut i = 1;
+            while let Some(c) = cur {
+                eprintln!("  {i}: {c}");
+                cur = c.source();
+                i += 1;
+            }
+        }
+    }
+}
