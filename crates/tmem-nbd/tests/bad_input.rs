@@ -244,6 +244,14 @@ fn transmission_errors_simple() {
         assert_eq!((err, cookie), (EINVAL, i as u64), "case {i}");
     }
     c.check_alive(20);
+    // Simple replies must zero-fill holes themselves (the read buffer is reused between requests).
+    c.request(CMD_WRITE, 0, 30, 65536, 8192, &[0xcd; 8192]);
+    assert_eq!(c.reply(0).0, 0);
+    assert_eq!(c.read_simple(31, 65536, 8192), (0, vec![0xcd; 8192]));
+    let (e, d) = c.read_simple(32, 65536 + 4096, 8192);
+    assert_eq!(e, 0);
+    assert_eq!(&d[..4096], &[0xcd; 4096][..]);
+    assert!(d[4096..].iter().all(|&b| b == 0), "hole must read as zeros");
     // Disconnect politely: no reply, connection closes.
     c.request(CMD_DISC, 0, 99, 0, 0, &[]);
     assert!(c.is_closed());

@@ -166,6 +166,15 @@ fn slow_flush_reply_is_overtaken_by_later_reads() {
         vec![("g", be.clone() as Arc<dyn BlockBackend>)],
         ServerConfig::default(),
     );
+    // Opens the gate on drop (also when an assertion fails), so server shutdown never hangs.
+    struct OpenOnDrop(Arc<GatedFlush>);
+    impl Drop for OpenOnDrop {
+        fn drop(&mut self) {
+            *self.0.gate.lock().unwrap_or_else(|e| e.into_inner()) = true;
+            self.0.cv.notify_all();
+        }
+    }
+    let _open = OpenOnDrop(be.clone());
     let mut c = RawClient::open(&srv.sock, "g", true);
     c.request(CMD_WRITE, 0, 1, 0, 4096, &[0x42; 4096]);
     assert_eq!(c.reply(0), (0, 1, vec![]));
