@@ -420,6 +420,13 @@ impl Shared {
             .pressure = pressure;
     }
 
+    /// Forget a guest: it no longer counts in the pool budget or the share
+    /// plan, and its status is dropped. Stop its loop first.
+    pub fn unregister(&self, name: &str) {
+        lock(&self.guests).remove(name);
+        lock(&self.status).remove(name);
+    }
+
     /// Status of every guest, by name.
     pub fn status(&self) -> Vec<GuestStatus> {
         lock(&self.status).values().cloned().collect()
@@ -678,7 +685,9 @@ impl GuestLoop {
         );
     }
 
-    fn publish(&self, shared: &Shared) {
+    /// Publish this loop's status into `shared` (done by `step`; call it
+    /// again after [`GuestLoop::settle`] to expose the measured latency).
+    pub fn publish(&self, shared: &Shared) {
         lock(&shared.status).insert(self.spec.name.clone(), self.status.clone());
     }
 }
@@ -823,8 +832,7 @@ impl Manager {
         let w = lock(&self.workers).remove(name);
         let Some(mut w) = w else { return false };
         w.halt();
-        lock(&self.shared.guests).remove(name);
-        lock(&self.shared.status).remove(name);
+        self.shared.unregister(name);
         true
     }
 
