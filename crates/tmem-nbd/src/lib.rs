@@ -18,6 +18,25 @@
 //! * [`ServerHandle`] owns everything it starts; shutdown closes every connection, joins every
 //!   thread and unlinks Unix socket files.
 //! * Peer-triggerable log lines are rate limited per callsite.
+//!
+//! ## Example
+//! ```no_run
+//! use std::sync::Arc;
+//! use tmem_nbd::{ListenAddr, MemBackend, ServerConfig, ServerHandle, StaticExports};
+//!
+//! let exports = StaticExports::new()
+//!     .with_export("swap", "in-memory swap", Arc::new(MemBackend::new(2 << 30)))
+//!     .with_export("cached", "", Arc::new(MemBackend::new(1 << 30)));
+//! let server = ServerHandle::start(
+//!     Arc::new(exports),
+//!     ServerConfig::default(),
+//!     &[ListenAddr::Unix("/run/tmem/nbd.sock".into())],
+//! )?;
+//! // qemu-img info 'nbd+unix:///swap?socket=/run/tmem/nbd.sock'
+//! println!("{:?}", server.stats("swap"));
+//! server.shutdown(); // closes clients, joins threads, unlinks the socket
+//! # Ok::<(), tmem_nbd::ServerError>(())
+//! ```
 
 pub mod backend;
 pub mod handshake;

@@ -302,3 +302,36 @@ fn shutdown_closes_clients_joins_and_unlinks_socket() {
     assert!(c2.is_closed());
     assert!(std::os::unix::net::UnixStream::connect(&srv.sock).is_err());
 }
+
+#[test]
+fn handshake_timeout_and_connection_limit() {
+    let cfg = ServerConfig {
+        handshake_timeout: Some(std::time::Duration::from_millis(200)),
+        max_connections: 2,
+        ..Default::default()
+    };
+    let srv = TestServer::start_with(
+        vec![(
+            "a",
+            Arc::new(MemBackend::new(SIZE)) as Arc<dyn BlockBackend>,
+        )],
+        cfg,
+    );
+    // A client that never finishes the handshake is dropped by the server.
+    let mut idle = RawClient::connect(&srv.sock);
+    assert!(idle.is_closed(), "idle handshake must time out");
+    // Transmission has no timeout: an idle open client stays connected.
+    let mut c1 = RawClient::open(&srv.sock, "a", true);
+    let mut c2 = RawClient::open(&srv.sock, "a", false);
+    // A third concurrent connection is refused (closed before the greeting).
+    let s3 = std::os::unix::net::UnixStream::connect(&srv.sock).unwrap();
+    s3.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    let mut b = [0u8; 1];
+    assert!(matches!(
+        std::io::Read::read(&mut &s3, &mut b),
+        Ok(0) | Err(_)
+    ));
+    c1.check_alive(1);
+    c2.check_alive(3);
+}
