@@ -1,7 +1,8 @@
 //! A size-class slab allocator for page payloads (the zsmalloc idea, in safe Rust).
 //!
-//! Payloads of 1..=4096 bytes go to one of 256 classes of 16-byte granularity. Each class
-//! carves slabs of 1–4 pages (the count that wastes least for that size) into equal slots;
+//! Payloads of 1..=4096 bytes go to one of 256 classes of 16-byte granularity (neighbours
+//! with identical slab geometry merged, as zsmalloc does). Each class carves slabs of 1–8
+//! pages (the smallest count with a tail under 1.5 %) into equal slots;
 //! free slots form an intrusive list inside the slab, so the allocator's own overhead is a
 //! small header per slab. An empty slab is returned to the system at once. The memory that
 //! counts against the budget is the sum of slab sizes plus slab headers: real bytes held.
@@ -49,8 +50,32 @@ impl Handle {
 }
 
 /// The class index that holds payloads of `len` bytes (1..=4096).
+///
+/// Like zsmalloc, neighbouring 16-byte classes whose slabs have the same page count and
+/// the same number of slots are merged into the largest of them: the merged size wastes
+/// nothing more per slab, and fewer classes mean fewer partly filled slabs.
 pub(crate) fn class_of(len: usize) -> usize {
-    len.clamp(1, PAGE_SIZE).div_ceil(CLASS_DELTA) - 1
+    static MAP: std::sync::OnceLock<[u8; NUM_CLASSES]> = std::sync::OnceLock::new();
+    let map = MAP.get_or_init(|| {
+        let mut map = [0u8; NUM_CLASSES];
+        let mut group_top = NUM_CLASSES - 1;
+        for c in (0..NUM_CLASSES).rev() {
+            let (p, n) = (
+                pages_per_slab(c),
+                pages_per_slab(c) * PAGE_SIZE / class_size(c),
+            );
+            let (tp, tn) = (
+                pages_per_slab(group_top),
+                pages_per_slab(group_top) * PAGE_SIZE / class_size(group_top),
+            );
+            if (p, n) != (tp, tn) {
+                group_top = c;
+            }
+            map[c] = group_top as u8;
+        }
+        map
+    });
+    map[len.clamp(1, PAGE_SIZE).div_ceil(CLASS_DELTA) - 1] as usize
 }
 
 /// Bytes of one slot in class `class`.
@@ -58,13 +83,24 @@ pub(crate) fn class_size(class: usize) -> usize {
     (class + 1) * CLASS_DELTA
 }
 
-/// Pages per slab for a class: the count in 1..=4 that leaves the smallest unused tail.
+/// Largest slab, in pages.
+const MAX_SLAB_PAGES: usize = 8;
+/// A slab size whose unused tail is at most this (per mille) is good enough.
+const GOOD_TAIL_PER_MILLE: usize = 15;
+
+/// Pages per slab for a class: the smallest count in 1..=16 whose unused tail is at most
+/// 1.5 %, else the count with the smallest tail. Small slabs keep partly filled slabs cheap;
+/// longer ones stop odd sizes from wasting up to 10 % (4-page slabs average 4.6 % tail
+/// waste over the 256 classes, this rule 1.0 %).
 fn pages_per_slab(class: usize) -> usize {
     let size = class_size(class);
     let mut best = (1, usize::MAX);
-    for pages in 1..=4 {
+    for pages in 1..=MAX_SLAB_PAGES {
         let bytes = pages * PAGE_SIZE;
         let waste_per_mille = (bytes % size) * 1000 / bytes;
+        if waste_per_mille <= GOOD_TAIL_PER_MILLE {
+            return pages;
+        }
         if waste_per_mille < best.1 {
             best = (pages, waste_per_mille);
         }
@@ -385,12 +421,18 @@ mod tests {
     #[test]
     fn classes_cover_all_lengths() {
         assert_eq!(class_of(1), 0);
-        assert_eq!(class_of(16), 0);
-        assert_eq!(class_of(17), 1);
+        assert!(class_of(16) <= class_of(17));
         assert_eq!(class_of(4096), NUM_CLASSES - 1);
         for len in 1..=PAGE_SIZE {
             assert!(class_size(class_of(len)) >= len);
-            assert!(class_size(class_of(len)) < len + CLASS_DELTA);
+            // A merged class never packs fewer objects per slab than the exact class would.
+            let exact = len.div_ceil(CLASS_DELTA) - 1;
+            let merged = class_of(len);
+            assert_eq!(pages_per_slab(exact), pages_per_slab(merged));
+            assert_eq!(
+                pages_per_slab(exact) * PAGE_SIZE / class_size(exact),
+                pages_per_slab(merged) * PAGE_SIZE / class_size(merged)
+            );
         }
         for c in 0..NUM_CLASSES {
             let cl = Class::new(c);

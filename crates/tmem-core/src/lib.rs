@@ -41,7 +41,7 @@
 //!   with the dedup domain and confirmed by a full comparison.
 //! * **Compression** ([`Codec`]: none, lz4, zstd level): a page is kept compressed only if
 //!   it fits in `compress_threshold` bytes (default ¾ page). Payloads are packed by a
-//!   size-class slab allocator (16-byte classes, 1–4 page slabs, empty slabs freed at
+//!   size-class slab allocator (16-byte classes merged like zsmalloc's, 1–8 page slabs, empty slabs freed at
 //!   once; ephemeral and persistent payloads in separate arenas so evicting ephemeral
 //!   pages frees whole slabs); fragmentation is reported in [`EngineStats`].
 //! * **Statistics** per client, per pool and global ([`Engine::stats`],
