@@ -31,7 +31,7 @@
 //!   written first, then the pool copy flushed — so that the next writes fit in the pool
 //!   (zswap's LRU writeback). The FIFO is compacted when it grows past 4× the pool pages.
 //! * **Pull-back.** Reading a spilled page moves it back into the pool when the engine has
-//!   room (more than ⅛ of the budget free and no refusal during the last 256 puts).
+//!   room (more than ⅛ of the budget, and at least 64 pages, free).
 //! * **Durability.** Pool pages live as long as the daemon (which saves pools on SIGTERM);
 //!   FLUSH and FUA `fdatasync` the spill file if it was written since the last sync.
 //! * **Restart.** [`SwapExport::attach`] re-attaches to a restored pool: the spill file's

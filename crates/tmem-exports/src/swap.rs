@@ -25,8 +25,6 @@ const PAGE: u64 = PAGE_SIZE as u64;
 const STRIPES: usize = 1024;
 /// Oldest pool pages moved to the spill file each time the pool refuses a put.
 pub const WRITEBACK_BATCH: usize = 64;
-/// Puts that must succeed after the last refusal before spilled pages are pulled back.
-const PULLBACK_QUIET_PUTS: u64 = 4 * WRITEBACK_BATCH as u64;
 /// Most pages one `block_status` call looks at.
 const STATUS_MAX_PAGES: u64 = 1 << 16;
 
@@ -116,7 +114,6 @@ pub struct SwapExport {
     writeback_lock: Mutex<()>,
     compact_lock: Mutex<()>,
     seq: AtomicU64,
-    last_refusal: AtomicU64,
     closed: AtomicBool,
     c: Counters,
 }
@@ -244,7 +241,6 @@ impl SwapExport {
             writeback_lock: Mutex::new(()),
             compact_lock: Mutex::new(()),
             seq: AtomicU64::new(1),
-            last_refusal: AtomicU64::new(0),
             closed: AtomicBool::new(false),
             c: Counters::default(),
         }
@@ -487,7 +483,6 @@ impl SwapExport {
                 | tmem_core::Error::Frozen(_),
             ) => {
                 self.c.put_refusals.fetch_add(1, Relaxed);
-                self.last_refusal.store(self.seq.load(Relaxed), Relaxed);
                 // The failed put flushed any pool copy; the spill copy is now the only one.
                 match self.spill_write(page, data) {
                     Ok(()) => {
@@ -565,18 +560,13 @@ impl SwapExport {
         q.extend(newer);
     }
 
-    /// Whether a spilled page that was just read should move back into the pool.
+    /// Whether a spilled page that was just read should move back into the pool: only
+    /// when the engine has clear room (more than an eighth of its budget, at least 64
+    /// pages), so pull-back and writeback do not chase each other.
     fn pullback_allowed(&self) -> bool {
-        let quiet = self
-            .seq
-            .load(Relaxed)
-            .saturating_sub(self.last_refusal.load(Relaxed));
-        let free = self
-            .engine
-            .budget()
-            .saturating_sub(self.engine.held_bytes());
-        (self.last_refusal.load(Relaxed) == 0 || quiet > PULLBACK_QUIET_PUTS)
-            && free > (self.engine.budget() / 8).max(64 * PAGE)
+        let budget = self.engine.budget();
+        let free = budget.saturating_sub(self.engine.held_bytes());
+        free > (budget / 8).max(64 * PAGE)
     }
 
     fn read_page(&self, page: u32, out: &mut [u8]) -> Result<bool, ExportError> {

@@ -1,0 +1,312 @@
+//! Swap export against an in-memory model: random I/O, zeros, TRIM, spill, concurrency,
+//! re-attach after save/restore.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use common::*;
+use rand::Rng;
+use tmem_core::{ClientConfig, ClientId, SaveOptions};
+use tmem_exports::{ExportError, SwapExport, MAX_EXPORT_BYTES};
+use tmem_nbd::BlockBackend;
+
+fn check_all(b: &dyn BlockBackend, model: &[u8]) -> usize {
+    let mut bad = 0;
+    for (i, chunk) in model.chunks(1 << 20).enumerate() {
+        let got = read(b, (i << 20) as u64, chunk.len());
+        if let Some(d) = first_diff(&got, chunk) {
+            eprintln!("mismatch at {}", (i << 20) + d);
+            bad += got.iter().zip(chunk).filter(|(a, b)| a != b).count();
+        }
+    }
+    bad
+}
+
+fn random_ops(b: &dyn BlockBackend, model: &mut [u8], seed: u64, ops: usize, max: u64) {
+    let size = model.len() as u64;
+    let mut r = rng(seed);
+    for i in 0..ops {
+        let (off, len) = range(&mut r, size, max);
+        let (o, l) = (off as usize, len as usize);
+        match r.gen_range(0..10) {
+            0..=4 => {
+                let mut data = vec![0u8; l];
+                fill(&mut r, &mut data);
+                b.write(off, &data, r.gen_bool(0.1)).expect("write");
+                model[o..o + l].copy_from_slice(&data);
+            }
+            5 => {
+                b.trim(off, len).expect("trim");
+                model[o..o + l].fill(0);
+            }
+            6 => {
+                b.write_zeroes(off, len, true, false).expect("write_zeroes");
+                model[o..o + l].fill(0);
+            }
+            7 => b.flush().expect("flush"),
+            _ => {
+                let got = read(b, off, l);
+                assert_eq!(
+                    first_diff(&got, &model[o..o + l]),
+                    None,
+                    "op {i}: read {off}+{len}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn never_written_reads_zero_as_holes() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = engine(16 << 20, &[1]);
+    let s = swap(&e, dir.path(), "z", 1 << 20);
+    let mut buf = vec![0xaau8; 3 * 4096 + 100];
+    let zr = s.read(5000, &mut buf).unwrap();
+    assert_eq!(zr.as_slice(), &[(0, buf.len())]);
+    let ext = s.block_status(0, 1 << 20).unwrap();
+    assert_eq!(ext.len(), 1);
+    assert!(ext[0].hole && ext[0].zero && ext[0].len == 1 << 20);
+    // Writing zeros stores nothing.
+    s.write(0, &[0u8; 8192], false).unwrap();
+    assert_eq!(s.stats().pages_in_pool, 0);
+    s.write(4096, &[7u8; 10], false).unwrap();
+    assert_eq!(s.stats().pages_in_pool, 1);
+    let ext = s.block_status(0, 3 * 4096).unwrap();
+    assert!(ext[0].hole && !ext[1].hole && ext[2].hole, "{ext:?}");
+    s.trim(4096, 4096).unwrap();
+    assert_eq!(s.stats().pages_in_pool, 0);
+    assert_eq!(read(&*s, 4096, 4096), vec![0u8; 4096]);
+    s.destroy().unwrap();
+}
+
+#[test]
+fn random_io_matches_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = engine(64 << 20, &[1]);
+    // Not a multiple of 4096: the tail page is partial.
+    let size = (8 << 20) + 1234;
+    let s = swap(&e, dir.path(), "m", size);
+    let mut model = vec![0u8; size as usize];
+    random_ops(&*s, &mut model, 1, 4000, 64 << 10);
+    assert_eq!(check_all(&*s, &model), 0);
+    let st = s.stats();
+    assert_eq!(st.pages_spilled, 0, "{st:?}");
+    assert!(st.pages_in_pool > 0);
+    s.destroy().unwrap();
+}
+
+#[test]
+fn too_large_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = engine(1 << 20, &[1]);
+    let r = SwapExport::create(
+        e.clone(),
+        swap_cfg(dir.path(), "big", MAX_EXPORT_BYTES + 1, 1),
+    );
+    assert!(matches!(r, Err(ExportError::TooLarge { .. })), "{r:?}");
+    let r = SwapExport::create(e, swap_cfg(dir.path(), "zero", 0, 1));
+    assert!(matches!(r, Err(ExportError::InvalidConfig(_))), "{r:?}");
+}
+
+#[test]
+fn spill_when_pool_is_full() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = engine(1 << 20, &[1]);
+    let size = 64u64 << 20;
+    let s = swap(&e, dir.path(), "spill", size);
+    let spill_path = dir.path().join("spill.spill");
+    let mut model = vec![0u8; size as usize];
+    random_ops(&*s, &mut model, 2, 6000, 256 << 10);
+    // Fill a contiguous 8 MiB with incompressible data as well.
+    let mut r = rng(3);
+    let mut big = vec![0u8; 8 << 20];
+    r.fill(&mut big[..]);
+    s.write(16 << 20, &big, false).unwrap();
+    model[16 << 20..24 << 20].copy_from_slice(&big);
+    assert_eq!(check_all(&*s, &model), 0);
+    let st = s.stats();
+    eprintln!("{st:?}");
+    assert!(st.pages_spilled > 1000, "{st:?}");
+    assert!(st.put_refusals > 0 && st.written_back > 0, "{st:?}");
+    assert!(st.spill_file_bytes >= st.pages_spilled * 4096 / 2, "{st:?}");
+    assert!(e.held_bytes() <= e.budget(), "engine over budget");
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(&spill_path).unwrap();
+    assert!(m.blocks() > 0);
+    // Free room and read everything again: spilled pages come back into the pool.
+    s.trim(16 << 20, 8 << 20).unwrap();
+    model[16 << 20..24 << 20].fill(0);
+    assert_eq!(check_all(&*s, &model), 0);
+    s.flush().unwrap();
+    s.destroy().unwrap();
+    assert!(!spill_path.exists());
+    assert!(s.read(0, &mut [0u8; 512]).is_err());
+}
+
+#[test]
+fn quota_refusals_spill_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = engine(64 << 20, &[]);
+    e.add_client(
+        ClientId(1),
+        ClientConfig {
+            persistent_cap: 256 << 10,
+            ..ClientConfig::default()
+        },
+    )
+    .unwrap();
+    let s = swap(&e, dir.path(), "q", 16 << 20);
+    let mut model = vec![0u8; 16 << 20];
+    random_ops(&*s, &mut model, 4, 3000, 128 << 10);
+    assert_eq!(check_all(&*s, &model), 0);
+    let st = s.stats();
+    assert!(st.pages_spilled > 0 && st.put_refusals > 0, "{st:?}");
+    s.destroy().unwrap();
+}
+
+#[test]
+fn concurrent_writers_keep_every_update() {
+    let dir = tempfile::tempdir().unwrap();
+    // Small budget: spill and writeback run concurrently with the writers.
+    let e = engine(512 << 10, &[1]);
+    let size = 4u64 << 20;
+    let mut cfg = swap_cfg(dir.path(), "c", size, 1);
+    cfg.codec = tmem_core::Codec::None;
+    cfg.dedup = tmem_core::DedupScope::Off;
+    let s = SwapExport::create(e.clone(), cfg).unwrap();
+    const THREADS: usize = 4;
+    const SHARED: u64 = 32; // pages 0..32 written by every thread, each in its own slot
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut handles = Vec::new();
+    for t in 0..THREADS {
+        let s = s.clone();
+        let stop = stop.clone();
+        handles.push(std::thread::spawn(move || {
+            let mut r = rng(100 + t as u64);
+            // slot t of a shared page: 1024 bytes = (t, page, version) repeated.
+            let mut last = vec![0u64; SHARED as usize];
+            // private pages: region [1 MiB + t*512 KiB, +512 KiB).
+            let base = (1u64 << 20) + t as u64 * (512 << 10);
+            let mut private = vec![0u64; 128];
+            for i in 1..=1500u64 {
+                if r.gen_bool(0.5) {
+                    let p = r.gen_range(0..SHARED);
+                    let mut slot = [0u8; 1024];
+                    for w in slot.chunks_mut(24) {
+                        let v = [t as u64, p, i];
+                        for (k, x) in v.iter().enumerate() {
+                            if w.len() >= 8 * (k + 1) {
+                                w[8 * k..8 * k + 8].copy_from_slice(&x.to_le_bytes());
+                            }
+                        }
+                    }
+                    s.write(p * 4096 + t as u64 * 1024, &slot, false).unwrap();
+                    last[p as usize] = i;
+                } else {
+                    let p = r.gen_range(0..128u64);
+                    let mut page = [0u8; 4096];
+                    for w in page.chunks_mut(16) {
+                        w[..8].copy_from_slice(&(base + p).to_le_bytes());
+                        w[8..].copy_from_slice(&i.to_le_bytes());
+                    }
+                    s.write(base + p * 4096, &page, false).unwrap();
+                    private[p as usize] = i;
+                }
+                // Self-check a private page: exactly what this thread wrote last.
+                let p = r.gen_range(0..128u64);
+                let got = read(&*s, base + p * 4096, 4096);
+                for w in got.chunks(16) {
+                    let v = u64::from_le_bytes(w[8..].try_into().unwrap());
+                    if private[p as usize] == 0 {
+                        assert!(w.iter().all(|&b| b == 0));
+                    } else {
+                        assert_eq!(v, private[p as usize], "thread {t} page {p}");
+                    }
+                }
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+            }
+            (last, private)
+        }));
+    }
+    let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    stop.store(true, Ordering::Relaxed);
+    for (t, (last, _)) in results.iter().enumerate() {
+        for p in 0..SHARED {
+            let got = read(&*s, p * 4096 + t as u64 * 1024, 1024);
+            if last[p as usize] == 0 {
+                assert!(got.iter().all(|&b| b == 0), "thread {t} page {p}");
+                continue;
+            }
+            let v = u64::from_le_bytes(got[16..24].try_into().unwrap());
+            let tt = u64::from_le_bytes(got[0..8].try_into().unwrap());
+            assert_eq!(
+                (tt, v),
+                (t as u64, last[p as usize]),
+                "lost update: thread {t} page {p}"
+            );
+        }
+    }
+    let st = s.stats();
+    eprintln!("{st:?}");
+    assert!(st.pages_spilled > 0 && st.written_back > 0, "{st:?}");
+    s.destroy().unwrap();
+}
+
+#[test]
+fn spilled_pages_come_back_when_room_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = engine(256 << 10, &[1]);
+    let s = swap(&e, dir.path(), "pb", 4 << 20);
+    let mut model = vec![0u8; 4 << 20];
+    let mut r = rng(9);
+    r.fill(&mut model[..]);
+    s.write(0, &model, false).unwrap();
+    let before = s.stats();
+    assert!(before.pages_spilled > 512, "{before:?}");
+    e.set_budget(64 << 20);
+    assert_eq!(check_all(&*s, &model), 0);
+    let after = s.stats();
+    assert!(after.pulled_back > 0, "{after:?}");
+    assert_eq!(after.pages_spilled + after.pages_in_pool, 1024, "{after:?}");
+    assert!(after.pages_spilled < before.pages_spilled, "{after:?}");
+    s.destroy().unwrap();
+}
+
+#[test]
+fn attach_after_save_and_restore() {
+    let dir = tempfile::tempdir().unwrap();
+    let e1 = engine(1 << 20, &[1]);
+    let size = 16u64 << 20;
+    let cfg = swap_cfg(dir.path(), "r", size, 1);
+    let s = SwapExport::create(e1.clone(), cfg.clone()).unwrap();
+    let mut model = vec![0u8; size as usize];
+    random_ops(&*s, &mut model, 5, 2500, 256 << 10);
+    s.flush().unwrap();
+    let st = s.stats();
+    assert!(st.pages_spilled > 0 && st.pages_in_pool > 0, "{st:?}");
+    let mut stream = Vec::new();
+    e1.save(ClientId(1), SaveOptions::default(), &mut stream)
+        .unwrap();
+    drop(s);
+    drop(e1);
+    // A new daemon: restore the pool, re-attach, reuse the spill file.
+    let e2 = engine(1 << 20, &[1]);
+    let rep = e2.restore(ClientId(1), &mut &stream[..]).unwrap();
+    let pool = rep
+        .pools
+        .iter()
+        .find(|(_, l)| l == "swap:r")
+        .map(|(p, _)| *p)
+        .expect("restored swap pool");
+    let s2 = SwapExport::attach(e2.clone(), cfg, pool).unwrap();
+    assert_eq!(s2.stats().pages_spilled, st.pages_spilled);
+    assert_eq!(check_all(&*s2, &model), 0);
+    random_ops(&*s2, &mut model, 6, 1000, 64 << 10);
+    assert_eq!(check_all(&*s2, &model), 0);
+    s2.destroy().unwrap();
+}
