@@ -126,10 +126,11 @@ fn newest_kernel_in(boot: &Path, modules: &Path) -> Result<Kernel> {
             vmlinuz: ent.path(),
             modules_dir,
         };
-        if best
-            .as_ref()
-            .map_or(true, |b| version_cmp(&k.version, &b.version).is_gt())
-        {
+        let newer = match &best {
+            None => true,
+            Some(b) => version_cmp(&k.version, &b.version).is_gt(),
+        };
+        if newer {
             best = Some(k);
         }
     }

@@ -12,6 +12,31 @@
 //! - [`make_data_tree`] / [`make_data_image`] generate a deterministic,
 //!   compile-like source tree and pack it into an ext4 image.
 //!
+//! ```no_run
+//! use std::time::Duration;
+//! use tmem_vm::{build_guest_binary, Drive, GuestConfig, ImageBuilder, MARK_READY};
+//!
+//! # fn main() -> tmem_vm::Result<()> {
+//! let work = build_guest_binary(std::path::Path::new("."), "tmem-work")?;
+//! let image = ImageBuilder::new()
+//!     .binary("tmem-work", &work)
+//!     .swap("/dev/vda")
+//!     .script("tmem-work eatmem --max-mib 64 --rounds 5 --sleep-ms 500\n")
+//!     .build()?; // cached by a hash of all inputs
+//! let guest = GuestConfig::new("g1")
+//!     .memory_mib(256)
+//!     .deflate_on_oom(true)
+//!     .drive(Drive::nbd("/run/tmem/nbd.sock", "g1-swap"))
+//!     .image(image)
+//!     .launch()?; // accelerator from probe_accel()
+//! guest.wait_for_console(MARK_READY, Duration::from_secs(60))?;
+//! // ... talk QMP on guest.qmp_path() ...
+//! let code = guest.wait_exit(Duration::from_secs(600))?;
+//! assert_eq!(code, 0);
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! Missing system tools give [`Error::Missing`], which tells the user to run
 //! `scripts/setup` as root.
 
