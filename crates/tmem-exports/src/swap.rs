@@ -133,7 +133,9 @@ impl fmt::Debug for SwapExport {
 #[derive(PartialEq, Eq)]
 enum Stored {
     InPool,
-    Spilled,
+    /// Refused and spilled; `true` if refused because the client is frozen (writeback
+    /// cannot help then).
+    Spilled(bool),
     Zero,
 }
 
@@ -478,16 +480,17 @@ impl SwapExport {
                 Ok(Stored::InPool)
             }
             Err(
-                tmem_core::Error::NoSpace
+                e @ (tmem_core::Error::NoSpace
                 | tmem_core::Error::QuotaExceeded(_)
-                | tmem_core::Error::Frozen(_),
+                | tmem_core::Error::Frozen(_)),
             ) => {
+                let frozen = matches!(e, tmem_core::Error::Frozen(_));
                 self.c.put_refusals.fetch_add(1, Relaxed);
                 // The failed put flushed any pool copy; the spill copy is now the only one.
                 match self.spill_write(page, data) {
                     Ok(()) => {
                         self.set_loc(st, page, Some(Loc::Spill));
-                        Ok(Stored::Spilled)
+                        Ok(Stored::Spilled(frozen))
                     }
                     Err(e) => {
                         self.set_loc(st, page, None);
@@ -659,10 +662,7 @@ impl SwapExport {
                 self.store(&mut st, page, &tmp)?
             };
             drop(st);
-            if r == Stored::Spilled
-                && !matches!(self.engine.client_stats(self.cfg.client), Ok(s) if s.frozen)
-            {
-                // Make room for the next writes by moving the oldest pool pages out.
+            if r == Stored::Spilled(false) {
                 self.writeback(WRITEBACK_BATCH);
             }
             Ok(())

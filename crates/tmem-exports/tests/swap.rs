@@ -119,7 +119,7 @@ fn spill_when_pool_is_full() {
     let s = swap(&e, dir.path(), "spill", size);
     let spill_path = dir.path().join("spill.spill");
     let mut model = vec![0u8; size as usize];
-    random_ops(&*s, &mut model, 2, 6000, 256 << 10);
+    random_ops(&*s, &mut model, 2, 3000, 256 << 10);
     // Fill a contiguous 8 MiB with incompressible data as well.
     let mut r = rng(3);
     let mut big = vec![0u8; 8 << 20];
@@ -309,4 +309,24 @@ fn attach_after_save_and_restore() {
     random_ops(&*s2, &mut model, 6, 1000, 64 << 10);
     assert_eq!(check_all(&*s2, &model), 0);
     s2.destroy().unwrap();
+}
+
+#[test]
+fn frozen_client_writes_go_to_spill() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = engine(16 << 20, &[1]);
+    let s = swap(&e, dir.path(), "f", 1 << 20);
+    s.write(0, &[1u8; 8192], false).unwrap();
+    e.freeze(ClientId(1)).unwrap();
+    s.write(4096, &[2u8; 4096], true).unwrap();
+    s.write(8192 + 10, &[3u8; 10], false).unwrap();
+    let st = s.stats();
+    assert_eq!((st.pages_in_pool, st.pages_spilled), (1, 2), "{st:?}");
+    let got = read(&*s, 0, 3 * 4096);
+    assert!(got[..4096].iter().all(|&b| b == 1));
+    assert!(got[4096..8192].iter().all(|&b| b == 2));
+    assert!(got[8192..8202].iter().all(|&b| b == 0));
+    assert!(got[8202..8212].iter().all(|&b| b == 3));
+    e.thaw(ClientId(1)).unwrap();
+    s.destroy().unwrap();
 }
