@@ -2,6 +2,10 @@
 //!
 //! Pages that are entirely zero are never stored: they are holes, read back as
 //! `OFFSET_HOLE` chunks and reported as `HOLE|ZERO` by `BLOCK_STATUS`.
+//!
+//! Page memory comes from per-shard slabs of 64 pages with a free list, so a first-touch write
+//! does not cost one `malloc` (and, in glibc's per-thread arenas, one `mprotect`) per page.
+//! Freed pages are reused but slab memory is not returned to the OS.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -13,7 +17,10 @@ use crate::backend::{BackendCaps, BackendError, BlockBackend, Extent, ZeroRanges
 /// Page size of the store, in bytes.
 pub const PAGE_SIZE: usize = 4096;
 const PAGE: u64 = PAGE_SIZE as u64;
-type Page = Box<[u8; PAGE_SIZE]>;
+/// Pages per slab allocation.
+const SLAB_PAGES: usize = 64;
+type PageBuf = [u8; PAGE_SIZE];
+type PageMap = HashMap<u64, u32, BuildHasherDefault<PageHasher>>;
 
 /// Multiplicative hasher for page indices (keys are already well spread u64s).
 #[derive(Default)]
@@ -33,7 +40,39 @@ impl Hasher for PageHasher {
     }
 }
 
-type Shard = RwLock<HashMap<u64, Page, BuildHasherDefault<PageHasher>>>;
+/// One shard: page index -> slot, and the slabs that hold the slots.
+#[derive(Default)]
+struct ShardInner {
+    map: PageMap,
+    slabs: Vec<Box<[PageBuf]>>,
+    free: Vec<u32>,
+    fresh: u32,
+}
+
+impl ShardInner {
+    fn page(&self, slot: u32) -> &PageBuf {
+        &self.slabs[slot as usize / SLAB_PAGES][slot as usize % SLAB_PAGES]
+    }
+
+    fn page_mut(&mut self, slot: u32) -> &mut PageBuf {
+        &mut self.slabs[slot as usize / SLAB_PAGES][slot as usize % SLAB_PAGES]
+    }
+
+    /// A slot for a new page; its contents are unspecified (recycled) or zero (fresh).
+    fn alloc(&mut self) -> u32 {
+        if let Some(s) = self.free.pop() {
+            return s;
+        }
+        if self.fresh as usize == self.slabs.len() * SLAB_PAGES {
+            self.slabs
+                .push(vec![[0u8; PAGE_SIZE]; SLAB_PAGES].into_boxed_slice());
+        }
+        self.fresh += 1;
+        self.fresh - 1
+    }
+}
+
+type Shard = RwLock<ShardInner>;
 
 /// A sparse, thread-safe, in-memory block device.
 pub struct MemBackend {
@@ -70,7 +109,7 @@ impl MemBackend {
     /// A store with `shards` lock shards (at least 1).
     pub fn with_shards(size: u64, shards: usize) -> Self {
         let shards = (0..shards.max(1))
-            .map(|_| RwLock::new(HashMap::default()))
+            .map(|_| RwLock::new(ShardInner::default()))
             .collect();
         Self {
             size,
@@ -90,18 +129,12 @@ impl MemBackend {
         &self.shards[(idx % n) as usize]
     }
 
-    fn read_shard(
-        &self,
-        idx: u64,
-    ) -> RwLockReadGuard<'_, HashMap<u64, Page, BuildHasherDefault<PageHasher>>> {
+    fn read_shard(&self, idx: u64) -> RwLockReadGuard<'_, ShardInner> {
         // A poisoned lock only means another thread panicked mid-copy; page data is plain bytes.
         self.shard(idx).read().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn write_shard(
-        &self,
-        idx: u64,
-    ) -> RwLockWriteGuard<'_, HashMap<u64, Page, BuildHasherDefault<PageHasher>>> {
+    fn write_shard(&self, idx: u64) -> RwLockWriteGuard<'_, ShardInner> {
         self.shard(idx).write().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -132,27 +165,37 @@ impl MemBackend {
             Some(d) => is_zero(d),
             None => true,
         };
-        let mut shard = self.write_shard(idx);
-        if zero && (full || !shard.contains_key(&idx)) {
-            if shard.remove(&idx).is_some() {
+        let mut guard = self.write_shard(idx);
+        let shard = &mut *guard;
+        let existing = shard.map.get(&idx).copied();
+        if zero && (full || existing.is_none()) {
+            if let Some(slot) = shard.map.remove(&idx) {
+                shard.free.push(slot);
                 self.pages.fetch_sub(1, Ordering::Relaxed);
             }
             return;
         }
-        let page = match shard.entry(idx) {
-            std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
-            std::collections::hash_map::Entry::Vacant(v) => {
+        let slot = match existing {
+            Some(s) => s,
+            None => {
+                let s = shard.alloc();
+                if !full {
+                    shard.page_mut(s).fill(0);
+                }
+                shard.map.insert(idx, s);
                 self.pages.fetch_add(1, Ordering::Relaxed);
-                v.insert(Box::new([0u8; PAGE_SIZE]))
+                s
             }
         };
+        let page = shard.page_mut(slot);
         let dst = &mut page[in_page..in_page + n];
         match data {
             Some(d) => dst.copy_from_slice(d),
             None => dst.fill(0),
         }
         if !full && is_zero(&page[..]) {
-            shard.remove(&idx);
+            shard.map.remove(&idx);
+            shard.free.push(slot);
             self.pages.fetch_sub(1, Ordering::Relaxed);
         }
     }
@@ -181,8 +224,10 @@ impl BlockBackend for MemBackend {
         Self::for_pieces(offset, buf.len() as u64, |idx, in_page, at, n| {
             let at = at as usize;
             let shard = self.read_shard(idx);
-            match shard.get(&idx) {
-                Some(p) => buf[at..at + n].copy_from_slice(&p[in_page..in_page + n]),
+            match shard.map.get(&idx) {
+                Some(&slot) => {
+                    buf[at..at + n].copy_from_slice(&shard.page(slot)[in_page..in_page + n])
+                }
                 None => zeros.push(at, n),
             }
         });
@@ -231,7 +276,7 @@ impl BlockBackend for MemBackend {
         let len = len.min(1 << 30);
         let mut out: Vec<Extent> = Vec::new();
         Self::for_pieces(offset, len, |idx, _in_page, _at, n| {
-            let present = self.read_shard(idx).contains_key(&idx);
+            let present = self.read_shard(idx).map.contains_key(&idx);
             let hole = !present;
             match out.last_mut() {
                 Some(e) if e.hole == hole => e.len += n as u64,
@@ -289,5 +334,29 @@ mod tests {
         assert!(m.write(65535, &[1, 2], false).is_err());
         let e = m.block_status(0, 65536).unwrap();
         assert_eq!(e.len(), 1);
+    }
+
+    #[test]
+    fn recycled_slots_are_zeroed_for_partial_writes() {
+        let m = MemBackend::with_shards(1 << 20, 1);
+        m.write(0, &[0xff; 4096], false).unwrap();
+        m.trim(0, 4096).unwrap();
+        assert_eq!(m.stored_pages(), 0);
+        m.write(4096 + 10, &[1, 2, 3], false).unwrap(); // reuses the freed slot
+        let mut buf = vec![0xaa; 4096];
+        let z = m.read(4096, &mut buf).unwrap();
+        assert!(z.is_empty());
+        let mut want = vec![0u8; 4096];
+        want[10..13].copy_from_slice(&[1, 2, 3]);
+        assert_eq!(buf, want);
+        // Many pages across several slabs.
+        for i in 0..200u64 {
+            m.write(i * 4096, &[i as u8 | 1; 4096], false).unwrap();
+        }
+        for i in 0..200u64 {
+            let mut b = vec![0u8; 4096];
+            m.read(i * 4096, &mut b).unwrap();
+            assert!(b.iter().all(|&x| x == i as u8 | 1));
+        }
     }
 }

@@ -262,6 +262,42 @@ fn reader_loop<R: Read, W: Write + Send + 'static>(
     cfg: &TransmissionConfig,
     pool: &mut Option<Pool>,
 ) -> Result<(), TransmissionError> {
+    let mut pending = Vec::new();
+    let res = reader_loop_inner(reader, ctx, cfg, pool, &mut pending);
+    // Replies of requests already executed are still owed to the client.
+    let flushed = flush_pending(ctx, &mut pending);
+    res.and(flushed.map_err(TransmissionError::Io))
+}
+
+/// Replies are batched while more complete requests are already buffered.
+const FLUSH_AT: usize = 256 << 10;
+
+/// True if `buf` holds a complete request (header, plus payload for WRITE).
+fn complete_request_buffered(buf: &[u8]) -> bool {
+    let Some(h) = buf.get(..REQUEST_LEN) else {
+        return false;
+    };
+    let typ = u16::from_be_bytes([h[6], h[7]]);
+    let len = u32::from_be_bytes([h[24], h[25], h[26], h[27]]) as usize;
+    typ != CMD_WRITE || buf.len() - REQUEST_LEN >= len
+}
+
+fn flush_pending<W: Write>(ctx: &Ctx<W>, pending: &mut Vec<u8>) -> io::Result<()> {
+    if pending.is_empty() {
+        return Ok(());
+    }
+    let r = send(ctx, pending);
+    pending.clear();
+    r
+}
+
+fn reader_loop_inner<R: Read, W: Write + Send + 'static>(
+    reader: R,
+    ctx: &Arc<Ctx<W>>,
+    cfg: &TransmissionConfig,
+    pool: &mut Option<Pool>,
+    pending: &mut Vec<u8>,
+) -> Result<(), TransmissionError> {
     let mut r = BufReader::with_capacity(128 << 10, reader);
     let mut scratch: Vec<u8> = Vec::new();
     let mut wbuf: Vec<u8> = Vec::new();
@@ -271,6 +307,9 @@ fn reader_loop<R: Read, W: Write + Send + 'static>(
                 io::ErrorKind::BrokenPipe,
                 "reply write failed",
             )));
+        }
+        if pending.len() >= FLUSH_AT || !complete_request_buffered(r.buffer()) {
+            flush_pending(ctx, pending)?;
         }
         let mut h = [0u8; REQUEST_LEN];
         match read_full(&mut r, &mut h)? {
@@ -320,14 +359,16 @@ fn reader_loop<R: Read, W: Write + Send + 'static>(
                 errno,
                 "NBD request rejected"
             );
-            reply_error(ctx, &req, errno)?;
+            reply_error(ctx, &mut Out::Batch(pending), &req, errno)?;
             continue;
         }
         if !heavy {
             let payload: &[u8] = if req.typ == CMD_WRITE { &wbuf } else { &[] };
-            execute(ctx, &req, payload, &mut scratch)?;
+            execute(ctx, &mut Out::Batch(pending), &req, payload, &mut scratch)?;
             continue;
         }
+        // The worker queue may block; do not sit on finished replies meanwhile.
+        flush_pending(ctx, pending)?;
         if pool.is_none() {
             *pool = start_pool(ctx, cfg);
         }
@@ -337,10 +378,10 @@ fn reader_loop<R: Read, W: Write + Send + 'static>(
                 if let Err(e) = p.tx.send(Job { req, data }) {
                     ctx.queued_bytes.fetch_sub(queued, Ordering::Relaxed);
                     let job = e.0;
-                    execute(ctx, &job.req, &job.data, &mut scratch)?;
+                    execute(ctx, &mut Out::Direct, &job.req, &job.data, &mut scratch)?;
                 }
             }
-            None => execute(ctx, &req, &data, &mut scratch)?,
+            None => execute(ctx, &mut Out::Direct, &req, &data, &mut scratch)?,
         }
     }
 }
@@ -377,7 +418,7 @@ fn worker<W: Write + Send>(ctx: &Ctx<W>, rx: &Mutex<Receiver<Job>>) {
             guard.recv()
         };
         let Ok(job) = job else { return };
-        let res = execute(ctx, &job.req, &job.data, &mut scratch);
+        let res = execute(ctx, &mut Out::Direct, &job.req, &job.data, &mut scratch);
         if job.req.typ == CMD_WRITE {
             ctx.queued_bytes
                 .fetch_sub(u64::from(job.req.len), Ordering::Relaxed);
@@ -403,6 +444,22 @@ fn count_type(st: &ExportStats, typ: u16) {
     ExportStats::inc(c, 1);
 }
 
+/// Where a reply goes: straight to the socket, or appended to the reader's batch.
+enum Out<'a> {
+    Direct,
+    Batch(&'a mut Vec<u8>),
+}
+
+fn emit<W: Write>(ctx: &Ctx<W>, out: &mut Out<'_>, bytes: &[u8]) -> io::Result<()> {
+    match out {
+        Out::Direct => send(ctx, bytes),
+        Out::Batch(v) => {
+            v.extend_from_slice(bytes);
+            Ok(())
+        }
+    }
+}
+
 fn send<W: Write>(ctx: &Ctx<W>, bytes: &[u8]) -> io::Result<()> {
     let mut w = ctx.w.lock().unwrap_or_else(|e| e.into_inner());
     w.write_all(bytes)?;
@@ -423,37 +480,43 @@ fn chunk_header(out: &mut Vec<u8>, flags: u16, typ: u16, cookie: u64, len: u32) 
     out.extend_from_slice(&len.to_be_bytes());
 }
 
-fn reply_error<W: Write>(ctx: &Ctx<W>, req: &Request, errno: u32) -> io::Result<()> {
+fn reply_error<W: Write>(
+    ctx: &Ctx<W>,
+    out: &mut Out<'_>,
+    req: &Request,
+    errno: u32,
+) -> io::Result<()> {
     ExportStats::inc(&ctx.stats.errors, 1);
     if ctx.s.structured {
         let mut b = Vec::with_capacity(26);
         chunk_header(&mut b, REPLY_FLAG_DONE, REPLY_TYPE_ERROR, req.cookie, 6);
         b.extend_from_slice(&errno.to_be_bytes());
         b.extend_from_slice(&0u16.to_be_bytes());
-        send(ctx, &b)
+        emit(ctx, out, &b)
     } else {
         let mut b = [0u8; 16];
         simple_header(&mut b, errno, req.cookie);
-        send(ctx, &b)
+        emit(ctx, out, &b)
     }
 }
 
-fn reply_ok<W: Write>(ctx: &Ctx<W>, req: &Request) -> io::Result<()> {
+fn reply_ok<W: Write>(ctx: &Ctx<W>, out: &mut Out<'_>, req: &Request) -> io::Result<()> {
     let mut b = [0u8; 16];
     simple_header(&mut b, 0, req.cookie);
-    send(ctx, &b)
+    emit(ctx, out, &b)
 }
 
 fn backend_result<W: Write>(
     ctx: &Ctx<W>,
+    out: &mut Out<'_>,
     req: &Request,
     r: Result<(), BackendError>,
 ) -> io::Result<()> {
     match r {
-        Ok(()) => reply_ok(ctx, req),
+        Ok(()) => reply_ok(ctx, out, req),
         Err(e) => {
             rl_event!(debug, error = %e, typ = req.typ, "NBD backend error");
-            reply_error(ctx, req, e.nbd_errno())
+            reply_error(ctx, out, req, e.nbd_errno())
         }
     }
 }
@@ -461,6 +524,7 @@ fn backend_result<W: Write>(
 /// Execute a validated request and send its reply.
 fn execute<W: Write>(
     ctx: &Ctx<W>,
+    out: &mut Out<'_>,
     req: &Request,
     payload: &[u8],
     scratch: &mut Vec<u8>,
@@ -470,15 +534,15 @@ fn execute<W: Write>(
     count_type(st, req.typ);
     let fua = req.flags & CMD_FLAG_FUA != 0;
     match req.typ {
-        CMD_READ => read(ctx, req, scratch),
+        CMD_READ => read(ctx, out, req, scratch),
         CMD_WRITE => {
             let r = b.write(req.offset, payload, fua);
             if r.is_ok() {
                 ExportStats::inc(&st.bytes_written, payload.len() as u64);
             }
-            backend_result(ctx, req, r)
+            backend_result(ctx, out, req, r)
         }
-        CMD_FLUSH => backend_result(ctx, req, b.flush()),
+        CMD_FLUSH => backend_result(ctx, out, req, b.flush()),
         CMD_TRIM => {
             let r = b.trim(req.offset, u64::from(req.len)).and_then(|()| {
                 if fua {
@@ -487,7 +551,7 @@ fn execute<W: Write>(
                     Ok(())
                 }
             });
-            backend_result(ctx, req, r)
+            backend_result(ctx, out, req, r)
         }
         CMD_WRITE_ZEROES => {
             let may_trim = req.flags & CMD_FLAG_NO_HOLE == 0;
@@ -495,18 +559,23 @@ fn execute<W: Write>(
             let r = b
                 .write_zeroes(req.offset, u64::from(req.len), may_trim, fast)
                 .and_then(|()| if fua { b.flush() } else { Ok(()) });
-            backend_result(ctx, req, r)
+            backend_result(ctx, out, req, r)
         }
-        CMD_CACHE => backend_result(ctx, req, b.cache(req.offset, u64::from(req.len))),
-        CMD_BLOCK_STATUS => block_status(ctx, req),
-        _ => reply_error(ctx, req, EINVAL),
+        CMD_CACHE => backend_result(ctx, out, req, b.cache(req.offset, u64::from(req.len))),
+        CMD_BLOCK_STATUS => block_status(ctx, out, req),
+        _ => reply_error(ctx, out, req, EINVAL),
     }
 }
 
 /// Smallest zero run sent as a hole chunk; shorter runs are zero-filled and sent as data.
 const MIN_HOLE: usize = 512;
 
-fn read<W: Write>(ctx: &Ctx<W>, req: &Request, scratch: &mut Vec<u8>) -> io::Result<()> {
+fn read<W: Write>(
+    ctx: &Ctx<W>,
+    out: &mut Out<'_>,
+    req: &Request,
+    scratch: &mut Vec<u8>,
+) -> io::Result<()> {
     let structured = ctx.s.structured;
     let pre = if structured { 28 } else { 16 };
     let len = req.len as usize;
@@ -518,7 +587,7 @@ fn read<W: Write>(ctx: &Ctx<W>, req: &Request, scratch: &mut Vec<u8>) -> io::Res
         Ok(z) => z,
         Err(e) => {
             rl_event!(debug, error = %e, "NBD backend read error");
-            return reply_error(ctx, req, e.nbd_errno());
+            return reply_error(ctx, out, req, e.nbd_errno());
         }
     };
     ExportStats::inc(&ctx.stats.bytes_read, len as u64);
@@ -538,7 +607,7 @@ fn read<W: Write>(ctx: &Ctx<W>, req: &Request, scratch: &mut Vec<u8>) -> io::Res
     }
     if !structured {
         simple_header(buf, 0, req.cookie);
-        return send(ctx, buf);
+        return emit(ctx, out, buf);
     }
     let df = req.flags & CMD_FLAG_DF != 0;
     let hole_bytes: usize = holes.iter().map(|h| h.1).sum();
@@ -554,7 +623,7 @@ fn read<W: Write>(ctx: &Ctx<W>, req: &Request, scratch: &mut Vec<u8>) -> io::Res
         );
         b.extend_from_slice(&req.offset.to_be_bytes());
         b.extend_from_slice(&req.len.to_be_bytes());
-        return send(ctx, &b);
+        return emit(ctx, out, &b);
     }
     if holes.is_empty() || df {
         for &(s, l) in &holes {
@@ -570,7 +639,7 @@ fn read<W: Write>(ctx: &Ctx<W>, req: &Request, scratch: &mut Vec<u8>) -> io::Res
         );
         h.extend_from_slice(&req.offset.to_be_bytes());
         buf[..28].copy_from_slice(&h);
-        return send(ctx, buf);
+        return emit(ctx, out, buf);
     }
     ExportStats::inc(&ctx.stats.hole_bytes_read, hole_bytes as u64);
     // Mixed data and holes: one chunk per run, DONE on the last.
@@ -586,37 +655,37 @@ fn read<W: Write>(ctx: &Ctx<W>, req: &Request, scratch: &mut Vec<u8>) -> io::Res
     if pos < len {
         runs.push((pos, len - pos, false));
     }
-    let mut out = Vec::with_capacity(len - hole_bytes + runs.len() * 32);
+    let mut chunks = Vec::with_capacity(len - hole_bytes + runs.len() * 32);
     let last = runs.len() - 1;
     for (i, &(s, l, hole)) in runs.iter().enumerate() {
         let flags = if i == last { REPLY_FLAG_DONE } else { 0 };
         let off = req.offset + s as u64;
         if hole {
-            chunk_header(&mut out, flags, REPLY_TYPE_OFFSET_HOLE, req.cookie, 12);
-            out.extend_from_slice(&off.to_be_bytes());
-            out.extend_from_slice(&(l as u32).to_be_bytes());
+            chunk_header(&mut chunks, flags, REPLY_TYPE_OFFSET_HOLE, req.cookie, 12);
+            chunks.extend_from_slice(&off.to_be_bytes());
+            chunks.extend_from_slice(&(l as u32).to_be_bytes());
         } else {
             chunk_header(
-                &mut out,
+                &mut chunks,
                 flags,
                 REPLY_TYPE_OFFSET_DATA,
                 req.cookie,
                 l as u32 + 8,
             );
-            out.extend_from_slice(&off.to_be_bytes());
-            out.extend_from_slice(&buf[pre + s..pre + s + l]);
+            chunks.extend_from_slice(&off.to_be_bytes());
+            chunks.extend_from_slice(&buf[pre + s..pre + s + l]);
         }
     }
-    send(ctx, &out)
+    emit(ctx, out, &chunks)
 }
 
 /// Most descriptors per BLOCK_STATUS chunk (spec: SHOULD NOT exceed 2^20).
 const MAX_EXTENTS: usize = 1 << 20;
 
-fn block_status<W: Write>(ctx: &Ctx<W>, req: &Request) -> io::Result<()> {
+fn block_status<W: Write>(ctx: &Ctx<W>, out: &mut Out<'_>, req: &Request) -> io::Result<()> {
     let ext = match ctx.s.backend.block_status(req.offset, u64::from(req.len)) {
         Ok(e) => e,
-        Err(e) => return reply_error(ctx, req, e.nbd_errno()),
+        Err(e) => return reply_error(ctx, out, req, e.nbd_errno()),
     };
     let want = u64::from(req.len);
     let one = req.flags & CMD_FLAG_REQ_ONE != 0;
@@ -651,5 +720,5 @@ fn block_status<W: Write>(ctx: &Ctx<W>, req: &Request) -> io::Result<()> {
         b.extend_from_slice(&l.to_be_bytes());
         b.extend_from_slice(&f.to_be_bytes());
     }
-    send(ctx, &b)
+    emit(ctx, out, &b)
 }
