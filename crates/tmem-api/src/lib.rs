@@ -137,19 +137,25 @@ impl Serialize for Size {
 
 impl<'de> Deserialize<'de> for Size {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            N(u64),
-            S(String),
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Size;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a size: a number of bytes or a string like \"2G\"")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Size, E> {
+                Ok(Size(v))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Size, E> {
+                u64::try_from(v)
+                    .map(Size)
+                    .map_err(|_| E::custom(format!("Invalid size {v} (negative)")))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Size, E> {
+                parse_size(v).map(Size).map_err(E::custom)
+            }
         }
-        match Raw::deserialize(d) {
-            Ok(Raw::N(n)) => Ok(Size(n)),
-            Ok(Raw::S(s)) => parse_size(&s).map(Size).map_err(serde::de::Error::custom),
-            Err(_) => Err(serde::de::Error::custom(
-                "expected a size: a number of bytes or a string like \"2G\"",
-            )),
-        }
+        d.deserialize_any(V)
     }
 }
 
@@ -662,6 +668,10 @@ mod tests {
         let s: SetBudget = serde_json::from_str(r#"{"bytes":4096}"#).unwrap();
         assert_eq!(s.bytes, Size(4096));
         assert!(serde_json::from_str::<SetBudget>(r#"{"bytes":"2Q"}"#).is_err());
+        assert!(serde_json::from_str::<SetBudget>(r#"{"bytes":-1}"#).is_err());
+        assert!(serde_json::from_str::<SetBudget>(r#"{"bytes":1.5}"#).is_err());
+        let e = serde_json::from_str::<SetBudget>(r#"{}"#).unwrap_err();
+        assert!(e.to_string().contains("missing field"), "{e}");
         assert!(serde_json::from_str::<SetBudget>(r#"{"bytes":1,"x":2}"#).is_err());
         assert_eq!(
             serde_json::to_string(&SetBudget { bytes: Size(5) }).unwrap(),

@@ -31,7 +31,7 @@ pub enum ApiError {
     BadParam(String),
     /// The operation failed.
     #[error("{0} failed")]
-    Op(&'static str, #[source] OpError),
+    Op(&'static str, #[source] Box<OpError>),
 }
 
 impl ApiError {
@@ -129,12 +129,12 @@ fn op<T: Serialize>(
     r: Result<T, OpError>,
 ) -> Result<Response, ApiError> {
     r.map(|v| json(status, &v))
-        .map_err(|e| ApiError::Op(what, e))
+        .map_err(|e| ApiError::Op(what, Box::new(e)))
 }
 
 fn op_empty(what: &'static str, r: Result<(), OpError>) -> Result<Response, ApiError> {
     r.map(|()| Response::empty(204))
-        .map_err(|e| ApiError::Op(what, e))
+        .map_err(|e| ApiError::Op(what, Box::new(e)))
 }
 
 fn client_id(s: &str) -> Result<u32, ApiError> {

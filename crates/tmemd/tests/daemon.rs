@@ -1,0 +1,668 @@
+//! End-to-end tests: the real tmemd and tmemctl binaries, curl, qemu-io, qemu-img, nbdinfo.
+
+mod common;
+
+use common::*;
+use tmem_api::{ErrorBody, ExportInfo, Stats, Status};
+
+fn tmp() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("tmemd-test")
+        .tempdir()
+        .unwrap()
+}
+
+fn err_body(body: &str) -> ErrorBody {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("not an error body ({e}): {body}"))
+}
+
+#[test]
+fn exports_via_cli_and_curl_with_qemu_io_nbdinfo_metrics_and_top() {
+    let t = tmp();
+    let dir = t.path().join("state");
+    let d = Tmemd::start(&dir, &["--budget", "256M"]);
+
+    // Status through curl, typed.
+    let (code, body) = d.curl("GET", "/api/v1/status", None);
+    assert_eq!(code, 200, "{body}");
+    let st: Status = serde_json::from_str(&body).unwrap();
+    assert_eq!(st.budget, 256 << 20);
+    assert_eq!(st.pid, d.pid());
+    assert!(st.warnings.is_empty());
+
+    // A swap export through tmemctl, a cached one through curl.
+    let o = d.ctl(&[
+        "export", "add", "swap0", "--kind", "swap", "--size", "64M", "--client", "7",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains(&d.nbd_uri("swap0")), "{}", stdout(&o));
+    let img = t.path().join("disk.raw");
+    std::fs::write(&img, pattern(8 << 20, 3)).unwrap();
+    let (code, body) = d.curl(
+        "POST",
+        "/api/v1/exports",
+        Some(&format!(
+            r#"{{"name":"disk0","kind":"cached","image":"{}"}}"#,
+            img.display()
+        )),
+    );
+    assert_eq!(code, 201, "{body}");
+    let e: ExportInfo = serde_json::from_str(&body).unwrap();
+    assert_eq!(e.size, 8 << 20);
+
+    // nbdinfo lists both.
+    let list = run_ok(
+        "nbdinfo",
+        &[
+            "--list",
+            &format!("nbd+unix:///?socket={}", dir.join("nbd.sock").display()),
+        ],
+    );
+    assert!(list.contains("export=\"swap0\""), "{list}");
+    assert!(list.contains("export=\"disk0\""), "{list}");
+
+    // Write and read back through qemu-io.
+    let swap = d.nbd_uri("swap0");
+    run_ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x5a 0 4M",
+            "-c",
+            "write -P 0xc3 40M 1M",
+            &swap,
+        ],
+    );
+    let out = run_ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "read -P 0x5a 0 4M",
+            "-c",
+            "read -P 0xc3 40M 1M",
+            "-c",
+            "read -P 0 8M 1M",
+            &swap,
+        ],
+    );
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+    // The cached export reads the image.
+    let copy = t.path().join("copy.raw");
+    run_ok(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &d.nbd_uri("disk0"),
+            copy.to_str().unwrap(),
+        ],
+    );
+    assert!(read_all(&copy) == read_all(&img));
+    run_ok(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            img.to_str().unwrap(),
+            &d.nbd_uri("disk0"),
+        ],
+    );
+
+    // Listings.
+    let o = d.ctl(&["exports", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Vec<ExportInfo> = serde_json::from_str(&stdout(&o)).unwrap();
+    let names: Vec<&str> = v.iter().map(|e| e.name.as_str()).collect();
+    assert_eq!(names, ["disk0", "swap0"]);
+    let sw = &v[1];
+    assert_eq!((sw.client, sw.size), (7, 64 << 20));
+    assert!(
+        sw.nbd.writes >= 2 && sw.nbd.bytes_written >= 5 << 20,
+        "{sw:?}"
+    );
+    assert!(sw.backend.pool_pages >= 1280, "{sw:?}");
+    let dk = &v[0];
+    assert!(dk.backend.sectors_read >= (8 << 20) / 512, "{dk:?}");
+
+    // Stats JSON has the clients.
+    let o = d.ctl(&["stats", "--json"]);
+    let s: Stats = serde_json::from_str(&stdout(&o)).unwrap();
+    assert!(s
+        .clients
+        .iter()
+        .any(|c| c.id == 7 && c.persistent.pages >= 1280));
+    assert!(s.pool.logical_bytes >= 5 << 20);
+
+    // Metrics: Prometheus text with the expected series.
+    let (code, text) = d.curl("GET", "/metrics", None);
+    assert_eq!(code, 200);
+    let samples = parse_prometheus(&text);
+    let has = |name: &str, label: &str| {
+        samples
+            .iter()
+            .any(|(n, l, _)| n == name && l.contains(label))
+    };
+    for (n, l) in [
+        ("tmem_budget_bytes", ""),
+        ("tmem_held_bytes", ""),
+        ("tmem_logical_bytes", ""),
+        ("tmem_physical_bytes", ""),
+        ("tmem_pages", "kind=\"persistent\""),
+        ("tmem_dedup_ratio", ""),
+        ("tmem_compression_ratio", ""),
+        ("tmem_fragmentation_ratio", ""),
+        ("tmem_client_ops_total", "client=\"7\""),
+        ("tmem_pool_ops_total", "label=\"swap:swap0\""),
+        (
+            "tmem_export_nbd_requests_total",
+            "export=\"swap0\",op=\"write\"",
+        ),
+        ("tmem_swap_spilled_pages", "export=\"swap0\""),
+        ("tmem_cached_sectors_total", "export=\"disk0\",dir=\"read\""),
+    ] {
+        assert!(has(n, l), "missing {n}{{{l}}} in\n{text}");
+    }
+    let budget = samples
+        .iter()
+        .find(|(n, _, _)| n == "tmem_budget_bytes")
+        .unwrap()
+        .2;
+    assert_eq!(budget, (256u64 << 20) as f64);
+
+    // top --once: header, clients, exports.
+    let o = d.ctl(&["top", "--once", "--interval", "0.2"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let frame = stdout(&o);
+    assert!(frame.starts_with("tmem pool  budget 256M"), "{frame}");
+    for want in [
+        "dedup",
+        "compression",
+        "fragmentation",
+        "freeable",
+        "Clients",
+        "Exports",
+        "Guests",
+        "swap0",
+        "disk0",
+        "PUTS/s",
+        "NBD OPS/s",
+    ] {
+        assert!(frame.contains(want), "missing {want} in\n{frame}");
+    }
+    assert!(frame.lines().any(|l| l.starts_with("7 ")), "{frame}");
+
+    // Budget, shrink, freeze/thaw.
+    let o = d.ctl(&["budget", "set", "512M"]);
+    assert!(
+        o.status.success() && stdout(&o).contains("budget 512M"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(d.ctl(&["shrink", "1M"]).status.success());
+    let o = d.ctl(&["freeze", "7"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // A frozen client's puts are refused: the swap export spills instead of failing.
+    run_ok(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0x77 16M 1M", &swap],
+    );
+    let out = run_ok(
+        "qemu-io",
+        &["-f", "raw", "-c", "read -P 0x77 16M 1M", &swap],
+    );
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+    assert!(d.ctl(&["thaw", "7"]).status.success());
+    let (code, body) = d.curl("DELETE", "/api/v1/clients/7", None);
+    assert_eq!(code, 409, "{body}");
+
+    // Remove an export: gone from the NBD list.
+    let o = d.ctl(&["export", "rm", "disk0"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let list = run_ok(
+        "nbdinfo",
+        &[
+            "--list",
+            &format!("nbd+unix:///?socket={}", dir.join("nbd.sock").display()),
+        ],
+    );
+    assert!(!list.contains("disk0"), "{list}");
+    assert!(read_all(&img) == pattern(8 << 20, 3), "image changed");
+}
+
+#[test]
+fn error_paths_return_typed_errors() {
+    let t = tmp();
+    let d = Tmemd::start(&t.path().join("s"), &["--budget", "64M"]);
+    let cases: &[(&str, &str, Option<&str>, u16, &str)] = &[
+        ("GET", "/api/v1/exports/nope", None, 404, "Unknown export"),
+        (
+            "DELETE",
+            "/api/v1/exports/nope",
+            None,
+            404,
+            "Unknown export",
+        ),
+        (
+            "POST",
+            "/api/v1/clients/42/freeze",
+            None,
+            404,
+            "Unknown client 42",
+        ),
+        (
+            "DELETE",
+            "/api/v1/clients/42",
+            None,
+            404,
+            "Unknown client 42",
+        ),
+        (
+            "POST",
+            "/api/v1/clients/x/thaw",
+            None,
+            400,
+            "Invalid path parameter",
+        ),
+        (
+            "POST",
+            "/api/v1/exports",
+            Some("{bad json"),
+            400,
+            "Invalid JSON body",
+        ),
+        (
+            "POST",
+            "/api/v1/exports",
+            Some(r#"{"name":"a","kind":"swap","size":"12Q"}"#),
+            400,
+            "Invalid size",
+        ),
+        (
+            "POST",
+            "/api/v1/exports",
+            Some(r#"{"name":"a","kind":"swap"}"#),
+            400,
+            "needs a size",
+        ),
+        (
+            "POST",
+            "/api/v1/exports",
+            Some(r#"{"name":"a/b","kind":"swap","size":4096}"#),
+            400,
+            "export name",
+        ),
+        (
+            "POST",
+            "/api/v1/exports",
+            Some(r#"{"name":"a","kind":"disk","size":4096}"#),
+            400,
+            "unknown variant",
+        ),
+        (
+            "POST",
+            "/api/v1/exports",
+            Some(r#"{"name":"a","kind":"swap","size":4096,"extra":1}"#),
+            400,
+            "unknown field",
+        ),
+        (
+            "POST",
+            "/api/v1/exports",
+            Some(r#"{"name":"c","kind":"cached","image":"/nonexistent/img"}"#),
+            404,
+            "Cannot open image",
+        ),
+        (
+            "PUT",
+            "/api/v1/budget",
+            Some(r#"{"bytes":"lots"}"#),
+            400,
+            "Invalid size",
+        ),
+        (
+            "POST",
+            "/api/v1/shrink",
+            Some(r#"{}"#),
+            400,
+            "missing field",
+        ),
+        ("DELETE", "/api/v1/guests/nope", None, 404, "Unknown guest"),
+        (
+            "POST",
+            "/api/v1/guests",
+            Some(r#"{"name":"g","qmp":"/nonexistent.sock"}"#),
+            502,
+            "QMP",
+        ),
+        ("GET", "/api/v1/nothing", None, 404, "No resource"),
+        ("GET", "/api/v2/status", None, 404, "No resource"),
+        ("DELETE", "/api/v1/status", None, 405, "not allowed"),
+        ("POST", "/metrics", None, 405, "not allowed"),
+    ];
+    for (m, p, b, code, msg) in cases {
+        let (c, body) = d.curl(m, p, *b);
+        assert_eq!(c, *code, "{m} {p}: {body}");
+        let e = err_body(&body);
+        assert_eq!(e.chain.first(), Some(&e.error), "{body}");
+        assert!(
+            e.chain.iter().any(|l| l.contains(msg)),
+            "{m} {p}: want {msg:?} in {body}"
+        );
+    }
+    // Conflicts.
+    let (c, _) = d.curl(
+        "POST",
+        "/api/v1/exports",
+        Some(r#"{"name":"a","kind":"swap","size":"1M"}"#),
+    );
+    assert_eq!(c, 201);
+    let (c, body) = d.curl(
+        "POST",
+        "/api/v1/exports",
+        Some(r#"{"name":"a","kind":"swap","size":"1M"}"#),
+    );
+    assert_eq!(c, 409, "{body}");
+    let (c, _) = d.curl("POST", "/api/v1/clients", Some(r#"{"id":9}"#));
+    assert_eq!(c, 201);
+    let (c, body) = d.curl("POST", "/api/v1/clients", Some(r#"{"id":9}"#));
+    assert_eq!(c, 409, "{body}");
+    let (c, _) = d.curl("DELETE", "/api/v1/clients/9", None);
+    assert_eq!(c, 204);
+    // Oversized body.
+    let big = format!(r#"{{"name":"{}"}}"#, "x".repeat(2 << 20));
+    let (c, body) = d.curl("POST", "/api/v1/clients", Some(&big));
+    assert_eq!(c, 413, "{body}");
+
+    // tmemctl: bad sizes are refused locally, server errors print the chain, exit non-zero.
+    let o = d.ctl(&["budget", "set", "12Q"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("Invalid size"), "{}", stderr(&o));
+    let o = d.ctl(&["export", "rm", "nope"]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("Unknown export \"nope\""),
+        "{}",
+        stderr(&o)
+    );
+    let o = d.ctl(&["freeze", "1234"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("HTTP 404"), "{}", stderr(&o));
+    let o = d.ctl(&[
+        "export",
+        "add",
+        "b",
+        "--kind",
+        "cached",
+        "--image",
+        "/nonexistent/img",
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("No such file"), "{}", stderr(&o));
+    // No daemon: a clear error.
+    let o = ctl(&t.path().join("nowhere"), &["status"]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("Cannot connect to tmemd"),
+        "{}",
+        stderr(&o)
+    );
+    // The daemon is still fine.
+    let (c, _) = d.curl("GET", "/api/v1/status", None);
+    assert_eq!(c, 200);
+}
+
+#[test]
+fn restart_loses_no_swap_data() {
+    let t = tmp();
+    let dir = t.path().join("state");
+    // A budget smaller than the data: part of it goes to the spill file.
+    let args = ["--budget", "6M"];
+    let t0 = std::time::Instant::now();
+    let mut d = Tmemd::start(&dir, &args);
+    let o = d.ctl(&["export", "add", "swap0", "--kind", "swap", "--size", "16M"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = d.ctl(&[
+        "export", "add", "swap1", "--kind", "swap", "--size", "8M", "--codec", "zstd",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let ref0 = t.path().join("ref0.raw");
+    let ref1 = t.path().join("ref1.raw");
+    std::fs::write(&ref0, pattern(16 << 20, 11)).unwrap();
+    std::fs::write(&ref1, pattern(8 << 20, 12)).unwrap();
+    for (r, n) in [(&ref0, "swap0"), (&ref1, "swap1")] {
+        run_ok(
+            "qemu-img",
+            &[
+                "convert",
+                "-n",
+                "-f",
+                "raw",
+                "-O",
+                "raw",
+                r.to_str().unwrap(),
+                &d.nbd_uri(n),
+            ],
+        );
+        run_ok(
+            "qemu-img",
+            &[
+                "compare",
+                "-f",
+                "raw",
+                "-F",
+                "raw",
+                r.to_str().unwrap(),
+                &d.nbd_uri(n),
+            ],
+        );
+    }
+    let v: Vec<ExportInfo> = serde_json::from_str(&stdout(&d.ctl(&["exports", "--json"]))).unwrap();
+    assert!(
+        v.iter().any(|e| e.backend.spilled_pages > 0),
+        "expected spilled pages: {v:?}"
+    );
+    assert!(v.iter().all(|e| e.backend.pool_pages > 0), "{v:?}");
+
+    eprintln!("written and compared in {:?}", t0.elapsed());
+    let st = d.terminate();
+    eprintln!("stopped at {:?}", t0.elapsed());
+    assert!(st.success(), "exit {st:?}\n{}", d.log_text());
+    assert!(!dir.join("ctl.sock").exists() && !dir.join("nbd.sock").exists());
+    assert!(dir.join("state/manifest.json").exists());
+
+    for round in 0..2 {
+        let mut d = Tmemd::start(&dir, &args);
+        let st: Status = serde_json::from_str(&d.curl("GET", "/api/v1/status", None).1).unwrap();
+        assert!(st.warnings.is_empty(), "round {round}: {:?}", st.warnings);
+        assert_eq!(st.exports, 2);
+        for (r, n) in [(&ref0, "swap0"), (&ref1, "swap1")] {
+            run_ok(
+                "qemu-img",
+                &[
+                    "compare",
+                    "-f",
+                    "raw",
+                    "-F",
+                    "raw",
+                    r.to_str().unwrap(),
+                    &d.nbd_uri(n),
+                ],
+            );
+        }
+        let s: Stats = serde_json::from_str(&stdout(&d.ctl(&["stats", "--json"]))).unwrap();
+        assert!(s.pool.persistent_pages > 0);
+        let st = d.terminate();
+        assert!(st.success(), "round {round}: exit {st:?}\n{}", d.log_text());
+    }
+}
+
+#[test]
+fn corrupt_state_is_reported_and_moved_aside() {
+    let t = tmp();
+    let dir = t.path().join("state");
+    let mut d = Tmemd::start(&dir, &["--budget", "64M"]);
+    assert!(d
+        .ctl(&["export", "add", "s", "--kind", "swap", "--size", "4M", "--client", "3"])
+        .status
+        .success());
+    let data = t.path().join("d.raw");
+    std::fs::write(&data, pattern(4 << 20, 5)).unwrap();
+    run_ok(
+        "qemu-img",
+        &[
+            "convert",
+            "-n",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            data.to_str().unwrap(),
+            &d.nbd_uri("s"),
+        ],
+    );
+    assert!(d.terminate().success());
+
+    // Flip bytes in the middle of the client's save stream.
+    let stream = dir.join("state/client-3.tmem");
+    let mut bytes = read_all(&stream);
+    let mid = bytes.len() / 2;
+    for b in &mut bytes[mid..mid + 16] {
+        *b ^= 0xff;
+    }
+    std::fs::write(&stream, &bytes).unwrap();
+
+    let mut d = Tmemd::start(&dir, &["--budget", "64M"]);
+    let st: Status = serde_json::from_str(&d.curl("GET", "/api/v1/status", None).1).unwrap();
+    assert!(
+        st.warnings
+            .iter()
+            .any(|w| w.contains("Corrupt state file") && w.contains("client-3.tmem")),
+        "{:?}",
+        st.warnings
+    );
+    assert!(dir.join("state/client-3.tmem.corrupt").exists());
+    assert!(!stream.exists());
+    assert!(d.log_text().contains("Corrupt state file"));
+    // The export is back (empty) and usable.
+    assert_eq!(st.exports, 1);
+    run_ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 1 0 64k",
+            "-c",
+            "read -P 1 0 64k",
+            &d.nbd_uri("s"),
+        ],
+    );
+    let o = d.ctl(&["status"]);
+    assert!(
+        stdout(&o).contains("warning: Corrupt state file"),
+        "{}",
+        stdout(&o)
+    );
+    assert!(d.terminate().success());
+
+    // A corrupt manifest: start empty, move it aside.
+    std::fs::write(
+        dir.join("state/manifest.json"),
+        b"{\"version\": 1, \"clean\": tr",
+    )
+    .unwrap();
+    let mut d = Tmemd::start(&dir, &["--budget", "64M"]);
+    let st: Status = serde_json::from_str(&d.curl("GET", "/api/v1/status", None).1).unwrap();
+    assert!(
+        st.warnings
+            .iter()
+            .any(|w| w.contains("Saved state is unusable")),
+        "{:?}",
+        st.warnings
+    );
+    assert!(dir.join("state/manifest.json.corrupt").exists());
+    assert_eq!(st.exports, 0);
+    assert!(d.terminate().success());
+}
+
+#[test]
+fn second_daemon_on_same_dir_is_refused() {
+    let t = tmp();
+    let dir = t.path().join("state");
+    let d = Tmemd::start(&dir, &["--budget", "64M"]);
+    let mut second = Tmemd::spawn(&dir, &["--budget", "64M"]);
+    let st = second.wait_exit();
+    assert!(!st.success());
+    assert!(
+        second.log_text().contains("in use by another tmemd"),
+        "{}",
+        second.log_text()
+    );
+    // The first one still serves on its sockets.
+    let (c, _) = d.curl("GET", "/api/v1/status", None);
+    assert_eq!(c, 200);
+    drop(second);
+}
+
+#[test]
+fn config_file_and_metrics_tcp() {
+    let t = tmp();
+    let dir = t.path().join("state");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let cfg = t.path().join("tmemd.toml");
+    std::fs::write(
+        &cfg,
+        format!("budget = \"96M\"\ncodec = \"zstd:3\"\nmetrics_addr = \"127.0.0.1:{port}\"\n[balloon]\ninterval_ms = 500\n"),
+    )
+    .unwrap();
+    let d = Tmemd::start(&dir, &["--config", cfg.to_str().unwrap()]);
+    let st: Status = serde_json::from_str(&d.curl("GET", "/api/v1/status", None).1).unwrap();
+    assert_eq!(st.budget, 96 << 20);
+    let out = run_ok(
+        "curl",
+        &["-sS", &format!("http://127.0.0.1:{port}/metrics")],
+    );
+    let samples = parse_prometheus(&out);
+    assert!(samples
+        .iter()
+        .any(|(n, _, v)| n == "tmem_budget_bytes" && *v == (96u64 << 20) as f64));
+    let out = run(
+        "curl",
+        &[
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &format!("http://127.0.0.1:{port}/api/v1/status"),
+        ],
+    );
+    assert_eq!(stdout(&out), "404");
+
+    // An unknown key is refused with the file named.
+    std::fs::write(&cfg, "budgett = 1\n").unwrap();
+    let mut bad = Tmemd::spawn(
+        &t.path().join("other"),
+        &["--config", cfg.to_str().unwrap()],
+    );
+    assert!(!bad.wait_exit().success());
+    assert!(
+        bad.log_text().contains("Invalid config file"),
+        "{}",
+        bad.log_text()
+    );
+}
