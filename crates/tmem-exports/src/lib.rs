@@ -37,7 +37,9 @@
 //! * **Restart.** [`SwapExport::attach`] re-attaches to a restored pool: the spill file's
 //!   allocated extents (`SEEK_DATA`) are the spilled pages, except where the pool also
 //!   holds the page (every path leaves the pool copy at least as new), then the spill
-//!   copy is dropped.
+//!   copy is dropped. This assumes the save was taken with the export quiesced (no write
+//!   after the save point); a page rewritten into the spill file after a live save would
+//!   lose to its older saved pool copy.
 //!
 //! ## cached ([`CachedExport`]): shared cleancache in front of a raw image
 //! Reads look each page up in a shared ephemeral pool joined by UUID (by default derived
@@ -55,6 +57,9 @@
 //! to odd before reading/writing anything and back to even after the new pages are in
 //! the cache; a reader records the generation before its `pread` and puts a page only if,
 //! under the stripe lock, it is even and unchanged. The reader holds no lock during I/O.
+//! Opening an image that is already cached in the same engine under another UUID is
+//! refused ([`ExportError::InvalidConfig`]): two pools for one file could not be kept
+//! coherent. The image size is read once, at open; nothing else may write the image.
 //!
 //! ## Errors
 //! [`ExportError`] maps into [`tmem_nbd::BackendError`] with an exhaustive match.
