@@ -198,7 +198,7 @@ impl Daemon {
             stopping: AtomicBool::new(false),
             _lock: dir_lock,
         });
-        daemon.restore();
+        let consumed = daemon.restore();
         let mut listen = vec![ListenAddr::Unix(paths.nbd.clone())];
         if let Some(a) = cfg.nbd_tcp {
             listen.push(ListenAddr::Tcp(a));
@@ -220,6 +220,7 @@ impl Daemon {
             }
             None => None,
         };
+        daemon.commit_restore(consumed);
         tracing::info!(
             dir = %paths.dir.display(),
             budget = cfg.budget,
@@ -251,10 +252,13 @@ impl Daemon {
 
     // ------------------------------------------------------------------ state
 
-    fn restore(&self) {
+    /// Restores the saved state; returns the stream files it consumed (deleted by
+    /// [`Daemon::commit_restore`] once the daemon is up, so a failed start keeps them).
+    fn restore(&self) -> Vec<PathBuf> {
+        let mut consumed = Vec::new();
         let m = match state::read_manifest(&self.paths.state) {
             Ok(Some(m)) => m,
-            Ok(None) => return,
+            Ok(None) => return consumed,
             Err(e) => {
                 let path = self.paths.state.join(state::MANIFEST);
                 let moved = state::move_aside(&path)
@@ -264,7 +268,7 @@ impl Daemon {
                     "Saved state is unusable, starting empty ({moved}): {}",
                     chain(&e)
                 ));
-                return;
+                return consumed;
             }
         };
         if !m.clean && m.exports.iter().any(|e| e.kind == ExportKind::Swap) {
@@ -292,7 +296,7 @@ impl Daemon {
                         for (p, label) in pools {
                             restored.insert((c.id, label), p);
                         }
-                        let _ = fs::remove_file(&path);
+                        consumed.push(path);
                     }
                     Err(msg) => {
                         let moved = state::move_aside(&path)
@@ -320,8 +324,20 @@ impl Daemon {
                 ));
             }
         }
+        consumed
+    }
+
+    /// Once the daemon is up: marks the manifest not clean and deletes the consumed streams,
+    /// so that a crash never brings back stale pages.
+    fn commit_restore(&self, consumed: Vec<PathBuf>) {
         if let Err(e) = self.write_manifest() {
             self.warn(format!("Cannot rewrite manifest: {}", chain(&e)));
+            return;
+        }
+        for p in consumed {
+            if let Err(e) = fs::remove_file(&p) {
+                tracing::warn!(path = %p.display(), error = %e, "cannot remove restored state file");
+            }
         }
     }
 
@@ -468,22 +484,45 @@ impl Daemon {
         }
     }
 
-    /// Saves every client's persistent pages and a clean manifest.
+    /// Saves every client's persistent pages and a clean manifest. A client whose save
+    /// fails is left out (its swap exports come back empty, with a warning) and the first
+    /// such error is returned after the manifest is written.
     fn save_all(&self) -> Result<(), DaemonError> {
+        let mut first_err = None;
+        let mut failed = Vec::new();
         for id in self.engine.clients() {
             let path = self.paths.state.join(state::stream_name(id.0));
             let engine = &self.engine;
-            let r = state::write_atomic(&path, |w| engine.save(id, SaveOptions::default(), w))
-                .map_err(DaemonError::Save)?;
-            let rep = r.map_err(|e| DaemonError::SaveClient(id.0, e))?;
-            tracing::info!(
-                client = id.0,
-                pages = rep.pages,
-                bytes = rep.bytes,
-                "saved pages"
-            );
+            let r = state::write_atomic(&path, |w| engine.save(id, SaveOptions::default(), w));
+            let err = match r {
+                Ok(Ok(rep)) => {
+                    tracing::info!(
+                        client = id.0,
+                        pages = rep.pages,
+                        bytes = rep.bytes,
+                        "saved pages"
+                    );
+                    continue;
+                }
+                Ok(Err(e)) => DaemonError::SaveClient(id.0, e),
+                Err(e) => DaemonError::Save(e),
+            };
+            tracing::error!(client = id.0, error = %chain(&err), "cannot save client");
+            let _ = fs::remove_file(&path);
+            failed.push(id.0);
+            first_err.get_or_insert(err);
         }
-        state::write_manifest(&self.paths.state, &self.manifest(true)).map_err(DaemonError::Save)
+        let mut m = self.manifest(true);
+        for c in &mut m.clients {
+            if failed.contains(&c.id) {
+                c.stream = None;
+            }
+        }
+        state::write_manifest(&self.paths.state, &m).map_err(DaemonError::Save)?;
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 
     fn spill_path(&self, name: &str) -> PathBuf {

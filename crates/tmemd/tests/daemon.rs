@@ -666,3 +666,78 @@ fn config_file_and_metrics_tcp() {
         bad.log_text()
     );
 }
+
+/// A private tmux server (its own socket name), killed on every path.
+struct Tmux(String);
+
+impl Tmux {
+    fn cmd(&self, args: &[&str]) -> std::process::Output {
+        let mut a = vec!["-L", self.0.as_str()];
+        a.extend_from_slice(args);
+        run("tmux", &a)
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = self.cmd(&["kill-server"]);
+    }
+}
+
+#[test]
+fn top_live_view_in_tmux() {
+    if run("tmux", &["-V"]).status.code().is_none() {
+        eprintln!("tmux missing: skipped");
+        return;
+    }
+    let t = tmp();
+    let dir = t.path().join("state");
+    let d = Tmemd::start(&dir, &["--budget", "128M"]);
+    assert!(d
+        .ctl(&["export", "add", "live0", "--kind", "swap", "--size", "8M"])
+        .status
+        .success());
+    let tmux = Tmux(format!("tmemd-test-{}", std::process::id()));
+    let cmd = format!(
+        "{} --state-dir {} top --interval 0.2",
+        tmemctl_bin().display(),
+        dir.display()
+    );
+    let o = tmux.cmd(&[
+        "new-session",
+        "-d",
+        "-s",
+        "top",
+        "-x",
+        "160",
+        "-y",
+        "40",
+        &cmd,
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mut screen = String::new();
+    let shown = wait_until(std::time::Duration::from_secs(30), || {
+        screen = stdout(&tmux.cmd(&["capture-pane", "-p", "-t", "top"]));
+        screen.contains("tmem pool") && screen.contains("live0")
+    });
+    assert!(shown, "live view not shown:\n{screen}");
+    assert!(screen.contains("q quits"), "{screen}");
+    // Traffic shows up on a later refresh.
+    run_ok(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 9 0 1M", &d.nbd_uri("live0")],
+    );
+    let updated = wait_until(std::time::Duration::from_secs(30), || {
+        screen = stdout(&tmux.cmd(&["capture-pane", "-p", "-t", "top"]));
+        screen
+            .lines()
+            .any(|l| l.contains("live0") && l.contains(" 256 "))
+    });
+    assert!(updated, "pool pages not updated:\n{screen}");
+    let o = tmux.cmd(&["send-keys", "-t", "top", "q"]);
+    assert!(o.status.success());
+    let gone = wait_until(std::time::Duration::from_secs(30), || {
+        !tmux.cmd(&["has-session", "-t", "top"]).status.success()
+    });
+    assert!(gone, "q did not quit the live view");
+}
