@@ -345,6 +345,62 @@ impl SwapExport {
         file
     }
 
+    /// Test support: checks that every page is in exactly one place — a page mapped to
+    /// the spill file is not in the pool, a page mapped to the pool is there, and every
+    /// allocated page of the spill file is a mapped spilled page. Call it while no I/O runs.
+    #[doc(hidden)]
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let mut spilled = 0u64;
+        for (i, s) in self.stripes.iter().enumerate() {
+            let st = s.lock();
+            for (&page, &loc) in &st.loc {
+                if page as usize & (STRIPES - 1) != i {
+                    return Err(format!("page {page} in stripe {i}"));
+                }
+                let probe = self
+                    .engine
+                    .probe(self.cfg.client, self.key(page))
+                    .map_err(|e| e.to_string())?;
+                match (loc, probe) {
+                    (Loc::Spill, Some(_)) => {
+                        return Err(format!("page {page} is both spilled and in the pool"))
+                    }
+                    (Loc::Pool(_), None) => {
+                        return Err(format!("page {page} mapped to the pool is not there"))
+                    }
+                    (Loc::Spill, None) => spilled += 1,
+                    (Loc::Pool(_), Some(_)) => {}
+                }
+            }
+        }
+        if spilled != self.c.spilled.load(Relaxed) {
+            return Err(format!(
+                "{spilled} spilled pages, counter says {}",
+                self.c.spilled.load(Relaxed)
+            ));
+        }
+        if self.can_punch.load(Relaxed) {
+            let end = spill_len(self.cfg.size);
+            let mut data = sys::seek(&self.spill, 0, true).map_err(|e| e.to_string())?;
+            while let Some(d) = data.filter(|&d| d < end) {
+                let hole = sys::seek(&self.spill, d, false)
+                    .map_err(|e| e.to_string())?
+                    .unwrap_or(end)
+                    .min(end);
+                for p in d / PAGE..hole.div_ceil(PAGE) {
+                    let page = p as u32;
+                    if self.lock(page).loc.get(&page) != Some(&Loc::Spill) {
+                        return Err(format!(
+                            "spill file holds data for page {page}, which is not spilled"
+                        ));
+                    }
+                }
+                data = sys::seek(&self.spill, hole, true).map_err(|e| e.to_string())?;
+            }
+        }
+        Ok(())
+    }
+
     // ----- page primitives (called with the page's stripe locked) ------------------------
 
     fn key(&self, page: u32) -> PageKey {

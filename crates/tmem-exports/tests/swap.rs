@@ -127,6 +127,7 @@ fn spill_when_pool_is_full() {
     s.write(16 << 20, &big, false).unwrap();
     model[16 << 20..24 << 20].copy_from_slice(&big);
     assert_eq!(check_all(&*s, &model), 0);
+    s.check_invariants().unwrap();
     let st = s.stats();
     eprintln!("{st:?}");
     assert!(st.pages_spilled > 1000, "{st:?}");
@@ -140,6 +141,7 @@ fn spill_when_pool_is_full() {
     s.trim(16 << 20, 8 << 20).unwrap();
     model[16 << 20..24 << 20].fill(0);
     assert_eq!(check_all(&*s, &model), 0);
+    s.check_invariants().unwrap();
     s.flush().unwrap();
     s.destroy().unwrap();
     assert!(!spill_path.exists());
@@ -164,6 +166,7 @@ fn quota_refusals_spill_too() {
     assert_eq!(check_all(&*s, &model), 0);
     let st = s.stats();
     assert!(st.pages_spilled > 0 && st.put_refusals > 0, "{st:?}");
+    s.check_invariants().unwrap();
     s.destroy().unwrap();
 }
 
@@ -251,6 +254,7 @@ fn concurrent_writers_keep_every_update() {
             );
         }
     }
+    s.check_invariants().unwrap();
     let st = s.stats();
     eprintln!("{st:?}");
     assert!(st.pages_spilled > 0 && st.written_back > 0, "{st:?}");
@@ -274,6 +278,7 @@ fn spilled_pages_come_back_when_room_returns() {
     assert!(after.pulled_back > 0, "{after:?}");
     assert_eq!(after.pages_spilled + after.pages_in_pool, 1024, "{after:?}");
     assert!(after.pages_spilled < before.pages_spilled, "{after:?}");
+    s.check_invariants().unwrap();
     s.destroy().unwrap();
 }
 
@@ -305,6 +310,7 @@ fn attach_after_save_and_restore() {
         .expect("restored swap pool");
     let s2 = SwapExport::attach(e2.clone(), cfg, pool).unwrap();
     assert_eq!(s2.stats().pages_spilled, st.pages_spilled);
+    s2.check_invariants().unwrap();
     assert_eq!(check_all(&*s2, &model), 0);
     random_ops(&*s2, &mut model, 6, 1000, 64 << 10);
     assert_eq!(check_all(&*s2, &model), 0);
