@@ -741,3 +741,98 @@ fn top_live_view_in_tmux() {
     });
     assert!(gone, "q did not quit the live view");
 }
+
+/// A paused QEMU with a balloon device (no guest OS), killed by PID on every path.
+struct Qemu(std::process::Child);
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn guests_are_managed_over_the_api_with_real_qemu() {
+    use tmem_api::GuestInfo;
+    if run("sh", &["-c", "command -v qemu-system-x86_64"])
+        .stdout
+        .is_empty()
+    {
+        eprintln!("SKIP: qemu-system-x86_64 not found");
+        return;
+    }
+    let t = tmp();
+    let qmp = t.path().join("qmp.sock");
+    let child = std::process::Command::new("qemu-system-x86_64")
+        .args([
+            "-M",
+            "q35",
+            "-S",
+            "-accel",
+            "tcg",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-m",
+            "256",
+        ])
+        .args(["-device", "virtio-balloon-pci,id=balloon0"])
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn qemu");
+    let _qemu = Qemu(child);
+    assert!(wait_until(std::time::Duration::from_secs(30), || {
+        std::os::unix::net::UnixStream::connect(&qmp).is_ok()
+    }));
+    let cfg = t.path().join("tmemd.toml");
+    std::fs::write(&cfg, "budget = \"64M\"\n[balloon]\ninterval_ms = 200\n").unwrap();
+    let dir = t.path().join("state");
+    let d = Tmemd::start(&dir, &["--config", cfg.to_str().unwrap()]);
+
+    let q = qmp.to_str().unwrap();
+    let o = d.ctl(&["guest", "add", "vm0", "--qmp", q, "--policy", "static"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("static"), "{}", stdout(&o));
+    let o = d.ctl(&["guest", "add", "vm0", "--qmp", q]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("already exists"), "{}", stderr(&o));
+
+    let mut g: Vec<GuestInfo> = Vec::new();
+    let seen = wait_until(std::time::Duration::from_secs(30), || {
+        g = serde_json::from_str(&stdout(&d.ctl(&["guests", "--json"]))).unwrap();
+        g.len() == 1 && g[0].intervals >= 2 && g[0].actual == 256 << 20
+    });
+    assert!(seen, "{g:?}");
+    assert_eq!((g[0].max, g[0].policy.as_str()), (256 << 20, "static"));
+    let (_, text) = d.curl("GET", "/metrics", None);
+    let samples = parse_prometheus(&text);
+    assert!(
+        samples
+            .iter()
+            .any(|(n, l, v)| n == "tmem_guest_balloon_actual_bytes"
+                && l == "guest=\"vm0\""
+                && *v == (256u64 << 20) as f64),
+        "{text}"
+    );
+    assert!(samples
+        .iter()
+        .any(|(n, l, _)| n == "tmem_guest_balloon_target_bytes" && l == "guest=\"vm0\""));
+    let o = d.ctl(&["top", "--once", "--interval", "0.1"]);
+    assert!(
+        stdout(&o)
+            .lines()
+            .any(|l| l.starts_with("vm0") && l.contains("256M")),
+        "{}",
+        stdout(&o)
+    );
+
+    let o = d.ctl(&["guest", "rm", "vm0"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let g: Vec<GuestInfo> = serde_json::from_str(&stdout(&d.ctl(&["guests", "--json"]))).unwrap();
+    assert!(g.is_empty(), "{g:?}");
+}
