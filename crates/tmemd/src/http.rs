@@ -259,7 +259,10 @@ pub fn serve_connection<S: Read + Write>(
     while !stop.load(Ordering::Relaxed) {
         match read_request(&mut r, &mut w, max_body) {
             Ok((req, keep_alive)) => {
-                let resp = handler.handle(&req);
+                // A handler bug must not take the connection thread (or the daemon) down.
+                let resp =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler.handle(&req)))
+                        .unwrap_or_else(|_| handler.reject(500, "internal error"));
                 let keep_alive = keep_alive && !stop.load(Ordering::Relaxed);
                 if write_response(&mut w, &resp, keep_alive).is_err() || !keep_alive {
                     return;
@@ -471,6 +474,38 @@ mod tests {
         let big = format!("GET /{} HTTP/1.1\r\n\r\n", "a".repeat(MAX_HEAD));
         assert!(matches!(parse(big.as_bytes()), Err(ReadError::Bad(431, _))));
         assert!(matches!(parse(b""), Err(ReadError::Closed)));
+    }
+
+    #[test]
+    fn random_bytes_never_panic() {
+        let mut x: u64 = 0x9e3779b97f4a7c15;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let pieces: [&[u8]; 8] = [
+            b"GET ",
+            b"/api/v1/x ",
+            b"HTTP/1.1",
+            b"\r\n",
+            b"Content-Length: 3",
+            b"\n",
+            b": ",
+            b"\xff",
+        ];
+        for _ in 0..5000 {
+            let mut raw = Vec::new();
+            for _ in 0..(next() % 12) {
+                if next() % 3 == 0 {
+                    raw.push(next() as u8);
+                } else {
+                    raw.extend_from_slice(pieces[(next() % 8) as usize]);
+                }
+            }
+            let _ = parse(&raw);
+        }
     }
 
     #[test]

@@ -618,20 +618,50 @@ fn second_daemon_on_same_dir_is_refused() {
 fn config_file_and_metrics_tcp() {
     let t = tmp();
     let dir = t.path().join("state");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let free_port = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let port = free_port();
+    let nbd_port = free_port();
     let cfg = t.path().join("tmemd.toml");
     std::fs::write(
         &cfg,
         format!("budget = \"96M\"\ncodec = \"zstd:3\"\nmetrics_addr = \"127.0.0.1:{port}\"\n[balloon]\ninterval_ms = 500\n"),
     )
     .unwrap();
-    let d = Tmemd::start(&dir, &["--config", cfg.to_str().unwrap()]);
+    let nbd_tcp = format!("127.0.0.1:{nbd_port}");
+    let d = Tmemd::start(
+        &dir,
+        &["--config", cfg.to_str().unwrap(), "--nbd-tcp", &nbd_tcp],
+    );
     let st: Status = serde_json::from_str(&d.curl("GET", "/api/v1/status", None).1).unwrap();
     assert_eq!(st.budget, 96 << 20);
+    assert_eq!(st.nbd_tcp.as_deref(), Some(nbd_tcp.as_str()));
+    // Exports are served on the NBD TCP listener too; the codec default comes from the file.
+    assert!(d
+        .ctl(&["export", "add", "t0", "--kind", "swap", "--size", "1M"])
+        .status
+        .success());
+    let list = run_ok("nbdinfo", &["--list", &format!("nbd://{nbd_tcp}")]);
+    assert!(list.contains("export=\"t0\""), "{list}");
+    run_ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 3 0 64k",
+            "-c",
+            "read -P 3 0 64k",
+            &format!("nbd://{nbd_tcp}/t0"),
+        ],
+    );
+    let manifest = std::fs::read_to_string(dir.join("state/manifest.json")).unwrap();
+    assert!(manifest.contains("\"codec\": \"zstd:3\""), "{manifest}");
     let out = run_ok(
         "curl",
         &["-sS", &format!("http://127.0.0.1:{port}/metrics")],
