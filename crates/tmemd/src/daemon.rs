@@ -279,11 +279,16 @@ impl Daemon {
         }
         let mut restored: std::collections::HashMap<(u32, String), tmem_core::PoolId> =
             Default::default();
+        // Saved persistent pages come back even if the budget or a cap was lowered meanwhile:
+        // both are lifted during the restore and set afterwards (persistent pages are never
+        // dropped; the pool stays over budget until guests release pages).
+        let budget = self.engine.budget();
+        self.engine.set_budget(u64::MAX);
         for c in &m.clients {
             let id = ClientId(c.id);
             let cc = ClientConfig {
                 weight: c.weight,
-                persistent_cap: c.persistent_cap.unwrap_or(u64::MAX),
+                persistent_cap: u64::MAX,
             };
             if let Err(e) = self.engine.add_client(id, cc) {
                 self.warn(format!("Cannot restore client {}: {}", c.id, chain(&e)));
@@ -310,9 +315,19 @@ impl Daemon {
                     }
                 }
             }
+            if let Some(cap) = c.persistent_cap {
+                let _ = self.engine.set_persistent_cap(id, cap);
+            }
             if c.frozen {
                 let _ = self.engine.freeze(id);
             }
+        }
+        self.engine.set_budget(budget);
+        let held = self.engine.held_bytes();
+        if held > budget {
+            self.warn(format!(
+                "Restored pages hold {held} bytes, over the budget of {budget} bytes"
+            ));
         }
         for e in &m.exports {
             let res = self.reopen_export(e, &restored, m.clean);
@@ -381,10 +396,14 @@ impl Daemon {
                 };
                 let label = e.pool_label.clone().unwrap_or(format!("swap:{}", e.name));
                 match restored.get(&(e.client, label)) {
-                    Some(&pool) => Backend::Swap(
-                        SwapExport::attach(self.engine.clone(), cfg, pool)
-                            .map_err(|x| OpError::Export(e.name.clone(), x))?,
-                    ),
+                    Some(&pool) => match SwapExport::attach(self.engine.clone(), cfg, pool) {
+                        Ok(s) => Backend::Swap(s),
+                        Err(x) => {
+                            // Do not keep an unreachable pool around.
+                            let _ = self.engine.destroy_pool(client, pool);
+                            return Err(OpError::Export(e.name.clone(), x));
+                        }
+                    },
                     None => {
                         if clean {
                             self.warn(format!(

@@ -480,10 +480,21 @@ fn restart_loses_no_swap_data() {
     assert!(!dir.join("ctl.sock").exists() && !dir.join("nbd.sock").exists());
     assert!(dir.join("state/manifest.json").exists());
 
-    for round in 0..2 {
-        let mut d = Tmemd::start(&dir, &args);
+    for round in 0..3 {
+        // The last round restarts with a budget below what the saved pages need.
+        let low = ["--budget", "1M"];
+        let mut d = Tmemd::start(&dir, if round == 2 { &low } else { &args });
         let st: Status = serde_json::from_str(&d.curl("GET", "/api/v1/status", None).1).unwrap();
-        assert!(st.warnings.is_empty(), "round {round}: {:?}", st.warnings);
+        if round < 2 {
+            assert!(st.warnings.is_empty(), "round {round}: {:?}", st.warnings);
+        } else {
+            assert!(
+                !st.warnings.is_empty()
+                    && st.warnings.iter().all(|w| w.contains("over the budget")),
+                "{:?}",
+                st.warnings
+            );
+        }
         assert_eq!(st.exports, 2);
         for (r, n) in [(&ref0, "swap0"), (&ref1, "swap1")] {
             run_ok(
