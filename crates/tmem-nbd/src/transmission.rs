@@ -3,7 +3,9 @@
 //! One reader loop per connection parses requests. Cheap requests (small READ/WRITE and small
 //! TRIM/WRITE_ZEROES/CACHE/BLOCK_STATUS) run inline on the reader, which keeps per-request CPU low;
 //! FLUSH and large requests go to a small per-connection worker pool, so their replies may overtake
-//! or be overtaken by later requests. Every reply is written in one `write_all` under the writer lock.
+//! or be overtaken by later requests. Every reply is written whole under the writer lock. Inline
+//! replies are batched while further complete requests are already buffered and sent together
+//! (one syscall per pipelined batch); they are flushed before the reader could block.
 
 use std::io::{self, BufReader, Read, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
