@@ -877,3 +877,47 @@ fn guests_are_managed_over_the_api_with_real_qemu() {
     let g: Vec<GuestInfo> = serde_json::from_str(&stdout(&d.ctl(&["guests", "--json"]))).unwrap();
     assert!(g.is_empty(), "{g:?}");
 }
+
+#[test]
+fn crash_leaves_stale_sockets_and_never_serves_stale_pages() {
+    let t = tmp();
+    let dir = t.path().join("state");
+    let mut d = Tmemd::start(&dir, &["--budget", "64M"]);
+    assert!(d
+        .ctl(&["export", "add", "s", "--kind", "swap", "--size", "4M"])
+        .status
+        .success());
+    run_ok(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0x42 0 1M", &d.nbd_uri("s")],
+    );
+    // A clean restart first: the pages are saved and restored.
+    assert!(d.terminate().success());
+    let mut d = Tmemd::start(&dir, &["--budget", "64M"]);
+    let out = run_ok(
+        "qemu-io",
+        &["-f", "raw", "-c", "read -P 0x42 0 1M", &d.nbd_uri("s")],
+    );
+    assert!(!out.contains("verification failed"), "{out}");
+    // Now a crash: SIGKILL leaves both sockets behind.
+    let mut c = d.child.take().unwrap();
+    c.kill().unwrap();
+    c.wait().unwrap();
+    assert!(dir.join("ctl.sock").exists() && dir.join("nbd.sock").exists());
+    let d = Tmemd::start(&dir, &["--budget", "64M"]);
+    let st: Status = serde_json::from_str(&d.curl("GET", "/api/v1/status", None).1).unwrap();
+    assert!(
+        st.warnings
+            .iter()
+            .any(|w| w.contains("did not shut down cleanly")),
+        "{:?}",
+        st.warnings
+    );
+    // The export is back, empty: the pages restored before the crash are not served again.
+    assert_eq!(st.exports, 1);
+    let out = run_ok(
+        "qemu-io",
+        &["-f", "raw", "-c", "read -P 0 0 1M", &d.nbd_uri("s")],
+    );
+    assert!(!out.contains("verification failed"), "{out}");
+}
