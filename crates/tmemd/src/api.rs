@@ -153,7 +153,7 @@ impl Api {
         let path = req.path.trim_end_matches('/');
         if path == "/metrics" {
             return match m {
-                "GET" | "HEAD" => Ok(self.metrics()),
+                "GET" => Ok(self.metrics()),
                 _ => Err(ApiError::MethodNotAllowed(m.into(), path.into())),
             };
         }
@@ -271,5 +271,79 @@ impl Handler for MetricsOnly {
     }
     fn reject(&self, status: u16, message: &str) -> Response {
         self.0.reject(status, message)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Args, Config, FileConfig};
+
+    fn req(method: &str, path: &str, body: &str) -> Request {
+        Request {
+            method: method.into(),
+            path: path.into(),
+            query: None,
+            body: body.as_bytes().to_vec(),
+        }
+    }
+
+    #[test]
+    fn routes_and_status_codes_without_a_client() {
+        let d = tempfile::tempdir().unwrap();
+        let args = Args {
+            state_dir: Some(d.path().join("s")),
+            budget: Some(tmem_api::Size(32 << 20)),
+            ..Default::default()
+        };
+        let cfg = Config::resolve(&args, FileConfig::default(), None).unwrap();
+        let running = Daemon::start(cfg).unwrap();
+        let api = Api::new(running.daemon.clone());
+        let status = |m: &str, p: &str, b: &str| api.handle(&req(m, p, b)).status;
+        assert_eq!(status("GET", "/api/v1/status", ""), 200);
+        assert_eq!(status("GET", "/api/v1/status/", ""), 200);
+        assert_eq!(status("GET", "/metrics", ""), 200);
+        assert_eq!(status("HEAD", "/metrics", ""), 405);
+        assert_eq!(status("GET", "/api/v1/stats", ""), 200);
+        assert_eq!(status("POST", "/api/v1/clients", "{}"), 201);
+        assert_eq!(status("POST", "/api/v1/clients/1/freeze", ""), 200);
+        assert_eq!(status("POST", "/api/v1/clients/1/melt", ""), 404);
+        assert_eq!(status("PUT", "/api/v1/clients/1/thaw", ""), 405);
+        assert_eq!(status("POST", "/api/v1/clients/99999999999/thaw", ""), 400);
+        assert_eq!(
+            status(
+                "POST",
+                "/api/v1/exports",
+                r#"{"name":"x","kind":"swap","size":4096,"client":1}"#
+            ),
+            201
+        );
+        assert_eq!(status("GET", "/api/v1/exports/x", ""), 200);
+        assert_eq!(status("DELETE", "/api/v1/clients/1", ""), 409);
+        assert_eq!(
+            status(
+                "POST",
+                "/api/v1/exports",
+                r#"{"name":"y","kind":"swap","size":4095}"#
+            ),
+            400
+        );
+        assert_eq!(status("DELETE", "/api/v1/exports/x", ""), 204);
+        assert_eq!(status("DELETE", "/api/v1/exports/x", ""), 404);
+        assert_eq!(status("DELETE", "/api/v1/clients/1", ""), 204);
+        assert_eq!(status("PUT", "/api/v1/budget", r#"{"bytes":0}"#), 400);
+        assert_eq!(status("PUT", "/api/v1/budget", r#"{"bytes":"64M"}"#), 200);
+        assert_eq!(running.daemon.engine().budget(), 64 << 20);
+        assert_eq!(status("POST", "/api/v1/shrink", r#"{"bytes":4096}"#), 200);
+        assert_eq!(status("GET", "/api/v1/guests", ""), 200);
+        assert_eq!(status("GET", "/", ""), 404);
+        assert_eq!(status("GET", "/api/v1", ""), 404);
+        // Error bodies carry the chain.
+        let r = api.handle(&req("GET", "/api/v1/exports/nope", ""));
+        let e: ErrorBody = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(e.chain, ["Get export failed", "Unknown export \"nope\""]);
+        running.shutdown().unwrap();
+        // A mutation after shutdown is refused with 503.
+        assert_eq!(status("POST", "/api/v1/clients", "{}"), 503);
     }
 }
