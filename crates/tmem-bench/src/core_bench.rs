@@ -381,10 +381,32 @@ pub struct ZramResult {
     pub compr_bytes: u64,
     /// mem_used_total.
     pub mem_used_bytes: u64,
-    /// Corpus bytes / mem_used_total: the same definition as our ratio_rss.
-    pub ratio_logical: f64,
-    /// orig / mem_used_total (how zram reports itself).
-    pub ratio_orig: f64,
+    /// Kernel memory for zram's per-slot table, measured as the VmallocUsed growth when the
+    /// disk size is set.
+    pub table_bytes: u64,
+    /// Slab growth while the corpus was written (zsmalloc handles and zspage structs; noisy).
+    pub slab_bytes: u64,
+    /// Corpus bytes / mem_used_total (zram's own view: compressed pages only).
+    pub ratio_mm_stat: f64,
+    /// Corpus bytes / (mem_used_total + table + slab): all memory zram needs, the same
+    /// definition as our RSS-based ratio.
+    pub ratio_total: f64,
+}
+
+fn meminfo_kb(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix(field).and_then(|v| {
+                    v.trim_start_matches(':')
+                        .split_whitespace()
+                        .next()
+                        .and_then(|v| v.parse().ok())
+                })
+            })
+        })
+        .unwrap_or(0)
 }
 
 fn sh(cmd: &str) -> Result<String> {
@@ -404,15 +426,19 @@ pub fn zram(path: &Path, alg: &str) -> Result<ZramResult> {
     let size = std::fs::metadata(path)?.len();
     sh(&format!("echo 1 > {z}/reset"))?;
     sh(&format!("echo {alg} > {z}/comp_algorithm"))?;
+    let v0 = meminfo_kb("VmallocUsed");
     sh(&format!(
         "echo {} > {z}/disksize",
         (size / 4096 + 1024) * 4096
     ))?;
+    let table = meminfo_kb("VmallocUsed").saturating_sub(v0) * 1024;
     let res = (|| -> Result<ZramResult> {
+        let s0 = meminfo_kb("Slab");
         sh(&format!(
             "dd if={} of=/dev/zram0 bs=1M oflag=direct status=none",
             path.display()
         ))?;
+        let slab = meminfo_kb("Slab").saturating_sub(s0) * 1024;
         let mm = std::fs::read_to_string(format!("{z}/mm_stat"))?;
         let f: Vec<u64> = mm
             .split_whitespace()
@@ -428,8 +454,10 @@ pub fn zram(path: &Path, alg: &str) -> Result<ZramResult> {
             orig_bytes: orig,
             compr_bytes: compr,
             mem_used_bytes: used,
-            ratio_logical: size as f64 / used as f64,
-            ratio_orig: orig as f64 / used as f64,
+            table_bytes: table,
+            slab_bytes: slab,
+            ratio_mm_stat: size as f64 / used as f64,
+            ratio_total: size as f64 / (used + table + slab) as f64,
         })
     })();
     let _ = sh(&format!("echo 1 > {z}/reset"));

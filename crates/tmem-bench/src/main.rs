@@ -251,7 +251,7 @@ fn print_report(
     for m in mem {
         let f = |k: &str| m[k].as_f64().unwrap_or(0.0);
         println!(
-            "| {} | {:.2}× | {:.2}× | {:.1} | {:.1} % | {:.2}× | {:.3}× |",
+            "| {} | {:.3}× | {:.3}× | {:.1} | {:.1} % | {:.2}× | {:.3}× |",
             m["config"].as_str().unwrap_or("?"),
             f("ratio_rss"),
             f("logical_bytes") / f("engine_held_bytes").max(1.0),
@@ -263,12 +263,17 @@ fn print_report(
     }
     if !zr.is_empty() {
         println!("\n### zram on the same bytes (kernel, same run)\n");
-        println!("| alg | corpus / mem_used_total | orig / mem_used_total (zram's own view) |");
-        println!("| --- | --- | --- |");
+        println!("| alg | corpus / mem_used_total (zram's view) | slot table (VmallocUsed Δ) | slab Δ (noisy) | corpus / all of it (our definition) |");
+        println!("| --- | --- | --- | --- | --- |");
         for z in zr {
+            let mib = |b: u64| b as f64 / 1048576.0;
             println!(
-                "| {} | {:.2}× | {:.2}× |",
-                z.alg, z.ratio_logical, z.ratio_orig
+                "| {} | {:.3}× | {:.2} MiB | {:.2} MiB | {:.3}× |",
+                z.alg,
+                z.ratio_mm_stat,
+                mib(z.table_bytes),
+                mib(z.slab_bytes),
+                z.ratio_total
             );
         }
     }
