@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -30,25 +30,49 @@ pub const QMP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The engine as the balloon manager's pool: budget up when guests shrink, `shrink` at once
 /// when a guest must grow.
+///
+/// The manager computes the budget as host RAM − reserve − Σ guests; the operator's budget
+/// (`--budget`, `PUT /budget`) stays the ceiling, so the manager moves the budget below it
+/// and never above.
 #[derive(Debug)]
-pub struct EnginePool(pub Arc<Engine>);
+pub struct EnginePool {
+    engine: Arc<Engine>,
+    ceiling: AtomicU64,
+}
+
+impl EnginePool {
+    /// The engine, with its current budget as the ceiling.
+    pub fn new(engine: Arc<Engine>) -> Self {
+        let ceiling = AtomicU64::new(engine.budget());
+        EnginePool { engine, ceiling }
+    }
+
+    /// Sets the operator's budget (the ceiling) and applies it now; returns bytes released.
+    pub fn set_ceiling(&self, bytes: u64) -> u64 {
+        self.ceiling.store(bytes, Ordering::Relaxed);
+        self.engine.set_budget(bytes)
+    }
+
+    /// The operator's budget.
+    pub fn ceiling(&self) -> u64 {
+        self.ceiling.load(Ordering::Relaxed)
+    }
+}
 
 impl PoolControl for EnginePool {
     fn set_budget(&self, bytes: u64) {
-        let released = self.0.set_budget(bytes);
-        if released > 0 {
-            tracing::debug!(
-                budget = bytes,
-                released,
-                "balloon manager lowered pool budget"
-            );
+        let bytes = bytes.min(self.ceiling());
+        if bytes == self.engine.budget() {
+            return;
         }
+        let released = self.engine.set_budget(bytes);
+        tracing::debug!(budget = bytes, released, "balloon manager set pool budget");
     }
     fn shrink(&self, bytes: u64) -> u64 {
-        self.0.shrink(bytes)
+        self.engine.shrink(bytes)
     }
     fn budget(&self) -> u64 {
-        self.0.budget()
+        self.engine.budget()
     }
 }
 
@@ -323,10 +347,16 @@ mod tests {
     #[test]
     fn engine_pool_control() {
         let e = Arc::new(Engine::new(EngineConfig::with_budget(64 << 20)));
-        let p = EnginePool(e.clone());
+        let p = EnginePool::new(e.clone());
         p.set_budget(32 << 20);
         assert_eq!(p.budget(), 32 << 20);
         assert_eq!(e.budget(), 32 << 20);
+        // Never above the operator's budget.
+        p.set_budget(1 << 40);
+        assert_eq!(e.budget(), 64 << 20);
+        p.set_ceiling(16 << 20);
+        p.set_budget(1 << 40);
+        assert_eq!(e.budget(), 16 << 20);
         assert_eq!(p.shrink(1 << 20), 0);
     }
 
@@ -335,7 +365,7 @@ mod tests {
         let e = Arc::new(Engine::new(EngineConfig::with_budget(64 << 20)));
         let rt = GuestRuntime::new(
             ManagerConfig::default(),
-            Arc::new(EnginePool(e)),
+            Arc::new(EnginePool::new(e)),
             Arc::new(ProcHost),
         );
         let d = tempfile::tempdir().unwrap();

@@ -119,6 +119,7 @@ pub struct Daemon {
     cfg: Config,
     paths: Paths,
     engine: Arc<Engine>,
+    pool: Arc<EnginePool>,
     exports: Arc<ExportSet>,
     guests: GuestRuntime,
     nbd: Mutex<Option<ServerHandle>>,
@@ -180,15 +181,13 @@ impl Daemon {
         let _ = fs::set_permissions(&paths.dir, fs::Permissions::from_mode(0o700));
         let dir_lock = DirLock::acquire(&paths.dir).map_err(DaemonError::Lock)?;
         let engine = Arc::new(Engine::new(EngineConfig::with_budget(cfg.budget)));
-        let guests = GuestRuntime::new(
-            cfg.balloon.clone(),
-            Arc::new(EnginePool(engine.clone())),
-            Arc::new(ProcHost),
-        );
+        let pool = Arc::new(EnginePool::new(engine.clone()));
+        let guests = GuestRuntime::new(cfg.balloon.clone(), pool.clone(), Arc::new(ProcHost));
         let daemon = Arc::new(Daemon {
             cfg: cfg.clone(),
             paths: paths.clone(),
             engine,
+            pool,
             exports: Arc::new(ExportSet::default()),
             guests,
             nbd: Mutex::new(None),
@@ -905,7 +904,7 @@ impl Daemon {
         if bytes == 0 {
             return Err(OpError::Invalid("budget must be above 0".into()));
         }
-        let released = self.engine.set_budget(bytes);
+        let released = self.pool.set_ceiling(bytes);
         tracing::info!(budget = bytes, released, "budget set");
         Ok(BudgetReply {
             budget: self.engine.budget(),

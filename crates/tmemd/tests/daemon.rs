@@ -850,6 +850,9 @@ fn guests_are_managed_over_the_api_with_real_qemu() {
     });
     assert!(seen, "{g:?}");
     assert_eq!((g[0].max, g[0].policy.as_str()), (256 << 20, "static"));
+    // The manager moves the pool budget, never above the operator's budget.
+    let st: Status = serde_json::from_str(&d.curl("GET", "/api/v1/status", None).1).unwrap();
+    assert!(st.budget <= 64 << 20, "{}", st.budget);
     let (_, text) = d.curl("GET", "/metrics", None);
     let samples = parse_prometheus(&text);
     assert!(
