@@ -17,6 +17,7 @@
 //! | DELETE | `/clients/{id}` | | 204 |
 //! | POST | `/clients/{id}/freeze`, `/clients/{id}/thaw` | | [`ClientInfo`] |
 //! | GET | `/exports` | | `[`[`ExportInfo`]`]` |
+//! | GET | `/exports/{name}` | | [`ExportInfo`] |
 //! | POST | `/exports` | [`CreateExport`] | [`ExportInfo`] (201) |
 //! | DELETE | `/exports/{name}` | | 204 |
 //! | PUT | `/budget` | [`SetBudget`] | [`BudgetReply`] |

@@ -19,6 +19,20 @@
 //! manifest. A restart restores them, so guest swap data survives it. A corrupt state file
 //! is moved aside (`.corrupt`) and reported in `GET /status` `warnings`.
 //!
+//! ## Configuration
+//! Runs with no configuration at all. `--config FILE` (TOML, unknown keys refused) and
+//! flags override, flags winning. Keys: `budget` (default: `budget_fraction` × MemTotal,
+//! `budget_fraction` default 0.25), `state_dir`, `metrics_addr` (TCP `GET /metrics`),
+//! `nbd_tcp`, `codec` (`none|lz4|zstd|zstd:N`, default lz4), `dedup`
+//! (`off|pool|client|global`, default client), `[balloon]` (`interval_ms` 2000,
+//! `host_reserve` 1 GiB, `host_total`). Flags: `--config --budget --state-dir
+//! --metrics-addr --nbd-tcp --codec --dedup`.
+//!
+//! ## Budget and the balloon manager
+//! The operator's budget (`--budget`, `PUT /budget`) is a ceiling. With guests under
+//! management (`POST /guests`), the manager lowers the pool budget as guests grow
+//! (shrinking the pool at once first) and raises it back, up to that ceiling, as they shrink.
+//!
 //! ## Modules
 //! [`config`] (defaults, TOML, flags), [`http`] (the small HTTP server), [`api`] (routes and
 //! error codes), [`daemon`] (operations), [`exports`] (dynamic NBD export table), [`state`]
