@@ -31,8 +31,8 @@ impl Write for Duplex<'_> {
 
 fuzz_target!(|data: &[u8]| {
     let exports = StaticExports::new()
-        .with_export("a", "first", Arc::new(MemBackend::new(1 << 20)))
-        .with_export("b", "", Arc::new(MemBackend::new(12345)));
+        .with_export("a", "first", Arc::new(MemBackend::with_shards(1 << 20, 2)))
+        .with_export("b", "", Arc::new(MemBackend::with_shards(12345, 1)));
     let mut s = Duplex { input: data, written: 0 };
     if let Ok(session) = negotiate(&mut s, &exports) {
         let rest = s.input;

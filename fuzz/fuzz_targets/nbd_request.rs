@@ -44,7 +44,7 @@ fn check_replies(mut b: &[u8], structured: bool) {
 fuzz_target!(|data: &[u8]| {
     let Some((&mode, rest)) = data.split_first() else { return };
     let structured = mode & 1 != 0;
-    let backend: Arc<dyn BlockBackend> = Arc::new(MemBackend::new(1 << 20 | u64::from(mode & 0x0e) << 8));
+    let backend: Arc<dyn BlockBackend> = Arc::new(MemBackend::with_shards(1 << 20 | u64::from(mode & 0x0e) << 8, 2));
     let tflags = transmission_flags(&*backend, structured);
     let session = Session {
         name: "f".into(),
