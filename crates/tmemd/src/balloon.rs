@@ -3,7 +3,7 @@
 //!
 //! `tmem_balloon::manager::Manager` starts a fixed set of guests, so the daemon drives the
 //! public [`GuestLoop`] itself: one thread per guest, all sharing one
-//! [`Shared`](tmem_balloon::manager::Shared). Removing a guest rebuilds that shared state
+//! [`Shared`]. Removing a guest rebuilds that shared state
 //! from the remaining loops (it has no unregister), so a removed guest no longer counts in
 //! the pool budget.
 
