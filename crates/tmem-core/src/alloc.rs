@@ -139,9 +139,14 @@ impl Class {
     }
 }
 
-/// One arena: a lock's worth of classes.
+/// One arena: a lock's worth of classes, with its own counters (kept under its lock so
+/// that busy threads never share a counter's cache line).
 struct Arena {
     classes: Vec<Class>,
+    payload: u64,
+    slot_bytes: u64,
+    objects: u64,
+    slabs: u64,
 }
 
 /// What the arenas hold, for statistics.
@@ -177,10 +182,6 @@ pub(crate) struct Arenas {
     tag: usize,
     next: AtomicUsize,
     held: AtomicU64,
-    payload: AtomicU64,
-    slot_bytes: AtomicU64,
-    slabs: AtomicU64,
-    objects: AtomicU64,
 }
 
 /// Outcome of an allocation attempt.
@@ -205,15 +206,15 @@ impl Arenas {
                 .map(|_| {
                     RwLock::new(Arena {
                         classes: (0..NUM_CLASSES).map(Class::new).collect(),
+                        payload: 0,
+                        slot_bytes: 0,
+                        objects: 0,
+                        slabs: 0,
                     })
                 })
                 .collect(),
             next: AtomicUsize::new(0),
             held: AtomicU64::new(0),
-            payload: AtomicU64::new(0),
-            slot_bytes: AtomicU64::new(0),
-            slabs: AtomicU64::new(0),
-            objects: AtomicU64::new(0),
         }
     }
 
@@ -235,13 +236,18 @@ impl Arenas {
 
     /// Current statistics.
     pub(crate) fn stats(&self) -> AllocStats {
-        AllocStats {
+        let mut s = AllocStats {
             held_bytes: self.held.load(Ordering::Relaxed),
-            payload_bytes: self.payload.load(Ordering::Relaxed),
-            slot_bytes: self.slot_bytes.load(Ordering::Relaxed),
-            slabs: self.slabs.load(Ordering::Relaxed),
-            objects: self.objects.load(Ordering::Relaxed),
+            ..Default::default()
+        };
+        for a in &self.arenas {
+            let a = a.read();
+            s.payload_bytes += a.payload;
+            s.slot_bytes += a.slot_bytes;
+            s.slabs += a.slabs;
+            s.objects += a.objects;
         }
+        s
     }
 
     /// Stores `data` (1..=4096 bytes). With `grow == false` only existing free slots are
@@ -254,8 +260,7 @@ impl Arenas {
             let a = (home + i) % self.arenas.len();
             let mut arena = self.arenas[a].write();
             if let Some(h) = arena.take_slot(a + self.tag, class, data) {
-                drop(arena);
-                self.account_alloc(data.len(), class);
+                arena.account(data.len(), class, 1);
                 return Alloc::Done(h);
             }
         }
@@ -266,18 +271,11 @@ impl Arenas {
         }
         let mut arena = self.arenas[home].write();
         let h = arena.grow_and_take(home + self.tag, class, data);
+        arena.slabs += 1;
+        arena.account(data.len(), class, 1);
         drop(arena);
         self.held.fetch_add(need, Ordering::Relaxed);
-        self.slabs.fetch_add(1, Ordering::Relaxed);
-        self.account_alloc(data.len(), class);
         Alloc::Done(h)
-    }
-
-    fn account_alloc(&self, len: usize, class: usize) {
-        self.payload.fetch_add(len as u64, Ordering::Relaxed);
-        self.slot_bytes
-            .fetch_add(class_size(class) as u64, Ordering::Relaxed);
-        self.objects.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Frees the slot at `h` whose payload was `len` bytes. Returns the bytes released to
@@ -291,15 +289,18 @@ impl Arenas {
             debug_assert!(false, "bad handle");
             return 0;
         };
-        let released = lock.write().free(h);
-        self.payload.fetch_sub(len as u64, Ordering::Relaxed);
-        self.slot_bytes
-            .fetch_sub(class_size(h.class()) as u64, Ordering::Relaxed);
-        self.objects.fetch_sub(1, Ordering::Relaxed);
+        let released = {
+            let mut arena = lock.write();
+            let released = arena.free(h);
+            arena.account(len, h.class(), -1);
+            if released > 0 {
+                arena.slabs -= 1;
+            }
+            released
+        };
         if released > 0 {
             let r = released + SLAB_HEADER;
             self.held.fetch_sub(r, Ordering::Relaxed);
-            self.slabs.fetch_sub(1, Ordering::Relaxed);
             r
         } else {
             0
@@ -318,6 +319,20 @@ impl Arenas {
 }
 
 impl Arena {
+    /// Adds (`sign` = 1) or removes (`sign` = -1) one payload from the counters.
+    fn account(&mut self, len: usize, class: usize, sign: i64) {
+        let apply = |v: &mut u64, d: u64| {
+            *v = if sign > 0 {
+                *v + d
+            } else {
+                v.saturating_sub(d)
+            }
+        };
+        apply(&mut self.payload, len as u64);
+        apply(&mut self.slot_bytes, class_size(class) as u64);
+        apply(&mut self.objects, 1);
+    }
+
     fn take_slot(&mut self, arena: usize, class: usize, data: &[u8]) -> Option<Handle> {
         let c = &mut self.classes[class];
         let &slab_id = c.partial.last()?;

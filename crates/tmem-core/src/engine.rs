@@ -364,11 +364,31 @@ impl Engine {
             }
             let n = removed.len() as u64;
             for r in removed {
-                self.release(&p, r, false);
+                self.release(&p, r, s);
             }
             p.ops.at(s).flushes.fetch_add(n, Relaxed);
         }
         Ok(())
+    }
+
+    /// Resolves a pool for a client in a loaded table snapshot, checking access, without
+    /// touching the pool's reference count (the hot paths use this).
+    fn access<'a>(
+        &self,
+        pools: &'a FxHashMap<u32, Arc<PoolInfo>>,
+        client: ClientId,
+        pool: PoolId,
+    ) -> Result<&'a PoolInfo> {
+        let p = pools.get(&pool.0).ok_or(Error::UnknownPool(pool))?;
+        match p.spec.sharing {
+            Sharing::Private if p.owner.id == client => return Ok(p),
+            Sharing::Shared(_) if p.members.read().contains(&client) => return Ok(p),
+            _ => {}
+        }
+        if !self.clients.load().contains_key(&client.0) {
+            return Err(Error::UnknownClient(client));
+        }
+        Err(Error::AccessDenied { client, pool })
     }
 
     /// Resolves a pool for a client, checking access.
@@ -480,11 +500,11 @@ impl Engine {
         let clients = self.clients.load();
         let mut best: Option<(f64, &Arc<ClientInfo>)> = None;
         for c in clients.values() {
-            let pages = c.eph.pages.load(Relaxed);
+            let pages = c.eph.pages();
             if pages <= 0 {
                 continue;
             }
-            let used = c.eph.charged.load(Relaxed).max(1) as f64;
+            let used = c.eph.charged().max(1) as f64;
             let w = f64::from(c.weight.load(Relaxed));
             // Usage per unit of weight: the largest is the most above its share.
             let score = if w == 0.0 { f64::INFINITY } else { used / w };
@@ -525,7 +545,7 @@ impl Engine {
                     p.ops.at(s).evictions.fetch_add(1, Relaxed);
                     victim.ops.at(s).evictions.fetch_add(1, Relaxed);
                     self.ops.at(s).evictions.fetch_add(1, Relaxed);
-                    self.release(p, r, false);
+                    self.release(p, r, s);
                 }
             }
         }
@@ -533,12 +553,12 @@ impl Engine {
     }
 
     /// Releases a removed entry's storage and uncharges it. Returns bytes released.
-    fn release(&self, p: &PoolInfo, r: Removed, _replaced: bool) -> u64 {
+    fn release(&self, p: &PoolInfo, r: Removed, stripe: usize) -> u64 {
         let e = r.entry;
         let charge = e.charge() as i64;
         let same = i64::from(e.is_same());
-        p.held.add(-1, -same, -charge);
-        p.gauges_of_owner().add(-1, -same, -charge);
+        p.held.add(stripe, -1, -same, -charge);
+        p.gauges_of_owner().add(stripe, -1, -same, -charge);
         match e.target() {
             Target::Same(_) => 0,
             Target::Stored { handle, len, .. } => self.arenas(handle).free(handle, len),
@@ -714,7 +734,8 @@ impl Engine {
     /// (persistent) or until flushed or evicted (ephemeral). On any error the key holds
     /// nothing afterwards: a failed replace flushes the old content.
     pub fn put(&self, client: ClientId, key: PageKey, data: &[u8]) -> Result<()> {
-        let p = self.pool_for(client, key.pool)?;
+        let pools = self.pools.load();
+        let p = self.access(&pools, client, key.pool)?;
         let s = self.shard_idx(&key);
         let result = self.put_in(&p, client, key, data, s);
         let c = &p.owner;
@@ -744,18 +765,16 @@ impl Engine {
         s: usize,
     ) -> Result<()> {
         let page: &Page = data.try_into().map_err(|_| Error::BadLength(data.len()))?;
-        let putter = if client == p.owner.id {
-            p.owner.clone()
-        } else {
-            self.client(client)?
-        };
-        if putter.frozen.load(Relaxed) || p.owner.frozen.load(Relaxed) {
-            return Err(Error::Frozen(putter.id));
+        if p.owner.frozen.load(Relaxed) {
+            return Err(Error::Frozen(p.owner.id));
+        }
+        if client != p.owner.id && self.client(client)?.frozen.load(Relaxed) {
+            return Err(Error::Frozen(client));
         }
         let prep = self.prepare(p, page, s)?;
         if p.persistent() {
             let cap = p.owner.cap.load(Relaxed);
-            let charged = p.owner.pers.charged.load(Relaxed).max(0) as u64;
+            let charged = p.owner.pers.charged().max(0) as u64;
             if charged.saturating_add(prep.charge) > cap {
                 self.discard(prep);
                 return Err(Error::QuotaExceeded(p.owner.id));
@@ -770,10 +789,10 @@ impl Engine {
         };
         self.meta.fetch_add(d, Relaxed);
         let same = i64::from(prep.entry.is_same());
-        p.held.add(1, same, prep.charge as i64);
-        p.gauges_of_owner().add(1, same, prep.charge as i64);
+        p.held.add(s, 1, same, prep.charge as i64);
+        p.gauges_of_owner().add(s, 1, same, prep.charge as i64);
         if let Some(old) = old {
-            self.release(p, old, true);
+            self.release(p, old, s);
         }
         Ok(())
     }
@@ -781,7 +800,8 @@ impl Engine {
     /// Gets one page into `out` (exactly 4096 bytes). `Ok(None)` is a miss. Private
     /// ephemeral pools with exclusive gets drop the page once it has been read.
     pub fn get(&self, client: ClientId, key: PageKey, out: &mut [u8]) -> Result<Option<PageState>> {
-        let p = self.pool_for(client, key.pool)?;
+        let pools = self.pools.load();
+        let p = self.access(&pools, client, key.pool)?;
         let len = out.len();
         let out: &mut Page = out.try_into().map_err(|_| Error::BadLength(len))?;
         let s = self.shard_idx(&key);
@@ -836,7 +856,7 @@ impl Engine {
             tracing::error!(?key, "stored page failed to decode; dropped");
         }
         if let Some(r) = removed {
-            self.release(&p, r, false);
+            self.release(&p, r, s);
             Self::log_touch(&p.owner, key);
         }
         let hit = state.is_some();
@@ -853,7 +873,8 @@ impl Engine {
 
     /// Tells what a key holds without copying or counting a get (for block-status queries).
     pub fn probe(&self, client: ClientId, key: PageKey) -> Result<Option<PageState>> {
-        let p = self.pool_for(client, key.pool)?;
+        let pools = self.pools.load();
+        self.access(&pools, client, key.pool)?;
         let s = self.shard_idx(&key);
         let mut shard = self.shards[s].lock();
         Ok(shard
@@ -862,7 +883,6 @@ impl Engine {
                 Target::Same(0) => PageState::Zero,
                 _ => PageState::Data,
             }))
-        .inspect(|_| drop(p))
     }
 
     fn flush_in(&self, p: &PoolInfo, key: PageKey, s: usize) -> bool {
@@ -874,7 +894,7 @@ impl Engine {
         self.meta.fetch_add(d, Relaxed);
         match r {
             Some(r) => {
-                self.release(p, r, false);
+                self.release(p, r, s);
                 true
             }
             None => false,
@@ -883,7 +903,8 @@ impl Engine {
 
     /// Flushes one page. Returns whether it was held.
     pub fn flush_page(&self, client: ClientId, key: PageKey) -> Result<bool> {
-        let p = self.pool_for(client, key.pool)?;
+        let pools = self.pools.load();
+        let p = self.access(&pools, client, key.pool)?;
         let s = self.shard_idx(&key);
         let had = self.flush_in(&p, key, s);
         if had {
@@ -906,7 +927,7 @@ impl Engine {
             let n = removed.len() as u64;
             total += n;
             for r in removed {
-                self.release(&p, r, false);
+                self.release(&p, r, s);
             }
             if n > 0 {
                 for ops in [self.ops.at(s), p.ops.at(s), p.owner.ops.at(s)] {
@@ -941,7 +962,8 @@ impl Engine {
         if data.len() % PAGE_SIZE != 0 {
             return Err(Error::BadLength(data.len()));
         }
-        let p = self.pool_for(client, pool)?;
+        let pools = self.pools.load();
+        let p = self.access(&pools, client, pool)?;
         let mut out = Vec::with_capacity(data.len() / PAGE_SIZE);
         for (i, chunk) in data.chunks_exact(PAGE_SIZE).enumerate() {
             let key = PageKey::new(pool, object, first.wrapping_add(i as u32));

@@ -73,30 +73,50 @@ impl Striped {
     }
 }
 
-/// Live gauges of what a client or pool holds (signed so that transient races cannot wrap).
+/// One stripe of gauges (signed so that transient races cannot wrap).
+#[derive(Default, Debug)]
+#[repr(align(128))]
+pub(crate) struct GaugeStripe {
+    pages: AtomicI64,
+    same_pages: AtomicI64,
+    charged: AtomicI64,
+}
+
+/// Live gauges of what a client or pool holds, striped like the counters.
 #[derive(Default, Debug)]
 pub(crate) struct Gauges {
-    /// Pages held.
-    pub(crate) pages: AtomicI64,
-    /// Zero or same-filled pages held (no data page).
-    pub(crate) same_pages: AtomicI64,
-    /// Bytes charged (payload class size + per-entry metadata; dedup-shared data charged to each).
-    pub(crate) charged: AtomicI64,
+    stripes: [GaugeStripe; STRIPES],
 }
 
 impl Gauges {
-    pub(crate) fn add(&self, pages: i64, same: i64, charged: i64) {
-        self.pages.fetch_add(pages, Relaxed);
+    pub(crate) fn add(&self, stripe: usize, pages: i64, same: i64, charged: i64) {
+        let g = &self.stripes[stripe % STRIPES];
+        g.pages.fetch_add(pages, Relaxed);
         if same != 0 {
-            self.same_pages.fetch_add(same, Relaxed);
+            g.same_pages.fetch_add(same, Relaxed);
         }
-        self.charged.fetch_add(charged, Relaxed);
+        g.charged.fetch_add(charged, Relaxed);
+    }
+    /// Pages held (sum of stripes).
+    pub(crate) fn pages(&self) -> i64 {
+        self.stripes.iter().map(|g| g.pages.load(Relaxed)).sum()
+    }
+    /// Bytes charged (sum of stripes).
+    pub(crate) fn charged(&self) -> i64 {
+        self.stripes.iter().map(|g| g.charged.load(Relaxed)).sum()
     }
     pub(crate) fn snapshot(&self) -> HeldStats {
+        let sum = |f: fn(&GaugeStripe) -> &AtomicI64| {
+            self.stripes
+                .iter()
+                .map(|g| f(g).load(Relaxed))
+                .sum::<i64>()
+                .max(0) as u64
+        };
         HeldStats {
-            pages: self.pages.load(Relaxed).max(0) as u64,
-            same_pages: self.same_pages.load(Relaxed).max(0) as u64,
-            charged_bytes: self.charged.load(Relaxed).max(0) as u64,
+            pages: sum(|g| &g.pages),
+            same_pages: sum(|g| &g.same_pages),
+            charged_bytes: sum(|g| &g.charged),
         }
     }
 }
