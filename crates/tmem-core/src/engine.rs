@@ -737,7 +737,7 @@ impl Engine {
         let pools = self.pools.load();
         let p = self.access(&pools, client, key.pool)?;
         let s = self.shard_idx(&key);
-        let result = self.put_in(&p, client, key, data, s);
+        let result = self.put_in(p, client, key, data, s);
         let c = &p.owner;
         match &result {
             Ok(()) => {
@@ -749,7 +749,7 @@ impl Engine {
                 self.ops.at(s).puts_refused.fetch_add(1, Relaxed);
                 p.ops.at(s).puts_refused.fetch_add(1, Relaxed);
                 c.ops.at(s).puts_refused.fetch_add(1, Relaxed);
-                self.flush_in(&p, key, s);
+                self.flush_in(p, key, s);
             }
         }
         Self::log_touch(&p.owner, key);
@@ -856,7 +856,7 @@ impl Engine {
             tracing::error!(?key, "stored page failed to decode; dropped");
         }
         if let Some(r) = removed {
-            self.release(&p, r, s);
+            self.release(p, r, s);
             Self::log_touch(&p.owner, key);
         }
         let hit = state.is_some();
@@ -906,7 +906,7 @@ impl Engine {
         let pools = self.pools.load();
         let p = self.access(&pools, client, key.pool)?;
         let s = self.shard_idx(&key);
-        let had = self.flush_in(&p, key, s);
+        let had = self.flush_in(p, key, s);
         if had {
             for ops in [self.ops.at(s), p.ops.at(s), p.owner.ops.at(s)] {
                 ops.flushes.fetch_add(1, Relaxed);
@@ -968,14 +968,14 @@ impl Engine {
         for (i, chunk) in data.chunks_exact(PAGE_SIZE).enumerate() {
             let key = PageKey::new(pool, object, first.wrapping_add(i as u32));
             let s = self.shard_idx(&key);
-            let r = self.put_in(&p, client, key, chunk, s);
+            let r = self.put_in(p, client, key, chunk, s);
             let ops = [self.ops.at(s), p.ops.at(s), p.owner.ops.at(s)];
             if r.is_ok() {
                 ops.iter().for_each(|o| _ = o.puts.fetch_add(1, Relaxed));
             } else {
                 ops.iter()
                     .for_each(|o| _ = o.puts_refused.fetch_add(1, Relaxed));
-                self.flush_in(&p, key, s);
+                self.flush_in(p, key, s);
             }
             Self::log_touch(&p.owner, key);
             out.push(r);
