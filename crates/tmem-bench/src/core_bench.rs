@@ -23,17 +23,6 @@ pub struct Config {
     dedup: DedupScope,
 }
 
-impl Config {
-    /// The codec.
-    pub fn codec(&self) -> Codec {
-        self.codec
-    }
-    /// The dedup scope.
-    pub fn dedup(&self) -> DedupScope {
-        self.dedup
-    }
-}
-
 /// The configurations measured.
 pub const CONFIGS: &[Config] = &[
     Config {
@@ -67,6 +56,13 @@ pub const CONFIGS: &[Config] = &[
         dedup: DedupScope::Client,
     },
 ];
+
+/// The zero-page run: all-zero pages into an lz4 + dedup pool.
+pub const ZERO: Config = Config {
+    name: "zero",
+    codec: Codec::Lz4,
+    dedup: DedupScope::Client,
+};
 
 /// Looks a configuration up by name.
 pub fn config(name: &str) -> Option<Config> {
@@ -174,9 +170,7 @@ pub fn limits(c: &Corpus) -> Limits {
 /// then gets them back in a shuffled order. Median of `reps` runs.
 pub fn throughput(
     c: &Arc<Corpus>,
-    name: &str,
-    codec: Codec,
-    dedup: DedupScope,
+    cfg: Config,
     pages: &[usize],
     threads: usize,
     zero: bool,
@@ -194,8 +188,8 @@ pub fn throughput(
         let pool = e.create_pool(
             ClientId(1),
             PoolSpec::private_persistent()
-                .with_codec(codec)
-                .with_dedup(dedup),
+                .with_codec(cfg.codec)
+                .with_dedup(cfg.dedup),
         )?;
         let chunks: Vec<Vec<(u32, usize)>> = (0..threads)
             .map(|t| {
@@ -263,7 +257,7 @@ pub fn throughput(
         gets.push(run(1)?);
     }
     Ok(Throughput {
-        config: name.to_string(),
+        config: cfg.name.to_string(),
         threads,
         put_per_s: median(puts),
         get_per_s: median(gets),

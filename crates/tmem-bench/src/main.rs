@@ -68,7 +68,7 @@ fn main() -> Result<()> {
             );
             for pid in pids {
                 let n = dump::dump_process(pid, &mut f)?;
-                eprintln!("pid {pid}: {n} pages ({} MiB)", n * 4096 >> 20);
+                eprintln!("pid {pid}: {n} pages ({} MiB)", (n * 4096) >> 20);
             }
             Ok(())
         }
@@ -105,7 +105,7 @@ fn run_core(
     eprintln!(
         "corpus: {} pages ({} MiB), {} zero/same-filled; throughput on {} pages",
         total_pages,
-        total_pages * 4096 >> 20,
+        (total_pages * 4096) >> 20,
         zero_pages,
         c.pages()
     );
@@ -118,23 +118,14 @@ fn run_core(
         for threads in [1, 2] {
             eprintln!("      {} x{threads}", cfg.name);
             tp.push(core_bench::throughput(
-                &c,
-                cfg.name,
-                codec_of(cfg.name),
-                dedup_of(cfg.name),
-                &idx,
-                threads,
-                false,
-                reps,
+                &c, *cfg, &idx, threads, false, reps,
             )?);
         }
     }
     for threads in [1, 2] {
         tp.push(core_bench::throughput(
             &c,
-            "zero",
-            tmem_core::Codec::Lz4,
-            tmem_core::DedupScope::Client,
+            core_bench::ZERO,
             &idx,
             threads,
             true,
@@ -179,20 +170,6 @@ fn run_core(
     Ok(())
 }
 
-fn codec_of(name: &str) -> tmem_core::Codec {
-    core_bench::CONFIGS
-        .iter()
-        .find(|c| c.name == name)
-        .map_or(tmem_core::Codec::None, |c| c.codec())
-}
-
-fn dedup_of(name: &str) -> tmem_core::DedupScope {
-    core_bench::CONFIGS
-        .iter()
-        .find(|c| c.name == name)
-        .map_or(tmem_core::DedupScope::Off, |c| c.dedup())
-}
-
 fn print_report(
     total: usize,
     zero: usize,
@@ -203,7 +180,7 @@ fn print_report(
 ) {
     println!(
         "## tmem-core on {total} real pages ({} MiB; {zero} zero/same-filled)\n",
-        total * 4096 >> 20
+        (total * 4096) >> 20
     );
     println!("### Physical limits, same pages, same run (ns per 4 KiB page)\n");
     println!(
