@@ -102,6 +102,10 @@ pub struct Limits {
     pub lz4_decompress_ns: f64,
     /// Zero check of a page (u64 fold), for reference.
     pub zero_check_ns: f64,
+    /// xxh3-64 of a page (the dedup search key).
+    pub xxh3_ns: f64,
+    /// lz4 decompress + 4 KiB compare (what a KSM-style lookahead guess costs here).
+    pub lookahead_guess_ns: f64,
 }
 
 /// Measures the physical limits (median of 5 runs).
@@ -157,7 +161,24 @@ pub fn limits(c: &Corpus) -> Limits {
     }
     black_box(z);
     let zero_check_ns = t.elapsed().as_nanos() as f64 / order.len() as f64;
+    let t = Instant::now();
+    let mut h = 0u64;
+    for &i in &order {
+        h ^= xxhash_rust::xxh3::xxh3_64(c.page(i));
+    }
+    black_box(h);
+    let xxh3_ns = t.elapsed().as_nanos() as f64 / order.len() as f64;
+    let t = Instant::now();
+    let mut same = 0u64;
+    for (z, &i) in compressed.iter().zip(&sample) {
+        let _ = lz4::block::decompress_to_buffer(z, Some(4096), &mut buf);
+        same += u64::from(buf[..] == *c.page(i));
+    }
+    black_box(same);
+    let lookahead_guess_ns = t.elapsed().as_nanos() as f64 / compressed.len().max(1) as f64;
     Limits {
+        xxh3_ns,
+        lookahead_guess_ns,
         memcpy_ns,
         memcpy_hot_ns,
         lz4_compress_ns,

@@ -184,16 +184,18 @@ fn print_report(
     );
     println!("### Physical limits, same pages, same run (ns per 4 KiB page)\n");
     println!(
-        "| memcpy (random page) | memcpy (hot) | lz4 compress | lz4 decompress | zero check |"
+        "| memcpy (random page) | memcpy (hot) | lz4 compress | lz4 decompress | zero check | xxh3 | lz4 decompress + compare |"
     );
-    println!("| --- | --- | --- | --- | --- |");
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
     println!(
-        "| {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |\n",
+        "| {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |\n",
         lim.memcpy_ns,
         lim.memcpy_hot_ns,
         lim.lz4_compress_ns,
         lim.lz4_decompress_ns,
-        lim.zero_check_ns
+        lim.zero_check_ns,
+        lim.xxh3_ns,
+        lim.lookahead_guess_ns
     );
     println!("### Throughput (k pages/s, median)\n");
     println!("| config | put 1T | get 1T | put 2T | get 2T | put scaling | get scaling | put+get 1T vs 2×memcpy |");

@@ -145,9 +145,6 @@ pub struct EngineConfig {
     pub shards: usize,
     /// Number of allocator arenas (each with its own lock). Default 4.
     pub arenas: usize,
-    /// Try the KSM "lookahead": when consecutive indexes of an object are put, compare
-    /// with the successor of the last dedup match before hashing. Default off.
-    pub dedup_lookahead: bool,
 }
 
 impl Default for EngineConfig {
@@ -157,7 +154,6 @@ impl Default for EngineConfig {
             compress_threshold: 3584,
             shards: 64,
             arenas: 4,
-            dedup_lookahead: false,
         }
     }
 }

@@ -38,7 +38,13 @@
 //!   entry only, with no data page.
 //! * **Dedup** ([`DedupScope`], default per client: cross-tenant dedup is a side channel):
 //!   identical pages are stored once, reference counted, found by a 64-bit xxh3 hash seeded
-//!   with the dedup domain and confirmed by a full comparison.
+//!   with the dedup domain and confirmed by a full comparison. *KSM's "lookahead"* (compare
+//!   the next page with the successor of the last match before searching) was evaluated and
+//!   left out: it pays in KSM because a search is a tree walk doing a 4 KiB `memcmp` per
+//!   node, but here a search is one xxh3 hash plus one hash-table probe, while the
+//!   lookahead's guess must first be decompressed before it can be compared — several times
+//!   the cost of the search it would save (`scripts/bench-core` measures both; see
+//!   BENCHMARKS.md).
 //! * **Compression** ([`Codec`]: none, lz4, zstd level): a page is kept compressed only if
 //!   it fits in `compress_threshold` bytes (default ¾ page). Payloads are packed by a
 //!   size-class slab allocator (16-byte classes merged like zsmalloc's, 1–8 page slabs, empty slabs freed at
