@@ -495,31 +495,40 @@ impl Engine {
         self.eph_store.held_bytes() + eph_pages * crate::entry::ENTRY_COST / 2
     }
 
-    /// Picks the client most above its weighted share of ephemeral memory.
-    fn victim(&self) -> Option<Arc<ClientInfo>> {
+    /// Clients holding ephemeral pages, the one most above its weighted share first
+    /// (largest ephemeral usage per unit of weight; weight 0 counts as infinitely above).
+    fn victims(&self) -> Vec<Arc<ClientInfo>> {
         let clients = self.clients.load();
-        let mut best: Option<(f64, &Arc<ClientInfo>)> = None;
-        for c in clients.values() {
-            let pages = c.eph.pages();
-            if pages <= 0 {
-                continue;
-            }
-            let used = c.eph.charged().max(1) as f64;
-            let w = f64::from(c.weight.load(Relaxed));
-            // Usage per unit of weight: the largest is the most above its share.
-            let score = if w == 0.0 { f64::INFINITY } else { used / w };
-            if best.is_none() || best.is_some_and(|(b, _)| score > b) {
-                best = Some((score, c));
-            }
-        }
-        best.map(|(_, c)| c.clone())
+        let mut v: Vec<(f64, &Arc<ClientInfo>)> = clients
+            .values()
+            .filter(|c| c.eph.pages() > 0)
+            .map(|c| {
+                let used = c.eph.charged().max(1) as f64;
+                let w = f64::from(c.weight.load(Relaxed));
+                (if w == 0.0 { f64::INFINITY } else { used / w }, c)
+            })
+            .collect();
+        v.sort_by(|a, b| b.0.total_cmp(&a.0));
+        v.into_iter().map(|(_, c)| c.clone()).collect()
     }
 
-    /// Evicts up to `max` ephemeral pages; returns how many were evicted.
+    /// Evicts up to `max` ephemeral pages, from the client most above its share first;
+    /// moves on to the next client only if the first has nothing evictable (its queues
+    /// hold only stale or just-referenced items, which a second pass takes). Returns how
+    /// many pages were evicted.
     fn evict_some(&self, max: usize) -> usize {
-        let Some(victim) = self.victim() else {
-            return 0;
-        };
+        for victim in self.victims() {
+            for _pass in 0..2 {
+                let done = self.evict_from(&victim, max);
+                if done > 0 {
+                    return done;
+                }
+            }
+        }
+        0
+    }
+
+    fn evict_from(&self, victim: &ClientInfo, max: usize) -> usize {
         let pools = self.pools.load_full();
         let evictable = |pool: u32| {
             pools

@@ -602,3 +602,40 @@ fn put_pages_batches() {
         Err(Error::BadLength(100))
     );
 }
+
+#[test]
+fn referenced_pages_do_not_cause_spurious_no_space() {
+    // Every ephemeral page was just read (second chance): a persistent put that needs room
+    // must still get it, taking the pages on the second pass.
+    let e = Engine::new(EngineConfig {
+        budget: 256 << 10,
+        shards: 2,
+        ..Default::default()
+    });
+    e.add_client(A, ClientConfig::default()).unwrap();
+    e.authorize_shared(PoolUuid(5), A);
+    let spec = PoolSpec::shared_ephemeral(PoolUuid(5))
+        .with_codec(Codec::None)
+        .with_dedup(DedupScope::Off);
+    let eph = e.create_pool(A, spec).unwrap();
+    let mut n = 0;
+    while e.put(A, key(eph, n), &random_page(u64::from(n))).is_ok() && n < 1000 {
+        n += 1;
+    }
+    let mut out = [0u8; PAGE_SIZE];
+    for i in 0..n {
+        let _ = e.get(A, key(eph, i), &mut out);
+    }
+    let p = e
+        .create_pool(
+            A,
+            PoolSpec::private_persistent()
+                .with_codec(Codec::None)
+                .with_dedup(DedupScope::Off),
+        )
+        .unwrap();
+    for i in 0..20 {
+        e.put(A, key(p, i), &random_page(9000 + u64::from(i)))
+            .unwrap();
+    }
+}
