@@ -36,8 +36,11 @@ fn main() {
             },
             ("--size", Some(s)) => size = parse_size(&s).unwrap_or_else(|| fail("bad --size")),
             ("--export", Some(n)) => names.push(n),
+            ("--batch", Some(n)) => {
+                cfg.transmission.max_batch = n.parse().unwrap_or_else(|_| fail("bad --batch"))
+            }
             ("--workers", Some(n)) => cfg.transmission.workers = n.parse().unwrap_or_else(|_| fail("bad --workers")),
-            _ => fail("usage: nbd-serve [--unix PATH] [--tcp ADDR] [--size N[K|M|G]] [--export NAME]... [--workers N]"),
+            _ => fail("usage: nbd-serve [--unix PATH] [--tcp ADDR] [--size N[K|M|G]] [--export NAME]... [--workers N] [--batch N]"),
         }
     }
     if names.is_empty() {

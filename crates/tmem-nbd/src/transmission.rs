@@ -175,6 +175,9 @@ pub struct TransmissionConfig {
     pub inline_max: u32,
     /// Requests queued for the workers before the reader blocks (back-pressure). Default: 32.
     pub queue: usize,
+    /// Most inline replies collected before they are written together (1 = write each reply at
+    /// once). Batching saves syscalls; small batches keep the client's pipeline busy. Default: 4.
+    pub max_batch: usize,
 }
 
 impl Default for TransmissionConfig {
@@ -183,6 +186,7 @@ impl Default for TransmissionConfig {
             workers: 2,
             inline_max: 256 << 10,
             queue: 32,
+            max_batch: 4,
         }
     }
 }
@@ -303,6 +307,7 @@ fn reader_loop_inner<R: Read, W: Write + Send + 'static>(
     let mut r = BufReader::with_capacity(128 << 10, reader);
     let mut scratch: Vec<u8> = Vec::new();
     let mut wbuf: Vec<u8> = Vec::new();
+    let mut batched = 0usize;
     loop {
         if ctx.broken.load(Ordering::Relaxed) {
             return Err(TransmissionError::Io(io::Error::new(
@@ -310,9 +315,14 @@ fn reader_loop_inner<R: Read, W: Write + Send + 'static>(
                 "reply write failed",
             )));
         }
-        if pending.len() >= FLUSH_AT || !complete_request_buffered(r.buffer()) {
+        if batched >= cfg.max_batch
+            || pending.len() >= FLUSH_AT
+            || !complete_request_buffered(r.buffer())
+        {
             flush_pending(ctx, pending)?;
+            batched = 0;
         }
+        batched += 1;
         let mut h = [0u8; REQUEST_LEN];
         match read_full(&mut r, &mut h)? {
             0 => return Ok(()),
