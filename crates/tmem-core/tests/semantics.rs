@@ -623,7 +623,7 @@ fn referenced_pages_do_not_cause_spurious_no_space() {
         n += 1;
     }
     let mut out = [0u8; PAGE_SIZE];
-    for i in 0..n {
+    for i in 0..=n {
         let _ = e.get(A, key(eph, i), &mut out);
     }
     let p = e
@@ -634,8 +634,13 @@ fn referenced_pages_do_not_cause_spurious_no_space() {
                 .with_dedup(DedupScope::Off),
         )
         .unwrap();
-    for i in 0..20 {
+    let evicted_before = e.stats().ops.evictions;
+    for i in 0..40 {
         e.put(A, key(p, i), &random_page(9000 + u64::from(i)))
             .unwrap();
     }
+    assert!(
+        e.stats().ops.evictions > evicted_before,
+        "the persistent puts needed room"
+    );
 }
