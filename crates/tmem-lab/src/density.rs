@@ -1,0 +1,337 @@
+//! The density experiment: how many idle guests start and stay healthy within a host
+//! memory budget, static partitioning versus self-ballooning + tmem.
+//!
+//! The budget is a memory cgroup limit on the QEMU processes (and tmemd, whose pool is
+//! host memory too). Static partitioning = each guest's memory is allocated up front
+//! (`-mem-prealloc`, like Xen's partitioning). Self-ballooning + tmem = no preallocation,
+//! tmemd's selfballoon policy shrinks every guest, swap goes to a tmemd `swap` export.
+//! Guests are launched one after another (as the 2008 paper's dom0 script did), each given
+//! a few seconds to settle; launching stops at the first guest that fails to boot or when
+//! any running guest dies (the cgroup OOM killer), then all must survive a hold period.
+
+use std::fmt::Write as _;
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use tmem_api::{CreateExport, CreateGuest, ExportKind, PolicyName, Size};
+use tmem_vm::{Drive, Guest, GuestConfig, GuestImage, MemCgroup};
+
+use crate::image::{self, WorkParams, MARK_WAIT};
+use crate::procstat;
+use crate::tmemd::{Daemon, DaemonOpts};
+use crate::Params;
+
+/// One mode's outcome.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DensityMode {
+    /// `static` or `selfballoon+tmem`.
+    pub mode: String,
+    /// Guests launched.
+    pub tried: u32,
+    /// Guests that booted.
+    pub booted: u32,
+    /// Guests alive and healthy at the end of the hold period.
+    pub healthy: u32,
+    /// Peak memory charged to the budget, bytes.
+    pub peak_bytes: u64,
+    /// Why launching stopped.
+    pub stop_reason: String,
+}
+
+/// The experiment's result.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DensityResult {
+    /// Budget, MiB.
+    pub budget_mib: u64,
+    /// Memory of each guest, MiB.
+    pub guest_mib: u32,
+    /// How the budget is enforced.
+    pub enforcement: String,
+    /// Static partitioning.
+    pub static_mode: DensityMode,
+    /// Self-ballooning + tmem.
+    pub tmem_mode: DensityMode,
+    /// tmem healthy / static healthy.
+    pub ratio: f64,
+}
+
+/// Markdown section.
+pub fn markdown(d: &DensityResult) -> String {
+    let mut m = String::new();
+    let _ = writeln!(
+        m,
+        "Idle {} MiB guests within a {} MiB host budget ({}). The 2008 paper: 3 → 7 guests on 2 GB (14 with aggressive settings).\n",
+        d.guest_mib, d.budget_mib, d.enforcement
+    );
+    let _ = writeln!(m, "| mode | launched | booted | healthy at end | peak charged MiB | stopped because |");
+    let _ = writeln!(m, "|---|---|---|---|---|---|");
+    for x in [&d.static_mode, &d.tmem_mode] {
+        let _ = writeln!(
+            m,
+            "| {} | {} | {} | **{}** | {:.0} | {} |",
+            x.mode,
+            x.tried,
+            x.booted,
+            x.healthy,
+            x.peak_bytes as f64 / 1048576.0,
+            x.stop_reason
+        );
+    }
+    let _ = writeln!(m, "\nDensity gain: **{:.1}×** static partitioning.", d.ratio);
+    m
+}
+
+/// Memory charged: the cgroup's usage, or the sum of RSS without a cgroup.
+struct Budget {
+    cg: Option<MemCgroup>,
+}
+
+impl Budget {
+    fn usage(&self, pids: &[u32]) -> u64 {
+        if let Some(cg) = &self.cg {
+            if let Ok(u) = cg.usage() {
+                return u;
+            }
+        }
+        pids.iter().filter_map(|p| procstat::rss_bytes(*p)).sum()
+    }
+}
+
+fn run_mode(
+    p: &Params,
+    image: &GuestImage,
+    tmemd: &Path,
+    scratch: &Path,
+    tmem: bool,
+) -> Result<(DensityMode, String)> {
+    let budget = p.host_budget_mib << 20;
+    let name = if tmem { "selfballoon+tmem" } else { "static" };
+    let dir = scratch.join(if tmem { "dt" } else { "ds" });
+    std::fs::create_dir_all(&dir)?;
+    let cg = match MemCgroup::create(
+        &format!("tmem-lab-{}-{}", std::process::id(), if tmem { "t" } else { "s" }),
+        Some(budget),
+    ) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            eprintln!("tmem-lab: density: no memory cgroup ({e}); comparing the sum of QEMU RSS with the budget instead");
+            None
+        }
+    };
+    let enforcement = match &cg {
+        Some(c) if c.is_v2() => "cgroup v2 memory.max on QEMU + tmemd".to_string(),
+        Some(_) => "cgroup v1 memory.limit_in_bytes on QEMU + tmemd (this host has no cgroup v2 memory controller)".to_string(),
+        None => "sum of QEMU + tmemd RSS compared with the budget (no memory cgroup)".to_string(),
+    };
+    let b = Budget { cg };
+    // Field order = drop order: guests first, then the daemon.
+    struct Live {
+        guests: Vec<Guest>,
+        gos: Vec<UnixStream>,
+        daemon: Option<Daemon>,
+    }
+    impl Drop for Live {
+        fn drop(&mut self) {
+            if let Some(d) = &self.daemon {
+                for g in &self.guests {
+                    let _ = d.api().delete(&format!("/guests/{}", g.name()));
+                }
+            }
+            self.gos.clear();
+            self.guests.clear();
+            self.daemon = None;
+        }
+    }
+    let mut live = Live {
+        guests: Vec::new(),
+        gos: Vec::new(),
+        daemon: None,
+    };
+    if tmem {
+        live.daemon = Some(Daemon::start(&DaemonOpts {
+            bin: tmemd.to_path_buf(),
+            state_dir: dir.join("d"),
+            budget: budget / 4,
+            codec: "lz4".into(),
+            dedup: "global".into(),
+            cgroup: b.cg.as_ref().map(|c| c.path().to_path_buf()),
+        })?);
+    }
+    let mut mode = DensityMode {
+        mode: name.into(),
+        tried: 0,
+        booted: 0,
+        healthy: 0,
+        peak_bytes: 0,
+        stop_reason: format!("reached --density-max {}", p.density_max),
+    };
+    let settle = Duration::from_secs(if p.quick { 4 } else { 8 });
+    let pids = |l: &Live| -> Vec<u32> {
+        let mut v: Vec<u32> = l.guests.iter().map(Guest::pid).collect();
+        if let Some(d) = &l.daemon {
+            v.push(d.pid());
+        }
+        v
+    };
+    for i in 0..p.density_max {
+        let gname = format!("d{i}");
+        let gdir = dir.join(&gname);
+        std::fs::create_dir_all(&gdir)?;
+        let swap_bytes = 256u64 << 20;
+        let swap = if let Some(d) = &live.daemon {
+            d.api().post(
+                "/exports",
+                &CreateExport {
+                    name: format!("{gname}-swap"),
+                    kind: ExportKind::Swap,
+                    size: Some(Size(swap_bytes)),
+                    image: None,
+                    client: Some(i + 1),
+                    codec: None,
+                    dedup: None,
+                    direct_io: None,
+                },
+            )?;
+            Drive::nbd(d.nbd_socket(), format!("{gname}-swap"))
+        } else {
+            let f = gdir.join("swap.img");
+            std::fs::File::create(&f)?.set_len(swap_bytes)?;
+            Drive::file(&f).cache("none")
+        };
+        let go = gdir.join("go.sock");
+        let mut cfg = GuestConfig::new(&gname)
+            .memory_mib(p.density_guest_mib)
+            .accel(tmem_vm::Accel::parse(&p.accel).unwrap_or(tmem_vm::Accel::Tcg))
+            .agent_path(gdir.join("ag.sock"))
+            .qmp_path(gdir.join("q.sock"))
+            .run_dir(&gdir)
+            .deflate_on_oom(tmem)
+            .image(image.clone())
+            .drive(swap)
+            .extra_arg("-chardev")
+            .extra_arg(&format!("socket,id=labgo,path={},server=on,wait=off", go.display()))
+            .extra_arg("-device")
+            .extra_arg(&format!("virtserialport,bus=vser0.0,chardev=labgo,name={}", image::PORT_GO));
+        if !tmem {
+            cfg = cfg.extra_arg("-mem-prealloc");
+        }
+        if let Some(c) = &b.cg {
+            cfg = cfg.cgroup(c.path());
+        }
+        let work = WorkParams {
+            work: "idle".into(),
+            seed: p.seed + u64::from(i),
+            jobs: 1,
+            rounds: 1,
+            wpass: 1,
+            eat_mib: 1,
+            eat_rounds: 1,
+            eat_sleep_ms: 0,
+        };
+        for a in image::kernel_args(&work) {
+            cfg = cfg.cmdline(&a);
+        }
+        mode.tried += 1;
+        eprintln!("tmem-lab: density {name}: launching guest {}", i + 1);
+        let g = match cfg.launch() {
+            Ok(g) => g,
+            Err(e) => {
+                mode.stop_reason = format!("guest {} failed to launch: {e}", i + 1);
+                break;
+            }
+        };
+        let booted = g.wait_for_console(MARK_WAIT, Duration::from_secs(180));
+        live.guests.push(g);
+        if let Err(e) = booted {
+            mode.stop_reason = format!("guest {} did not boot: {}", i + 1, first_line(&e.to_string()));
+            break;
+        }
+        mode.booted += 1;
+        if let Ok(mut s) = UnixStream::connect(&go) {
+            let _ = s.write_all(b"go\n");
+            live.gos.push(s);
+        }
+        if let Some(d) = &live.daemon {
+            let g = live.guests.last().context("no guest")?;
+            d.api().post(
+                "/guests",
+                &CreateGuest {
+                    name: gname.clone(),
+                    qmp: g.qmp_path().map(Path::to_path_buf).unwrap_or_default(),
+                    agent: g.agent_path().map(Path::to_path_buf),
+                    policy: Some(PolicyName::Selfballoon),
+                    min: None,
+                    max: None,
+                },
+            )?;
+        }
+        let t = Instant::now();
+        while t.elapsed() < settle {
+            mode.peak_bytes = mode.peak_bytes.max(b.usage(&pids(&live)));
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        let dead = live.guests.iter().filter(|g| !g.is_running()).count();
+        if dead > 0 {
+            mode.stop_reason = format!("{dead} guest(s) died (OOM) after launching guest {}", i + 1);
+            break;
+        }
+        if b.cg.is_none() && b.usage(&pids(&live)) > budget {
+            mode.stop_reason = format!("RSS over budget after guest {}", i + 1);
+            break;
+        }
+    }
+    let hold = Instant::now();
+    while hold.elapsed() < Duration::from_secs(p.density_hold_secs) {
+        mode.peak_bytes = mode.peak_bytes.max(b.usage(&pids(&live)));
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let over = b.cg.is_none() && b.usage(&pids(&live)) > budget;
+    mode.healthy = live
+        .guests
+        .iter()
+        .filter(|g| g.is_running() && g.console_text().contains(MARK_WAIT) && !g.console_text().contains("Out of memory"))
+        .count() as u32;
+    if over {
+        // Without a cgroup nobody is killed: count only as many guests as fit.
+        let per = mode.peak_bytes / u64::from(mode.healthy.max(1));
+        mode.healthy = (budget / per.max(1)) as u32;
+    }
+    drop(live);
+    drop(b);
+    Ok((mode, enforcement))
+}
+
+fn first_line(s: &str) -> String {
+    s.lines().next().unwrap_or("").to_string()
+}
+
+/// Runs both modes.
+pub fn run_density(
+    p: &Params,
+    image: &GuestImage,
+    tmemd: &Path,
+    scratch: &Path,
+) -> Result<DensityResult> {
+    let scratch: PathBuf = scratch.join("dens");
+    let (s, enforcement) = run_mode(p, image, tmemd, &scratch, false)?;
+    eprintln!("tmem-lab: density static: {} healthy ({})", s.healthy, s.stop_reason);
+    let (t, _) = run_mode(p, image, tmemd, &scratch, true)?;
+    eprintln!("tmem-lab: density selfballoon+tmem: {} healthy ({})", t.healthy, t.stop_reason);
+    let _ = std::fs::remove_dir_all(&scratch);
+    Ok(DensityResult {
+        budget_mib: p.host_budget_mib,
+        guest_mib: p.density_guest_mib,
+        enforcement,
+        ratio: if s.healthy > 0 {
+            f64::from(t.healthy) / f64::from(s.healthy)
+        } else {
+            f64::from(t.healthy)
+        },
+        static_mode: s,
+        tmem_mode: t,
+    })
+}

@@ -1,0 +1,425 @@
+//! # tmem-lab: the talk's experiment, with real guests
+//!
+//! Reproduces "Self-ballooning + Tmem Performance Analysis" (Linux Plumbers 2010): N
+//! overcommitted guests start a compile-like workload together, under five
+//! configurations — unchanged, self-ballooning, tmem, tmem + dedup, tmem + dedup +
+//! compression — plus a labelled "host page cache" baseline row. Each configuration is
+//! repeated; per metric the highest and lowest runs are dropped and the rest averaged, as
+//! in the talk. A density experiment counts how many idle 512 MiB guests fit a host memory
+//! budget, static partitioning versus self-ballooning + tmem (the 2008 paper).
+//!
+//! Pieces: [`image`] (guest initramfs + workload script, seeded data image), [`tmemd`]
+//! (spawns the real daemon, minimal control-API client), [`run`] (one run: launch,
+//! measure, tear down), [`density`], [`report`] (results.md / results.json) and [`plot`]
+//! (PNG + SVG). `tmem-lab run --quick` is the few-minute version.
+
+pub mod configs;
+pub mod density;
+pub mod image;
+pub mod plot;
+pub mod procstat;
+pub mod report;
+pub mod run;
+pub mod tmemd;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use serde::{Deserialize, Serialize};
+
+pub use configs::ConfigKind;
+pub use report::Results;
+
+/// Installs a tracing subscriber (`RUST_LOG`, default `warn`) on stderr.
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Command line.
+#[derive(Debug, Parser)]
+#[command(name = "tmem-lab", version, about = "Reproduce the self-ballooning + tmem experiment with real guests")]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Cmd {
+    /// Run the experiment and write the report.
+    Run(RunArgs),
+    /// Re-render results.md and the plots from a results.json.
+    Report {
+        /// The results.json to read.
+        #[arg(long)]
+        from: PathBuf,
+        /// Output directory (default: the JSON's directory).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+/// Flags of `tmem-lab run`. Unset values take the full or `--quick` default.
+#[derive(Debug, Clone, Args, Default)]
+pub struct RunArgs {
+    /// Small and short: 2 guests of 256 MiB, a 96 MiB data image, 1 repeat.
+    #[arg(long)]
+    pub quick: bool,
+    /// Guests run together [full 4, quick 2].
+    #[arg(long)]
+    pub guests: Option<u32>,
+    /// Guest memory (boot size), MiB [full 384, quick 256].
+    #[arg(long)]
+    pub memory_mib: Option<u32>,
+    /// Swap disk per guest, MiB [full 512, quick 256].
+    #[arg(long)]
+    pub swap_mib: Option<u32>,
+    /// Shared data image size, MiB; ~60% of it is the source tree [full 1024, quick 96].
+    #[arg(long)]
+    pub data_mib: Option<u64>,
+    /// Workload mix: build, eatmem, build+eatmem [default build+eatmem].
+    #[arg(long)]
+    pub workload: Option<String>,
+    /// Parallel build jobs per guest [2].
+    #[arg(long)]
+    pub jobs: Option<u32>,
+    /// Build rounds (clean + build) per guest [full 2, quick 2].
+    #[arg(long)]
+    pub rounds: Option<u32>,
+    /// CPU passes per source file [1].
+    #[arg(long)]
+    pub work_passes: Option<u32>,
+    /// eatmem: largest allocation, MiB [memory/3].
+    #[arg(long)]
+    pub eat_mib: Option<u32>,
+    /// eatmem: rounds [full 8, quick 3].
+    #[arg(long)]
+    pub eat_rounds: Option<u32>,
+    /// eatmem: longest sleep between rounds, ms [2000].
+    #[arg(long)]
+    pub eat_sleep_ms: Option<u32>,
+    /// Seed of the data image and the workloads [42].
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Repeats per configuration; the highest and lowest are dropped when ≥ 3 [full 5, quick 1].
+    #[arg(long)]
+    pub repeats: Option<u32>,
+    /// Configurations, comma-separated (unchanged, host-cache, selfballoon, tmem,
+    /// tmem-dedup, tmem-dedup-comp) [all].
+    #[arg(long, value_delimiter = ',')]
+    pub configs: Option<Vec<String>>,
+    /// tmem pool budget, MiB [guests × memory / 2].
+    #[arg(long)]
+    pub pool_mib: Option<u64>,
+    /// Seconds the balloon manager gets before the workload starts [full 20, quick 8].
+    #[arg(long)]
+    pub settle_secs: Option<u64>,
+    /// Longest one run may take, seconds [full 3600, quick 900].
+    #[arg(long)]
+    pub timeout_secs: Option<u64>,
+    /// Accelerator: auto (probe), kvm or tcg [auto].
+    #[arg(long)]
+    pub accel: Option<String>,
+    /// The tmemd binary [beside tmem-lab, else built with cargo].
+    #[arg(long)]
+    pub tmemd: Option<PathBuf>,
+    /// Skip the density experiment.
+    #[arg(long)]
+    pub no_density: bool,
+    /// Density: host memory budget (cgroup limit on QEMU + tmemd), MiB [full 2048, quick 1024].
+    #[arg(long)]
+    pub host_budget_mib: Option<u64>,
+    /// Density: memory of each idle guest, MiB [512].
+    #[arg(long)]
+    pub density_guest_mib: Option<u32>,
+    /// Density: most guests tried per mode [full 16, quick 6].
+    #[arg(long)]
+    pub density_max: Option<u32>,
+    /// Density: seconds every guest must stay healthy at the end [full 30, quick 10].
+    #[arg(long)]
+    pub density_hold_secs: Option<u64>,
+    /// Results directory [tmem-lab-results].
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+/// Resolved parameters of a run (every default filled in); stored in results.json.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Params {
+    /// Quick mode.
+    pub quick: bool,
+    /// Guests.
+    pub guests: u32,
+    /// Guest memory, MiB.
+    pub memory_mib: u32,
+    /// Swap per guest, MiB.
+    pub swap_mib: u32,
+    /// Data image, MiB.
+    pub data_mib: u64,
+    /// Workload mix.
+    pub workload: String,
+    /// Build jobs.
+    pub jobs: u32,
+    /// Build rounds.
+    pub rounds: u32,
+    /// CPU passes per file.
+    pub work_passes: u32,
+    /// eatmem max MiB.
+    pub eat_mib: u32,
+    /// eatmem rounds.
+    pub eat_rounds: u32,
+    /// eatmem sleep ms.
+    pub eat_sleep_ms: u32,
+    /// Seed.
+    pub seed: u64,
+    /// Repeats.
+    pub repeats: u32,
+    /// Configurations.
+    pub configs: Vec<ConfigKind>,
+    /// Pool budget, MiB.
+    pub pool_mib: u64,
+    /// Settle seconds.
+    pub settle_secs: u64,
+    /// Timeout per run, seconds.
+    pub timeout_secs: u64,
+    /// Accelerator used.
+    pub accel: String,
+    /// Density experiment on.
+    pub density: bool,
+    /// Density budget, MiB.
+    pub host_budget_mib: u64,
+    /// Density guest size, MiB.
+    pub density_guest_mib: u32,
+    /// Density max guests.
+    pub density_max: u32,
+    /// Density hold seconds.
+    pub density_hold_secs: u64,
+}
+
+impl RunArgs {
+    /// Fills in defaults.
+    pub fn resolve(&self) -> Result<Params> {
+        let q = self.quick;
+        let pick = |v: Option<u64>, full: u64, quick: u64| v.unwrap_or(if q { quick } else { full });
+        let guests = self.guests.unwrap_or(if q { 2 } else { 4 });
+        let memory_mib = self.memory_mib.unwrap_or(if q { 256 } else { 384 });
+        let workload = self.workload.clone().unwrap_or_else(|| "build+eatmem".into());
+        if !matches!(workload.as_str(), "build" | "eatmem" | "build+eatmem") {
+            bail!("--workload {workload:?}: want build, eatmem or build+eatmem");
+        }
+        let configs = match &self.configs {
+            None => ConfigKind::ALL.to_vec(),
+            Some(v) => {
+                let mut out = Vec::new();
+                for s in v {
+                    let c = ConfigKind::parse(s).with_context(|| {
+                        format!("unknown configuration {s:?} (unchanged, host-cache, selfballoon, tmem, tmem-dedup, tmem-dedup-comp)")
+                    })?;
+                    if !out.contains(&c) {
+                        out.push(c);
+                    }
+                }
+                out
+            }
+        };
+        if guests == 0 || memory_mib < 96 {
+            bail!("need at least one guest of at least 96 MiB");
+        }
+        let accel = match self.accel.as_deref().unwrap_or("auto") {
+            "auto" => tmem_vm::probe_accel(),
+            other => tmem_vm::Accel::parse(other)
+                .with_context(|| format!("--accel {other:?}: want auto, kvm or tcg"))?,
+        };
+        Ok(Params {
+            quick: q,
+            guests,
+            memory_mib,
+            swap_mib: self.swap_mib.unwrap_or(if q { 256 } else { 512 }),
+            data_mib: pick(self.data_mib, 1024, 96),
+            workload,
+            jobs: self.jobs.unwrap_or(2),
+            rounds: self.rounds.unwrap_or(2),
+            work_passes: self.work_passes.unwrap_or(1),
+            eat_mib: self.eat_mib.unwrap_or(memory_mib / 3),
+            eat_rounds: self.eat_rounds.unwrap_or(if q { 3 } else { 8 }),
+            eat_sleep_ms: self.eat_sleep_ms.unwrap_or(2000),
+            seed: self.seed.unwrap_or(42),
+            repeats: self.repeats.unwrap_or(if q { 1 } else { 5 }).max(1),
+            configs,
+            pool_mib: pick(self.pool_mib, u64::from(guests) * u64::from(memory_mib) / 2, u64::from(guests) * u64::from(memory_mib) / 2),
+            settle_secs: pick(self.settle_secs, 20, 8),
+            timeout_secs: pick(self.timeout_secs, 3600, 900),
+            accel: accel.name().to_string(),
+            density: !self.no_density,
+            host_budget_mib: pick(self.host_budget_mib, 2048, 1024),
+            density_guest_mib: self.density_guest_mib.unwrap_or(512),
+            density_max: self.density_max.unwrap_or(if q { 6 } else { 16 }),
+            density_hold_secs: pick(self.density_hold_secs, 30, 10),
+        })
+    }
+}
+
+/// Runs a parsed command line.
+pub fn main_with(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Run(a) => {
+            let out = a.out.clone().unwrap_or_else(|| PathBuf::from("tmem-lab-results"));
+            let res = run_experiment(&a, &out)?;
+            println!("{}", report::summary_table(&res));
+            println!("results: {}", out.join("results.md").display());
+            Ok(())
+        }
+        Cmd::Report { from, out } => {
+            let text = std::fs::read_to_string(&from)
+                .with_context(|| format!("reading {}", from.display()))?;
+            let res: Results = serde_json::from_str(&text)
+                .with_context(|| format!("parsing {}", from.display()))?;
+            let out = out
+                .or_else(|| from.parent().map(PathBuf::from))
+                .unwrap_or_else(|| PathBuf::from("."));
+            report::write_all(&res, &out)?;
+            println!("{}", report::summary_table(&res));
+            Ok(())
+        }
+    }
+}
+
+fn fmt_dur(secs: f64) -> String {
+    let s = secs.max(0.0) as u64;
+    if s >= 3600 {
+        format!("{}h{:02}m", s / 3600, s / 60 % 60)
+    } else {
+        format!("{}m{:02}s", s / 60, s % 60)
+    }
+}
+
+/// A scratch directory with short paths (Unix sockets), removed on drop.
+struct Scratch(PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Runs everything the flags ask for and writes the results directory.
+pub fn run_experiment(a: &RunArgs, out: &std::path::Path) -> Result<Results> {
+    let p = a.resolve()?;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let t0 = Instant::now();
+    eprintln!("tmem-lab: accelerator {}; building guest image and data image", p.accel);
+    let workspace = tmemd::workspace_root();
+    let image = image::build_image(&workspace)?;
+    let data_image = image::data_image(p.seed, p.data_mib << 20)?;
+    let tmemd_bin = tmemd::locate_tmemd(a.tmemd.as_deref())?;
+    let scratch = Scratch(std::env::temp_dir().join(format!("tl{}", std::process::id())));
+    std::fs::create_dir_all(&scratch.0)?;
+    let accel = tmem_vm::Accel::parse(&p.accel).unwrap_or(tmem_vm::Accel::Tcg);
+    let setup = run::RunSetup {
+        guests: p.guests,
+        memory_mib: p.memory_mib,
+        swap_mib: p.swap_mib,
+        data_image: data_image.clone(),
+        image: image.clone(),
+        accel,
+        work: image::WorkParams {
+            work: p.workload.clone(),
+            seed: p.seed,
+            jobs: p.jobs,
+            rounds: p.rounds,
+            wpass: p.work_passes,
+            eat_mib: p.eat_mib,
+            eat_rounds: p.eat_rounds,
+            eat_sleep_ms: p.eat_sleep_ms,
+        },
+        tmemd: tmemd_bin.clone(),
+        pool_budget: p.pool_mib << 20,
+        settle_secs: p.settle_secs,
+        timeout: Duration::from_secs(p.timeout_secs),
+        sample: Duration::from_secs(1),
+        scratch: scratch.0.clone(),
+        logs: Some(out.join("logs")),
+    };
+    eprintln!(
+        "tmem-lab: image {} ({}), data {} ({} MiB), tmemd {}; setup took {}",
+        image.key,
+        image.kernel_version,
+        data_image.display(),
+        p.data_mib,
+        tmemd_bin.display(),
+        fmt_dur(t0.elapsed().as_secs_f64())
+    );
+    let total = p.configs.len() as u32 * p.repeats;
+    let mut runs = Vec::new();
+    let mut errors = Vec::new();
+    let mut done = 0u32;
+    let runs_start = Instant::now();
+    // Repeats outermost, so an interrupted run still has every configuration once.
+    for rep in 0..p.repeats {
+        for &c in &p.configs {
+            let eta = if done == 0 {
+                "?".to_string()
+            } else {
+                fmt_dur(runs_start.elapsed().as_secs_f64() / f64::from(done) * f64::from(total - done))
+            };
+            let tag = format!("[{}/{total}] {} repeat {}/{}", done + 1, c.name(), rep + 1, p.repeats);
+            eprintln!("tmem-lab: {tag}: starting (ETA {eta})");
+            let started = Instant::now();
+            let progress = |what: &str| {
+                eprintln!("tmem-lab: {tag}: {what} ({})", fmt_dur(started.elapsed().as_secs_f64()))
+            };
+            match run::run_once(&setup, c, rep, &progress) {
+                Ok(r) => {
+                    eprintln!(
+                        "tmem-lab: {tag}: wall {:.1}s cpu {:.1}s read {} written {} sectors swap in/out {}/{} oom {}",
+                        r.wall_secs, r.cpu_secs, r.sectors_read, r.sectors_written, r.swap_in, r.swap_out, r.oom_kills
+                    );
+                    runs.push(r);
+                }
+                Err(e) => {
+                    eprintln!("tmem-lab: {tag}: FAILED: {e:#}");
+                    errors.push(format!("{tag}: {e:#}"));
+                }
+            }
+            done += 1;
+        }
+    }
+    let density = if p.density {
+        eprintln!("tmem-lab: density experiment ({} MiB budget)", p.host_budget_mib);
+        match density::run_density(&p, &image, &tmemd_bin, &scratch.0) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                eprintln!("tmem-lab: density FAILED: {e:#}");
+                errors.push(format!("density: {e:#}"));
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let summaries = p
+        .configs
+        .iter()
+        .map(|c| run::summarize(*c, &runs))
+        .collect();
+    let res = Results {
+        params: p,
+        kernel: image.kernel_version.clone(),
+        host_cpus: std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1),
+        total_secs: t0.elapsed().as_secs_f64(),
+        runs,
+        summaries,
+        density,
+        errors,
+    };
+    report::write_all(&res, out)?;
+    Ok(res)
+}
