@@ -127,6 +127,9 @@ pub struct GiveBack {
     pub done_ms: Option<f64>,
     /// Deflate speed from first growth to peak, MiB/s.
     pub rate_mib_s: Option<f64>,
+    /// The balloon was still growing (from an earlier spike) when this one
+    /// came: its times then say little about this spike.
+    pub already_growing: bool,
 }
 
 impl GiveBack {
@@ -170,6 +173,11 @@ pub fn give_backs(
         else {
             continue;
         };
+        let already_growing = balloon
+            .iter()
+            .rev()
+            .find(|b| b.t <= t0 - lead)
+            .is_some_and(|b| b.actual + TOLERANCE <= before);
         let win: Vec<&BalloonSample> = balloon.iter().filter(|b| b.t > t0 && b.t <= t1).collect();
         let peak = win
             .iter()
@@ -214,6 +222,7 @@ pub fn give_backs(
             start_ms,
             done_ms,
             rate_mib_s,
+            already_growing,
         });
     }
     out
@@ -368,9 +377,19 @@ mod tests {
         assert!((1100.0..=1300.0).contains(&done), "{g0:?}");
         let rate = g0.rate_mib_s.unwrap();
         assert!((200.0..=260.0).contains(&rate), "{g0:?}");
+        assert!(!g0.already_growing);
         // Spike 2: the guest already had room.
         assert!(!g[1].deflated());
         assert_eq!(g[1].given(), 0);
+        assert!(!g[1].already_growing);
+        // A spike in the middle of the ramp finds the balloon growing.
+        let mid = Spike {
+            t: 11.9,
+            committed_before: 0,
+            committed_after: 64 * MIB,
+        };
+        let g = give_backs(&[mid], &bal, &mgr, 0.3, 30.0);
+        assert!(g[0].already_growing, "{:?}", g[0]);
     }
 
     #[test]
