@@ -158,6 +158,7 @@ fn run_mode(
             budget: budget / 4,
             codec: "lz4".into(),
             dedup: "global".into(),
+            balloon_interval_ms: p.balloon_interval_ms,
             cgroup: b.cg.as_ref().map(|c| c.path().to_path_buf()),
         })?);
     }

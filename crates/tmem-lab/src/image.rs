@@ -46,6 +46,14 @@ port() {
 i=0
 while ! port org.tmem.go >/dev/null && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
 gop=$(port org.tmem.go)
+# Keep the port open: a read while the host is not connected returns EOF at once.
+exec 3<"$gop"
+waitline() {
+  while :; do
+    if read -r line <&3 && [ -n "$line" ]; then echo "$line"; return 0; fi
+    sleep 0.2
+  done
+}
 tmem-guest --port org.tmem.agent --interval 1 >/dev/null 2>&1 &
 tmem-guest --port org.tmem.lab --interval 1 >/dev/null 2>&1 &
 mkdir -p /data
@@ -53,7 +61,7 @@ if [ -b /dev/vdb ]; then
   mount -t ext4 -o ro,noload /dev/vdb /data || echo "LAB-WARN mount /dev/vdb failed"
 fi
 echo "LAB-WAIT work=$work seed=$seed"
-read -r go < "$gop"
+go=$(waitline)
 echo "LAB-GO $go"
 rc=0
 case "$work" in
@@ -68,7 +76,7 @@ case "$work" in
     rc=$?
     tail -n 2 /tmp/build.log;;
   idle*)
-    read -r stop < "$gop";;
+    waitline >/dev/null;;
 esac
 if [ -n "$eat" ]; then
   wait "$eat" || rc=$((rc + 100))
@@ -78,7 +86,7 @@ rm -rf /tmp/out
 v=$(grep -E '^(pswpin|pswpout|oom_kill|pgmajfault) ' /proc/vmstat | tr '\n' ' ')
 echo "LAB-VMSTAT $v"
 echo "LAB-DONE $rc"
-read -r bye < "$gop"
+waitline >/dev/null
 exit $rc
 "#;
 

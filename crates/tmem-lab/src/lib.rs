@@ -70,7 +70,7 @@ pub enum Cmd {
 /// Flags of `tmem-lab run`. Unset values take the full or `--quick` default.
 #[derive(Debug, Clone, Args, Default)]
 pub struct RunArgs {
-    /// Small and short: 2 guests of 256 MiB, a 96 MiB data image, 1 repeat.
+    /// Small and short: 2 guests of 256 MiB, a 160 MiB data image, 1 repeat.
     #[arg(long)]
     pub quick: bool,
     /// Guests run together [full 4, quick 2].
@@ -82,7 +82,7 @@ pub struct RunArgs {
     /// Swap disk per guest, MiB [full 512, quick 256].
     #[arg(long)]
     pub swap_mib: Option<u32>,
-    /// Shared data image size, MiB; ~60% of it is the source tree [full 1024, quick 96].
+    /// Shared data image size, MiB; ~60% of it is the source tree [full 1024, quick 160].
     #[arg(long)]
     pub data_mib: Option<u64>,
     /// Workload mix: build, eatmem, build+eatmem [default build+eatmem].
@@ -119,9 +119,12 @@ pub struct RunArgs {
     /// tmem pool budget, MiB [guests × memory / 2].
     #[arg(long)]
     pub pool_mib: Option<u64>,
-    /// Seconds the balloon manager gets before the workload starts [full 20, quick 8].
+    /// Seconds the balloon manager gets before the workload starts [full 60, quick 30].
     #[arg(long)]
     pub settle_secs: Option<u64>,
+    /// Balloon manager (selfballoon policy) interval, ms [1000].
+    #[arg(long)]
+    pub balloon_interval_ms: Option<u64>,
     /// Longest one run may take, seconds [full 3600, quick 900].
     #[arg(long)]
     pub timeout_secs: Option<u64>,
@@ -188,6 +191,8 @@ pub struct Params {
     pub pool_mib: u64,
     /// Settle seconds.
     pub settle_secs: u64,
+    /// Balloon manager interval, ms.
+    pub balloon_interval_ms: u64,
     /// Timeout per run, seconds.
     pub timeout_secs: u64,
     /// Accelerator used.
@@ -243,7 +248,7 @@ impl RunArgs {
             guests,
             memory_mib,
             swap_mib: self.swap_mib.unwrap_or(if q { 256 } else { 512 }),
-            data_mib: pick(self.data_mib, 1024, 96),
+            data_mib: pick(self.data_mib, 1024, 160),
             workload,
             jobs: self.jobs.unwrap_or(2),
             rounds: self.rounds.unwrap_or(2),
@@ -255,7 +260,8 @@ impl RunArgs {
             repeats: self.repeats.unwrap_or(if q { 1 } else { 5 }).max(1),
             configs,
             pool_mib: pick(self.pool_mib, u64::from(guests) * u64::from(memory_mib) / 2, u64::from(guests) * u64::from(memory_mib) / 2),
-            settle_secs: pick(self.settle_secs, 20, 8),
+            settle_secs: pick(self.settle_secs, 60, 30),
+            balloon_interval_ms: self.balloon_interval_ms.unwrap_or(1000),
             timeout_secs: pick(self.timeout_secs, 3600, 900),
             accel: accel.name().to_string(),
             density: !self.no_density,
@@ -343,6 +349,7 @@ pub fn run_experiment(a: &RunArgs, out: &std::path::Path) -> Result<Results> {
         tmemd: tmemd_bin.clone(),
         pool_budget: p.pool_mib << 20,
         settle_secs: p.settle_secs,
+        balloon_interval_ms: p.balloon_interval_ms,
         timeout: Duration::from_secs(p.timeout_secs),
         sample: Duration::from_secs(1),
         scratch: scratch.0.clone(),

@@ -43,6 +43,8 @@ pub struct RunSetup {
     pub pool_budget: u64,
     /// Seconds between registering the balloon manager and starting the workload.
     pub settle_secs: u64,
+    /// Balloon manager interval, ms.
+    pub balloon_interval_ms: u64,
     /// Longest a run may take.
     pub timeout: Duration,
     /// Sampling interval.
@@ -269,6 +271,7 @@ pub fn run_once(
             budget: s.pool_budget,
             codec: config.codec().into(),
             dedup: config.dedup().into(),
+            balloon_interval_ms: s.balloon_interval_ms,
             cgroup: None,
         })?;
         env.daemon = Some(d);
@@ -394,7 +397,8 @@ pub fn run_once(
     // Settle: let the balloon manager shrink idle guests before the workload (sampled).
     let mut balloon: Vec<Vec<BalloonPoint>> = vec![Vec::new(); env.guests.len()];
     let mut pool: Vec<PoolPoint> = Vec::new();
-    let settle = Duration::from_secs(s.settle_secs);
+    // Without a balloon manager there is nothing to settle.
+    let settle = Duration::from_secs(if config.selfballoon() { s.settle_secs } else { 1 });
     let settle_start = Instant::now();
     progress("settling");
     while settle_start.elapsed() < settle {
@@ -446,7 +450,13 @@ pub fn run_once(
                 done_at[i] = Some(start.elapsed().as_secs_f64());
                 // The guest waits for "bye": its counters are final now.
                 cpu_end[i] = procstat::cpu_secs(g.pid());
-                bs1[i] = blockstats(&mut qmps[i]).ok();
+                bs1[i] = match blockstats(&mut qmps[i]) {
+                    Ok(v) => Some(v),
+                    Err(e) => {
+                        tracing::warn!("query-blockstats of {}: {e:#}", g.name());
+                        None
+                    }
+                };
                 io1[i] = procstat::io_bytes(g.pid());
             } else if !g.is_running() {
                 bail!(

@@ -27,9 +27,10 @@ pub fn locate_tmemd(explicit: Option<&Path>) -> Result<PathBuf> {
     }
     if let Ok(exe) = std::env::current_exe() {
         for dir in exe.ancestors().skip(1).take(2) {
-            let c = dir.join("tmemd");
-            if c.is_file() {
-                return Ok(c);
+            for c in [dir.join("tmemd"), dir.join("../release/tmemd")] {
+                if c.is_file() {
+                    return Ok(c);
+                }
             }
         }
     }
@@ -83,6 +84,8 @@ pub struct DaemonOpts {
     pub codec: String,
     /// Default dedup scope (`off`, `pool`, `client`, `global`).
     pub dedup: String,
+    /// Balloon manager interval, ms.
+    pub balloon_interval_ms: u64,
     /// Put the daemon into this cgroup (its `cgroup.procs`) right after spawning.
     pub cgroup: Option<PathBuf>,
 }
@@ -105,7 +108,15 @@ impl Daemon {
         let stderr = o.state_dir.with_extension("tmemd.log");
         let log = std::fs::File::create(&stderr)
             .with_context(|| format!("creating {}", stderr.display()))?;
+        let conf = o.state_dir.with_extension("toml");
+        std::fs::write(
+            &conf,
+            format!("[balloon]\ninterval_ms = {}\n", o.balloon_interval_ms.max(100)),
+        )
+        .with_context(|| format!("writing {}", conf.display()))?;
         let child = Command::new(&o.bin)
+            .arg("--config")
+            .arg(&conf)
             .arg("--state-dir")
             .arg(&o.state_dir)
             .arg("--budget")
@@ -199,6 +210,7 @@ impl Drop for Daemon {
         self.stop(Duration::from_secs(10));
         let _ = std::fs::remove_dir_all(&self.state_dir);
         let _ = std::fs::remove_file(&self.stderr);
+        let _ = std::fs::remove_file(self.state_dir.with_extension("toml"));
     }
 }
 
