@@ -59,7 +59,12 @@ fuzz_target!(|data: &[u8]| {
         let _ = Request::parse(rest[..REQUEST_LEN].try_into().unwrap());
     }
     let out = Out::default();
-    let cfg = TransmissionConfig { workers: if mode & 0x10 != 0 { 1 } else { 0 }, inline_max: 4096, queue: 4 };
+    let cfg = TransmissionConfig {
+        workers: if mode & 0x10 != 0 { 1 } else { 0 },
+        inline_max: 4096,
+        queue: 4,
+        max_batch: if mode & 0x20 != 0 { 1 } else { 4 },
+    };
     let stats = Arc::new(tmem_nbd::ExportStats::default());
     let _ = serve_transmission(rest, out.clone(), session, stats, &cfg);
     let bytes = out.0.lock().unwrap().clone();
