@@ -67,7 +67,10 @@ pub fn markdown(d: &DensityResult) -> String {
         "Idle {} MiB guests within a {} MiB host budget ({}). The 2008 paper: 3 → 7 guests on 2 GB (14 with aggressive settings).\n",
         d.guest_mib, d.budget_mib, d.enforcement
     );
-    let _ = writeln!(m, "| mode | launched | booted | healthy at end | peak charged MiB | stopped because |");
+    let _ = writeln!(
+        m,
+        "| mode | launched | booted | healthy at end | peak charged MiB | stopped because |"
+    );
     let _ = writeln!(m, "|---|---|---|---|---|---|");
     for x in [&d.static_mode, &d.tmem_mode] {
         let _ = writeln!(
@@ -81,7 +84,11 @@ pub fn markdown(d: &DensityResult) -> String {
             x.stop_reason
         );
     }
-    let _ = writeln!(m, "\nDensity gain: **{:.1}×** static partitioning.", d.ratio);
+    let _ = writeln!(
+        m,
+        "\nDensity gain: **{:.1}×** static partitioning.",
+        d.ratio
+    );
     m
 }
 
@@ -113,7 +120,11 @@ fn run_mode(
     let dir = scratch.join(if tmem { "dt" } else { "ds" });
     std::fs::create_dir_all(&dir)?;
     let cg = match MemCgroup::create(
-        &format!("tmem-lab-{}-{}", std::process::id(), if tmem { "t" } else { "s" }),
+        &format!(
+            "tmem-lab-{}-{}",
+            std::process::id(),
+            if tmem { "t" } else { "s" }
+        ),
         Some(budget),
     ) {
         Ok(c) => Some(c),
@@ -214,9 +225,15 @@ fn run_mode(
             .image(image.clone())
             .drive(swap)
             .extra_arg("-chardev")
-            .extra_arg(&format!("socket,id=labgo,path={},server=on,wait=off", go.display()))
+            .extra_arg(&format!(
+                "socket,id=labgo,path={},server=on,wait=off",
+                go.display()
+            ))
             .extra_arg("-device")
-            .extra_arg(&format!("virtserialport,bus=vser0.0,chardev=labgo,name={}", image::PORT_GO));
+            .extra_arg(&format!(
+                "virtserialport,bus=vser0.0,chardev=labgo,name={}",
+                image::PORT_GO
+            ));
         if !tmem {
             cfg = cfg.extra_arg("-mem-prealloc");
         }
@@ -248,7 +265,11 @@ fn run_mode(
         let booted = g.wait_for_console(MARK_WAIT, Duration::from_secs(180));
         live.guests.push(g);
         if let Err(e) = booted {
-            mode.stop_reason = format!("guest {} did not boot: {}", i + 1, first_line(&e.to_string()));
+            mode.stop_reason = format!(
+                "guest {} did not boot: {}",
+                i + 1,
+                first_line(&e.to_string())
+            );
             break;
         }
         mode.booted += 1;
@@ -277,7 +298,8 @@ fn run_mode(
         }
         let dead = live.guests.iter().filter(|g| !g.is_running()).count();
         if dead > 0 {
-            mode.stop_reason = format!("{dead} guest(s) died (OOM) after launching guest {}", i + 1);
+            mode.stop_reason =
+                format!("{dead} guest(s) died (OOM) after launching guest {}", i + 1);
             break;
         }
         if b.cg.is_none() && b.usage(&pids(&live)) > budget {
@@ -294,7 +316,11 @@ fn run_mode(
     mode.healthy = live
         .guests
         .iter()
-        .filter(|g| g.is_running() && g.console_text().contains(MARK_WAIT) && !g.console_text().contains("Out of memory"))
+        .filter(|g| {
+            g.is_running()
+                && g.console_text().contains(MARK_WAIT)
+                && !g.console_text().contains("Out of memory")
+        })
         .count() as u32;
     if over {
         // Without a cgroup nobody is killed: count only as many guests as fit.
@@ -319,9 +345,15 @@ pub fn run_density(
 ) -> Result<DensityResult> {
     let scratch: PathBuf = scratch.join("dens");
     let (s, enforcement) = run_mode(p, image, tmemd, &scratch, false)?;
-    eprintln!("tmem-lab: density static: {} healthy ({})", s.healthy, s.stop_reason);
+    eprintln!(
+        "tmem-lab: density static: {} healthy ({})",
+        s.healthy, s.stop_reason
+    );
     let (t, _) = run_mode(p, image, tmemd, &scratch, true)?;
-    eprintln!("tmem-lab: density selfballoon+tmem: {} healthy ({})", t.healthy, t.stop_reason);
+    eprintln!(
+        "tmem-lab: density selfballoon+tmem: {} healthy ({})",
+        t.healthy, t.stop_reason
+    );
     let _ = std::fs::remove_dir_all(&scratch);
     Ok(DensityResult {
         budget_mib: p.host_budget_mib,

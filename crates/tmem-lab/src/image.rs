@@ -153,7 +153,12 @@ pub fn parse_vmstat_line(line: &str) -> Option<(u64, u64, u64, u64)> {
             .and_then(|i| words.get(i + 1))
             .and_then(|v| v.parse::<u64>().ok())
     };
-    Some((get("pswpin")?, get("pswpout")?, get("oom_kill").unwrap_or(0), get("pgmajfault").unwrap_or(0)))
+    Some((
+        get("pswpin")?,
+        get("pswpout")?,
+        get("oom_kill").unwrap_or(0),
+        get("pgmajfault").unwrap_or(0),
+    ))
 }
 
 #[cfg(test)]

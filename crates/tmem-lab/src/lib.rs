@@ -44,7 +44,11 @@ pub fn init_logging() {
 
 /// Command line.
 #[derive(Debug, Parser)]
-#[command(name = "tmem-lab", version, about = "Reproduce the self-ballooning + tmem experiment with real guests")]
+#[command(
+    name = "tmem-lab",
+    version,
+    about = "Reproduce the self-ballooning + tmem experiment with real guests"
+)]
 pub struct Cli {
     /// What to do.
     #[command(subcommand)]
@@ -55,7 +59,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Cmd {
     /// Run the experiment and write the report.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Re-render results.md and the plots from a results.json.
     Report {
         /// The results.json to read.
@@ -213,10 +217,14 @@ impl RunArgs {
     /// Fills in defaults.
     pub fn resolve(&self) -> Result<Params> {
         let q = self.quick;
-        let pick = |v: Option<u64>, full: u64, quick: u64| v.unwrap_or(if q { quick } else { full });
+        let pick =
+            |v: Option<u64>, full: u64, quick: u64| v.unwrap_or(if q { quick } else { full });
         let guests = self.guests.unwrap_or(if q { 2 } else { 4 });
         let memory_mib = self.memory_mib.unwrap_or(if q { 256 } else { 384 });
-        let workload = self.workload.clone().unwrap_or_else(|| "build+eatmem".into());
+        let workload = self
+            .workload
+            .clone()
+            .unwrap_or_else(|| "build+eatmem".into());
         if !matches!(workload.as_str(), "build" | "eatmem" | "build+eatmem") {
             bail!("--workload {workload:?}: want build, eatmem or build+eatmem");
         }
@@ -259,7 +267,11 @@ impl RunArgs {
             seed: self.seed.unwrap_or(42),
             repeats: self.repeats.unwrap_or(if q { 1 } else { 5 }).max(1),
             configs,
-            pool_mib: pick(self.pool_mib, u64::from(guests) * u64::from(memory_mib) / 2, u64::from(guests) * u64::from(memory_mib) / 2),
+            pool_mib: pick(
+                self.pool_mib,
+                u64::from(guests) * u64::from(memory_mib) / 2,
+                u64::from(guests) * u64::from(memory_mib) / 2,
+            ),
             settle_secs: pick(self.settle_secs, 60, 30),
             balloon_interval_ms: self.balloon_interval_ms.unwrap_or(1000),
             timeout_secs: pick(self.timeout_secs, 3600, 900),
@@ -277,7 +289,10 @@ impl RunArgs {
 pub fn main_with(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Run(a) => {
-            let out = a.out.clone().unwrap_or_else(|| PathBuf::from("tmem-lab-results"));
+            let out = a
+                .out
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("tmem-lab-results"));
             let res = run_experiment(&a, &out)?;
             println!("{}", report::summary_table(&res));
             println!("results: {}", out.join("results.md").display());
@@ -321,7 +336,10 @@ pub fn run_experiment(a: &RunArgs, out: &std::path::Path) -> Result<Results> {
     let p = a.resolve()?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let t0 = Instant::now();
-    eprintln!("tmem-lab: accelerator {}; building guest image and data image", p.accel);
+    eprintln!(
+        "tmem-lab: accelerator {}; building guest image and data image",
+        p.accel
+    );
     let workspace = tmemd::workspace_root();
     let image = image::build_image(&workspace)?;
     let data_image = image::data_image(p.seed, p.data_mib << 20)?;
@@ -375,13 +393,24 @@ pub fn run_experiment(a: &RunArgs, out: &std::path::Path) -> Result<Results> {
             let eta = if done == 0 {
                 "?".to_string()
             } else {
-                fmt_dur(runs_start.elapsed().as_secs_f64() / f64::from(done) * f64::from(total - done))
+                fmt_dur(
+                    runs_start.elapsed().as_secs_f64() / f64::from(done) * f64::from(total - done),
+                )
             };
-            let tag = format!("[{}/{total}] {} repeat {}/{}", done + 1, c.name(), rep + 1, p.repeats);
+            let tag = format!(
+                "[{}/{total}] {} repeat {}/{}",
+                done + 1,
+                c.name(),
+                rep + 1,
+                p.repeats
+            );
             eprintln!("tmem-lab: {tag}: starting (ETA {eta})");
             let started = Instant::now();
             let progress = |what: &str| {
-                eprintln!("tmem-lab: {tag}: {what} ({})", fmt_dur(started.elapsed().as_secs_f64()))
+                eprintln!(
+                    "tmem-lab: {tag}: {what} ({})",
+                    fmt_dur(started.elapsed().as_secs_f64())
+                )
             };
             match run::run_once(&setup, c, rep, &progress) {
                 Ok(r) => {
@@ -400,7 +429,10 @@ pub fn run_experiment(a: &RunArgs, out: &std::path::Path) -> Result<Results> {
         }
     }
     let density = if p.density {
-        eprintln!("tmem-lab: density experiment ({} MiB budget)", p.host_budget_mib);
+        eprintln!(
+            "tmem-lab: density experiment ({} MiB budget)",
+            p.host_budget_mib
+        );
         match density::run_density(&p, &image, &tmemd_bin, &scratch.0) {
             Ok(d) => Some(d),
             Err(e) => {
@@ -420,7 +452,9 @@ pub fn run_experiment(a: &RunArgs, out: &std::path::Path) -> Result<Results> {
     let res = Results {
         params: p,
         kernel: image.kernel_version.clone(),
-        host_cpus: std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1),
+        host_cpus: std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(1),
         total_secs: t0.elapsed().as_secs_f64(),
         runs,
         summaries,

@@ -14,11 +14,26 @@ use crate::run::RunResult;
 
 /// Plot files (without extension) and what they show.
 pub const FILES: &[(&str, &str)] = &[
-    ("temporal", "Temporal stats: wall time and CPU per configuration"),
-    ("sectors", "Virtual block device stats: sectors read and written per configuration"),
-    ("balloon", "Each guest's balloon size over time (first repeat of each configuration)"),
-    ("pool", "tmem pool logical (apparent) and held (physical) size over time"),
-    ("density", "Density: healthy idle guests within the host budget"),
+    (
+        "temporal",
+        "Temporal stats: wall time and CPU per configuration",
+    ),
+    (
+        "sectors",
+        "Virtual block device stats: sectors read and written per configuration",
+    ),
+    (
+        "balloon",
+        "Each guest's balloon size over time (first repeat of each configuration)",
+    ),
+    (
+        "pool",
+        "tmem pool logical (apparent) and held (physical) size over time",
+    ),
+    (
+        "density",
+        "Density: healthy idle guests within the host budget",
+    ),
 ];
 
 const FONT_PATHS: &[&str] = &[
@@ -117,7 +132,11 @@ fn bars<DB: DrawingBackend>(
         chart
             .draw_series(vals.iter().enumerate().map(|(i, v)| {
                 let x0 = i as f64 + 0.1 + w * si as f64 + w * 0.45;
-                Text::new(fmt_val(*v), (x0, *v + ymax * 0.01), ("sans-serif", 11).into_font())
+                Text::new(
+                    fmt_val(*v),
+                    (x0, *v + ymax * 0.01),
+                    ("sans-serif", 11).into_font(),
+                )
             }))
             .map_err(err)?;
     }
@@ -189,7 +208,9 @@ fn lines<DB: DrawingBackend>(
             .draw_series(LineSeries::new(v.iter().copied(), color.stroke_width(2)))
             .map_err(err)?
             .label(name.as_str())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 14, y)], color.stroke_width(2)));
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 14, y)], color.stroke_width(2))
+            });
     }
     chart
         .configure_series_labels()
@@ -224,13 +245,20 @@ fn both(
 }
 
 fn first_run(r: &Results, c: ConfigKind) -> Option<&RunResult> {
-    r.runs.iter().filter(|x| x.config == c).min_by_key(|x| x.repeat)
+    r.runs
+        .iter()
+        .filter(|x| x.config == c)
+        .min_by_key(|x| x.repeat)
 }
 
 /// Writes every plot into `out`.
 pub fn write_plots(r: &Results, out: &Path) -> Result<()> {
     ensure_font()?;
-    let labels: Vec<String> = r.summaries.iter().map(|s| short_label(s.config).to_string()).collect();
+    let labels: Vec<String> = r
+        .summaries
+        .iter()
+        .map(|s| short_label(s.config).to_string())
+        .collect();
     let m = |name: &str| -> Vec<f64> {
         r.summaries
             .iter()
@@ -243,13 +271,37 @@ pub fn write_plots(r: &Results, out: &Path) -> Result<()> {
     let (wall, cpu) = (m("wall_secs"), m("cpu_secs"));
     let draw_t = |a: &DrawingArea<BitMapBackend, Shift>| -> Result<()> {
         let (l, rr) = a.split_horizontally(a.dim_in_pixel().0 / 2);
-        bars(&l, "Wall time to completion", "seconds", &labels, &[("wall", wall.clone())])?;
-        bars(&rr, "Total CPU (QEMU + tmemd)", "CPU seconds", &labels, &[("cpu", cpu.clone())])
+        bars(
+            &l,
+            "Wall time to completion",
+            "seconds",
+            &labels,
+            &[("wall", wall.clone())],
+        )?;
+        bars(
+            &rr,
+            "Total CPU (QEMU + tmemd)",
+            "CPU seconds",
+            &labels,
+            &[("cpu", cpu.clone())],
+        )
     };
     let draw_t_svg = |a: &DrawingArea<SVGBackend, Shift>| -> Result<()> {
         let (l, rr) = a.split_horizontally(a.dim_in_pixel().0 / 2);
-        bars(&l, "Wall time to completion", "seconds", &labels, &[("wall", wall.clone())])?;
-        bars(&rr, "Total CPU (QEMU + tmemd)", "CPU seconds", &labels, &[("cpu", cpu.clone())])
+        bars(
+            &l,
+            "Wall time to completion",
+            "seconds",
+            &labels,
+            &[("wall", wall.clone())],
+        )?;
+        bars(
+            &rr,
+            "Total CPU (QEMU + tmemd)",
+            "CPU seconds",
+            &labels,
+            &[("cpu", cpu.clone())],
+        )
     };
     both(out, "temporal", (wide.0 * 2, wide.1), &draw_t, &draw_t_svg)?;
     let (rd, wr) = (m("sectors_read"), m("sectors_written"));
@@ -258,8 +310,24 @@ pub fn write_plots(r: &Results, out: &Path) -> Result<()> {
         out,
         "sectors",
         (wide.0 + 200, wide.1),
-        &|a| bars(a, "Backing storage: 512-byte sectors", "sectors", &labels, &series),
-        &|a| bars(a, "Backing storage: 512-byte sectors", "sectors", &labels, &series),
+        &|a| {
+            bars(
+                a,
+                "Backing storage: 512-byte sectors",
+                "sectors",
+                &labels,
+                &series,
+            )
+        },
+        &|a| {
+            bars(
+                a,
+                "Backing storage: 512-byte sectors",
+                "sectors",
+                &labels,
+                &series,
+            )
+        },
     )?;
     // Balloon sizes: one panel per configuration (first repeat).
     let confs: Vec<ConfigKind> = r.summaries.iter().map(|s| s.config).collect();
@@ -271,7 +339,10 @@ pub fn write_plots(r: &Results, out: &Path) -> Result<()> {
                     .map(|g| {
                         (
                             g.name.clone(),
-                            g.balloon.iter().map(|p| (p.t, p.bytes as f64 / 1048576.0)).collect(),
+                            g.balloon
+                                .iter()
+                                .map(|p| (p.t, p.bytes as f64 / 1048576.0))
+                                .collect(),
                         )
                     })
                     .collect()
@@ -284,14 +355,24 @@ pub fn write_plots(r: &Results, out: &Path) -> Result<()> {
     let draw_b = |a: &DrawingArea<BitMapBackend, Shift>| -> Result<()> {
         a.fill(&WHITE).map_err(err)?;
         for (panel, c) in a.split_evenly((rows, cols)).iter().zip(&confs) {
-            lines(panel, &format!("{}: balloon (MiB)", short_label(*c)), "MiB", &balloon_series(*c))?;
+            lines(
+                panel,
+                &format!("{}: balloon (MiB)", short_label(*c)),
+                "MiB",
+                &balloon_series(*c),
+            )?;
         }
         Ok(())
     };
     let draw_b_svg = |a: &DrawingArea<SVGBackend, Shift>| -> Result<()> {
         a.fill(&WHITE).map_err(err)?;
         for (panel, c) in a.split_evenly((rows, cols)).iter().zip(&confs) {
-            lines(panel, &format!("{}: balloon (MiB)", short_label(*c)), "MiB", &balloon_series(*c))?;
+            lines(
+                panel,
+                &format!("{}: balloon (MiB)", short_label(*c)),
+                "MiB",
+                &balloon_series(*c),
+            )?;
         }
         Ok(())
     };
@@ -302,11 +383,17 @@ pub fn write_plots(r: &Results, out: &Path) -> Result<()> {
         if let Some(x) = first_run(r, *c).filter(|x| x.config.tmem()) {
             pool_series.push((
                 format!("{} logical", short_label(*c)),
-                x.pool.iter().map(|p| (p.t, p.logical as f64 / 1048576.0)).collect::<Vec<_>>(),
+                x.pool
+                    .iter()
+                    .map(|p| (p.t, p.logical as f64 / 1048576.0))
+                    .collect::<Vec<_>>(),
             ));
             pool_series.push((
                 format!("{} held", short_label(*c)),
-                x.pool.iter().map(|p| (p.t, p.held as f64 / 1048576.0)).collect(),
+                x.pool
+                    .iter()
+                    .map(|p| (p.t, p.held as f64 / 1048576.0))
+                    .collect(),
             ));
         }
     }
@@ -314,16 +401,39 @@ pub fn write_plots(r: &Results, out: &Path) -> Result<()> {
         out,
         "pool",
         (1100, 520),
-        &|a| lines(a, "tmem pool: logical (apparent) vs held (physical)", "MiB", &pool_series),
-        &|a| lines(a, "tmem pool: logical (apparent) vs held (physical)", "MiB", &pool_series),
+        &|a| {
+            lines(
+                a,
+                "tmem pool: logical (apparent) vs held (physical)",
+                "MiB",
+                &pool_series,
+            )
+        },
+        &|a| {
+            lines(
+                a,
+                "tmem pool: logical (apparent) vs held (physical)",
+                "MiB",
+                &pool_series,
+            )
+        },
     )?;
     if let Some(d) = &r.density {
-        let l = vec!["static partitioning".to_string(), "self-ballooning + tmem".to_string()];
+        let l = vec![
+            "static partitioning".to_string(),
+            "self-ballooning + tmem".to_string(),
+        ];
         let s = [(
             "healthy guests",
-            vec![f64::from(d.static_mode.healthy), f64::from(d.tmem_mode.healthy)],
+            vec![
+                f64::from(d.static_mode.healthy),
+                f64::from(d.tmem_mode.healthy),
+            ],
         )];
-        let title = format!("Idle {} MiB guests in a {} MiB budget", d.guest_mib, d.budget_mib);
+        let title = format!(
+            "Idle {} MiB guests in a {} MiB budget",
+            d.guest_mib, d.budget_mib
+        );
         both(
             out,
             "density",

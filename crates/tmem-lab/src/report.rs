@@ -47,7 +47,9 @@ pub fn talk_figure(c: ConfigKind) -> &'static str {
         ConfigKind::Selfballoon => "slower, more sectors read (\"a performance hit\")",
         ConfigKind::Tmem => "5–8% faster, 31–52% fewer sectors read (sb+tmem range)",
         ConfigKind::TmemDedup => "within the 5–8% / 31–52% range",
-        ConfigKind::TmemDedupComp => "5–8% faster, up to 52% fewer reads; pool 984 MB real → 3723 MB apparent (3.8×)",
+        ConfigKind::TmemDedupComp => {
+            "5–8% faster, up to 52% fewer reads; pool 984 MB real → 3723 MB apparent (3.8×)"
+        }
     }
 }
 
@@ -81,7 +83,11 @@ pub fn summary_table(r: &Results) -> String {
             .map(|b| (get(b, "wall_secs"), get(b, "sectors_read")))
             .unwrap_or((0.0, 0.0));
         let pool = if s.config.tmem() {
-            format!("{} / {}", mib(get(s, "pool_peak_logical")), mib(get(s, "pool_peak_held")))
+            format!(
+                "{} / {}",
+                mib(get(s, "pool_peak_logical")),
+                mib(get(s, "pool_peak_held"))
+            )
         } else {
             "—".into()
         };
@@ -160,9 +166,21 @@ pub fn markdown(r: &Results) -> String {
         let _ = writeln!(
             m,
             "| {} | {} | {:.1} | {:.1} ({:.1}) | {} | {} | {} / {} | {} / {} | {} | {} / {} | {} |",
-            x.config.label(), x.repeat + 1, x.wall_secs, x.cpu_secs, x.cpu_tmemd_secs, x.sectors_read,
-            x.sectors_written, x.guest_sectors_read, x.guest_sectors_written, x.swap_in, x.swap_out,
-            x.oom_kills, mib(x.pool_peak_logical as f64), mib(x.pool_peak_held as f64), x.sectors_source
+            x.config.label(),
+            x.repeat + 1,
+            x.wall_secs,
+            x.cpu_secs,
+            x.cpu_tmemd_secs,
+            x.sectors_read,
+            x.sectors_written,
+            x.guest_sectors_read,
+            x.guest_sectors_written,
+            x.swap_in,
+            x.swap_out,
+            x.oom_kills,
+            mib(x.pool_peak_logical as f64),
+            mib(x.pool_peak_held as f64),
+            x.sectors_source
         );
     }
     let _ = writeln!(m);

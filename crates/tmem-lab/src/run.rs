@@ -75,6 +75,25 @@ pub struct PoolPoint {
     pub held: u64,
 }
 
+/// What the daemon counted for one export during the workload (deltas).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ExportDelta {
+    /// Export name.
+    pub name: String,
+    /// `swap` or `cached`.
+    pub kind: String,
+    /// Backend `sectors_read` delta.
+    pub sectors_read: u64,
+    /// Backend `sectors_written` delta.
+    pub sectors_written: u64,
+    /// Backend `spilled_pages` delta (swap).
+    pub spilled_pages: u64,
+    /// Pool hits delta.
+    pub hits: u64,
+    /// Pool misses delta.
+    pub misses: u64,
+}
+
 /// Per-guest outcome.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct GuestOutcome {
@@ -139,6 +158,8 @@ pub struct RunResult {
     pub apparent_ratio: f64,
     /// Pool time series.
     pub pool: Vec<PoolPoint>,
+    /// tmem: the daemon's per-export counters (their sum is `sectors_read`/`sectors_written`).
+    pub exports: Vec<ExportDelta>,
     /// Per-guest outcomes.
     pub guests: Vec<GuestOutcome>,
 }
@@ -172,7 +193,11 @@ impl Drop for Env {
 /// Latest agent report per guest, filled by a reader thread.
 type Latest = Arc<Mutex<Option<AgentReport>>>;
 
-fn spawn_reader(sock: PathBuf, latest: Latest, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+fn spawn_reader(
+    sock: PathBuf,
+    latest: Latest,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         while !stop.load(Ordering::Relaxed) {
             let Ok(s) = UnixStream::connect(&sock) else {
@@ -236,6 +261,24 @@ fn daemon_sectors(exports: &[ExportInfo]) -> (u64, u64) {
         }
     }
     (rd, wr)
+}
+
+fn export_deltas(ex0: &[ExportInfo], ex1: &[ExportInfo]) -> Vec<ExportDelta> {
+    ex1.iter()
+        .map(|b| {
+            let a = ex0.iter().find(|a| a.name == b.name);
+            let d = |f: fn(&ExportInfo) -> u64| f(b).saturating_sub(a.map(f).unwrap_or(0));
+            ExportDelta {
+                name: b.name.clone(),
+                kind: b.kind.to_string(),
+                sectors_read: d(|e| e.backend.sectors_read),
+                sectors_written: d(|e| e.backend.sectors_written),
+                spilled_pages: d(|e| e.backend.spilled_pages),
+                hits: d(|e| e.backend.hits),
+                misses: d(|e| e.backend.misses),
+            }
+        })
+        .collect()
 }
 
 fn console_line(g: &Guest, mark: &str) -> Option<String> {
@@ -346,20 +389,33 @@ pub fn run_once(
             .extra_arg("-qmp")
             .extra_arg(&format!("unix:{},server=on,wait=off", lab_qmp.display()))
             .extra_arg("-chardev")
-            .extra_arg(&format!("socket,id=labag,path={},server=on,wait=off", lab_ag.display()))
+            .extra_arg(&format!(
+                "socket,id=labag,path={},server=on,wait=off",
+                lab_ag.display()
+            ))
             .extra_arg("-device")
-            .extra_arg(&format!("virtserialport,bus=vser0.0,chardev=labag,name={}", image::PORT_LAB))
+            .extra_arg(&format!(
+                "virtserialport,bus=vser0.0,chardev=labag,name={}",
+                image::PORT_LAB
+            ))
             .extra_arg("-chardev")
-            .extra_arg(&format!("socket,id=labgo,path={},server=on,wait=off", go.display()))
+            .extra_arg(&format!(
+                "socket,id=labgo,path={},server=on,wait=off",
+                go.display()
+            ))
             .extra_arg("-device")
-            .extra_arg(&format!("virtserialport,bus=vser0.0,chardev=labgo,name={}", image::PORT_GO));
+            .extra_arg(&format!(
+                "virtserialport,bus=vser0.0,chardev=labgo,name={}",
+                image::PORT_GO
+            ));
         for a in image::kernel_args(&work) {
             cfg = cfg.cmdline(&a);
         }
         let g = cfg.launch().with_context(|| format!("launching {name}"))?;
         env.guests.push(g);
         let l: Latest = Arc::new(Mutex::new(None));
-        env.readers.push(spawn_reader(lab_ag, l.clone(), stop.clone()));
+        env.readers
+            .push(spawn_reader(lab_ag, l.clone(), stop.clone()));
         latest.push(l);
         lab_qmp_paths.push(lab_qmp);
         go_paths.push(go);
@@ -372,7 +428,10 @@ pub fn run_once(
     }
     let mut qmps = Vec::new();
     for p in &lab_qmp_paths {
-        qmps.push(QmpClient::connect(p, Duration::from_secs(10)).with_context(|| format!("QMP {}", p.display()))?);
+        qmps.push(
+            QmpClient::connect(p, Duration::from_secs(10))
+                .with_context(|| format!("QMP {}", p.display()))?,
+        );
     }
     let mut gos = Vec::new();
     for p in &go_paths {
@@ -398,7 +457,11 @@ pub fn run_once(
     let mut balloon: Vec<Vec<BalloonPoint>> = vec![Vec::new(); env.guests.len()];
     let mut pool: Vec<PoolPoint> = Vec::new();
     // Without a balloon manager there is nothing to settle.
-    let settle = Duration::from_secs(if config.selfballoon() { s.settle_secs } else { 1 });
+    let settle = Duration::from_secs(if config.selfballoon() {
+        s.settle_secs
+    } else {
+        1
+    });
     let settle_start = Instant::now();
     progress("settling");
     while settle_start.elapsed() < settle {
@@ -413,7 +476,10 @@ pub fn run_once(
     if let Some(p) = dpid {
         pids.push(p);
     }
-    let cpu0: Vec<f64> = pids.iter().map(|p| procstat::cpu_secs(*p).unwrap_or(0.0)).collect();
+    let cpu0: Vec<f64> = pids
+        .iter()
+        .map(|p| procstat::cpu_secs(*p).unwrap_or(0.0))
+        .collect();
     let io0: Vec<(u64, u64)> = env
         .guests
         .iter()
@@ -483,7 +549,13 @@ pub fn run_once(
         _ => Vec::new(),
     };
     // Final pool sample.
-    sample(&mut qmps, env.daemon.as_ref(), wall, &mut balloon, &mut pool);
+    sample(
+        &mut qmps,
+        env.daemon.as_ref(),
+        wall,
+        &mut balloon,
+        &mut pool,
+    );
 
     let cpu: Vec<f64> = cpu_end
         .iter()
@@ -491,7 +563,11 @@ pub fn run_once(
         .map(|(e, b)| (e.unwrap_or(*b) - b).max(0.0))
         .collect();
     let cpu_total: f64 = cpu.iter().sum();
-    let cpu_tmemd = if dpid.is_some() { cpu.last().copied().unwrap_or(0.0) } else { 0.0 };
+    let cpu_tmemd = if dpid.is_some() {
+        cpu.last().copied().unwrap_or(0.0)
+    } else {
+        0.0
+    };
 
     let mut guest_rd = 0;
     let mut guest_wr = 0;
@@ -506,7 +582,8 @@ pub fn run_once(
         (
             r1.saturating_sub(r0),
             w1.saturating_sub(w0),
-            "tmemd export counters (cached: sectors_read/written; swap: spilled pages x 8)".to_string(),
+            "tmemd export counters (cached: sectors_read/written; swap: spilled pages x 8)"
+                .to_string(),
         )
     } else if config == ConfigKind::HostCache {
         let mut r = 0;
@@ -516,9 +593,18 @@ pub fn run_once(
             r += b.0.saturating_sub(a.0);
             w += b.1.saturating_sub(a.1);
         }
-        (r / 512, w / 512, "QEMU /proc/PID/io read_bytes/write_bytes (host page cache absorbs the rest)".to_string())
+        (
+            r / 512,
+            w / 512,
+            "QEMU /proc/PID/io read_bytes/write_bytes (host page cache absorbs the rest)"
+                .to_string(),
+        )
     } else {
-        (guest_rd / 512, guest_wr / 512, "QMP query-blockstats rd_bytes/wr_bytes (cache=none)".to_string())
+        (
+            guest_rd / 512,
+            guest_wr / 512,
+            "QMP query-blockstats rd_bytes/wr_bytes (cache=none)".to_string(),
+        )
     };
 
     let mut outcomes = Vec::new();
@@ -571,7 +657,11 @@ pub fn run_once(
         for g in &env.guests {
             let _ = std::fs::copy(
                 g.console_log(),
-                logs.join(format!("{}-r{repeat}-{}.console.log", config.name(), g.name())),
+                logs.join(format!(
+                    "{}-r{repeat}-{}.console.log",
+                    config.name(),
+                    g.name()
+                )),
             );
         }
     }
@@ -602,6 +692,7 @@ pub fn run_once(
             0.0
         },
         pool: if config.tmem() { pool } else { Vec::new() },
+        exports: export_deltas(&ex0, &ex1),
         guests: outcomes,
     })
 }
@@ -703,7 +794,11 @@ pub fn trimmed_mean(v: &[f64]) -> f64 {
     }
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
-    let mid = if s.len() >= 3 { &s[1..s.len() - 1] } else { &s[..] };
+    let mid = if s.len() >= 3 {
+        &s[1..s.len() - 1]
+    } else {
+        &s[..]
+    };
     mid.iter().sum::<f64>() / mid.len() as f64
 }
 
@@ -752,7 +847,10 @@ mod tests {
             },
             nbd: Default::default(),
         };
-        let v = vec![mk(ExportKind::Cached, 10, 2, 0), mk(ExportKind::Swap, 0, 0, 3)];
+        let v = vec![
+            mk(ExportKind::Cached, 10, 2, 0),
+            mk(ExportKind::Swap, 0, 0, 3),
+        ];
         assert_eq!(daemon_sectors(&v), (10, 26));
     }
 }

@@ -111,7 +111,10 @@ impl Daemon {
         let conf = o.state_dir.with_extension("toml");
         std::fs::write(
             &conf,
-            format!("[balloon]\ninterval_ms = {}\n", o.balloon_interval_ms.max(100)),
+            format!(
+                "[balloon]\ninterval_ms = {}\n",
+                o.balloon_interval_ms.max(100)
+            ),
         )
         .with_context(|| format!("writing {}", conf.display()))?;
         let child = Command::new(&o.bin)
@@ -156,7 +159,10 @@ impl Daemon {
                 return Ok(d);
             }
             if Instant::now() > deadline {
-                bail!("tmemd did not answer on {} within 30 s", d.api.sock.display());
+                bail!(
+                    "tmemd did not answer on {} within 30 s",
+                    d.api.sock.display()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -282,7 +288,10 @@ impl Api {
     pub fn delete(&self, path: &str) -> Result<()> {
         let (st, body) = self.raw("DELETE", path, None)?;
         if !(200..300).contains(&st) {
-            bail!("DELETE {path}: HTTP {st}: {}", String::from_utf8_lossy(&body));
+            bail!(
+                "DELETE {path}: HTTP {st}: {}",
+                String::from_utf8_lossy(&body)
+            );
         }
         Ok(())
     }

@@ -1,0 +1,142 @@
+//! Runs `tmem-lab run --quick` with 2 small guests and one repeat, then checks that the
+//! report is complete and internally consistent. Numbers are not asserted.
+//!
+//! Needs QEMU and the guest kernel (`scripts/setup`); skipped with a message otherwise.
+
+use std::path::Path;
+use std::process::Command;
+
+use tmem_lab::run::{metric, METRICS};
+use tmem_lab::{ConfigKind, Results};
+
+fn have_vm_tools() -> bool {
+    tmem_vm::find_tool("qemu-system-x86_64").is_ok()
+        && tmem_vm::newest_cloud_kernel().is_ok()
+        && tmem_vm::find_tool("busybox").is_ok()
+        && tmem_vm::find_tool("mkfs.ext4").is_ok()
+}
+
+#[test]
+fn quick_run_report_is_complete_and_consistent() {
+    if !have_vm_tools() {
+        eprintln!("SKIP: QEMU, busybox, mkfs.ext4 or the cloud kernel missing (run scripts/setup)");
+        return;
+    }
+    let out = std::env::temp_dir().join(format!("tmem-lab-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let status = Command::new(env!("CARGO_BIN_EXE_tmem-lab"))
+        .args([
+            "run",
+            "--quick",
+            "--no-density",
+            "--guests",
+            "2",
+            "--repeats",
+            "1",
+            "--memory-mib",
+            "256",
+            "--data-mib",
+            "96",
+            "--rounds",
+            "1",
+            "--eat-rounds",
+            "2",
+            "--settle-secs",
+            "15",
+            "--timeout-secs",
+            "600",
+        ])
+        .arg("--out")
+        .arg(&out)
+        .status()
+        .expect("spawning tmem-lab");
+    assert!(status.success(), "tmem-lab run failed: {status}");
+    check(&out);
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+fn check(out: &Path) {
+    let text = std::fs::read_to_string(out.join("results.json")).expect("results.json");
+    let r: Results = serde_json::from_str(&text).expect("results.json parses");
+    assert!(r.errors.is_empty(), "failed runs: {:?}", r.errors);
+    assert_eq!(r.params.guests, 2);
+    // Every configuration, with every metric, finite.
+    for c in ConfigKind::ALL {
+        let s = r.summary(c).unwrap_or_else(|| panic!("no summary for {c}"));
+        assert_eq!(s.runs, 1, "{c}");
+        for m in METRICS {
+            let v = s
+                .metrics
+                .get(*m)
+                .unwrap_or_else(|| panic!("{c}: no metric {m}"));
+            assert!(v.is_finite() && *v >= 0.0, "{c}: {m} = {v}");
+        }
+    }
+    assert_eq!(r.runs.len(), ConfigKind::ALL.len());
+    for run in &r.runs {
+        let c = run.config;
+        for m in METRICS {
+            assert!(metric(run, m).is_some(), "{c}: {m}");
+        }
+        assert_eq!(run.failed_guests, 0, "{c}: a guest workload failed");
+        assert!(run.wall_secs > 0.0, "{c}");
+        assert!(run.cpu_secs > 0.0, "{c}");
+        assert_eq!(run.guests.len(), 2, "{c}");
+        for g in &run.guests {
+            assert_eq!(g.exit_code, Some(0), "{c}/{}", g.name);
+            assert!(!g.balloon.is_empty(), "{c}/{}: no balloon samples", g.name);
+            assert_ne!(g.counters_from, "none", "{c}/{}: no swap counters", g.name);
+        }
+        // The workload read its data disk.
+        assert!(run.guest_sectors_read > 0, "{c}: guests read nothing");
+        if c.tmem() {
+            // Sectors come from the daemon's counters: the per-export deltas add up.
+            assert!(
+                run.sectors_source.starts_with("tmemd export counters"),
+                "{c}"
+            );
+            let rd: u64 = run.exports.iter().map(|e| e.sectors_read).sum();
+            let wr: u64 = run
+                .exports
+                .iter()
+                .map(|e| e.sectors_written + e.spilled_pages * 8)
+                .sum();
+            assert_eq!(run.sectors_read, rd, "{c}");
+            assert_eq!(run.sectors_written, wr, "{c}");
+            assert_eq!(run.exports.len(), 4, "{c}: 2 guests × (swap + data)");
+            let misses: u64 = run.exports.iter().map(|e| e.misses).sum();
+            let hits: u64 = run.exports.iter().map(|e| e.hits).sum();
+            assert!(misses + hits > 0, "{c}: the cached exports saw no reads");
+            assert!(run.pool_peak_logical > 0 && run.pool_peak_held > 0, "{c}");
+            assert!(!run.pool.is_empty(), "{c}: no pool samples");
+            assert!(run.cpu_tmemd_secs > 0.0, "{c}: tmemd CPU not measured");
+        } else {
+            assert!(run.exports.is_empty(), "{c}");
+            assert!(run.pool.is_empty(), "{c}");
+            assert_eq!(run.pool_peak_logical, 0, "{c}");
+        }
+        if c == ConfigKind::Unchanged || c == ConfigKind::Selfballoon {
+            assert!(run.sectors_source.contains("query-blockstats"), "{c}");
+            // cache=none: backing I/O is what the guests did.
+            assert_eq!(run.sectors_read, run.guest_sectors_read, "{c}");
+        }
+        if !c.selfballoon() {
+            assert_eq!(run.cpu_tmemd_secs, 0.0, "{c}");
+        }
+    }
+    let md = std::fs::read_to_string(out.join("results.md")).expect("results.md");
+    for c in ConfigKind::ALL {
+        assert!(md.contains(c.label()), "results.md lacks {}", c.label());
+    }
+    assert!(
+        md.contains("the talk"),
+        "results.md lacks the talk's figures"
+    );
+    for f in ["temporal", "sectors", "balloon", "pool"] {
+        for ext in ["png", "svg"] {
+            let p = out.join(format!("{f}.{ext}"));
+            let len = std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
+            assert!(len > 1000, "{} missing or empty", p.display());
+        }
+    }
+}
