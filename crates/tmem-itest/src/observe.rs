@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use tmem_api::GuestInfo;
+use tmem_api::{ExportInfo, GuestInfo};
 use tmem_balloon::agent::AgentReader;
 use tmem_balloon::qmp::QmpClient;
 
@@ -72,6 +72,23 @@ pub struct ManagerSample {
     pub stuck: bool,
 }
 
+/// tmemd's view of the guest's export (its swap disk) at one time.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ExportSample {
+    /// Seconds since the observer started.
+    pub t: f64,
+    /// Pages the export holds in the pool.
+    pub pool_pages: u64,
+    /// Pages in the export's spill file.
+    pub spilled_pages: u64,
+    /// NBD write requests so far.
+    pub nbd_writes: u64,
+    /// NBD read requests so far.
+    pub nbd_reads: u64,
+    /// NBD trim and write-zeroes requests so far.
+    pub nbd_trims: u64,
+}
+
 /// Everything observed about one guest.
 #[derive(Debug, Clone, Default)]
 pub struct Timeline {
@@ -81,6 +98,8 @@ pub struct Timeline {
     pub agent: Vec<AgentSample>,
     /// tmemd's guest status.
     pub manager: Vec<ManagerSample>,
+    /// tmemd's view of the guest's export.
+    pub export: Vec<ExportSample>,
     /// Observer errors (QMP or HTTP failures), counted.
     pub errors: u64,
     /// The last observer error.
@@ -96,6 +115,8 @@ pub struct Watch {
     pub qmp: PathBuf,
     /// The observer agent's socket.
     pub agent: PathBuf,
+    /// The tmemd export that is this guest's disk, if any.
+    pub export: Option<String>,
 }
 
 type Shared = Arc<Mutex<BTreeMap<String, Timeline>>>;
@@ -304,6 +325,9 @@ fn run(
                         }
                     }
                 }
+                if guests.iter().any(|g| g.export.is_some()) {
+                    sample_exports(sock, &guests, epoch, data);
+                }
             }
         }
         n = n.wrapping_add(1);
@@ -314,6 +338,38 @@ fn run(
         }
         while !stop.load(Ordering::Relaxed) && Instant::now() < next {
             std::thread::sleep((next - Instant::now()).min(Duration::from_millis(20)));
+        }
+    }
+}
+
+fn sample_exports(sock: &std::path::Path, guests: &[Watch], epoch: Instant, data: &Shared) {
+    let r: crate::Result<Vec<ExportInfo>> =
+        crate::daemon::http_get_json(sock, "/api/v1/exports", Duration::from_secs(2));
+    let t = epoch.elapsed().as_secs_f64();
+    match r {
+        Ok(list) => {
+            let mut d = lock(data);
+            for g in guests {
+                let Some(name) = &g.export else { continue };
+                let Some(e) = list.iter().find(|e| &e.name == name) else {
+                    continue;
+                };
+                if let Some(tl) = d.get_mut(&g.name) {
+                    tl.export.push(ExportSample {
+                        t,
+                        pool_pages: e.backend.pool_pages,
+                        spilled_pages: e.backend.spilled_pages,
+                        nbd_writes: e.nbd.writes,
+                        nbd_reads: e.nbd.reads,
+                        nbd_trims: e.nbd.trims + e.nbd.write_zeroes,
+                    });
+                }
+            }
+        }
+        Err(e) => {
+            for g in guests {
+                note_error(data, &g.name, format!("GET /api/v1/exports: {e}"));
+            }
         }
     }
 }

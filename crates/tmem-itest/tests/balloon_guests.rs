@@ -72,6 +72,8 @@ struct GuestReport {
     oom_kills: u64,
     info: Option<GuestInfo>,
     export: Option<ExportInfo>,
+    /// Most pages the swap export held at once.
+    export_peak_pages: u64,
 }
 
 fn console_oom(text: &str) -> Vec<String> {
@@ -147,6 +149,7 @@ fn two_guests_balloon_down_idle_and_eatmem_gets_memory_back() {
             name: g.guest.name().to_string(),
             qmp: g.obs_qmp.clone(),
             agent: g.obs_agent.clone(),
+            export: Some(format!("swap-{}", g.guest.name())),
         })
         .collect();
     let obs = Observer::start(watches, Some(d.ctl_socket()), Duration::from_millis(100), 2)
@@ -336,6 +339,7 @@ fn two_guests_balloon_down_idle_and_eatmem_gets_memory_back() {
                 .iter()
                 .find(|e| e.name == format!("swap-{name}"))
                 .cloned(),
+            export_peak_pages: tl.export.iter().map(|e| e.pool_pages).max().unwrap_or(0),
         });
     }
 
@@ -397,6 +401,13 @@ fn two_guests_balloon_down_idle_and_eatmem_gets_memory_back() {
             );
         }
         assert_eq!(r.oom_kills, 0, "{}: OOM kill counted by the guest", r.name);
+        // ... by an agent that was still alive at the end.
+        let last_report = tl.agent.last().map(|a| a.t).unwrap_or(0.0);
+        assert!(
+            last_report >= t_end - 5.0,
+            "{}: observer agent silent since {last_report:.1} s (end {t_end:.1} s)",
+            r.name
+        );
         let ooms = console_oom(con);
         assert!(ooms.is_empty(), "{}: OOM on the console: {ooms:?}", r.name);
         let info = r.info.as_ref().expect("tmemd lists the guest");
@@ -555,8 +566,19 @@ fn summary(
         s,
         "\nSpike times are when the observer agent's report (every {OBS_AGENT_S} s) showed the \
          Committed_AS jump; \"target raised\" is sampled from tmemd's API every 0.2 s; balloon \
-         sizes every 0.1 s over a second QMP monitor. Negative values: tmemd's agent saw the \
-         spike before the observer's.\n"
+         sizes every 0.1 s over a second QMP monitor; tmemd's own agent reports every \
+         {AGENT_S} s and its manager steps every {INTERVAL_MS} ms, so a spike waits up to \
+         {:.1} s before the manager can see it.{}\n",
+        AGENT_S + interval_s,
+        if reports[0]
+            .give_backs
+            .iter()
+            .any(|g| g.decided_ms.or(g.start_ms).is_some_and(|ms| ms < 0.0))
+        {
+            " Negative values: tmemd's agent saw the spike before the observer's."
+        } else {
+            ""
+        }
     );
     let _ = writeln!(s, "### After the workload: taken back again\n");
     let ra = &reports[0];
@@ -586,12 +608,12 @@ fn summary(
     let _ = writeln!(s, "### Guests, swap and the swap exports\n");
     let _ = writeln!(
         s,
-        "| guest | lowest (run) | final | tmemd reclaimed | tmemd given back | intervals | errors | pswpin | pswpout | OOM kills | export pool pages | spilled | NBD writes / reads |"
+        "| guest | lowest (run) | final | tmemd reclaimed | tmemd given back | intervals | errors | pswpin | pswpout | OOM kills | export pages (peak / end) | spilled | NBD writes / reads / trims |"
     );
     let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in reports {
         let i = r.info.clone().unwrap_or_default();
-        let (pages, spilled, w, rd) = r
+        let (pages, spilled, w, rd, tr) = r
             .export
             .as_ref()
             .map(|e| {
@@ -600,12 +622,13 @@ fn summary(
                     e.backend.spilled_pages,
                     e.nbd.writes,
                     e.nbd.reads,
+                    e.nbd.trims + e.nbd.write_zeroes,
                 )
             })
             .unwrap_or_default();
         let _ = writeln!(
             s,
-            "| {} | {:.0} MiB | {:.0} MiB | {:.0} MiB | {:.0} MiB | {} | {} | {} | {} | {} | {} | {} | {w} / {rd} |",
+            "| {} | {:.0} MiB | {:.0} MiB | {:.0} MiB | {:.0} MiB | {} | {} | {} | {} | {} | {} / {} | {} | {w} / {rd} / {tr} |",
             r.name,
             mib(r.run_low),
             mib(i.actual),
@@ -616,6 +639,7 @@ fn summary(
             r.pswpin,
             r.pswpout,
             r.oom_kills,
+            r.export_peak_pages,
             pages,
             spilled
         );
@@ -641,19 +665,26 @@ fn summary(
 /// Writes a guest's timeline as CSV (kept with `TMEM_ITEST_KEEP=1`).
 fn write_csv(path: &std::path::Path, tl: &Timeline) {
     let mut s = String::from(
-        "kind,t,actual,target,committed,available,swap_used,pswpin,pswpout,oom_kill\n",
+        "kind,t,actual,target,committed,available,swap_used,pswpin,pswpout,oom_kill,export_pages,nbd_trims\n",
     );
     for b in &tl.balloon {
-        let _ = writeln!(s, "balloon,{:.3},{},,,,,,,", b.t, b.actual);
+        let _ = writeln!(s, "balloon,{:.3},{},,,,,,,,,", b.t, b.actual);
     }
     for m in &tl.manager {
-        let _ = writeln!(s, "manager,{:.3},{},{},,,,,,", m.t, m.actual, m.target);
+        let _ = writeln!(s, "manager,{:.3},{},{},,,,,,,,", m.t, m.actual, m.target);
     }
     for a in &tl.agent {
         let _ = writeln!(
             s,
-            "agent,{:.3},,,{},{},{},{},{},{}",
+            "agent,{:.3},,,{},{},{},{},{},{},,",
             a.t, a.committed, a.available, a.swap_used, a.pswpin, a.pswpout, a.oom_kill
+        );
+    }
+    for e in &tl.export {
+        let _ = writeln!(
+            s,
+            "export,{:.3},,,,,,,,,{},{}",
+            e.t, e.pool_pages, e.nbd_trims
         );
     }
     if let Err(e) = std::fs::write(path, s) {
