@@ -18,7 +18,7 @@ pub enum ConfigKind {
     Tmem,
     /// As `tmem`, with deduplication (global scope).
     TmemDedup,
-    /// As `tmem`, with deduplication and compression (lz4).
+    /// As `tmem`, with deduplication and compression (`--codec`, default zstd).
     TmemDedupComp,
 }
 
@@ -89,11 +89,11 @@ impl ConfigKind {
         self.selfballoon()
     }
 
-    /// The daemon's codec.
-    pub fn codec(self) -> &'static str {
+    /// The daemon's codec: `comp` (e.g. `zstd`, `lz4`) with compression, else `none`.
+    pub fn codec(self, comp: &str) -> String {
         match self {
-            ConfigKind::TmemDedupComp => "lz4",
-            _ => "none",
+            ConfigKind::TmemDedupComp => comp.to_string(),
+            _ => "none".to_string(),
         }
     }
 

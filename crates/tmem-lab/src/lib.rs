@@ -117,9 +117,12 @@ pub struct RunArgs {
     #[arg(long)]
     pub repeats: Option<u32>,
     /// Configurations, comma-separated (unchanged, host-cache, selfballoon, tmem,
-    /// tmem-dedup, tmem-dedup-comp) [all].
+    /// tmem-dedup, tmem-dedup-comp; `none` for the density experiment only) [all].
     #[arg(long, value_delimiter = ',')]
     pub configs: Option<Vec<String>>,
+    /// Codec of the tmem+dedup+compression configuration: lz4, zstd or zstd:LEVEL [zstd].
+    #[arg(long)]
+    pub codec: Option<String>,
     /// tmem pool budget, MiB [guests × memory / 2].
     #[arg(long)]
     pub pool_mib: Option<u64>,
@@ -191,6 +194,9 @@ pub struct Params {
     pub repeats: u32,
     /// Configurations.
     pub configs: Vec<ConfigKind>,
+    /// Codec with compression.
+    #[serde(default)]
+    pub codec: String,
     /// Pool budget, MiB.
     pub pool_mib: u64,
     /// Settle seconds.
@@ -233,6 +239,9 @@ impl RunArgs {
             Some(v) => {
                 let mut out = Vec::new();
                 for s in v {
+                    if s == "none" {
+                        continue;
+                    }
                     let c = ConfigKind::parse(s).with_context(|| {
                         format!("unknown configuration {s:?} (unchanged, host-cache, selfballoon, tmem, tmem-dedup, tmem-dedup-comp)")
                     })?;
@@ -272,6 +281,7 @@ impl RunArgs {
                 u64::from(guests) * u64::from(memory_mib) / 2,
                 u64::from(guests) * u64::from(memory_mib) / 2,
             ),
+            codec: self.codec.clone().unwrap_or_else(|| "zstd".into()),
             settle_secs: pick(self.settle_secs, 60, 30),
             balloon_interval_ms: self.balloon_interval_ms.unwrap_or(1000),
             timeout_secs: pick(self.timeout_secs, 3600, 900),
@@ -365,6 +375,7 @@ pub fn run_experiment(a: &RunArgs, out: &std::path::Path) -> Result<Results> {
             eat_sleep_ms: p.eat_sleep_ms,
         },
         tmemd: tmemd_bin.clone(),
+        codec: p.codec.clone(),
         pool_budget: p.pool_mib << 20,
         settle_secs: p.settle_secs,
         balloon_interval_ms: p.balloon_interval_ms,

@@ -104,6 +104,7 @@ fn bars<DB: DrawingBackend>(
     chart
         .configure_mesh()
         .disable_x_mesh()
+        .light_line_style(WHITE)
         .x_labels(n * 2 + 1)
         .x_label_formatter(&move |x| {
             let i = x.floor() as usize;
@@ -135,7 +136,7 @@ fn bars<DB: DrawingBackend>(
                 Text::new(
                     fmt_val(*v),
                     (x0, *v + ymax * 0.01),
-                    ("sans-serif", 11).into_font(),
+                    ("sans-serif", 14).into_font(),
                 )
             }))
             .map_err(err)?;
@@ -197,6 +198,7 @@ fn lines<DB: DrawingBackend>(
         .map_err(err)?;
     chart
         .configure_mesh()
+        .light_line_style(WHITE)
         .x_desc("seconds since workload start")
         .y_desc(ylabel)
         .label_style(("sans-serif", 12))

@@ -125,11 +125,11 @@ pub fn markdown(r: &Results) -> String {
     let _ = writeln!(m, "# tmem-lab results\n");
     let _ = writeln!(
         m,
-        "{} guests × {} MiB ({} MiB swap each), workload `{}` (build: {} jobs × {} rounds over a {} MiB seeded data image, {} CPU pass(es)/file; eatmem ≤ {} MiB × {} rounds), seed {}, {} repeat(s) per configuration{}, accelerator **{}**, kernel {}, {} host CPUs, tmem pool budget {} MiB. Total time {:.0} s.\n",
+        "{} guests × {} MiB ({} MiB swap each), workload `{}` (build: {} jobs × {} rounds over a {} MiB seeded data image, {} CPU pass(es)/file; eatmem ≤ {} MiB × {} rounds), seed {}, {} repeat(s) per configuration{}, accelerator **{}**, kernel {}, {} host CPUs, tmem pool budget {} MiB, compression codec {}. Total time {:.0} s.\n",
         p.guests, p.memory_mib, p.swap_mib, p.workload, p.jobs, p.rounds, p.data_mib, p.work_passes,
         p.eat_mib, p.eat_rounds, p.seed, p.repeats,
         if p.repeats >= 3 { " (highest and lowest dropped per metric, the rest averaged, as in the talk)" } else { "" },
-        p.accel, r.kernel, r.host_cpus, p.pool_mib, r.total_secs
+        p.accel, r.kernel, r.host_cpus, p.pool_mib, p.codec, r.total_secs
     );
     let _ = writeln!(m, "## Configurations\n");
     let _ = writeln!(m, "{}", summary_table(r));

@@ -39,6 +39,8 @@ pub struct RunSetup {
     pub work: WorkParams,
     /// tmemd binary.
     pub tmemd: PathBuf,
+    /// Codec of the compressing configuration (`lz4`, `zstd`, `zstd:N`).
+    pub codec: String,
     /// tmem pool budget, bytes.
     pub pool_budget: u64,
     /// Seconds between registering the balloon manager and starting the workload.
@@ -73,6 +75,15 @@ pub struct PoolPoint {
     pub logical: u64,
     /// Bytes really held (allocator slabs + metadata).
     pub held: u64,
+    /// The pool budget at that moment (the balloon manager moves it), bytes.
+    #[serde(default)]
+    pub budget: u64,
+    /// Ephemeral pages evicted so far.
+    #[serde(default)]
+    pub evictions: u64,
+    /// Puts refused so far.
+    #[serde(default)]
+    pub puts_refused: u64,
 }
 
 /// What the daemon counted for one export during the workload (deltas).
@@ -312,7 +323,7 @@ pub fn run_once(
             bin: s.tmemd.clone(),
             state_dir: dir.join("d"),
             budget: s.pool_budget,
-            codec: config.codec().into(),
+            codec: config.codec(&s.codec),
             dedup: config.dedup().into(),
             balloon_interval_ms: s.balloon_interval_ms,
             cgroup: None,
@@ -717,6 +728,9 @@ fn sample(
                 t,
                 logical: st.pool.logical_bytes,
                 held: st.pool.held_bytes,
+                budget: st.pool.budget,
+                evictions: st.pool.ops.evictions,
+                puts_refused: st.pool.ops.puts_refused,
             });
         }
     }
