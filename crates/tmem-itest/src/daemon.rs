@@ -271,11 +271,8 @@ pub fn http_get(sock: &Path, path: &str, timeout: Duration) -> Result<(u16, Vec<
     let mut s = UnixStream::connect(sock).map_err(io_err(ctx()))?;
     s.set_read_timeout(Some(timeout)).map_err(io_err(ctx()))?;
     s.set_write_timeout(Some(timeout)).map_err(io_err(ctx()))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .map_err(io_err(ctx()))?;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).map_err(io_err(ctx()))?;
     let mut buf = Vec::new();
     s.take(16 << 20)
         .read_to_end(&mut buf)
@@ -325,14 +322,19 @@ mod tests {
 
     #[test]
     fn http_get_against_a_fake_server() {
-        let d = crate::TempDir::new("tmem-itest-http").unwrap();
+        let d = crate::TempDir::with_keep("tmem-itest-http", false).unwrap();
         let sock = d.join("s.sock");
         let l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
         let t = std::thread::spawn(move || {
             let (mut c, _) = l.accept().unwrap();
-            let mut req = [0u8; 256];
-            let n = c.read(&mut req).unwrap();
-            assert!(String::from_utf8_lossy(&req[..n]).starts_with("GET /x HTTP/1.1\r\n"));
+            let mut req = Vec::new();
+            let mut buf = [0u8; 256];
+            while !req.ends_with(b"\r\n\r\n") {
+                let n = c.read(&mut buf).unwrap();
+                assert!(n > 0, "request cut short: {req:?}");
+                req.extend_from_slice(&buf[..n]);
+            }
+            assert!(String::from_utf8_lossy(&req).starts_with("GET /x HTTP/1.1\r\n"));
             c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\n[1,2,3]")
                 .unwrap();
         });

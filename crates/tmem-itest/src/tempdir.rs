@@ -9,11 +9,17 @@ use crate::{io_err, Result};
 #[derive(Debug)]
 pub struct TempDir {
     path: PathBuf,
+    keep: bool,
 }
 
 impl TempDir {
     /// Creates the directory. Paths stay short so that Unix sockets fit.
     pub fn new(prefix: &str) -> Result<Self> {
+        let keep = std::env::var_os("TMEM_ITEST_KEEP").is_some_and(|v| v == "1");
+        Self::with_keep(prefix, keep)
+    }
+
+    pub(crate) fn with_keep(prefix: &str, keep: bool) -> Result<Self> {
         use std::sync::atomic::{AtomicU64, Ordering};
         static N: AtomicU64 = AtomicU64::new(0);
         let base = std::env::temp_dir();
@@ -21,7 +27,7 @@ impl TempDir {
             let n = N.fetch_add(1, Ordering::Relaxed);
             let p = base.join(format!("{prefix}.{}.{n}", std::process::id()));
             match std::fs::create_dir(&p) {
-                Ok(()) => return Ok(Self { path: p }),
+                Ok(()) => return Ok(Self { path: p, keep }),
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
                 Err(e) => return Err(io_err(format!("creating {}", p.display()))(e)),
             }
@@ -41,7 +47,7 @@ impl TempDir {
 
 impl Drop for TempDir {
     fn drop(&mut self) {
-        if std::env::var_os("TMEM_ITEST_KEEP").is_some_and(|v| v == "1") {
+        if self.keep {
             eprintln!("tmem-itest: keeping {}", self.path.display());
             return;
         }
@@ -55,7 +61,7 @@ mod tests {
 
     #[test]
     fn removed_on_drop() {
-        let d = TempDir::new("tmem-itest-t").unwrap();
+        let d = TempDir::with_keep("tmem-itest-t", false).unwrap();
         std::fs::write(d.join("x"), b"1").unwrap();
         let p = d.path().to_path_buf();
         assert!(p.join("x").is_file());
