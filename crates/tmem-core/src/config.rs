@@ -133,7 +133,7 @@ impl Default for ClientConfig {
 }
 
 /// Engine-wide settings.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct EngineConfig {
     /// Global budget in bytes for everything the engine holds (data plus metadata).
     pub budget: u64,
@@ -145,6 +145,11 @@ pub struct EngineConfig {
     pub shards: usize,
     /// Number of allocator arenas (each with its own lock). Default 4.
     pub arenas: usize,
+    /// While the engine holds less than this fraction of its budget, pages are stored raw
+    /// at put time and compressed later by [`crate::Engine::compress_deferred`] (called
+    /// from a background thread by the daemon): puts cost a copy instead of a compression
+    /// while there is headroom. 0 (the default) compresses at put time.
+    pub defer_compression_below: f64,
 }
 
 impl Default for EngineConfig {
@@ -154,6 +159,7 @@ impl Default for EngineConfig {
             compress_threshold: 3584,
             shards: 64,
             arenas: 4,
+            defer_compression_below: 0.0,
         }
     }
 }

@@ -168,6 +168,40 @@ impl DedupTable {
             .unwrap_or(false)
     }
 
+    /// The payload handle under `hash`.
+    pub(crate) fn handle_of(&self, hash: u64) -> Option<Handle> {
+        self.shard(hash).lock().get(&hash).map(|r| r.handle)
+    }
+
+    /// Replaces the payload under `hash` if it is still the raw page `raw` at `old` (same
+    /// content, new form). The bytes are compared too: the slot may have been reused.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn swap_payload(
+        &self,
+        p: &dyn Payloads,
+        hash: u64,
+        old: Handle,
+        raw: &Page,
+        new: Handle,
+        codec: u8,
+        len: usize,
+    ) -> bool {
+        let mut map = self.shard(hash).lock();
+        match map.get_mut(&hash) {
+            Some(rec)
+                if rec.handle == old
+                    && rec.codec == 0
+                    && p.arenas(old).with(old, PAGE_SIZE, |b| b == &raw[..]) == Some(true) =>
+            {
+                rec.handle = new;
+                rec.codec = codec;
+                rec.len = len as u16;
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// The stored form (codec, bytes) under `hash`, for save streams.
     pub(crate) fn stored_form(&self, p: &dyn Payloads, hash: u64) -> Option<(u8, Vec<u8>)> {
         let map = self.shard(hash).lock();

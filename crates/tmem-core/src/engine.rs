@@ -96,6 +96,12 @@ pub struct Engine {
     evict_cursor: AtomicUsize,
     /// Serialises evictors so that two puts do not both empty the pool for one page.
     evict_lock: Mutex<()>,
+    /// Deferral fraction of the budget (0 = compress at put time).
+    defer_below: f64,
+    /// Pages stored raw, waiting to be compressed (striped queues).
+    deferred: Box<[Mutex<std::collections::VecDeque<Deferred>>]>,
+    deferred_count: AtomicUsize,
+    deferred_cursor: AtomicUsize,
 }
 
 impl std::fmt::Debug for Engine {
@@ -132,6 +138,21 @@ impl Bump<'_> {
 struct Prepared {
     entry: Entry,
     charge: u64,
+    /// Stored raw now, to be compressed later by [`Engine::compress_deferred`].
+    deferred: bool,
+}
+
+/// A page stored raw whose compression was put off.
+enum Deferred {
+    /// A plain entry, found again by its key.
+    Entry {
+        shard: u32,
+        key: ObjKey,
+        index: u32,
+        codec: Codec,
+    },
+    /// A dedup record, found again by its hash.
+    Rec { hash: u64, codec: Codec },
 }
 
 impl Engine {
@@ -155,6 +176,12 @@ impl Engine {
             meta: AtomicI64::new(0),
             evict_cursor: AtomicUsize::new(0),
             evict_lock: Mutex::new(()),
+            defer_below: cfg.defer_compression_below.clamp(0.0, 1.0),
+            deferred: (0..8)
+                .map(|_| Mutex::new(std::collections::VecDeque::new()))
+                .collect(),
+            deferred_count: AtomicUsize::new(0),
+            deferred_cursor: AtomicUsize::new(0),
         }
     }
 
@@ -625,13 +652,27 @@ impl Engine {
     /// Compresses (if it pays) and stores a data page outside the dedup table.
     fn store_data(&self, p: &PoolInfo, page: &Page) -> Result<(Handle, u8, usize)> {
         let mut buf = [0u8; PAGE_SIZE];
-        let (bytes, tag): (&[u8], u8) =
+        let (bytes, tag): (&[u8], u8) = if self.defer_now(p) {
+            (&page[..], 0)
+        } else {
             match codec::compress(p.spec.codec, page, &mut buf, self.threshold) {
                 Some(n) => (&buf[..n], p.spec.codec.tag()),
                 None => (&page[..], 0),
-            };
+            }
+        };
         let h = self.alloc_room(bytes, p.persistent())?;
         Ok((h, tag, bytes.len()))
+    }
+
+    /// Whether a put into `p` should store raw now and compress later: only with a codec,
+    /// and only while the engine holds less than the deferral fraction of its budget (raw
+    /// pages waiting for compression are part of what it holds).
+    fn defer_now(&self, p: &PoolInfo) -> bool {
+        let frac = self.defer_below;
+        if frac <= 0.0 || p.spec.codec == Codec::None {
+            return false;
+        }
+        ((self.held_bytes() + PAGE_SIZE as u64) as f64) < frac * self.budget() as f64
     }
 
     fn prepare(&self, p: &PoolInfo, page: &Page, stripe: usize) -> Result<Prepared> {
@@ -651,6 +692,7 @@ impl Engine {
                 Ok(Prepared {
                     entry: Entry::same(w),
                     charge: charge_for(None),
+                    deferred: false,
                 })
             }
             Shape::Data => {
@@ -667,6 +709,7 @@ impl Engine {
                     return Ok(Prepared {
                         entry: Entry::stored(h, tag, len),
                         charge: charge_for(Some(len)),
+                        deferred: tag == 0 && p.spec.codec != Codec::None && self.defer_below > 0.0,
                     });
                 };
                 let hash = codec::hash_page(page, domain);
@@ -676,6 +719,7 @@ impl Engine {
                         return Ok(Prepared {
                             entry: Entry::dedup(hash, len),
                             charge: charge_for(Some(len)),
+                            deferred: false,
                         });
                     }
                     Found::Collision => {
@@ -684,6 +728,9 @@ impl Engine {
                         return Ok(Prepared {
                             entry: Entry::stored(h, tag, len),
                             charge: charge_for(Some(len)),
+                            deferred: tag == 0
+                                && p.spec.codec != Codec::None
+                                && self.defer_below > 0.0,
                         });
                     }
                     Found::Miss => {}
@@ -693,9 +740,19 @@ impl Engine {
                 match self.dedup.insert(self, hash, page, h, tag, len) {
                     Inserted::Owned => {
                         counted(tag);
+                        if tag == 0 && p.spec.codec != Codec::None && self.defer_below > 0.0 {
+                            self.push_deferred(
+                                stripe,
+                                Deferred::Rec {
+                                    hash,
+                                    codec: p.spec.codec,
+                                },
+                            );
+                        }
                         Ok(Prepared {
                             entry: Entry::dedup(hash, len),
                             charge: charge_for(Some(len)),
+                            deferred: false,
                         })
                     }
                     Inserted::Existing(elen) => {
@@ -704,6 +761,7 @@ impl Engine {
                         Ok(Prepared {
                             entry: Entry::dedup(hash, elen),
                             charge: charge_for(Some(elen)),
+                            deferred: false,
                         })
                     }
                     Inserted::Collision => {
@@ -711,6 +769,9 @@ impl Engine {
                         Ok(Prepared {
                             entry: Entry::stored(h, tag, len),
                             charge: charge_for(Some(len)),
+                            deferred: tag == 0
+                                && p.spec.codec != Codec::None
+                                && self.defer_below > 0.0,
                         })
                     }
                 }
@@ -803,7 +864,183 @@ impl Engine {
         if let Some(old) = old {
             self.release(p, old, s);
         }
+        if prep.deferred {
+            self.push_deferred(
+                s,
+                Deferred::Entry {
+                    shard: s as u32,
+                    key: okey,
+                    index: key.index.0,
+                    codec: p.spec.codec,
+                },
+            );
+        }
         Ok(())
+    }
+
+    fn push_deferred(&self, stripe: usize, d: Deferred) {
+        self.deferred[stripe % self.deferred.len()]
+            .lock()
+            .push_back(d);
+        self.deferred_count.fetch_add(1, Relaxed);
+    }
+
+    /// Pages stored raw and waiting for [`Engine::compress_deferred`].
+    pub fn deferred_pages(&self) -> usize {
+        self.deferred_count.load(Relaxed)
+    }
+
+    /// Compresses up to `max` pages whose compression was deferred (see
+    /// [`EngineConfig::defer_compression_below`]); returns how many were looked at. Meant
+    /// for a background thread: it takes each lock only to copy a page out or to swap the
+    /// stored form in, and never evicts anything to make room.
+    pub fn compress_deferred(&self, max: usize) -> usize {
+        let mut done = 0;
+        let n = self.deferred.len();
+        let start = self.deferred_cursor.fetch_add(1, Relaxed);
+        let mut idle = 0;
+        while done < max && idle < n {
+            let q = (start + done + idle) % n;
+            let Some(item) = self.deferred[q].lock().pop_front() else {
+                idle += 1;
+                continue;
+            };
+            idle = 0;
+            self.deferred_count.fetch_sub(1, Relaxed);
+            done += 1;
+            match item {
+                Deferred::Entry {
+                    shard,
+                    key,
+                    index,
+                    codec,
+                } => self.recompress_entry(shard as usize, key, index, codec),
+                Deferred::Rec { hash, codec } => self.recompress_rec(hash, codec),
+            }
+        }
+        done
+    }
+
+    /// Compresses `raw` and stores it without evicting; `None` if it does not pay or fit.
+    fn store_compressed(
+        &self,
+        codec: Codec,
+        raw: &Page,
+        persistent: bool,
+    ) -> Option<(Handle, u8, usize)> {
+        let mut buf = [0u8; PAGE_SIZE];
+        let n = codec::compress(codec, raw, &mut buf, self.threshold)?;
+        let store = if persistent {
+            &self.pers_store
+        } else {
+            &self.eph_store
+        };
+        let h = match store.alloc(&buf[..n], false) {
+            Alloc::Done(h) => h,
+            Alloc::NeedsGrowth(need) => {
+                if self.held_bytes() + need > self.budget() {
+                    return None;
+                }
+                match store.alloc(&buf[..n], true) {
+                    Alloc::Done(h) => h,
+                    Alloc::NeedsGrowth(_) => return None,
+                }
+            }
+        };
+        Some((h, codec.tag(), n))
+    }
+
+    fn recompress_entry(&self, s: usize, key: ObjKey, index: u32, codec: Codec) {
+        let mut raw = [0u8; PAGE_SIZE];
+        let old = {
+            let mut shard = self.shards[s].lock();
+            let Some(e) = shard.get_mut(&key, index) else {
+                return;
+            };
+            let Target::Stored {
+                handle,
+                codec: 0,
+                len: PAGE_SIZE,
+            } = e.target()
+            else {
+                return;
+            };
+            if self
+                .arenas(handle)
+                .with(handle, PAGE_SIZE, |b| raw.copy_from_slice(b))
+                .is_none()
+            {
+                return;
+            }
+            handle
+        };
+        let pools = self.pools.load();
+        let Some(p) = pools.get(&key.pool) else {
+            return;
+        };
+        let Some((h, tag, n)) = self.store_compressed(codec, &raw, p.persistent()) else {
+            return;
+        };
+        let swapped = {
+            let mut shard = self.shards[s].lock();
+            match shard.get_mut(&key, index) {
+                // Same handle *and* same bytes: the slot may have been freed and reused for
+                // a newer raw page of this key meanwhile (ABA), which must not be replaced
+                // by the compressed old content.
+                Some(e)
+                    if e.target()
+                        == (Target::Stored {
+                            handle: old,
+                            codec: 0,
+                            len: PAGE_SIZE,
+                        })
+                        && self.arenas(old).with(old, PAGE_SIZE, |b| b == &raw[..])
+                            == Some(true) =>
+                {
+                    let referenced = e.referenced();
+                    let before = e.charge() as i64;
+                    let mut ne = Entry::stored(h, tag, n);
+                    ne.set_referenced(referenced);
+                    *e = ne;
+                    Some(ne.charge() as i64 - before)
+                }
+                _ => None,
+            }
+        };
+        match swapped {
+            Some(delta) => {
+                p.held.add(s, 0, 0, delta);
+                p.gauges_of_owner().add(s, 0, 0, delta);
+                self.arenas(old).free(old, PAGE_SIZE);
+            }
+            None => {
+                self.arenas(h).free(h, n);
+            }
+        }
+    }
+
+    fn recompress_rec(&self, hash: u64, codec: Codec) {
+        let Some((tag, raw)) = self.dedup.stored_form(self, hash) else {
+            return;
+        };
+        if tag != 0 || raw.len() != PAGE_SIZE {
+            return;
+        }
+        let Ok(raw): std::result::Result<Page, _> = raw.try_into() else {
+            return;
+        };
+        let Some(old) = self.dedup.handle_of(hash) else {
+            return;
+        };
+        let persistent = old.arena() >= 8;
+        let Some((h, tag, n)) = self.store_compressed(codec, &raw, persistent) else {
+            return;
+        };
+        if self.dedup.swap_payload(self, hash, old, &raw, h, tag, n) {
+            self.arenas(old).free(old, PAGE_SIZE);
+        } else {
+            self.arenas(h).free(h, n);
+        }
     }
 
     /// Gets one page into `out` (exactly 4096 bytes). `Ok(None)` is a miss. Private

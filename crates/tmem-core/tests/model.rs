@@ -15,6 +15,9 @@ const C2: ClientId = ClientId(2);
 
 #[derive(Debug, Clone)]
 enum Op {
+    Compress {
+        n: u8,
+    },
     Put {
         pool: usize,
         obj: u8,
@@ -52,6 +55,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0..4usize, 0..3u8).prop_map(|(pool, obj)| Op::FlushObject { pool, obj }),
         1 => (0..64u16).prop_map(|kib| Op::Shrink { kib }),
         1 => (64..1024u16).prop_map(|kib| Op::Budget { kib }),
+        2 => (0..16u8).prop_map(|n| Op::Compress { n }),
     ]
 }
 
@@ -87,6 +91,7 @@ struct Setup {
     exclusive: bool,
     budget_kib: u64,
     shards: usize,
+    defer: bool,
 }
 
 fn setup() -> impl Strategy<Value = Setup> {
@@ -101,14 +106,18 @@ fn setup() -> impl Strategy<Value = Setup> {
         any::<bool>(),
         64..2048u64,
         prop_oneof![Just(1usize), Just(4), Just(64)],
+        any::<bool>(),
     )
-        .prop_map(|(codec, dedup, exclusive, budget_kib, shards)| Setup {
-            codec,
-            dedup,
-            exclusive,
-            budget_kib,
-            shards,
-        })
+        .prop_map(
+            |(codec, dedup, exclusive, budget_kib, shards, defer)| Setup {
+                codec,
+                dedup,
+                exclusive,
+                budget_kib,
+                shards,
+                defer,
+            },
+        )
 }
 
 proptest! {
@@ -116,7 +125,13 @@ proptest! {
 
     #[test]
     fn engine_matches_model(s in setup(), ops in proptest::collection::vec(op(), 1..300)) {
-        let e = Engine::new(EngineConfig { budget: s.budget_kib * 1024, shards: s.shards, arenas: 2, ..Default::default() });
+        let e = Engine::new(EngineConfig {
+            budget: s.budget_kib * 1024,
+            shards: s.shards,
+            arenas: 2,
+            defer_compression_below: if s.defer { 0.9 } else { 0.0 },
+            ..Default::default()
+        });
         e.add_client(C1, ClientConfig::default()).unwrap();
         e.add_client(C2, ClientConfig { weight: 50, ..Default::default() }).unwrap();
         let uuid = PoolUuid(77);
@@ -191,6 +206,7 @@ proptest! {
                 }
                 Op::Shrink { kib } => { e.shrink(u64::from(kib) * 1024); }
                 Op::Budget { kib } => { e.set_budget(u64::from(kib) * 1024); }
+                Op::Compress { n } => { e.compress_deferred(usize::from(n)); }
             }
             // Persistent pages are all there, always.
             for (&(pool, obj, idx), &c) in model.iter().filter(|(k, _)| persistent(k.0)) {

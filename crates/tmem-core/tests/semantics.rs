@@ -644,3 +644,77 @@ fn referenced_pages_do_not_cause_spurious_no_space() {
         "the persistent puts needed room"
     );
 }
+
+#[test]
+fn deferred_compression_stores_raw_then_compresses_in_the_background() {
+    let e = Engine::new(EngineConfig {
+        budget: 64 << 20,
+        defer_compression_below: 0.5,
+        ..Default::default()
+    });
+    e.add_client(A, ClientConfig::default()).unwrap();
+    for dedup in [DedupScope::Off, DedupScope::Client] {
+        let p = e
+            .create_pool(A, PoolSpec::private_persistent().with_dedup(dedup))
+            .unwrap();
+        for i in 0..200 {
+            e.put(A, key(p, i), &page(u64::from(i))).unwrap();
+        }
+        assert_eq!(
+            e.deferred_pages(),
+            200,
+            "stored raw while there is headroom"
+        );
+        let raw_held = e.held_bytes();
+        while e.compress_deferred(64) > 0 {}
+        assert_eq!(e.deferred_pages(), 0);
+        assert!(
+            e.held_bytes() < raw_held / 2,
+            "compressed: {} -> {}",
+            raw_held,
+            e.held_bytes()
+        );
+        let mut out = [0u8; PAGE_SIZE];
+        for i in 0..200 {
+            e.get(A, key(p, i), &mut out).unwrap();
+            assert_eq!(out, page(u64::from(i)));
+        }
+        // Replaced and flushed pages are skipped, never resurrected or made stale.
+        e.put(A, key(p, 0), &page(1000)).unwrap();
+        e.put(A, key(p, 0), &page(1001)).unwrap();
+        e.put(A, key(p, 1), &page(1002)).unwrap();
+        e.flush_page(A, key(p, 1)).unwrap();
+        while e.compress_deferred(64) > 0 {}
+        e.get(A, key(p, 0), &mut out).unwrap();
+        assert_eq!(out, page(1001));
+        assert_eq!(e.get(A, key(p, 1), &mut out).unwrap(), None);
+        e.destroy_pool(A, p).unwrap();
+    }
+    // Once half the budget is used, pages are compressed at put time.
+    e.set_budget(1 << 20);
+    let p = e.create_pool(A, PoolSpec::private_persistent()).unwrap();
+    let mut i = 0;
+    loop {
+        let before = e.deferred_pages();
+        e.put(A, key(p, i), &page(u64::from(i))).unwrap();
+        i += 1;
+        if e.deferred_pages() == before {
+            break;
+        }
+        assert!(i < 200, "deferral never stopped");
+    }
+    assert!(
+        e.held_bytes() * 2 >= (1 << 20) - 8192,
+        "stopped at half the budget: {}",
+        e.held_bytes()
+    );
+    let waiting = e.deferred_pages();
+    for j in 0..5 {
+        e.put(A, key(p, 1000 + j), &page(u64::from(j))).unwrap();
+    }
+    assert_eq!(
+        e.deferred_pages(),
+        waiting,
+        "no headroom: compressed at put time"
+    );
+}

@@ -44,8 +44,23 @@ fn concurrent_random_ops_keep_every_page_consistent() {
         budget: 3 << 20,
         shards: 16,
         arenas: 2,
+        // Store raw and compress in the background (the daemon's mode) to race the
+        // compressor against every other op.
+        defer_compression_below: 0.9,
         ..Default::default()
     }));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let compressor = {
+        let (e, stop) = (e.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) {
+                n += e.compress_deferred(64);
+                std::thread::yield_now();
+            }
+            n
+        })
+    };
     let uuid = PoolUuid(1);
     let mut private = Vec::new();
     for t in 0..threads {
@@ -169,6 +184,12 @@ fn concurrent_random_ops_keep_every_page_consistent() {
     for h in handles {
         h.join().expect("worker thread panicked");
     }
+    stop.store(true, Ordering::Relaxed);
+    let compressed = compressor.join().expect("compressor panicked");
+    assert!(
+        compressed > 0,
+        "deferred pages were compressed in the background"
+    );
     assert_eq!(errors.load(Ordering::Relaxed), 0, "inconsistent reads");
     let s = e.stats();
     assert!(s.ops.evictions > 0, "the budget forced evictions");

@@ -49,6 +49,10 @@ pub struct FileConfig {
     pub dedup: Option<String>,
     /// Balloon manager settings (`interval_ms`, `host_reserve`, `host_total`).
     pub balloon: Option<ManagerConfig>,
+    /// While the pool holds less than this fraction of its budget, pages are stored raw and
+    /// compressed by a background thread (puts cost a copy, not a compression). 0 turns it
+    /// off. Default 0.75.
+    pub defer_compression: Option<f64>,
 }
 
 /// Command-line overrides (all optional; see `tmemd --help`).
@@ -99,7 +103,12 @@ pub struct Config {
     pub dedup: DedupScope,
     /// Balloon manager settings.
     pub balloon: ManagerConfig,
+    /// Fraction of the budget below which compression is deferred to a background thread.
+    pub defer_compression: f64,
 }
+
+/// Default fraction of the budget below which compression runs in the background.
+pub const DEFAULT_DEFER_COMPRESSION: f64 = 0.75;
 
 /// Default share of host RAM for the pool budget.
 pub const DEFAULT_BUDGET_FRACTION: f64 = 0.25;
@@ -215,6 +224,11 @@ impl Config {
             codec,
             dedup,
             balloon: file.balloon.unwrap_or_default(),
+            defer_compression: match file.defer_compression {
+                Some(f) if (0.0..=1.0).contains(&f) => f,
+                Some(f) => return Err(ConfigError::Fraction(f)),
+                None => DEFAULT_DEFER_COMPRESSION,
+            },
         })
     }
 }

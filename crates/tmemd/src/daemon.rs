@@ -170,6 +170,26 @@ fn bind_unix(path: &Path) -> Result<UnixListener, DaemonError> {
     UnixListener::bind(path).map_err(|e| DaemonError::Listen(path.display().to_string(), e))
 }
 
+/// Compresses pages the engine stored raw (deferred compression) until the daemon stops.
+fn spawn_compressor(daemon: std::sync::Weak<Daemon>) {
+    let spawned = std::thread::Builder::new()
+        .name("tmem-compress".into())
+        .spawn(move || loop {
+            let Some(d) = daemon.upgrade() else { break };
+            if d.stopping.load(std::sync::atomic::Ordering::Relaxed) {
+                break;
+            }
+            let n = d.engine.compress_deferred(256);
+            drop(d);
+            if n == 0 {
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "could not start the background compressor; deferred pages stay raw");
+    }
+}
+
 impl Daemon {
     /// Starts everything: locks the state directory, restores saved state, starts the NBD
     /// server and the control API (and the metrics listener if configured).
@@ -180,7 +200,11 @@ impl Daemon {
         }
         let _ = fs::set_permissions(&paths.dir, fs::Permissions::from_mode(0o700));
         let dir_lock = DirLock::acquire(&paths.dir).map_err(DaemonError::Lock)?;
-        let engine = Arc::new(Engine::new(EngineConfig::with_budget(cfg.budget)));
+        let engine = Arc::new(Engine::new(EngineConfig {
+            budget: cfg.budget,
+            defer_compression_below: cfg.defer_compression,
+            ..Default::default()
+        }));
         let pool = Arc::new(EnginePool::new(engine.clone()));
         let guests = GuestRuntime::new(cfg.balloon.clone(), pool.clone(), Arc::new(ProcHost));
         let daemon = Arc::new(Daemon {
@@ -220,6 +244,9 @@ impl Daemon {
             None => None,
         };
         daemon.commit_restore(consumed);
+        if cfg.defer_compression > 0.0 {
+            spawn_compressor(Arc::downgrade(&daemon));
+        }
         tracing::info!(
             dir = %paths.dir.display(),
             budget = cfg.budget,
@@ -321,6 +348,9 @@ impl Daemon {
                 let _ = self.engine.freeze(id);
             }
         }
+        // Restored pages may have been stored raw (deferred compression): compress them
+        // all before fitting the budget, so fitting never drops what compression would keep.
+        while self.engine.compress_deferred(4096) > 0 {}
         self.engine.set_budget(budget);
         let held = self.engine.held_bytes();
         if held > budget {
