@@ -78,6 +78,16 @@ pub(crate) fn class_of(len: usize) -> usize {
     map[len.clamp(1, PAGE_SIZE).div_ceil(CLASS_DELTA) - 1] as usize
 }
 
+/// Bytes a new slab of `class` costs (data plus header).
+pub(crate) fn slab_cost(class: usize) -> u64 {
+    (pages_per_slab(class) * PAGE_SIZE) as u64 + SLAB_HEADER
+}
+
+/// Bytes a new slab for a payload of `len` bytes costs.
+pub(crate) fn slab_cost_for(len: usize) -> u64 {
+    slab_cost(class_of(len))
+}
+
 /// Bytes of one slot in class `class`.
 pub(crate) fn class_size(class: usize) -> usize {
     (class + 1) * CLASS_DELTA
@@ -255,8 +265,25 @@ impl Arenas {
     pub(crate) fn alloc(&self, data: &[u8], grow: bool) -> Alloc {
         let class = class_of(data.len());
         let home = self.home_arena();
-        // First try every arena without growing (free slots anywhere are free memory).
-        for i in 0..self.arenas.len() {
+        // The thread's home arena first: a free slot there, or a new slab if allowed. Other
+        // arenas are only looked at when growing is not allowed (free slots anywhere are
+        // free memory), so that puts on different threads do not take each other's locks.
+        {
+            let mut arena = self.arenas[home].write();
+            if let Some(h) = arena.take_slot(home + self.tag, class, data) {
+                arena.account(data.len(), class, 1);
+                return Alloc::Done(h);
+            }
+            if grow {
+                let h = arena.grow_and_take(home + self.tag, class, data);
+                arena.slabs += 1;
+                arena.account(data.len(), class, 1);
+                drop(arena);
+                self.held.fetch_add(slab_cost(class), Ordering::Relaxed);
+                return Alloc::Done(h);
+            }
+        }
+        for i in 1..self.arenas.len() {
             let a = (home + i) % self.arenas.len();
             let mut arena = self.arenas[a].write();
             if let Some(h) = arena.take_slot(a + self.tag, class, data) {
@@ -264,18 +291,7 @@ impl Arenas {
                 return Alloc::Done(h);
             }
         }
-        let c = Class::new(class);
-        let need = c.slab_bytes as u64 + SLAB_HEADER;
-        if !grow {
-            return Alloc::NeedsGrowth(need);
-        }
-        let mut arena = self.arenas[home].write();
-        let h = arena.grow_and_take(home + self.tag, class, data);
-        arena.slabs += 1;
-        arena.account(data.len(), class, 1);
-        drop(arena);
-        self.held.fetch_add(need, Ordering::Relaxed);
-        Alloc::Done(h)
+        Alloc::NeedsGrowth(slab_cost(class))
     }
 
     /// Frees the slot at `h` whose payload was `len` bytes. Returns the bytes released to
@@ -354,6 +370,27 @@ impl Arena {
 
     fn grow_and_take(&mut self, arena: usize, class: usize, data: &[u8]) -> Handle {
         let c = &mut self.classes[class];
+        if c.slots == 1 && data.len() == c.slab_bytes {
+            // A whole-page slab (raw pages): built from the data itself, no zeroing, and
+            // holding no free slot it goes straight to "full".
+            let slab = Slab {
+                data: data.into(),
+                first_free: NO_SLOT,
+                used: 1,
+                partial_pos: NOT_PARTIAL,
+            };
+            let id = match c.free_ids.pop() {
+                Some(id) => {
+                    c.slabs[id as usize] = Some(slab);
+                    id
+                }
+                None => {
+                    c.slabs.push(Some(slab));
+                    (c.slabs.len() - 1) as u32
+                }
+            };
+            return Handle::new(arena, class, id, 0);
+        }
         let mut mem = vec![0u8; c.slab_bytes].into_boxed_slice();
         // Thread the intrusive free list through the slots.
         for s in 0..c.slots {

@@ -610,15 +610,12 @@ impl Engine {
         } else {
             &self.eph_store
         };
+        let need = crate::alloc::slab_cost_for(data.len());
         loop {
-            match store.alloc(data, false) {
+            let can_grow = self.held_bytes() + need <= self.budget();
+            match store.alloc(data, can_grow) {
                 Alloc::Done(h) => return Ok(h),
                 Alloc::NeedsGrowth(need) => {
-                    if self.held_bytes() + need <= self.budget() {
-                        if let Alloc::Done(h) = store.alloc(data, true) {
-                            return Ok(h);
-                        }
-                    }
                     let _g = self.evict_lock.lock();
                     // Another thread may have made room meanwhile.
                     if self.held_bytes() + need <= self.budget() {
@@ -736,7 +733,10 @@ impl Engine {
                     Found::Miss => {}
                 }
                 let (h, tag, len) = self.store_data(p, page)?;
-                self.room_for_meta(0)?;
+                if let Err(e) = self.room_for_meta(0) {
+                    self.arenas(h).free(h, len);
+                    return Err(e);
+                }
                 match self.dedup.insert(self, hash, page, h, tag, len) {
                     Inserted::Owned => {
                         counted(tag);
@@ -935,17 +935,9 @@ impl Engine {
         } else {
             &self.eph_store
         };
-        let h = match store.alloc(&buf[..n], false) {
-            Alloc::Done(h) => h,
-            Alloc::NeedsGrowth(need) => {
-                if self.held_bytes() + need > self.budget() {
-                    return None;
-                }
-                match store.alloc(&buf[..n], true) {
-                    Alloc::Done(h) => h,
-                    Alloc::NeedsGrowth(_) => return None,
-                }
-            }
+        let can_grow = self.held_bytes() + crate::alloc::slab_cost_for(n) <= self.budget();
+        let Alloc::Done(h) = store.alloc(&buf[..n], can_grow) else {
+            return None;
         };
         Some((h, codec.tag(), n))
     }
