@@ -494,6 +494,39 @@ pub struct GuestInfo {
     pub errors: u64,
     /// Last error (full chain).
     pub last_error: Option<String>,
+    /// Target of the last policy decision, bytes.
+    #[serde(default)]
+    pub decision_target: Option<u64>,
+    /// Why the last decision was taken.
+    #[serde(default)]
+    pub decision_reason: Option<String>,
+    /// Stats sources that delivered data in the last interval (`qmp`, `agent`, ...).
+    #[serde(default)]
+    pub live_sources: Vec<String>,
+    /// Guest MemAvailable, bytes (newest stats).
+    #[serde(default)]
+    pub available: Option<u64>,
+    /// Guest Committed_AS, bytes.
+    #[serde(default)]
+    pub committed: Option<u64>,
+    /// Guest major faults per second.
+    #[serde(default)]
+    pub major_faults_per_s: Option<f64>,
+    /// Guest swap-in bytes per second.
+    #[serde(default)]
+    pub swap_in_bytes_per_s: Option<f64>,
+    /// Guest OOM kills (counter).
+    #[serde(default)]
+    pub oom_kills: Option<u64>,
+    /// Last measured reclaim rate, MiB/s.
+    #[serde(default)]
+    pub reclaim_mib_s: f64,
+    /// Last measured give-back rate, MiB/s.
+    #[serde(default)]
+    pub give_back_mib_s: f64,
+    /// Time from the last give-back decision to the balloon reaching its target, ms.
+    #[serde(default)]
+    pub last_spike_to_deflate_ms: Option<u64>,
 }
 
 /// `GET /stats`: everything `tmemctl top` shows.

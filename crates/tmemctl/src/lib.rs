@@ -449,6 +449,20 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                         format_size(g.target),
                         if g.stuck { "yes" } else { "no" }
                     );
+                    let opt = |v: Option<u64>| v.map_or("-".to_owned(), format_size);
+                    println!(
+                        "  available {}  committed {}  oom kills {}  sources {}  reclaim {:.1} MiB/s  give-back {:.1} MiB/s  spike->deflate {}",
+                        opt(g.available),
+                        opt(g.committed),
+                        g.oom_kills.map_or("-".to_owned(), |v| v.to_string()),
+                        if g.live_sources.is_empty() { "none".to_owned() } else { g.live_sources.join(",") },
+                        g.reclaim_mib_s,
+                        g.give_back_mib_s,
+                        g.last_spike_to_deflate_ms.map_or("-".to_owned(), |v| format!("{v} ms")),
+                    );
+                    if let Some(r) = &g.decision_reason {
+                        println!("  last decision: {} ({r})", opt(g.decision_target));
+                    }
                     if let Some(e) = g.last_error {
                         println!("  last error: {e}");
                     }

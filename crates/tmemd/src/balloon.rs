@@ -281,6 +281,17 @@ impl GuestRuntime {
             intervals: st.intervals,
             errors: st.errors,
             last_error: st.last_error,
+            decision_target: st.last_decision.as_ref().map(|d| d.target),
+            decision_reason: st.last_decision.map(|d| d.reason),
+            live_sources: st.live_sources,
+            available: st.stats.as_ref().and_then(|s| s.available),
+            committed: st.stats.as_ref().and_then(|s| s.committed),
+            major_faults_per_s: st.rates.major_faults,
+            swap_in_bytes_per_s: st.rates.swap_in_bytes,
+            oom_kills: st.stats.as_ref().and_then(|s| s.oom_kills),
+            reclaim_mib_s: st.reclaim_mib_s,
+            give_back_mib_s: st.give_back_mib_s,
+            last_spike_to_deflate_ms: st.last_spike_to_deflate_ms,
         }
     }
 
