@@ -287,42 +287,59 @@ fn interrupted_save_resumes_from_its_cursor() {
     }
 }
 
+/// A save destination that, like a slow network link, lets the guest keep writing: every
+/// write of the stream is accompanied by a put and a flush on the pool being saved.
+struct BusyLink<'e> {
+    e: &'e Engine,
+    pool: PoolId,
+    out: Vec<u8>,
+    n: u32,
+}
+
+impl std::io::Write for BusyLink<'_> {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        let key = PageKey::new(self.pool, ObjectId([0, 1, 2]), 100_000 + self.n % 64);
+        self.e
+            .put(A, key, &page(u64::from(self.n)))
+            .map_err(std::io::Error::other)?;
+        if self.n % 3 == 0 {
+            let _ = self
+                .e
+                .flush_page(A, PageKey::new(self.pool, ObjectId([0, 1, 2]), 3));
+        }
+        self.n += 1;
+        self.out.extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 #[test]
 fn live_save_reports_keys_touched_meanwhile() {
     let (e, pools) = populated();
-    let e = std::sync::Arc::new(e);
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (p0, _) = pools[0];
-    let writer = {
-        let e = e.clone();
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let mut n = 0u32;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let key = PageKey::new(p0, ObjectId([0, 1, 2]), 100_000 + n % 64);
-                e.put(A, key, &page(u64::from(n))).unwrap();
-                n += 1;
-                if n >= 64 {
-                    std::thread::yield_now();
-                }
-            }
-            n
-        })
+    let mut link = BusyLink {
+        e: &e,
+        pool: p0,
+        out: Vec::new(),
+        n: 0,
     };
-    // Wait until the writer has started, then save while it runs.
-    while e.client_stats(A).unwrap().persistent.pages < 1501 {
-        std::thread::yield_now();
-    }
-    let mut buf = Vec::new();
-    let rep = e.save(A, SaveOptions::default(), &mut buf).unwrap();
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    writer.join().unwrap();
+    let rep = e.save(A, SaveOptions::default(), &mut link).unwrap();
+    assert!(link.n > 0);
     assert!(!rep.touched.is_empty(), "puts during the save are reported");
     assert!(rep
         .touched
         .iter()
-        .all(|k| k.pool == p0 && k.index.0 >= 100_000));
+        .all(|k| k.pool == p0 && (k.index.0 >= 100_000 || k.index.0 == 3)));
+    assert!(
+        rep.touched.iter().any(|k| k.index.0 == 3),
+        "the flush during the save is reported"
+    );
     // After the save, nothing is logged any more.
+    e.put(A, PageKey::new(p0, ObjectId([0, 1, 2]), 7), &page(1))
+        .unwrap();
     let mut buf2 = Vec::new();
     let rep2 = e.save(A, SaveOptions::default(), &mut buf2).unwrap();
     assert!(rep2.touched.is_empty());
