@@ -36,6 +36,10 @@ pub struct DensityMode {
     pub booted: u32,
     /// Guests alive and healthy at the end of the hold period.
     pub healthy: u32,
+    /// Most guests that were all alive after a settle period (the last stable count
+    /// before launching stopped).
+    #[serde(default)]
+    pub last_stable: u32,
     /// Peak memory charged to the budget, bytes.
     pub peak_bytes: u64,
     /// Why launching stopped.
@@ -75,10 +79,11 @@ pub fn markdown(d: &DensityResult) -> String {
     for x in [&d.static_mode, &d.tmem_mode] {
         let _ = writeln!(
             m,
-            "| {} | {} | {} | **{}** | {:.0} | {} |",
+            "| {} | {} | {} | {} | **{}** | {:.0} | {} |",
             x.mode,
             x.tried,
             x.booted,
+            x.last_stable,
             x.healthy,
             x.peak_bytes as f64 / 1048576.0,
             x.stop_reason
@@ -86,7 +91,7 @@ pub fn markdown(d: &DensityResult) -> String {
     }
     let _ = writeln!(
         m,
-        "\nDensity gain: **{:.1}×** static partitioning.",
+        "\nDensity gain (healthy at end): **{:.1}×** static partitioning. \"Last stable count\" is the most guests that were all alive after a settle period before launching stopped.",
         d.ratio
     );
     m
@@ -178,6 +183,7 @@ fn run_mode(
         tried: 0,
         booted: 0,
         healthy: 0,
+        last_stable: 0,
         peak_bytes: 0,
         stop_reason: format!("reached --density-max {}", p.density_max),
     };
@@ -306,6 +312,7 @@ fn run_mode(
             mode.stop_reason = format!("RSS over budget after guest {}", i + 1);
             break;
         }
+        mode.last_stable = i + 1;
     }
     let hold = Instant::now();
     while hold.elapsed() < Duration::from_secs(p.density_hold_secs) {
