@@ -4,7 +4,10 @@ use tmem_core::*;
 
 fn main() {
     let mut args = std::env::args().skip(1);
-    let data = args.next().and_then(|p| std::fs::read(p).ok()).unwrap_or_else(|| vec![7u8; 64 << 20]);
+    let data = args
+        .next()
+        .and_then(|p| std::fs::read(p).ok())
+        .unwrap_or_else(|| vec![7u8; 64 << 20]);
     let codec = match args.next().as_deref() {
         Some("lz4") => Codec::Lz4,
         Some("zstd") => Codec::Zstd(1),
@@ -16,9 +19,21 @@ fn main() {
         let e = Engine::new(EngineConfig::with_budget(1 << 34));
         let c = ClientId(1);
         e.add_client(c, ClientConfig::default()).expect("client");
-        let p = e.create_pool(c, PoolSpec::private_persistent().with_codec(codec).with_dedup(DedupScope::Off)).expect("pool");
+        let p = e
+            .create_pool(
+                c,
+                PoolSpec::private_persistent()
+                    .with_codec(codec)
+                    .with_dedup(DedupScope::Off),
+            )
+            .expect("pool");
         for i in 0..n {
-            e.put(c, PageKey::new(p, ObjectId::default(), i as u32), &data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]).expect("put");
+            e.put(
+                c,
+                PageKey::new(p, ObjectId::default(), i as u32),
+                &data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE],
+            )
+            .expect("put");
         }
     }
     eprintln!("{:.0} puts/s", (5 * n) as f64 / t.elapsed().as_secs_f64());

@@ -157,7 +157,14 @@ struct Arena {
     slot_bytes: u64,
     objects: u64,
     slabs: u64,
+    /// Freed whole-page slabs kept for reuse (still counted as held): raw pages are often
+    /// freed and allocated in quick succession (replaced swap pages, deferred compression),
+    /// and handing each page back to malloc makes the next one fault in fresh memory.
+    spares: Vec<Box<[u8]>>,
 }
+
+/// Whole-page slabs kept per arena for reuse (256 KiB).
+const MAX_SPARES: usize = 64;
 
 /// What the arenas hold, for statistics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -220,6 +227,7 @@ impl Arenas {
                         slot_bytes: 0,
                         objects: 0,
                         slabs: 0,
+                        spares: Vec::new(),
                     })
                 })
                 .collect(),
@@ -274,12 +282,18 @@ impl Arenas {
                 arena.account(data.len(), class, 1);
                 return Alloc::Done(h);
             }
-            if grow {
-                let h = arena.grow_and_take(home + self.tag, class, data);
-                arena.slabs += 1;
+            if let Some(h) = arena.take_spare(home + self.tag, class, data) {
                 arena.account(data.len(), class, 1);
-                drop(arena);
-                self.held.fetch_add(slab_cost(class), Ordering::Relaxed);
+                return Alloc::Done(h);
+            }
+            if grow {
+                let (h, reused) = arena.grow_and_take(home + self.tag, class, data);
+                arena.account(data.len(), class, 1);
+                if !reused {
+                    arena.slabs += 1;
+                    drop(arena);
+                    self.held.fetch_add(slab_cost(class), Ordering::Relaxed);
+                }
                 return Alloc::Done(h);
             }
         }
@@ -287,6 +301,10 @@ impl Arenas {
             let a = (home + i) % self.arenas.len();
             let mut arena = self.arenas[a].write();
             if let Some(h) = arena.take_slot(a + self.tag, class, data) {
+                arena.account(data.len(), class, 1);
+                return Alloc::Done(h);
+            }
+            if let Some(h) = arena.take_spare(a + self.tag, class, data) {
                 arena.account(data.len(), class, 1);
                 return Alloc::Done(h);
             }
@@ -321,6 +339,20 @@ impl Arenas {
         } else {
             0
         }
+    }
+
+    /// Returns the spare whole-page slabs to the system; returns the bytes released.
+    pub(crate) fn drop_spares(&self) -> u64 {
+        let mut n = 0u64;
+        for a in &self.arenas {
+            let mut a = a.write();
+            n += a.spares.len() as u64;
+            a.slabs -= a.spares.len() as u64;
+            a.spares = Vec::new();
+        }
+        let bytes = n * slab_cost(NUM_CLASSES - 1);
+        self.held.fetch_sub(bytes, Ordering::Relaxed);
+        bytes
     }
 
     /// Runs `f` on the `len` payload bytes at `h`, under the arena's read lock.
@@ -368,13 +400,31 @@ impl Arena {
         Some(Handle::new(arena, class, slab_id, slot))
     }
 
-    fn grow_and_take(&mut self, arena: usize, class: usize, data: &[u8]) -> Handle {
+    /// Stores a whole page in a spare slab, if there is one (no new memory).
+    fn take_spare(&mut self, arena: usize, class: usize, data: &[u8]) -> Option<Handle> {
+        let c = &self.classes[class];
+        if c.slots != 1 || data.len() != c.slab_bytes || self.spares.is_empty() {
+            return None;
+        }
+        Some(self.grow_and_take(arena, class, data).0)
+    }
+
+    /// Makes a new slab for `class` and stores `data` in it. Returns the handle and whether
+    /// a spare slab was reused (its memory was already counted as held).
+    fn grow_and_take(&mut self, arena: usize, class: usize, data: &[u8]) -> (Handle, bool) {
         let c = &mut self.classes[class];
         if c.slots == 1 && data.len() == c.slab_bytes {
-            // A whole-page slab (raw pages): built from the data itself, no zeroing, and
-            // holding no free slot it goes straight to "full".
+            // A whole-page slab (raw pages): a spare one, or built from the data itself (no
+            // zeroing); holding no free slot it goes straight to "full".
+            let (mem, reused) = match self.spares.pop() {
+                Some(mut b) if b.len() == data.len() => {
+                    b.copy_from_slice(data);
+                    (b, true)
+                }
+                _ => (data.into(), false),
+            };
             let slab = Slab {
-                data: data.into(),
+                data: mem,
                 first_free: NO_SLOT,
                 used: 1,
                 partial_pos: NOT_PARTIAL,
@@ -389,7 +439,7 @@ impl Arena {
                     (c.slabs.len() - 1) as u32
                 }
             };
-            return Handle::new(arena, class, id, 0);
+            return (Handle::new(arena, class, id, 0), reused);
         }
         let mut mem = vec![0u8; c.slab_bytes].into_boxed_slice();
         // Thread the intrusive free list through the slots.
@@ -420,7 +470,7 @@ impl Arena {
         };
         c.partial.push(id);
         match self.take_slot(arena, class, data) {
-            Some(h) => h,
+            Some(h) => (h, false),
             None => unreachable!("a fresh slab has a free slot"),
         }
     }
@@ -445,8 +495,14 @@ impl Arena {
             if pos != NOT_PARTIAL {
                 Self::partial_remove(c, pos as usize);
             }
-            c.slabs[slab_id] = None;
+            let released = c.slabs[slab_id].take();
             c.free_ids.push(slab_id as u32);
+            if c.slots == 1 && self.spares.len() < MAX_SPARES {
+                if let Some(slab) = released {
+                    self.spares.push(slab.data);
+                    return 0;
+                }
+            }
             return c.slab_bytes as u64;
         }
         if was_full {
@@ -523,6 +579,10 @@ mod tests {
         for (h, d) in hs.drain(..) {
             a.free(h, d.len());
         }
+        // Freed whole-page slabs are kept as spares (still held) until dropped.
+        let spares = a.stats().slabs;
+        assert!(spares <= MAX_SPARES as u64 * 2);
+        assert_eq!(a.drop_spares(), spares * slab_cost(NUM_CLASSES - 1));
         assert_eq!(a.stats(), AllocStats::default());
     }
 

@@ -395,6 +395,8 @@ impl Engine {
             }
             p.ops.at(s).flushes.fetch_add(n, Relaxed);
         }
+        // A pool going away is the moment to hand spare page slabs back as well.
+        self.trim();
         Ok(())
     }
 
@@ -502,12 +504,20 @@ impl Engine {
         let before = self.held_bytes();
         let goal = before.saturating_sub(bytes);
         let _g = self.evict_lock.lock();
+        self.trim();
         while self.held_bytes() > goal {
             if self.evict_some(EVICT_BATCH * 4) == 0 {
                 break;
             }
+            self.trim();
         }
         before.saturating_sub(self.held_bytes())
+    }
+
+    /// Hands the allocator's spare page slabs (kept to recycle raw pages without page
+    /// faults, at most 256 KiB per arena) back to the system; returns the bytes released.
+    pub fn trim(&self) -> u64 {
+        self.eph_store.drop_spares() + self.pers_store.drop_spares()
     }
 
     /// Bytes that could be given back now by dropping every ephemeral page (the ephemeral
@@ -624,6 +634,10 @@ impl Engine {
                     if let Alloc::Done(h) = store.alloc(data, false) {
                         return Ok(h);
                     }
+                    // Under pressure, spare slabs go back before anything is evicted.
+                    if self.trim() > 0 {
+                        continue;
+                    }
                     if self.evict_some(EVICT_BATCH) == 0 {
                         return Err(Error::NoSpace);
                     }
@@ -638,6 +652,9 @@ impl Engine {
             let _g = self.evict_lock.lock();
             if self.held_bytes() + extra <= self.budget() {
                 break;
+            }
+            if self.trim() > 0 {
+                continue;
             }
             if self.evict_some(EVICT_BATCH) == 0 {
                 return Err(Error::NoSpace);
