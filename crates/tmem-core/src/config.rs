@@ -148,7 +148,8 @@ pub struct EngineConfig {
     /// While the engine holds less than this fraction of its budget, pages are stored raw
     /// at put time and compressed later by [`crate::Engine::compress_deferred`] (called
     /// from a background thread by the daemon): puts cost a copy instead of a compression
-    /// while there is headroom. 0 (the default) compresses at put time.
+    /// while there is headroom and the compressor keeps up (at most 1024 pages wait; past
+    /// that, puts compress inline again). 0 (the default) compresses at put time.
     pub defer_compression_below: f64,
 }
 

@@ -19,6 +19,9 @@ use crate::shard::{ObjKey, Removed, Shard, GROUP_SHIFT};
 use crate::stats::{ClientStats, EngineStats, Gauges, OpStats, PoolStats, Striped};
 use crate::types::*;
 
+/// Most pages waiting for deferred compression before puts compress inline again.
+const MAX_DEFERRED: usize = 1024;
+
 /// Pages evicted per shard visit.
 const EVICT_BATCH: usize = 32;
 
@@ -679,11 +682,17 @@ impl Engine {
     }
 
     /// Whether a put into `p` should store raw now and compress later: only with a codec,
-    /// and only while the engine holds less than the deferral fraction of its budget (raw
-    /// pages waiting for compression are part of what it holds).
+    /// only while the engine holds less than the deferral fraction of its budget (raw
+    /// pages waiting for compression are part of what it holds), and only while fewer than
+    /// 1024 pages wait.
     fn defer_now(&self, p: &PoolInfo) -> bool {
         let frac = self.defer_below;
         if frac <= 0.0 || p.spec.codec == Codec::None {
+            return false;
+        }
+        // When the background compressor falls behind (puts arrive faster than it
+        // compresses), compress inline: deferring then only adds work.
+        if self.deferred_count.load(Relaxed) >= MAX_DEFERRED {
             return false;
         }
         ((self.held_bytes() + PAGE_SIZE as u64) as f64) < frac * self.budget() as f64
