@@ -51,7 +51,8 @@ pub struct FileConfig {
     pub balloon: Option<ManagerConfig>,
     /// While the pool holds less than this fraction of its budget, pages are stored raw and
     /// compressed by a background thread (puts cost a copy, not a compression). 0 turns it
-    /// off. Default 0.75.
+    /// off (the default: on 2 cores the compressor competes with the I/O path; with a spare
+    /// core, e.g. 0.75, it cuts depth-1 write latency — see BENCHMARKS.md).
     pub defer_compression: Option<f64>,
 }
 
@@ -108,7 +109,7 @@ pub struct Config {
 }
 
 /// Default fraction of the budget below which compression runs in the background.
-pub const DEFAULT_DEFER_COMPRESSION: f64 = 0.75;
+pub const DEFAULT_DEFER_COMPRESSION: f64 = 0.0;
 
 /// Default share of host RAM for the pool budget.
 pub const DEFAULT_BUDGET_FRACTION: f64 = 0.25;
