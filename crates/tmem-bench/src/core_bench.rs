@@ -132,7 +132,10 @@ pub fn limits(c: &Corpus) -> Limits {
     // Every data page, in a random order (like the engine's puts and gets, which the
     // throughput runs issue in shuffled order): DRAM-bound, as the engine is.
     let data = c.data_pages();
-    let sample: Vec<usize> = shuffled(data.len(), 13).into_iter().map(|k| data[k]).collect();
+    let sample: Vec<usize> = shuffled(data.len(), 13)
+        .into_iter()
+        .map(|k| data[k])
+        .collect();
     let mut comp = vec![0u8; 5000];
     let mut compressed = Vec::with_capacity(sample.len());
     let t = Instant::now();
