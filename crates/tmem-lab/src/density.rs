@@ -59,7 +59,7 @@ pub struct DensityResult {
     pub static_mode: DensityMode,
     /// Self-ballooning + tmem.
     pub tmem_mode: DensityMode,
-    /// tmem healthy / static healthy.
+    /// tmem last stable count / static last stable count.
     pub ratio: f64,
 }
 
@@ -91,7 +91,7 @@ pub fn markdown(d: &DensityResult) -> String {
     }
     let _ = writeln!(
         m,
-        "\nDensity gain (healthy at end): **{:.1}×** static partitioning. \"Last stable count\" is the most guests that were all alive after a settle period before launching stopped.",
+        "\nDensity gain: **{:.1}×** static partitioning, from the last stable counts (the most guests that all ran together through a settle period; launching one more made the cgroup OOM killer kill some). \"Healthy at end\" counts the survivors after that last launch and the hold period.",
         d.ratio
     );
     m
@@ -366,10 +366,10 @@ pub fn run_density(
         budget_mib: p.host_budget_mib,
         guest_mib: p.density_guest_mib,
         enforcement,
-        ratio: if s.healthy > 0 {
-            f64::from(t.healthy) / f64::from(s.healthy)
+        ratio: if s.last_stable > 0 {
+            f64::from(t.last_stable) / f64::from(s.last_stable)
         } else {
-            f64::from(t.healthy)
+            f64::from(t.last_stable)
         },
         static_mode: s,
         tmem_mode: t,

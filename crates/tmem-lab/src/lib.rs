@@ -126,7 +126,8 @@ pub struct RunArgs {
     /// tmem pool budget, MiB [guests × memory / 2].
     #[arg(long)]
     pub pool_mib: Option<u64>,
-    /// Seconds the balloon manager gets before the workload starts [full 60, quick 30].
+    /// Seconds every configuration idles after boot before the workload starts (the
+    /// balloon manager shrinks the guests meanwhile) [full 60, quick 30].
     #[arg(long)]
     pub settle_secs: Option<u64>,
     /// Balloon manager (selfballoon policy) interval, ms [1000].

@@ -425,13 +425,22 @@ pub fn write_plots(r: &Results, out: &Path) -> Result<()> {
             "static partitioning".to_string(),
             "self-ballooning + tmem".to_string(),
         ];
-        let s = [(
-            "healthy guests",
-            vec![
-                f64::from(d.static_mode.healthy),
-                f64::from(d.tmem_mode.healthy),
-            ],
-        )];
+        let s = [
+            (
+                "last stable count",
+                vec![
+                    f64::from(d.static_mode.last_stable),
+                    f64::from(d.tmem_mode.last_stable),
+                ],
+            ),
+            (
+                "healthy at end",
+                vec![
+                    f64::from(d.static_mode.healthy),
+                    f64::from(d.tmem_mode.healthy),
+                ],
+            ),
+        ];
         let title = format!(
             "Idle {} MiB guests in a {} MiB budget",
             d.guest_mib, d.budget_mib
