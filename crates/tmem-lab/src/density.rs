@@ -73,13 +73,13 @@ pub fn markdown(d: &DensityResult) -> String {
     );
     let _ = writeln!(
         m,
-        "| mode | launched | booted | healthy at end | peak charged MiB | stopped because |"
+        "| mode | launched | booted | last stable count | healthy at end | peak charged MiB | stopped because |"
     );
-    let _ = writeln!(m, "|---|---|---|---|---|---|");
+    let _ = writeln!(m, "|---|---|---|---|---|---|---|");
     for x in [&d.static_mode, &d.tmem_mode] {
         let _ = writeln!(
             m,
-            "| {} | {} | {} | {} | **{}** | {:.0} | {} |",
+            "| {} | {} | {} | **{}** | {} | {:.0} | {} |",
             x.mode,
             x.tried,
             x.booted,
