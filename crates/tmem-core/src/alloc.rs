@@ -278,12 +278,7 @@ impl Arenas {
         // free memory), so that puts on different threads do not take each other's locks.
         {
             let mut arena = self.arenas[home].write();
-            if let Some(h) = arena.take_slot(home + self.tag, class, data) {
-                arena.account(data.len(), class, 1);
-                return Alloc::Done(h);
-            }
-            if let Some(h) = arena.take_spare(home + self.tag, class, data) {
-                arena.account(data.len(), class, 1);
+            if let Some(h) = arena.reuse(home + self.tag, class, data) {
                 return Alloc::Done(h);
             }
             if grow {
@@ -300,12 +295,7 @@ impl Arenas {
         for i in 1..self.arenas.len() {
             let a = (home + i) % self.arenas.len();
             let mut arena = self.arenas[a].write();
-            if let Some(h) = arena.take_slot(a + self.tag, class, data) {
-                arena.account(data.len(), class, 1);
-                return Alloc::Done(h);
-            }
-            if let Some(h) = arena.take_spare(a + self.tag, class, data) {
-                arena.account(data.len(), class, 1);
+            if let Some(h) = arena.reuse(a + self.tag, class, data) {
                 return Alloc::Done(h);
             }
         }
@@ -398,6 +388,17 @@ impl Arena {
             c.partial.pop();
         }
         Some(Handle::new(arena, class, slab_id, slot))
+    }
+
+    /// Stores `data` without new memory: in a free slot of an existing slab, or (whole
+    /// pages) in a spare slab.
+    fn reuse(&mut self, arena: usize, class: usize, data: &[u8]) -> Option<Handle> {
+        let h = match self.take_slot(arena, class, data) {
+            Some(h) => h,
+            None => self.take_spare(arena, class, data)?,
+        };
+        self.account(data.len(), class, 1);
+        Some(h)
     }
 
     /// Stores a whole page in a spare slab, if there is one (no new memory).
