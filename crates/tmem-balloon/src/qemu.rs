@@ -69,7 +69,7 @@ pub fn agent_channel_args(chardev_id: &str, socket: &Path, port_name: &str) -> V
 }
 
 /// Default virtio-serial port name used by `tmem-guest`.
-pub const AGENT_PORT_NAME: &str = "org.tmem.agent.0";
+pub const AGENT_PORT_NAME: &str = "org.tmem.agent";
 
 #[cfg(test)]
 mod tests {
@@ -88,6 +88,6 @@ mod tests {
         );
         let c = agent_channel_args("tmemag", Path::new("/run/x.sock"), AGENT_PORT_NAME);
         assert!(c[3].contains("path=/run/x.sock,server=on,wait=off"));
-        assert!(c[5].ends_with("name=org.tmem.agent.0"));
+        assert!(c[5].ends_with("name=org.tmem.agent"));
     }
 }

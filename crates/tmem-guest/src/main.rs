@@ -10,7 +10,7 @@
 //!
 //! * `--port NAME` finds the port whose `/sys/class/virtio-ports/*/name` is
 //!   NAME and opens `/dev/<vportXpY>` (no udev needed). Default name:
-//!   `org.tmem.agent.0`.
+//!   `org.tmem.agent` (the name tmem-vm and the QEMU helpers give the port).
 //! * A missing or closed port is retried with backoff (1 s doubling to 30 s);
 //!   the agent never exits because of it. Reports produced while the port is
 //!   down are dropped (the host sees a gap in `seq`).
