@@ -133,24 +133,10 @@ pub fn launch(
         .agent_path(&agent)
         .run_dir(run_dir)
         .drive(swap);
-    let extra = [
-        "-qmp".to_string(),
-        format!("unix:{},server=on,wait=off", obs_qmp.display()),
-        "-chardev".into(),
-        format!(
-            "socket,id=itobs,path={},server=on,wait=off",
-            obs_agent.display()
-        ),
-        "-device".into(),
-        format!("virtserialport,bus=vser0.0,chardev=itobs,name={OBS_PORT}"),
-        "-chardev".into(),
-        format!("socket,id=itctl,path={},server=on,wait=off", ctl.display()),
-        "-device".into(),
-        format!("virtserialport,bus=vser0.0,chardev=itctl,name={CTL_PORT}"),
-    ];
-    for a in &extra {
-        cfg = cfg.extra_arg(a);
-    }
+    cfg = cfg
+        .extra_qmp(&obs_qmp)
+        .serial_port(OBS_PORT, &obs_agent)
+        .serial_port(CTL_PORT, &ctl);
     let guest = cfg.image(image).launch()?;
     Ok(TestGuest {
         guest,

@@ -230,16 +230,7 @@ fn run_mode(
             .deflate_on_oom(tmem)
             .image(image.clone())
             .drive(swap)
-            .extra_arg("-chardev")
-            .extra_arg(&format!(
-                "socket,id=labgo,path={},server=on,wait=off",
-                go.display()
-            ))
-            .extra_arg("-device")
-            .extra_arg(&format!(
-                "virtserialport,bus=vser0.0,chardev=labgo,name={}",
-                image::PORT_GO
-            ));
+            .serial_port(image::PORT_GO, &go);
         if !tmem {
             cfg = cfg.extra_arg("-mem-prealloc");
         }

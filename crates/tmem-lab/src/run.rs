@@ -397,28 +397,9 @@ pub fn run_once(
             .image(s.image.clone())
             .drive(swap)
             .drive(data)
-            .extra_arg("-qmp")
-            .extra_arg(&format!("unix:{},server=on,wait=off", lab_qmp.display()))
-            .extra_arg("-chardev")
-            .extra_arg(&format!(
-                "socket,id=labag,path={},server=on,wait=off",
-                lab_ag.display()
-            ))
-            .extra_arg("-device")
-            .extra_arg(&format!(
-                "virtserialport,bus=vser0.0,chardev=labag,name={}",
-                image::PORT_LAB
-            ))
-            .extra_arg("-chardev")
-            .extra_arg(&format!(
-                "socket,id=labgo,path={},server=on,wait=off",
-                go.display()
-            ))
-            .extra_arg("-device")
-            .extra_arg(&format!(
-                "virtserialport,bus=vser0.0,chardev=labgo,name={}",
-                image::PORT_GO
-            ));
+            .extra_qmp(&lab_qmp)
+            .serial_port(image::PORT_LAB, &lab_ag)
+            .serial_port(image::PORT_GO, &go);
         for a in image::kernel_args(&work) {
             cfg = cfg.cmdline(&a);
         }

@@ -115,6 +115,8 @@ pub struct GuestConfig {
     run_dir: Option<PathBuf>,
     keep_run_dir: bool,
     extra_args: Vec<String>,
+    serial_ports: Vec<(String, PathBuf)>,
+    extra_qmp: Vec<PathBuf>,
 }
 
 impl GuestConfig {
@@ -139,6 +141,8 @@ impl GuestConfig {
             run_dir: None,
             keep_run_dir: std::env::var_os("TMEM_VM_KEEP").is_some_and(|v| v == "1"),
             extra_args: Vec::new(),
+            serial_ports: Vec::new(),
+            extra_qmp: Vec::new(),
         }
     }
 
@@ -243,6 +247,21 @@ impl GuestConfig {
         self
     }
 
+    /// Adds a virtio-serial port named `name` (seen in the guest under
+    /// `/sys/class/virtio-ports/*/name`) backed by a host socket (server) at `path`.
+    /// Several may be added, beside the agent channel or without it.
+    pub fn serial_port(mut self, name: &str, path: impl Into<PathBuf>) -> Self {
+        self.serial_ports.push((name.to_string(), path.into()));
+        self
+    }
+
+    /// Adds another QMP monitor on a Unix socket (e.g. for an observer while a manager
+    /// holds the first one).
+    pub fn extra_qmp(mut self, path: impl Into<PathBuf>) -> Self {
+        self.extra_qmp.push(path.into());
+        self
+    }
+
     /// Extra raw QEMU arguments.
     pub fn extra_arg(mut self, arg: &str) -> Self {
         self.extra_args.push(arg.to_string());
@@ -344,17 +363,34 @@ impl GuestConfig {
                 qemu_escape(&q.to_string_lossy())
             ));
         }
+        for q in &self.extra_qmp {
+            args.push("-qmp".into());
+            args.push(format!(
+                "unix:{},server=on,wait=off",
+                qemu_escape(&q.to_string_lossy())
+            ));
+        }
+        let mut ports: Vec<(&str, &Path)> = Vec::new();
         if let Some(a) = &agent_path {
+            ports.push(("org.tmem.agent", a));
+        }
+        ports.extend(
+            self.serial_ports
+                .iter()
+                .map(|(n, p)| (n.as_str(), p.as_path())),
+        );
+        if !ports.is_empty() {
+            args.extend(["-device".into(), "virtio-serial-pci,id=vser0".into()]);
+        }
+        for (i, (name, path)) in ports.into_iter().enumerate() {
             args.extend([
-                "-device".into(),
-                "virtio-serial-pci,id=vser0".into(),
                 "-chardev".into(),
                 format!(
-                    "socket,id=agent0,path={},server=on,wait=off",
-                    qemu_escape(&a.to_string_lossy())
+                    "socket,id=port{i},path={},server=on,wait=off",
+                    qemu_escape(&path.to_string_lossy())
                 ),
                 "-device".into(),
-                "virtserialport,chardev=agent0,name=org.tmem.agent".into(),
+                format!("virtserialport,bus=vser0.0,chardev=port{i},name={name}"),
             ]);
         }
         for d in &self.drives {
