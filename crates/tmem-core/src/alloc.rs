@@ -1,38 +1,63 @@
-//! A size-class slab allocator for page payloads (the zsmalloc idea, in safe Rust).
+//! A size-class slab allocator for page payloads, with compaction (the zsmalloc idea).
 //!
 //! Payloads of 1..=4096 bytes go to one of 256 classes of 16-byte granularity (neighbours
 //! with identical slab geometry merged, as zsmalloc does). Each class carves slabs of 1–8
-//! pages (the smallest count with a tail under 1.5 %) into equal slots;
-//! free slots form an intrusive list inside the slab, so the allocator's own overhead is a
-//! small header per slab. An empty slab is returned to the system at once. The memory that
-//! counts against the budget is the sum of slab sizes plus slab headers: real bytes held.
+//! pages (the smallest count with a tail under 1.5 %) into equal slots; free slots form an
+//! intrusive list inside the slab. Slabs live in frames of regions that the allocator maps
+//! itself ([`crate::region`]): an empty slab's frame goes back to the kernel at once, so
+//! what the allocator says it holds is what the kernel charges the process.
+//!
+//! **Handles are indirect**, as in zsmalloc: a [`Handle`] names an entry of its class's
+//! location table, which says where the payload is (slab, slot). A payload can therefore
+//! be moved without touching the index entry or dedup record that refers to it, and
+//! **compaction** ([`Arenas::compact`]) moves payloads out of the least used slabs of a
+//! class into the fullest ones, freeing the emptied slabs. It works in small steps, each
+//! under one arena's write lock; readers ([`Arenas::with`]) hold the read lock while they
+//! look at a payload, so a payload never moves under a reader.
+//!
+//! **Lock order** (the whole engine): index shard lock → arena lock; dedup shard lock →
+//! arena lock. An arena lock is the innermost lock: nothing else is locked while one is
+//! held, so compaction (which takes only arena locks) can never deadlock with puts, gets,
+//! flushes or eviction.
 //!
 //! An [`Arenas`] set has several independently locked arenas so that puts on different
 //! threads do not serialise on one lock.
 
 use parking_lot::RwLock;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::collections::BTreeSet;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 
+use crate::region::{FrameId, Frames};
 use crate::types::PAGE_SIZE;
 
 /// Granularity of size classes in bytes.
 pub(crate) const CLASS_DELTA: usize = 16;
 /// Number of size classes.
 pub(crate) const NUM_CLASSES: usize = PAGE_SIZE / CLASS_DELTA;
-/// Bytes charged per slab for its header (the `Slab` struct and its vector slot).
+/// Bytes charged for a new slab on top of its frame (its header and table slots), for
+/// the budget check before growing; the exact figures are counted as metadata.
 const SLAB_HEADER: u64 = 32;
 const NO_SLOT: u16 = u16::MAX;
 const NOT_PARTIAL: u32 = u32::MAX;
+const NO_OWNER: u32 = u32::MAX;
+const FREE_LOC: u64 = u64::MAX;
+/// Largest slab, in pages.
+const MAX_SLAB_PAGES: usize = 8;
+/// A slab size whose unused tail is at most this (per mille) is good enough.
+const GOOD_TAIL_PER_MILLE: usize = 15;
+/// Whole-page frames kept per arena for reuse (256 KiB), counted as held and resident.
+const MAX_SPARES: usize = 64;
+/// Payloads moved per arena lock hold during compaction.
+const COMPACT_STEP: usize = 64;
 
-/// A stored payload's location: arena (4 bits) | class (8) | slab (36) | slot (16).
+/// A stored payload's name: arena (4 bits) | class (8) | location-table entry (32).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) struct Handle(pub(crate) u64);
 
 impl Handle {
-    fn new(arena: usize, class: usize, slab: u32, slot: u16) -> Self {
-        Handle(
-            ((arena as u64) << 60) | ((class as u64) << 52) | ((slab as u64) << 16) | slot as u64,
-        )
+    fn new(arena: usize, class: usize, id: u32) -> Self {
+        Handle(((arena as u64) << 60) | ((class as u64) << 52) | id as u64)
     }
     /// The arena field (the set's tag plus the arena number).
     pub(crate) fn arena(self) -> usize {
@@ -41,11 +66,8 @@ impl Handle {
     fn class(self) -> usize {
         ((self.0 >> 52) & 0xff) as usize
     }
-    fn slab(self) -> usize {
-        ((self.0 >> 16) & 0xf_ffff_ffff) as usize
-    }
-    fn slot(self) -> usize {
-        (self.0 & 0xffff) as usize
+    fn id(self) -> usize {
+        (self.0 & 0xffff_ffff) as usize
     }
 }
 
@@ -60,15 +82,13 @@ pub(crate) fn class_of(len: usize) -> usize {
         let mut map = [0u8; NUM_CLASSES];
         let mut group_top = NUM_CLASSES - 1;
         for c in (0..NUM_CLASSES).rev() {
-            let (p, n) = (
-                pages_per_slab(c),
-                pages_per_slab(c) * PAGE_SIZE / class_size(c),
-            );
-            let (tp, tn) = (
-                pages_per_slab(group_top),
-                pages_per_slab(group_top) * PAGE_SIZE / class_size(group_top),
-            );
-            if (p, n) != (tp, tn) {
+            let geometry = |c: usize| {
+                (
+                    pages_per_slab(c),
+                    pages_per_slab(c) * PAGE_SIZE / class_size(c),
+                )
+            };
+            if geometry(c) != geometry(group_top) {
                 group_top = c;
             }
             map[c] = group_top as u8;
@@ -78,7 +98,7 @@ pub(crate) fn class_of(len: usize) -> usize {
     map[len.clamp(1, PAGE_SIZE).div_ceil(CLASS_DELTA) - 1] as usize
 }
 
-/// Bytes a new slab of `class` costs (data plus header).
+/// Bytes a new slab of `class` costs (frame plus header).
 pub(crate) fn slab_cost(class: usize) -> u64 {
     (pages_per_slab(class) * PAGE_SIZE) as u64 + SLAB_HEADER
 }
@@ -93,12 +113,7 @@ pub(crate) fn class_size(class: usize) -> usize {
     (class + 1) * CLASS_DELTA
 }
 
-/// Largest slab, in pages.
-const MAX_SLAB_PAGES: usize = 8;
-/// A slab size whose unused tail is at most this (per mille) is good enough.
-const GOOD_TAIL_PER_MILLE: usize = 15;
-
-/// Pages per slab for a class: the smallest count in 1..=16 whose unused tail is at most
+/// Pages per slab for a class: the smallest count in 1..=8 whose unused tail is at most
 /// 1.5 %, else the count with the smallest tail. Small slabs keep partly filled slabs cheap;
 /// longer ones stop odd sizes from wasting up to 10 % (4-page slabs average 4.6 % tail
 /// waste over the 256 classes, this rule 1.0 %).
@@ -118,67 +133,275 @@ fn pages_per_slab(class: usize) -> usize {
     best.0
 }
 
+/// One slab: a frame cut into slots.
 struct Slab {
-    data: Box<[u8]>,
+    ptr: NonNull<u8>,
+    frame: FrameId,
     first_free: u16,
     used: u16,
     partial_pos: u32,
 }
 
+// SAFETY: `ptr` points into a region owned by the same arena; it is only dereferenced
+// under that arena's lock.
+unsafe impl Send for Slab {}
+// SAFETY: as above.
+unsafe impl Sync for Slab {}
+
+impl Slab {
+    /// The `len` bytes at byte offset `at`.
+    ///
+    /// # Safety
+    /// `at + len` must lie inside the slab's frame, and the caller must hold the arena lock.
+    unsafe fn bytes(&self, at: usize, len: usize) -> &[u8] {
+        // SAFETY: the caller's contract.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().add(at), len) }
+    }
+    /// Mutable access to the `len` bytes at byte offset `at`.
+    ///
+    /// # Safety
+    /// As [`Slab::bytes`], with the arena's write lock held.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn bytes_mut(&self, at: usize, len: usize) -> &mut [u8] {
+        // SAFETY: the caller's contract.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr().add(at), len) }
+    }
+    fn next_free_at(&self, at: usize) -> u16 {
+        // SAFETY: a slot is at least 16 bytes; the caller holds the lock.
+        let b = unsafe { self.bytes(at, 2) };
+        u16::from_ne_bytes([b[0], b[1]])
+    }
+    fn set_next_free_at(&self, at: usize, next: u16) {
+        // SAFETY: as above, under the write lock.
+        unsafe { self.bytes_mut(at, 2) }.copy_from_slice(&next.to_ne_bytes());
+    }
+}
+
 struct Class {
     slot_size: usize,
     slots: usize,
-    slab_bytes: usize,
+    pages: usize,
     slabs: Vec<Option<Slab>>,
-    free_ids: Vec<u32>,
+    /// Free slab numbers; the lowest is reused first so that the table can shrink.
+    free_slabs: BTreeSet<u32>,
+    /// Slabs with a free slot.
     partial: Vec<u32>,
+    /// Slot (slab × slots + slot) → the location-table entry of the payload in it.
+    owners: Vec<u32>,
+    /// Location table: handle id → slab << 16 | slot, or `FREE_LOC`.
+    locs: Vec<u64>,
+    /// Free location-table entries; the lowest is reused first.
+    free_locs: BTreeSet<u32>,
+    live_slabs: u64,
+    objects: u64,
+    /// Metadata bytes counted for this class (table capacities).
+    meta: u64,
 }
 
 impl Class {
     fn new(class: usize) -> Self {
         let slot_size = class_size(class);
-        let slab_bytes = pages_per_slab(class) * PAGE_SIZE;
+        let pages = pages_per_slab(class);
         Class {
             slot_size,
-            slots: slab_bytes / slot_size,
-            slab_bytes,
+            slots: pages * PAGE_SIZE / slot_size,
+            pages,
             slabs: Vec::new(),
-            free_ids: Vec::new(),
+            free_slabs: BTreeSet::new(),
             partial: Vec::new(),
+            owners: Vec::new(),
+            locs: Vec::new(),
+            free_locs: BTreeSet::new(),
+            live_slabs: 0,
+            objects: 0,
+            meta: 0,
         }
+    }
+
+    fn slab_bytes(&self) -> usize {
+        self.pages * PAGE_SIZE
+    }
+
+    /// Metadata bytes by capacity (BTreeSet entries estimated at 12 bytes).
+    fn meta_bytes(&self) -> u64 {
+        (self.slabs.capacity() * std::mem::size_of::<Option<Slab>>()
+            + self.partial.capacity() * 4
+            + self.owners.capacity() * 4
+            + self.locs.capacity() * 8
+            + (self.free_slabs.len() + self.free_locs.len()) * 12) as u64
+    }
+
+    /// Bytes that compaction could give back in this class: whole slabs' worth of free
+    /// slots.
+    fn compactable_bytes(&self) -> u64 {
+        if self.slots < 2 {
+            return 0;
+        }
+        let free = (self.live_slabs * self.slots as u64).saturating_sub(self.objects);
+        free / self.slots as u64 * self.slab_bytes() as u64
+    }
+
+    fn new_handle(&mut self, slab: u32, slot: u16) -> u32 {
+        let loc = (u64::from(slab) << 16) | u64::from(slot);
+        let id = match self.free_locs.pop_first() {
+            Some(id) => {
+                self.locs[id as usize] = loc;
+                id
+            }
+            None => {
+                self.locs.push(loc);
+                (self.locs.len() - 1) as u32
+            }
+        };
+        self.owners[slab as usize * self.slots + slot as usize] = id;
+        id
+    }
+
+    fn drop_handle(&mut self, id: u32) {
+        self.locs[id as usize] = FREE_LOC;
+        if id as usize + 1 == self.locs.len() {
+            // Trailing free entries go, so the table shrinks as the pool empties.
+            self.locs.pop();
+            while self.locs.last() == Some(&FREE_LOC) {
+                self.locs.pop();
+                self.free_locs.remove(&(self.locs.len() as u32));
+            }
+            shrink_vec(&mut self.locs);
+        } else {
+            self.free_locs.insert(id);
+        }
+    }
+
+    fn loc(&self, id: usize) -> Option<(usize, usize)> {
+        let l = *self.locs.get(id)?;
+        (l != FREE_LOC).then_some(((l >> 16) as usize, (l & 0xffff) as usize))
+    }
+
+    fn partial_remove(&mut self, pos: usize) {
+        self.partial.swap_remove(pos);
+        if let Some(&moved) = self.partial.get(pos) {
+            if let Some(Some(s)) = self.slabs.get_mut(moved as usize) {
+                s.partial_pos = pos as u32;
+            }
+        }
+    }
+
+    fn partial_add(&mut self, id: u32) {
+        if let Some(Some(s)) = self.slabs.get_mut(id as usize) {
+            s.partial_pos = self.partial.len() as u32;
+            self.partial.push(id);
+        }
+    }
+
+    /// Registers a new slab in `frame`; returns its number. Free-list threading is left
+    /// to the caller.
+    fn add_slab(&mut self, frame: FrameId, ptr: NonNull<u8>, first_free: u16) -> u32 {
+        let slab = Slab {
+            ptr,
+            frame,
+            first_free,
+            used: 0,
+            partial_pos: NOT_PARTIAL,
+        };
+        let id = match self.free_slabs.pop_first() {
+            Some(id) => {
+                self.slabs[id as usize] = Some(slab);
+                id
+            }
+            None => {
+                self.slabs.push(Some(slab));
+                self.owners.resize(self.slabs.len() * self.slots, NO_OWNER);
+                (self.slabs.len() - 1) as u32
+            }
+        };
+        self.live_slabs += 1;
+        id
+    }
+
+    /// Removes an empty slab from the tables; returns its frame.
+    fn remove_slab(&mut self, id: u32) -> Option<FrameId> {
+        let slab = self.slabs.get_mut(id as usize)?.take()?;
+        if slab.partial_pos != NOT_PARTIAL {
+            self.partial_remove(slab.partial_pos as usize);
+        }
+        self.live_slabs -= 1;
+        if id as usize + 1 == self.slabs.len() {
+            self.slabs.pop();
+            while matches!(self.slabs.last(), Some(None)) {
+                self.slabs.pop();
+                self.free_slabs.remove(&(self.slabs.len() as u32));
+            }
+            self.owners.truncate(self.slabs.len() * self.slots);
+            shrink_vec(&mut self.slabs);
+            shrink_vec(&mut self.owners);
+        } else {
+            self.free_slabs.insert(id);
+        }
+        if self.live_slabs == 0 {
+            // The class is empty: drop its tables entirely.
+            debug_assert_eq!(self.objects, 0);
+            let meta = self.meta;
+            *self = Class::new(class_of(self.slot_size));
+            self.meta = meta;
+        }
+        Some(slab.frame)
     }
 }
 
-/// One arena: a lock's worth of classes, with its own counters (kept under its lock so
-/// that busy threads never share a counter's cache line).
+/// Gives a vector's spare capacity back when it is mostly unused.
+fn shrink_vec<T>(v: &mut Vec<T>) {
+    if v.capacity() > 64 && v.len() < v.capacity() / 4 {
+        v.shrink_to(v.len() * 2);
+    }
+}
+
+/// One arena: a lock's worth of classes and the frames they live in, with its own counters
+/// (kept under its lock so that busy threads never share a counter's cache line).
 struct Arena {
     classes: Vec<Class>,
+    /// Frames of 1..=8 pages (index: pages − 1).
+    frames: Vec<Frames>,
+    /// Freed whole-page frames kept for reuse (still charged: counted as held): raw pages
+    /// are often freed and allocated in quick succession (replaced swap pages, deferred
+    /// compression), and a fresh frame must be faulted in again.
+    spares: Vec<(FrameId, NonNull<u8>)>,
     payload: u64,
     slot_bytes: u64,
     objects: u64,
     slabs: u64,
-    /// Freed whole-page slabs kept for reuse (still counted as held): raw pages are often
-    /// freed and allocated in quick succession (replaced swap pages, deferred compression),
-    /// and handing each page back to malloc makes the next one fault in fresh memory.
-    spares: Vec<Box<[u8]>>,
+    /// Bytes of frames in use plus spares.
+    frame_bytes: u64,
+    /// Metadata bytes of the classes' tables.
+    meta: u64,
 }
 
-/// Whole-page slabs kept per arena for reuse (256 KiB).
-const MAX_SPARES: usize = 64;
+// SAFETY: the spare pointers point into regions owned by this arena.
+unsafe impl Send for Arena {}
+// SAFETY: as above.
+unsafe impl Sync for Arena {}
 
 /// What the arenas hold, for statistics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct AllocStats {
-    /// Bytes of slabs plus slab headers: what the allocator really holds.
+    /// Bytes of slab frames (spares included) plus the allocator's tables: what the
+    /// allocator really holds.
     pub held_bytes: u64,
     /// Bytes of payload stored in slots (compressed lengths).
     pub payload_bytes: u64,
     /// Bytes of slots in use (payload rounded up to the class size).
     pub slot_bytes: u64,
-    /// Number of live slabs.
+    /// Number of live slabs (spare frames included).
     pub slabs: u64,
     /// Number of live payloads.
     pub objects: u64,
+    /// Of `held_bytes`: whole-page frames kept for reuse.
+    pub spare_bytes: u64,
+    /// Of `held_bytes`: the allocator's tables (slab, location and owner tables).
+    pub table_bytes: u64,
+    /// Bytes that compaction could give back now (free slots amounting to whole slabs).
+    pub compactable_bytes: u64,
+    /// Number of 2 MiB regions mapped.
+    pub regions: u64,
 }
 
 impl AllocStats {
@@ -190,6 +413,40 @@ impl AllocStats {
             (self.held_bytes.saturating_sub(self.payload_bytes)) as f64 / self.held_bytes as f64
         }
     }
+
+    /// Sums two sets of figures.
+    pub(crate) fn plus(self, o: AllocStats) -> AllocStats {
+        AllocStats {
+            held_bytes: self.held_bytes + o.held_bytes,
+            payload_bytes: self.payload_bytes + o.payload_bytes,
+            slot_bytes: self.slot_bytes + o.slot_bytes,
+            slabs: self.slabs + o.slabs,
+            objects: self.objects + o.objects,
+            spare_bytes: self.spare_bytes + o.spare_bytes,
+            table_bytes: self.table_bytes + o.table_bytes,
+            compactable_bytes: self.compactable_bytes + o.compactable_bytes,
+            regions: self.regions + o.regions,
+        }
+    }
+}
+
+/// What one compaction call did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CompactStep {
+    /// Payloads moved.
+    pub moved: u64,
+    /// Slabs emptied and given back.
+    pub slabs_freed: u64,
+    /// Bytes given back to the kernel.
+    pub bytes_freed: u64,
+}
+
+impl CompactStep {
+    fn add(&mut self, o: CompactStep) {
+        self.moved += o.moved;
+        self.slabs_freed += o.slabs_freed;
+        self.bytes_freed += o.bytes_freed;
+    }
 }
 
 /// A set of independently locked arenas.
@@ -198,7 +455,7 @@ pub(crate) struct Arenas {
     /// Added to arena numbers in handles, so two sets can share the handle space.
     tag: usize,
     next: AtomicUsize,
-    held: AtomicU64,
+    held: AtomicI64,
 }
 
 /// Outcome of an allocation attempt.
@@ -207,6 +464,8 @@ pub(crate) enum Alloc {
     Done(Handle),
     /// A new slab of this many bytes would be needed.
     NeedsGrowth(u64),
+    /// The kernel refused to map more memory.
+    OutOfMemory,
 }
 
 thread_local! {
@@ -215,7 +474,8 @@ thread_local! {
 
 impl Arenas {
     /// Creates `n` arenas (1..=8); handles carry `tag` (0 or 8) in their arena field.
-    pub(crate) fn new(n: usize, tag: usize) -> Self {
+    /// `huge` asks for transparent huge pages on the regions.
+    pub(crate) fn new(n: usize, tag: usize, huge: bool) -> Self {
         let n = n.clamp(1, 8);
         Arenas {
             tag,
@@ -223,16 +483,19 @@ impl Arenas {
                 .map(|_| {
                     RwLock::new(Arena {
                         classes: (0..NUM_CLASSES).map(Class::new).collect(),
+                        frames: (1..=MAX_SLAB_PAGES).map(|p| Frames::new(p, huge)).collect(),
+                        spares: Vec::new(),
                         payload: 0,
                         slot_bytes: 0,
                         objects: 0,
                         slabs: 0,
-                        spares: Vec::new(),
+                        frame_bytes: 0,
+                        meta: 0,
                     })
                 })
                 .collect(),
             next: AtomicUsize::new(0),
-            held: AtomicU64::new(0),
+            held: AtomicI64::new(0),
         }
     }
 
@@ -247,25 +510,74 @@ impl Arenas {
         })
     }
 
-    /// Bytes held by all arenas (slabs plus headers).
+    /// Runs `f` on an arena under its write lock and applies the change of what the arena
+    /// holds to the set's total.
+    fn mutate<R>(&self, a: usize, f: impl FnOnce(&mut Arena) -> R) -> R {
+        let mut arena = self.arenas[a].write();
+        let before = arena.charged();
+        let r = f(&mut arena);
+        let after = arena.charged();
+        drop(arena);
+        if after != before {
+            self.held
+                .fetch_add(after as i64 - before as i64, Ordering::Relaxed);
+        }
+        r
+    }
+
+    /// Bytes held by all arenas (frames, spares and tables).
     pub(crate) fn held_bytes(&self) -> u64 {
-        self.held.load(Ordering::Relaxed)
+        self.held.load(Ordering::Relaxed).max(0) as u64
     }
 
     /// Current statistics.
     pub(crate) fn stats(&self) -> AllocStats {
         let mut s = AllocStats {
-            held_bytes: self.held.load(Ordering::Relaxed),
+            held_bytes: self.held_bytes(),
             ..Default::default()
         };
         for a in &self.arenas {
             let a = a.read();
             s.payload_bytes += a.payload;
             s.slot_bytes += a.slot_bytes;
-            s.slabs += a.slabs;
+            s.slabs += a.slabs + a.spares.len() as u64;
             s.objects += a.objects;
+            s.spare_bytes += (a.spares.len() * PAGE_SIZE) as u64;
+            s.table_bytes += a.meta;
+            s.compactable_bytes += a.classes.iter().map(Class::compactable_bytes).sum::<u64>();
+            s.regions += a
+                .frames
+                .iter()
+                .map(|f| f.mapped_regions() as u64)
+                .sum::<u64>();
         }
         s
+    }
+
+    /// Bytes of the arenas' regions that the kernel holds in RAM now (asked with
+    /// `mincore`, region by region, each under its arena's read lock).
+    pub(crate) fn resident_bytes(&self) -> u64 {
+        self.arenas
+            .iter()
+            .map(|a| {
+                let a = a.read();
+                a.frames.iter().map(Frames::resident_bytes).sum::<u64>()
+            })
+            .sum()
+    }
+
+    /// Bytes that compaction could give back now.
+    pub(crate) fn compactable_bytes(&self) -> u64 {
+        self.arenas
+            .iter()
+            .map(|a| {
+                a.read()
+                    .classes
+                    .iter()
+                    .map(Class::compactable_bytes)
+                    .sum::<u64>()
+            })
+            .sum()
     }
 
     /// Stores `data` (1..=4096 bytes). With `grow == false` only existing free slots are
@@ -276,87 +588,110 @@ impl Arenas {
         // The thread's home arena first: a free slot there, or a new slab if allowed. Other
         // arenas are only looked at when growing is not allowed (free slots anywhere are
         // free memory), so that puts on different threads do not take each other's locks.
-        {
-            let mut arena = self.arenas[home].write();
-            if let Some(h) = arena.reuse(home + self.tag, class, data) {
-                return Alloc::Done(h);
+        let tag = self.tag;
+        let r = self.mutate(home, |arena| {
+            if let Some(h) = arena.reuse(home + tag, class, data) {
+                return Some(Alloc::Done(h));
             }
             if grow {
-                let (h, reused) = arena.grow_and_take(home + self.tag, class, data);
-                arena.account(data.len(), class, 1);
-                if !reused {
-                    arena.slabs += 1;
-                    drop(arena);
-                    self.held.fetch_add(slab_cost(class), Ordering::Relaxed);
-                }
-                return Alloc::Done(h);
+                return Some(match arena.grow_and_take(home + tag, class, data) {
+                    Some(h) => Alloc::Done(h),
+                    None => Alloc::OutOfMemory,
+                });
             }
+            None
+        });
+        if let Some(r) = r {
+            return r;
         }
         for i in 1..self.arenas.len() {
             let a = (home + i) % self.arenas.len();
-            let mut arena = self.arenas[a].write();
-            if let Some(h) = arena.reuse(a + self.tag, class, data) {
+            if let Some(h) = self.mutate(a, |arena| arena.reuse(a + tag, class, data)) {
                 return Alloc::Done(h);
             }
         }
         Alloc::NeedsGrowth(slab_cost(class))
     }
 
-    /// Frees the slot at `h` whose payload was `len` bytes. Returns the bytes released to
-    /// the system (a whole slab when it became empty, else 0).
+    /// Frees the payload at `h` whose length was `len`. Returns the bytes given back to the
+    /// kernel (a whole slab's frame when it became empty, else 0).
     pub(crate) fn free(&self, h: Handle, len: usize) -> u64 {
-        let Some(lock) = h
+        let Some(a) = h
             .arena()
             .checked_sub(self.tag)
-            .and_then(|a| self.arenas.get(a))
+            .filter(|&a| a < self.arenas.len())
         else {
             debug_assert!(false, "bad handle");
             return 0;
         };
-        let released = {
-            let mut arena = lock.write();
-            let released = arena.free(h);
-            arena.account(len, h.class(), -1);
-            if released > 0 {
-                arena.slabs -= 1;
-            }
-            released
-        };
-        if released > 0 {
-            let r = released + SLAB_HEADER;
-            self.held.fetch_sub(r, Ordering::Relaxed);
-            r
-        } else {
-            0
-        }
+        self.mutate(a, |arena| arena.free(h, len))
     }
 
-    /// Returns the spare whole-page slabs to the system; returns the bytes released.
+    /// Returns the spare whole-page frames to the kernel; returns the bytes released.
     pub(crate) fn drop_spares(&self) -> u64 {
-        let mut n = 0u64;
-        for a in &self.arenas {
-            let mut a = a.write();
-            n += a.spares.len() as u64;
-            a.slabs -= a.spares.len() as u64;
-            a.spares = Vec::new();
-        }
-        let bytes = n * slab_cost(NUM_CLASSES - 1);
-        self.held.fetch_sub(bytes, Ordering::Relaxed);
-        bytes
+        (0..self.arenas.len())
+            .map(|a| self.mutate(a, Arena::drop_spares))
+            .sum()
     }
 
     /// Runs `f` on the `len` payload bytes at `h`, under the arena's read lock.
     pub(crate) fn with<R>(&self, h: Handle, len: usize, f: impl FnOnce(&[u8]) -> R) -> Option<R> {
         let arena = self.arenas.get(h.arena().checked_sub(self.tag)?)?.read();
         let class = arena.classes.get(h.class())?;
-        let slab = class.slabs.get(h.slab())?.as_ref()?;
-        let start = h.slot() * class.slot_size;
-        let bytes = slab.data.get(start..start + len.min(class.slot_size))?;
+        let (slab, slot) = class.loc(h.id())?;
+        let slab = class.slabs.get(slab)?.as_ref()?;
+        let len = len.min(class.slot_size);
+        // SAFETY: the slot lies inside the slab's frame and we hold the read lock, so the
+        // payload can neither move nor be freed while `f` looks at it.
+        let bytes = unsafe { slab.bytes(slot * class.slot_size, len) };
         Some(f(bytes))
+    }
+
+    /// Moves up to `max_moves` payloads out of sparsely used slabs into fuller ones of the
+    /// same class and gives the emptied slabs back, in steps of at most 64 moves per lock
+    /// hold. Only classes with at least a slab's worth of free slots are touched.
+    pub(crate) fn compact(&self, max_moves: usize) -> CompactStep {
+        let mut done = CompactStep::default();
+        for a in 0..self.arenas.len() {
+            let candidates: Vec<usize> = {
+                let arena = self.arenas[a].read();
+                (0..NUM_CLASSES)
+                    .filter(|&c| arena.classes[c].compactable_bytes() > 0)
+                    .collect()
+            };
+            for class in candidates {
+                loop {
+                    let left = max_moves.saturating_sub(done.moved as usize);
+                    if left == 0 {
+                        return done;
+                    }
+                    let step = self.mutate(a, |arena| {
+                        arena.compact_class(class, left.min(COMPACT_STEP))
+                    });
+                    done.add(step);
+                    if step.moved == 0 && step.slabs_freed == 0 {
+                        break;
+                    }
+                }
+            }
+        }
+        done
     }
 }
 
 impl Arena {
+    fn charged(&self) -> u64 {
+        self.frame_bytes + self.meta
+    }
+
+    /// Recounts a class's table bytes after a change.
+    fn refresh_meta(&mut self, class: usize) {
+        let c = &mut self.classes[class];
+        let m = c.meta_bytes();
+        self.meta = self.meta - c.meta + m;
+        c.meta = m;
+    }
+
     /// Adds (`sign` = 1) or removes (`sign` = -1) one payload from the counters.
     fn account(&mut self, len: usize, class: usize, sign: i64) {
         let apply = |v: &mut u64, d: u64| {
@@ -369,163 +704,276 @@ impl Arena {
         apply(&mut self.payload, len as u64);
         apply(&mut self.slot_bytes, class_size(class) as u64);
         apply(&mut self.objects, 1);
+        let c = &mut self.classes[class];
+        apply(&mut c.objects, 1);
     }
 
+    /// Takes a free slot of a partly used slab, if there is one, and stores `data` there.
     fn take_slot(&mut self, arena: usize, class: usize, data: &[u8]) -> Option<Handle> {
         let c = &mut self.classes[class];
         let &slab_id = c.partial.last()?;
+        let slot_size = c.slot_size;
         let slab = c.slabs[slab_id as usize].as_mut()?;
         let slot = slab.first_free;
         debug_assert_ne!(slot, NO_SLOT);
-        let start = slot as usize * c.slot_size;
-        let next = u16::from_ne_bytes([slab.data[start], slab.data[start + 1]]);
-        slab.first_free = next;
+        let at = slot as usize * slot_size;
+        slab.first_free = slab.next_free_at(at);
         slab.used += 1;
-        slab.data[start..start + data.len()].copy_from_slice(data);
+        // SAFETY: the slot is inside the frame; we hold the write lock.
+        unsafe { slab.bytes_mut(at, data.len()) }.copy_from_slice(data);
         if slab.first_free == NO_SLOT {
             // Full: leave the partial list.
             slab.partial_pos = NOT_PARTIAL;
             c.partial.pop();
         }
-        Some(Handle::new(arena, class, slab_id, slot))
+        let id = c.new_handle(slab_id, slot);
+        Some(Handle::new(arena, class, id))
     }
 
     /// Stores `data` without new memory: in a free slot of an existing slab, or (whole
-    /// pages) in a spare slab.
+    /// pages) in a spare frame.
     fn reuse(&mut self, arena: usize, class: usize, data: &[u8]) -> Option<Handle> {
         let h = match self.take_slot(arena, class, data) {
             Some(h) => h,
-            None => self.take_spare(arena, class, data)?,
+            None => {
+                let c = &self.classes[class];
+                if c.slots != 1 || data.len() != c.slab_bytes() || self.spares.is_empty() {
+                    return None;
+                }
+                // Counted by grow_and_take.
+                return self.grow_and_take(arena, class, data);
+            }
         };
         self.account(data.len(), class, 1);
+        self.refresh_meta(class);
         Some(h)
     }
 
-    /// Stores a whole page in a spare slab, if there is one (no new memory).
-    fn take_spare(&mut self, arena: usize, class: usize, data: &[u8]) -> Option<Handle> {
-        let c = &self.classes[class];
-        if c.slots != 1 || data.len() != c.slab_bytes || self.spares.is_empty() {
-            return None;
-        }
-        Some(self.grow_and_take(arena, class, data).0)
-    }
-
-    /// Makes a new slab for `class` and stores `data` in it. Returns the handle and whether
-    /// a spare slab was reused (its memory was already counted as held).
-    fn grow_and_take(&mut self, arena: usize, class: usize, data: &[u8]) -> (Handle, bool) {
-        let c = &mut self.classes[class];
-        if c.slots == 1 && data.len() == c.slab_bytes {
-            // A whole-page slab (raw pages): a spare one, or built from the data itself (no
-            // zeroing); holding no free slot it goes straight to "full".
-            let (mem, reused) = match self.spares.pop() {
-                Some(mut b) if b.len() == data.len() => {
-                    b.copy_from_slice(data);
-                    (b, true)
-                }
-                _ => (data.into(), false),
-            };
-            let slab = Slab {
-                data: mem,
-                first_free: NO_SLOT,
-                used: 1,
-                partial_pos: NOT_PARTIAL,
-            };
-            let id = match c.free_ids.pop() {
-                Some(id) => {
-                    c.slabs[id as usize] = Some(slab);
-                    id
-                }
-                None => {
-                    c.slabs.push(Some(slab));
-                    (c.slabs.len() - 1) as u32
-                }
-            };
-            return (Handle::new(arena, class, id, 0), reused);
-        }
-        let mut mem = vec![0u8; c.slab_bytes].into_boxed_slice();
-        // Thread the intrusive free list through the slots.
-        for s in 0..c.slots {
-            let next = if s + 1 < c.slots {
-                (s + 1) as u16
-            } else {
-                NO_SLOT
-            };
-            let at = s * c.slot_size;
-            mem[at..at + 2].copy_from_slice(&next.to_ne_bytes());
-        }
-        let slab = Slab {
-            data: mem,
-            first_free: 0,
-            used: 0,
-            partial_pos: c.partial.len() as u32,
-        };
-        let id = match c.free_ids.pop() {
-            Some(id) => {
-                c.slabs[id as usize] = Some(slab);
-                id
-            }
+    /// Makes a new slab for `class` (in a spare frame for whole pages, else a fresh frame)
+    /// and stores `data` in it. `None` if the kernel refused to map a region.
+    fn grow_and_take(&mut self, arena: usize, class: usize, data: &[u8]) -> Option<Handle> {
+        let pages = self.classes[class].pages;
+        let whole_page = self.classes[class].slots == 1 && data.len() == PAGE_SIZE;
+        let (frame, ptr) = match whole_page.then(|| self.spares.pop()).flatten() {
+            Some(spare) => spare,
             None => {
-                c.slabs.push(Some(slab));
-                (c.slabs.len() - 1) as u32
+                let f = self.frames[pages - 1].take()?;
+                self.frame_bytes += (pages * PAGE_SIZE) as u64;
+                f
             }
         };
-        c.partial.push(id);
-        match self.take_slot(arena, class, data) {
-            Some(h) => (h, false),
-            None => unreachable!("a fresh slab has a free slot"),
-        }
+        self.slabs += 1;
+        let c = &mut self.classes[class];
+        let id = if c.slots == 1 {
+            c.add_slab(frame, ptr, NO_SLOT)
+        } else {
+            let id = c.add_slab(frame, ptr, 0);
+            let slab = c.slabs[id as usize].as_ref()?;
+            // Thread the intrusive free list through the slots.
+            for s in 0..c.slots {
+                let next = if s + 1 < c.slots {
+                    (s + 1) as u16
+                } else {
+                    NO_SLOT
+                };
+                slab.set_next_free_at(s * c.slot_size, next);
+            }
+            c.partial_add(id);
+            id
+        };
+        let h = if c.slots == 1 {
+            let slab = c.slabs[id as usize].as_mut()?;
+            slab.used = 1;
+            // SAFETY: a whole-page slot in our frame, under the write lock.
+            unsafe { slab.bytes_mut(0, data.len()) }.copy_from_slice(data);
+            Handle::new(arena, class, c.new_handle(id, 0))
+        } else {
+            self.take_slot(arena, class, data)?
+        };
+        self.account(data.len(), class, 1);
+        self.refresh_meta(class);
+        Some(h)
     }
 
-    /// Frees a slot; returns the slab's byte size if the slab was released.
-    fn free(&mut self, h: Handle) -> u64 {
-        let c = &mut self.classes[h.class()];
-        let slab_id = h.slab();
-        let Some(Some(slab)) = c.slabs.get_mut(slab_id) else {
-            debug_assert!(false, "free of a dead slab");
+    /// Frees a payload; returns the bytes given back to the kernel.
+    fn free(&mut self, h: Handle, len: usize) -> u64 {
+        let class = h.class();
+        let Some(c) = self.classes.get_mut(class) else {
+            debug_assert!(false, "bad class");
             return 0;
         };
-        let slot = h.slot();
-        let at = slot * c.slot_size;
-        slab.data[at..at + 2].copy_from_slice(&slab.first_free.to_ne_bytes());
+        let Some((slab_id, slot)) = c.loc(h.id()) else {
+            debug_assert!(false, "free of a dead handle");
+            return 0;
+        };
+        c.drop_handle(h.id() as u32);
+        c.owners[slab_id * c.slots + slot] = NO_OWNER;
+        let slot_size = c.slot_size;
+        let Some(Some(slab)) = c.slabs.get_mut(slab_id) else {
+            debug_assert!(false, "free in a dead slab");
+            return 0;
+        };
         let was_full = slab.first_free == NO_SLOT;
+        slab.set_next_free_at(slot * slot_size, slab.first_free);
         slab.first_free = slot as u16;
         slab.used -= 1;
-        if slab.used == 0 {
-            // Release the slab at once.
-            let pos = slab.partial_pos;
-            if pos != NOT_PARTIAL {
-                Self::partial_remove(c, pos as usize);
-            }
-            let released = c.slabs[slab_id].take();
-            c.free_ids.push(slab_id as u32);
-            if c.slots == 1 && self.spares.len() < MAX_SPARES {
-                if let Some(slab) = released {
-                    self.spares.push(slab.data);
-                    return 0;
-                }
-            }
-            return c.slab_bytes as u64;
+        let empty = slab.used == 0;
+        if was_full && !empty {
+            c.partial_add(slab_id as u32);
         }
-        if was_full {
-            slab.partial_pos = c.partial.len() as u32;
-            c.partial.push(slab_id as u32);
-        }
-        0
+        self.account(len, class, -1);
+        let released = if empty {
+            self.release_slab(class, slab_id as u32)
+        } else {
+            0
+        };
+        self.refresh_meta(class);
+        released
     }
 
-    fn partial_remove(c: &mut Class, pos: usize) {
-        c.partial.swap_remove(pos);
-        if let Some(&moved) = c.partial.get(pos) {
-            if let Some(Some(s)) = c.slabs.get_mut(moved as usize) {
-                s.partial_pos = pos as u32;
+    /// Releases an empty slab: its frame becomes a spare (whole pages, while there is
+    /// room) or goes back to the kernel. Returns the bytes given back.
+    fn release_slab(&mut self, class: usize, slab_id: u32) -> u64 {
+        let c = &mut self.classes[class];
+        let (pages, slots) = (c.pages, c.slots);
+        let ptr = c.slabs[slab_id as usize].as_ref().map(|s| s.ptr);
+        let Some(frame) = c.remove_slab(slab_id) else {
+            return 0;
+        };
+        self.slabs -= 1;
+        if let (1, 1, Some(ptr)) = (pages, slots, ptr) {
+            if self.spares.len() < MAX_SPARES {
+                self.spares.push((frame, ptr));
+                return 0;
             }
         }
+        self.frames[pages - 1].give_back(frame);
+        let bytes = (pages * PAGE_SIZE) as u64;
+        self.frame_bytes -= bytes;
+        bytes
+    }
+
+    fn drop_spares(&mut self) -> u64 {
+        let n = self.spares.len() as u64;
+        for (frame, _) in std::mem::take(&mut self.spares) {
+            self.frames[0].give_back(frame);
+        }
+        let bytes = n * PAGE_SIZE as u64;
+        self.frame_bytes -= bytes;
+        bytes
+    }
+
+    /// One bounded compaction step in `class`: moves up to `max` payloads from the least
+    /// used slabs into the most used ones; emptied slabs are given back at once.
+    fn compact_class(&mut self, class: usize, max: usize) -> CompactStep {
+        let mut done = CompactStep::default();
+        while (done.moved as usize) < max {
+            let c = &self.classes[class];
+            if c.compactable_bytes() == 0 || c.partial.len() < 2 {
+                break;
+            }
+            // The sparsest partly used slab is the source; the fullest other one the
+            // destination.
+            let used = |id: u32| c.slabs[id as usize].as_ref().map_or(0, |s| s.used);
+            let (mut src, mut dst) = (0usize, usize::MAX);
+            for (i, &id) in c.partial.iter().enumerate() {
+                if used(id) < used(c.partial[src]) {
+                    src = i;
+                }
+            }
+            for (i, &id) in c.partial.iter().enumerate() {
+                if i != src && (dst == usize::MAX || used(id) > used(c.partial[dst])) {
+                    dst = i;
+                }
+            }
+            let (src, dst) = (c.partial[src], c.partial[dst]);
+            // Only worth it if the source can be emptied into the other slabs' free slots.
+            let free_elsewhere = (c.live_slabs * c.slots as u64)
+                .saturating_sub(c.objects)
+                .saturating_sub((c.slots - used(src) as usize) as u64);
+            if free_elsewhere < u64::from(used(src)) {
+                break;
+            }
+            while (done.moved as usize) < max && self.move_one(class, src, dst) {
+                done.moved += 1;
+            }
+            let c = &self.classes[class];
+            if c.slabs[src as usize].as_ref().is_some_and(|s| s.used == 0) {
+                done.bytes_freed += self.release_slab(class, src);
+                done.slabs_freed += 1;
+            }
+        }
+        self.refresh_meta(class);
+        done
+    }
+
+    /// Moves one payload from slab `src` to slab `dst` (same class). Returns false when
+    /// `src` is empty or `dst` full.
+    fn move_one(&mut self, class: usize, src: u32, dst: u32) -> bool {
+        let c = &mut self.classes[class];
+        let (slots, slot_size) = (c.slots, c.slot_size);
+        let (Some(Some(s)), Some(Some(d))) = (c.slabs.get(src as usize), c.slabs.get(dst as usize))
+        else {
+            return false;
+        };
+        if s.used == 0 || d.first_free == NO_SLOT {
+            return false;
+        }
+        let base = src as usize * slots;
+        let Some(from) = (0..slots).find(|&i| c.owners[base + i] != NO_OWNER) else {
+            return false;
+        };
+        let to = d.first_free as usize;
+        let next = d.next_free_at(to * slot_size);
+        // SAFETY: two slots of the same size in two different slabs' frames, under the
+        // write lock; no reader can be looking at either.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                s.ptr.as_ptr().add(from * slot_size),
+                d.ptr.as_ptr().add(to * slot_size),
+                slot_size,
+            );
+        }
+        let id = c.owners[base + from];
+        c.owners[base + from] = NO_OWNER;
+        c.owners[dst as usize * slots + to] = id;
+        c.locs[id as usize] = (u64::from(dst) << 16) | to as u64;
+        // The source slot joins its slab's free list; the destination slot leaves its own.
+        if let Some(Some(s)) = c.slabs.get_mut(src as usize) {
+            s.set_next_free_at(from * slot_size, s.first_free);
+            s.first_free = from as u16;
+            s.used -= 1;
+        }
+        let full = match c.slabs.get_mut(dst as usize) {
+            Some(Some(d)) => {
+                d.first_free = next;
+                d.used += 1;
+                (next == NO_SLOT).then_some(d.partial_pos)
+            }
+            _ => None,
+        };
+        if let Some(pos) = full {
+            if pos != NOT_PARTIAL {
+                c.partial_remove(pos as usize);
+                if let Some(Some(d)) = c.slabs.get_mut(dst as usize) {
+                    d.partial_pos = NOT_PARTIAL;
+                }
+            }
+        }
+        true
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn store(a: &Arenas, data: &[u8]) -> Handle {
+        match a.alloc(data, true) {
+            Alloc::Done(h) => h,
+            _ => panic!("grow allowed"),
+        }
+    }
 
     #[test]
     fn classes_cover_all_lengths() {
@@ -551,7 +999,7 @@ mod tests {
 
     #[test]
     fn alloc_read_free_releases_slabs() {
-        let a = Arenas::new(2, 0);
+        let a = Arenas::new(2, 0, false);
         let mut hs = Vec::new();
         for i in 0..3000usize {
             // Every class gets used, but most payloads cluster like compressed pages do.
@@ -561,11 +1009,7 @@ mod tests {
                 1200 + (i * 7) % 200
             };
             let data: Vec<u8> = (0..len).map(|j| (i + j) as u8).collect();
-            let h = match a.alloc(&data, true) {
-                Alloc::Done(h) => h,
-                Alloc::NeedsGrowth(_) => panic!("grow allowed"),
-            };
-            hs.push((h, data));
+            hs.push((store(&a, &data), data));
         }
         for (h, d) in &hs {
             assert_eq!(a.with(*h, d.len(), |b| b.to_vec()).as_deref(), Some(&d[..]));
@@ -577,28 +1021,86 @@ mod tests {
             "fragmentation {}",
             s.fragmentation()
         );
+        // What the allocator counts for its frames is what the kernel holds.
+        assert_eq!(
+            a.resident_bytes(),
+            s.held_bytes - s.table_bytes,
+            "resident frames"
+        );
         for (h, d) in hs.drain(..) {
             a.free(h, d.len());
         }
-        // Freed whole-page slabs are kept as spares (still held) until dropped.
-        let spares = a.stats().slabs;
-        assert!(spares <= MAX_SPARES as u64 * 2);
-        assert_eq!(a.drop_spares(), spares * slab_cost(NUM_CLASSES - 1));
-        assert_eq!(a.stats(), AllocStats::default());
+        // Freed whole-page frames are kept as spares (still held) until dropped.
+        let s = a.stats();
+        assert!(s.slabs <= MAX_SPARES as u64 * 2);
+        assert_eq!(s.held_bytes, s.spare_bytes);
+        assert_eq!(a.drop_spares(), s.spare_bytes);
+        assert_eq!(a.stats().held_bytes, 0);
+        assert_eq!(a.stats().objects, 0);
+        assert_eq!(a.resident_bytes(), 0, "every frame went back to the kernel");
     }
 
     #[test]
     fn no_growth_means_no_new_memory() {
-        let a = Arenas::new(1, 8);
+        let a = Arenas::new(1, 8, false);
         assert!(matches!(a.alloc(&[1u8; 100], false), Alloc::NeedsGrowth(_)));
         assert_eq!(a.held_bytes(), 0);
-        let Alloc::Done(h) = a.alloc(&[1u8; 100], true) else {
-            panic!()
-        };
+        let h = store(&a, &[1u8; 100]);
         let held = a.held_bytes();
         // The same class now has free slots: no growth needed.
         assert!(matches!(a.alloc(&[2u8; 100], false), Alloc::Done(_)));
         assert_eq!(a.held_bytes(), held);
         a.free(h, 100);
+    }
+
+    #[test]
+    fn compaction_moves_payloads_and_gives_slabs_back() {
+        let a = Arenas::new(1, 0, false);
+        let mut hs = Vec::new();
+        for i in 0..20_000usize {
+            let len = 900 + (i % 7) * 100;
+            let data: Vec<u8> = (0..len).map(|j| (i * 31 + j) as u8).collect();
+            hs.push((store(&a, &data), data));
+        }
+        // Free three of every four payloads: every slab stays partly used.
+        let mut kept = Vec::new();
+        for (i, (h, d)) in hs.into_iter().enumerate() {
+            if i % 4 == 0 {
+                kept.push((h, d));
+            } else {
+                a.free(h, d.len());
+            }
+        }
+        let before = a.stats();
+        assert!(before.compactable_bytes > before.held_bytes / 2);
+        let resident_before = a.resident_bytes();
+        let mut total = CompactStep::default();
+        loop {
+            let s = a.compact(500);
+            total.add(s);
+            if s.moved == 0 && s.slabs_freed == 0 {
+                break;
+            }
+        }
+        let after = a.stats();
+        assert!(total.moved > 0 && total.slabs_freed > 0);
+        assert!(after.compactable_bytes < after.held_bytes / 10, "{after:?}");
+        assert!(
+            after.held_bytes < before.held_bytes * 45 / 100,
+            "{before:?} {after:?}"
+        );
+        // The kernel agrees: the emptied frames left the resident set.
+        let resident_after = a.resident_bytes();
+        assert_eq!(resident_after, after.held_bytes - after.table_bytes);
+        assert!(resident_before - resident_after >= total.bytes_freed);
+        // Every payload is still there, under its old handle.
+        for (h, d) in &kept {
+            assert_eq!(a.with(*h, d.len(), |b| b.to_vec()).as_deref(), Some(&d[..]));
+        }
+        for (h, d) in kept {
+            a.free(h, d.len());
+        }
+        a.drop_spares();
+        assert_eq!(a.stats().held_bytes, 0);
     }
 }

@@ -151,6 +151,11 @@ pub struct EngineConfig {
     /// while there is headroom and the compressor keeps up (at most 1024 pages wait; past
     /// that, puts compress inline again). 0 (the default) compresses at put time.
     pub defer_compression_below: f64,
+    /// Ask for transparent huge pages on the allocator's 2 MiB regions (`MADV_HUGEPAGE`).
+    /// Off by default (`MADV_NOHUGEPAGE`): giving back a 4 KiB frame of a huge page splits
+    /// it, and the rest of it stays charged until the kernel's deferred split runs, while
+    /// gets gain little (see BENCHMARKS.md, "Huge pages").
+    pub huge_pages: bool,
 }
 
 impl Default for EngineConfig {
@@ -161,6 +166,7 @@ impl Default for EngineConfig {
             shards: 64,
             arenas: 4,
             defer_compression_below: 0.0,
+            huge_pages: false,
         }
     }
 }

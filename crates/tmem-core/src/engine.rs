@@ -9,14 +9,16 @@ use std::sync::atomic::{
 };
 use std::sync::Arc;
 
-use crate::alloc::{Alloc, Arenas, Handle};
+use crate::alloc::{Alloc, Arenas, CompactStep, Handle};
 use crate::codec::{self, Shape};
 use crate::config::{ClientConfig, Codec, DedupScope, EngineConfig, PoolSpec};
 use crate::dedup::{DedupTable, Found, Inserted, Payloads};
 use crate::entry::{charge_for, Entry, Target};
 use crate::error::{Error, Result};
 use crate::shard::{ObjKey, Removed, Shard, GROUP_SHIFT};
-use crate::stats::{ClientStats, EngineStats, Gauges, OpStats, PoolStats, Striped};
+use crate::stats::{
+    ClientStats, CompactionCounters, EngineStats, Gauges, OpStats, PoolStats, Striped,
+};
 use crate::types::*;
 
 /// Most pages waiting for deferred compression before puts compress inline again.
@@ -24,6 +26,9 @@ const MAX_DEFERRED: usize = 1024;
 
 /// Pages evicted per shard visit.
 const EVICT_BATCH: usize = 32;
+
+/// Payloads compaction may move to make room for one allocation under budget pressure.
+const PRESSURE_COMPACT_MOVES: usize = 4096;
 
 pub(crate) struct ClientInfo {
     pub(crate) id: ClientId,
@@ -105,6 +110,8 @@ pub struct Engine {
     deferred: Box<[Mutex<std::collections::VecDeque<Deferred>>]>,
     deferred_count: AtomicUsize,
     deferred_cursor: AtomicUsize,
+    /// What compaction has done so far.
+    compaction: CompactionCounters,
 }
 
 impl std::fmt::Debug for Engine {
@@ -166,8 +173,8 @@ impl Engine {
             budget: AtomicU64::new(cfg.budget),
             threshold: cfg.compress_threshold.clamp(1, PAGE_SIZE - 1),
             shards: (0..n).map(|_| Mutex::new(Shard::default())).collect(),
-            eph_store: Arenas::new(cfg.arenas, 0),
-            pers_store: Arenas::new(cfg.arenas, 8),
+            eph_store: Arenas::new(cfg.arenas, 0, cfg.huge_pages),
+            pers_store: Arenas::new(cfg.arenas, 8, cfg.huge_pages),
             dedup: DedupTable::new(n),
             pools: ArcSwap::from_pointee(FxHashMap::default()),
             clients: ArcSwap::from_pointee(FxHashMap::default()),
@@ -185,6 +192,7 @@ impl Engine {
                 .collect(),
             deferred_count: AtomicUsize::new(0),
             deferred_cursor: AtomicUsize::new(0),
+            compaction: CompactionCounters::default(),
         }
     }
 
@@ -476,10 +484,66 @@ impl Engine {
         Self::shard_of(key) & (self.shards.len() - 1)
     }
 
-    /// Bytes held right now: allocator slabs plus index and dedup metadata.
+    /// Bytes held right now: allocator frames and tables plus index and dedup metadata.
     pub fn held_bytes(&self) -> u64 {
-        let meta = (self.meta.load(Relaxed) + self.dedup.meta.load(Relaxed)).max(0) as u64;
-        self.eph_store.held_bytes() + self.pers_store.held_bytes() + meta
+        self.eph_store.held_bytes() + self.pers_store.held_bytes() + self.index_meta_bytes()
+    }
+
+    fn index_meta_bytes(&self) -> u64 {
+        (self.meta.load(Relaxed) + self.dedup.meta.load(Relaxed)).max(0) as u64
+    }
+
+    /// Bytes the kernel really charges for the engine's memory: the resident pages of the
+    /// allocator's regions, asked from the kernel (`mincore`), plus the tables on the heap
+    /// (index, dedup and allocator tables, counted by their capacity). Costs one system
+    /// call per 2 MiB region: call it for statistics, not per operation.
+    pub fn resident_bytes(&self) -> u64 {
+        let regions = self.eph_store.resident_bytes() + self.pers_store.resident_bytes();
+        let ea = self.eph_store.stats();
+        let pa = self.pers_store.stats();
+        regions + ea.table_bytes + pa.table_bytes + self.index_meta_bytes()
+    }
+
+    /// Bytes that compaction could give back now.
+    pub fn compactable_bytes(&self) -> u64 {
+        self.eph_store.compactable_bytes() + self.pers_store.compactable_bytes()
+    }
+
+    /// Compacts the allocator: moves up to `max_moves` payloads out of sparsely used slabs
+    /// into fuller slabs of the same size class and gives the emptied slabs' memory back to
+    /// the kernel at once. Runs concurrently with every other operation, in steps of at most
+    /// 64 moves under one allocator lock; pages keep their content and their keys. Also
+    /// triggered by [`Engine::shrink`], [`Engine::set_budget`] and budget pressure on puts.
+    pub fn compact(&self, max_moves: usize) -> CompactStep {
+        let mut step = self.eph_store.compact(max_moves);
+        let left = max_moves.saturating_sub(step.moved as usize);
+        if left > 0 {
+            let p = self.pers_store.compact(left);
+            step.moved += p.moved;
+            step.slabs_freed += p.slabs_freed;
+            step.bytes_freed += p.bytes_freed;
+        }
+        self.compaction.record(&step);
+        step
+    }
+
+    /// Compacts until nothing more can be freed this way or the engine holds at most
+    /// `goal` bytes; returns what was done.
+    fn compact_until(&self, goal: u64, max_moves: usize) -> CompactStep {
+        let mut total = CompactStep::default();
+        while self.held_bytes() > goal && (total.moved as usize) < max_moves {
+            if self.compactable_bytes() == 0 {
+                break;
+            }
+            let s = self.compact(1024.min(max_moves - total.moved as usize));
+            total.moved += s.moved;
+            total.slabs_freed += s.slabs_freed;
+            total.bytes_freed += s.bytes_freed;
+            if s.moved == 0 && s.slabs_freed == 0 {
+                break;
+            }
+        }
+        total
     }
 
     /// The budget in bytes.
@@ -508,11 +572,15 @@ impl Engine {
         let goal = before.saturating_sub(bytes);
         let _g = self.evict_lock.lock();
         self.trim();
+        // Compaction gives memory back without dropping a page: it goes first. Evicting
+        // leaves holes in slabs, so compaction follows every batch of evictions too.
+        self.compact_until(goal, usize::MAX);
         while self.held_bytes() > goal {
             if self.evict_some(EVICT_BATCH * 4) == 0 {
                 break;
             }
             self.trim();
+            self.compact_until(goal, usize::MAX);
         }
         before.saturating_sub(self.held_bytes())
     }
@@ -628,6 +696,10 @@ impl Engine {
             let can_grow = self.held_bytes() + need <= self.budget();
             match store.alloc(data, can_grow) {
                 Alloc::Done(h) => return Ok(h),
+                Alloc::OutOfMemory => {
+                    tracing::warn!("the kernel refused to map memory for the pool");
+                    return Err(Error::NoSpace);
+                }
                 Alloc::NeedsGrowth(need) => {
                     let _g = self.evict_lock.lock();
                     // Another thread may have made room meanwhile.
@@ -637,8 +709,13 @@ impl Engine {
                     if let Alloc::Done(h) = store.alloc(data, false) {
                         return Ok(h);
                     }
-                    // Under pressure, spare slabs go back before anything is evicted.
+                    // Under pressure, spare slabs go back and slabs are compacted before
+                    // anything is evicted.
                     if self.trim() > 0 {
+                        continue;
+                    }
+                    let goal = self.budget().saturating_sub(need);
+                    if self.compact_until(goal, PRESSURE_COMPACT_MOVES).bytes_freed > 0 {
                         continue;
                     }
                     if self.evict_some(EVICT_BATCH) == 0 {
@@ -657,6 +734,10 @@ impl Engine {
                 break;
             }
             if self.trim() > 0 {
+                continue;
+            }
+            let goal = self.budget().saturating_sub(extra);
+            if self.compact_until(goal, PRESSURE_COMPACT_MOVES).bytes_freed > 0 {
                 continue;
             }
             if self.evict_some(EVICT_BATCH) == 0 {
@@ -1262,20 +1343,14 @@ impl Engine {
             pages += e.pages + p.pages;
             same += e.same_pages + p.same_pages;
         }
-        let ea = self.eph_store.stats();
-        let pa = self.pers_store.stats();
-        let alloc = crate::alloc::AllocStats {
-            held_bytes: ea.held_bytes + pa.held_bytes,
-            payload_bytes: ea.payload_bytes + pa.payload_bytes,
-            slot_bytes: ea.slot_bytes + pa.slot_bytes,
-            slabs: ea.slabs + pa.slabs,
-            objects: ea.objects + pa.objects,
-        };
+        let alloc = self.eph_store.stats().plus(self.pers_store.stats());
         let held = self.held_bytes();
         EngineStats {
             budget: self.budget(),
             held_bytes: held,
-            metadata_bytes: held - alloc.held_bytes,
+            resident_bytes: self.resident_bytes(),
+            metadata_bytes: held.saturating_sub(alloc.held_bytes),
+            compaction: self.compaction.snapshot(),
             alloc,
             logical_bytes: pages * PAGE_SIZE as u64,
             pages,

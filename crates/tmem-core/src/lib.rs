@@ -84,15 +84,16 @@ mod dedup;
 mod engine;
 mod entry;
 mod error;
+mod region;
 pub mod save;
 mod shard;
 mod stats;
 mod types;
 
-pub use alloc::AllocStats;
+pub use alloc::{AllocStats, CompactStep};
 pub use config::{ClientConfig, Codec, DedupScope, EngineConfig, PoolSpec};
 pub use engine::Engine;
 pub use error::{Error, Result};
 pub use save::{RestoreReport, SaveCursor, SaveOptions, SaveReport, StreamError};
-pub use stats::{ClientStats, EngineStats, HeldStats, OpStats, PoolStats};
+pub use stats::{ClientStats, CompactionStats, EngineStats, HeldStats, OpStats, PoolStats};
 pub use types::*;

@@ -182,8 +182,13 @@ pub struct ClientStats {
 pub struct EngineStats {
     /// The budget in bytes.
     pub budget: u64,
-    /// Bytes really held: allocator slabs + index metadata.
+    /// Bytes really held: allocator frames and tables + index metadata.
     pub held_bytes: u64,
+    /// Bytes the kernel charges for the engine's memory (see [`crate::Engine::resident_bytes`]):
+    /// agrees with `held_bytes` unless memory is leaking somewhere.
+    pub resident_bytes: u64,
+    /// What compaction has done since the engine started.
+    pub compaction: CompactionStats,
     /// Of which index metadata (hash tables, queues), estimated from table capacities.
     pub metadata_bytes: u64,
     /// Allocator figures (payload, slots, slabs; fragmentation).
@@ -237,6 +242,51 @@ impl EngineStats {
             1.0
         } else {
             data_pages as f64 / self.unique_payloads as f64
+        }
+    }
+}
+
+/// What compaction has done since the engine started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CompactionStats {
+    /// Compaction calls that moved or freed something.
+    pub runs: u64,
+    /// Payloads moved.
+    pub moved: u64,
+    /// Slabs emptied and given back.
+    pub slabs_freed: u64,
+    /// Bytes given back to the kernel by compaction.
+    pub bytes_freed: u64,
+}
+
+/// Live compaction counters.
+#[derive(Default, Debug)]
+pub(crate) struct CompactionCounters {
+    runs: AtomicU64,
+    moved: AtomicU64,
+    slabs_freed: AtomicU64,
+    bytes_freed: AtomicU64,
+}
+
+impl CompactionCounters {
+    /// Counts one compaction call.
+    pub(crate) fn record(&self, s: &crate::alloc::CompactStep) {
+        if s.moved == 0 && s.slabs_freed == 0 {
+            return;
+        }
+        self.runs.fetch_add(1, Relaxed);
+        self.moved.fetch_add(s.moved, Relaxed);
+        self.slabs_freed.fetch_add(s.slabs_freed, Relaxed);
+        self.bytes_freed.fetch_add(s.bytes_freed, Relaxed);
+    }
+
+    /// The counters now.
+    pub(crate) fn snapshot(&self) -> CompactionStats {
+        CompactionStats {
+            runs: self.runs.load(Relaxed),
+            moved: self.moved.load(Relaxed),
+            slabs_freed: self.slabs_freed.load(Relaxed),
+            bytes_freed: self.bytes_freed.load(Relaxed),
         }
     }
 }

@@ -4,7 +4,11 @@
 //! Invariants checked after every op:
 //! * a persistent page is never lost: a get returns exactly the last content put;
 //! * an ephemeral get returns either a miss or exactly the last content put (never stale);
-//! * the engine never holds more than the budget plus one slab per arena and class in flight.
+//! * the engine never holds more than the budget plus one slab per arena and class in flight;
+//! * the kernel never charges more for the engine's regions than the engine counts as held
+//!   (every freed frame went back);
+//! * compaction (an op of its own, and part of shrink and budget pressure) moves pages
+//!   without losing or changing any.
 
 use proptest::prelude::*;
 use std::collections::HashMap;
@@ -45,17 +49,21 @@ enum Op {
     Budget {
         kib: u16,
     },
+    Compact {
+        moves: u16,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        6 => (0..4usize, 0..3u8, 0..40u8, 0..12u8).prop_map(|(pool, obj, idx, content)| Op::Put { pool, obj, idx, content }),
+        6 => (0..4usize, 0..3u8, 0..40u8, 0..40u8).prop_map(|(pool, obj, idx, content)| Op::Put { pool, obj, idx, content }),
         4 => (0..4usize, 0..3u8, 0..40u8, any::<bool>()).prop_map(|(pool, obj, idx, client)| Op::Get { pool, obj, idx, client }),
         1 => (0..4usize, 0..3u8, 0..40u8).prop_map(|(pool, obj, idx)| Op::Flush { pool, obj, idx }),
         1 => (0..4usize, 0..3u8).prop_map(|(pool, obj)| Op::FlushObject { pool, obj }),
         1 => (0..64u16).prop_map(|kib| Op::Shrink { kib }),
         1 => (64..1024u16).prop_map(|kib| Op::Budget { kib }),
         2 => (0..16u8).prop_map(|n| Op::Compress { n }),
+        1 => (1..512u16).prop_map(|moves| Op::Compact { moves }),
     ]
 }
 
@@ -71,9 +79,20 @@ fn content(c: u8) -> [u8; PAGE_SIZE] {
                 *b = b"lorem ipsum dolor sit amet "[i % 27] ^ c;
             }
         }
-        _ => {
+        6..=11 => {
             let mut x = u64::from(c).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
             for b in p.iter_mut() {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                *b = x as u8;
+            }
+        }
+        _ => {
+            // Random head, zero tail: payloads of many sizes, so that slabs of many
+            // classes fill, empty and fragment.
+            let mut x = u64::from(c).wrapping_mul(0x2545_f491_4f6c_dd1d) | 1;
+            for b in p.iter_mut().take(usize::from(c) * 100) {
                 x ^= x << 13;
                 x ^= x >> 7;
                 x ^= x << 17;
@@ -207,7 +226,10 @@ proptest! {
                 Op::Shrink { kib } => { e.shrink(u64::from(kib) * 1024); }
                 Op::Budget { kib } => { e.set_budget(u64::from(kib) * 1024); }
                 Op::Compress { n } => { e.compress_deferred(usize::from(n)); }
+                Op::Compact { moves } => { e.compact(usize::from(moves)); }
             }
+            let (resident, held) = (e.resident_bytes(), e.held_bytes());
+            prop_assert!(resident <= held, "resident {} > held {}", resident, held);
             // Persistent pages are all there, always.
             for (&(pool, obj, idx), &c) in model.iter().filter(|(k, _)| persistent(k.0)) {
                 let (id, owner) = pools[pool];

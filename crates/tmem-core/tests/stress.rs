@@ -2,7 +2,8 @@
 //! enough to force eviction. Every page carries its own key and a version, so any read can
 //! be checked: a persistent page must be exactly the last version its (single) writer put;
 //! an ephemeral page must be a version some writer put for that very key and never older
-//! than one that writer put and saw acknowledged after a flush.
+//! than one that writer put and saw acknowledged after a flush. A compactor thread moves
+//! payloads between slabs the whole time, and workers shrink the engine now and then.
 
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -59,6 +60,18 @@ fn concurrent_random_ops_keep_every_page_consistent() {
                 std::thread::yield_now();
             }
             n
+        })
+    };
+    // Compaction runs concurrently with everything else, all the time.
+    let compactor = {
+        let (e, stop) = (e.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut moved = 0;
+            while !stop.load(Ordering::Relaxed) {
+                moved += e.compact(256).moved;
+                std::thread::yield_now();
+            }
+            moved
         })
     };
     let uuid = PoolUuid(1);
@@ -186,12 +199,21 @@ fn concurrent_random_ops_keep_every_page_consistent() {
     }
     stop.store(true, Ordering::Relaxed);
     let compressed = compressor.join().expect("compressor panicked");
+    let moved = compactor.join().expect("compactor panicked");
+    assert!(moved > 0, "compaction moved pages while the workers ran");
     assert!(
         compressed > 0,
         "deferred pages were compressed in the background"
     );
     assert_eq!(errors.load(Ordering::Relaxed), 0, "inconsistent reads");
     let s = e.stats();
+    // The kernel charges no more than the engine counts (no leaked frame).
+    assert!(
+        s.resident_bytes <= s.held_bytes,
+        "resident {} held {}",
+        s.resident_bytes,
+        s.held_bytes
+    );
     assert!(s.ops.evictions > 0, "the budget forced evictions");
     assert!(
         s.held_bytes <= s.budget + (1 << 20),
