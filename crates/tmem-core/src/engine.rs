@@ -53,6 +53,10 @@ pub(crate) struct PoolInfo {
     pub(crate) ops: Striped,
     pub(crate) held: Gauges,
     pub(crate) dedup_domain: Option<u64>,
+    /// Set by [`Engine::destroy_pool`] before it sweeps the shards. A put that resolved
+    /// the pool earlier checks it under the shard lock, so it cannot insert into a shard
+    /// the sweep has already visited (the page would be orphaned: charged, never freed).
+    pub(crate) dead: AtomicBool,
 }
 
 impl PoolInfo {
@@ -362,6 +366,7 @@ impl Engine {
             ops: Striped::default(),
             held: Gauges::default(),
             dedup_domain,
+            dead: AtomicBool::new(false),
         });
         self.pools.rcu(|t| {
             let mut t = FxHashMap::clone(t);
@@ -372,7 +377,9 @@ impl Engine {
     }
 
     /// Destroys a pool (flushing all its pages). For a shared pool this only removes the
-    /// client from it; the pool is destroyed when its last member leaves.
+    /// client from it; the pool is destroyed when its last member leaves. Puts racing the
+    /// destroy either land before it and are flushed with the pool, or are refused with
+    /// [`Error::UnknownPool`]; none is left behind.
     pub fn destroy_pool(&self, client: ClientId, pool: PoolId) -> Result<()> {
         let p = self.pool_for(client, pool)?;
         if let Sharing::Shared(uuid) = p.spec.sharing {
@@ -389,7 +396,10 @@ impl Engine {
             t.remove(&pool.0);
             t
         });
-        // No new op can reach the pool now; drop its pages.
+        // No new op can reach the pool now, and a put that resolved it before sees `dead`
+        // under the shard lock: either its insert comes before the sweep of that shard
+        // (and is swept) or it is refused. Drop the pool's pages.
+        p.dead.store(true, std::sync::atomic::Ordering::Release);
         for s in 0..self.shards.len() {
             let mut removed = Vec::new();
             {
@@ -948,6 +958,9 @@ impl Engine {
         if client != p.owner.id && self.client(client)?.frozen.load(Relaxed) {
             return Err(Error::Frozen(client));
         }
+        if p.dead.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(Error::UnknownPool(p.id));
+        }
         let prep = self.prepare(p, page, s)?;
         if p.persistent() {
             let cap = p.owner.cap.load(Relaxed);
@@ -960,6 +973,13 @@ impl Engine {
         let okey = ObjKey::new(key.pool, key.object);
         let (old, d) = {
             let mut shard = self.shards[s].lock();
+            if p.dead.load(std::sync::atomic::Ordering::Acquire) {
+                // destroy_pool has swept or will sweep this shard: do not orphan the page.
+                // Nothing was charged yet; the prepared payload goes back.
+                drop(shard);
+                self.discard(prep);
+                return Err(Error::UnknownPool(p.id));
+            }
             let mut e = prep.entry;
             e.set_referenced(false);
             shard.insert(okey, key.index.0, e, p.queue_client())

@@ -1,28 +1,37 @@
 //! Save and restore of a client's pools as a versioned, checksummed, resumable stream.
 //!
-//! # Format (version 1, little endian)
+//! # Format (version 2, little endian)
 //! ```text
-//! header  "TMEMSAV1" | u16 version=1 | u16 flags (bit0 ephemeral included, bit1 continuation)
-//!         | u32 source client | u32 resume.pool | u32 resume.shard | u64 resume.frames
-//!         | u32 crc32 of the 32 bytes before
-//! frame   u8 type | u32 length | payload | u32 crc32(type, length, payload)
+//! header  "TMEMSAV1" | u16 version=2 | u16 flags (bit0 ephemeral included, bit1 continuation,
+//!         bit2 resume inside a shard) | u32 source client | u32 resume.pool | u32 resume.shard
+//!         | u64 resume.frames | [u64;3] resume.after object | u32 resume.after index
+//!         | u32 crc32 of the 60 bytes before                                   (64 bytes)
+//! frame   u8 type | u32 length (≤ 16 MiB) | payload | u32 crc32(type, length, payload)
 //!   1 POOL   u32 local id | u8 persistent | u8 exclusive | u8 dedup | u8 codec | i8 level
 //!            | u8 label length | label
 //!   2 PAGES  u32 local id | records: [u64;3] object | u32 index | u8 kind
 //!            kind 0: u64 word (same-filled page) | kind 1: u8 codec | u16 len | bytes
 //!   3 END    u32 pools | u64 pages | u32 crc32 of every previous frame's crc
 //! ```
-//! A stream is written pool by pool and, inside a pool, shard by shard; each (pool, shard)
-//! unit is one PAGES frame. A save that fails part-way reports a [`SaveCursor`]: the unit
-//! it was writing and how many frames were completely written before it. [`Engine::save`]
-//! with that cursor writes a *continuation* stream holding the rest, and
-//! [`Engine::restore_parts`] restores the interrupted part (cut at any frame boundary at or
-//! after the cursor's frame count is rejected unless it matches exactly) followed by the
-//! continuation. Every part but the last ends at a frame boundary without END; the
-//! continuation's header names how many frames must precede it, so a lost frame is detected.
-//! [`Engine::restore`] reads one whole stream. Both either apply all of it or — on any corruption, truncation or refused put — destroys the pools
-//! it created, leaving the engine as it was (ephemeral pages of other pools may have been
-//! evicted to make room, as they may be at any time).
+//! A stream is written pool by pool and, inside a pool, shard by shard; inside a shard,
+//! pages go in (object, index) order and are cut into PAGES frames of at most 8 MiB of
+//! payload, so a shard of any size is saved as several bounded frames (restore refuses a
+//! frame over 16 MiB). A save that fails part-way reports a [`SaveCursor`]: the shard it
+//! was writing, the last page of that shard it wrote in a complete frame, and how many
+//! frames were completely written. [`Engine::save`] with that cursor writes a
+//! *continuation* stream holding the rest, and [`Engine::restore_parts`] restores the
+//! interrupted part (cut at any frame boundary at or after the cursor's frame count is
+//! rejected unless it matches exactly) followed by the continuation. Every part but the
+//! last ends at a frame boundary without END; the continuation's header names how many
+//! frames must precede it, so a lost frame is detected. [`Engine::restore`] reads one
+//! whole stream. Both either apply all of it or — on any corruption, truncation or refused
+//! put — destroy the pools they created, leaving the engine as it was (ephemeral pages of
+//! other pools may have been evicted to make room, as they may be at any time).
+//!
+//! Version 1 streams (written before frames were bounded: a 36-byte header without the
+//! `resume.after` fields and its crc over 32 bytes, one PAGES frame per shard, frames of
+//! up to 64 MiB accepted) are still restored; any other version is refused with
+//! [`StreamError::BadVersion`].
 
 use std::io::{Read, Write};
 
@@ -32,15 +41,32 @@ use crate::error::{Error, Result};
 use crate::types::*;
 
 const MAGIC: &[u8; 8] = b"TMEMSAV1";
-const VERSION: u16 = 1;
+/// The version written.
+const VERSION: u16 = 2;
+/// The previous version, still restored.
+const VERSION_1: u16 = 1;
 const FLAG_EPHEMERAL: u16 = 1;
 const FLAG_CONTINUATION: u16 = 2;
+/// The continuation resumes inside a shard, after the page named in the header (v2).
+const FLAG_RESUME_AFTER: u16 = 4;
 const T_POOL: u8 = 1;
 const T_PAGES: u8 = 2;
 const T_END: u8 = 3;
-/// Largest frame accepted by restore.
-const MAX_FRAME: u32 = 64 << 20;
-const HEADER_LEN: usize = 36;
+/// Header length of a version 2 stream.
+const HEADER_LEN: usize = 64;
+/// Header length of a version 1 stream.
+const HEADER_LEN_V1: usize = 36;
+/// Largest frame payload restore accepts in a version 2 stream.
+const MAX_FRAME: usize = 16 << 20;
+/// Largest frame payload restore accepts in a version 1 stream (whose writer did not
+/// bound its frames).
+const MAX_FRAME_V1: usize = 64 << 20;
+/// Payload bound of the PAGES frames a save writes.
+const FRAME_LIMIT: usize = 8 << 20;
+/// Largest page record: object, index, kind, codec, length and a whole page.
+const MAX_RECORD: usize = 24 + 4 + 1 + 1 + 2 + PAGE_SIZE;
+/// Smallest frame bound a save accepts: the pool id and one record of any size.
+const MIN_FRAME_LIMIT: usize = 4 + MAX_RECORD;
 
 /// A page as it is stored: a same-filled word or (codec tag, payload).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -88,14 +114,18 @@ pub enum StreamError {
     OutOfOrder,
 }
 
-/// Where a save stands: the next (pool position, shard) unit to write, and how many frames
-/// were completely written before it.
+/// Where a save stands: the next (pool position, shard) unit to write, the last page of
+/// that shard already written in a complete frame (a shard may span several frames), and
+/// how many frames were completely written before this point.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct SaveCursor {
     /// Position of the pool in the client's pool list (by id).
     pub pool: u32,
     /// Shard inside that pool.
     pub shard: u32,
+    /// Inside that shard, the last page (in (object, index) order) already written in a
+    /// complete frame: the save resumes after it. `None`: from the shard's first page.
+    pub after: Option<(ObjectId, PageIndex)>,
     /// Frames completely written before this point (END frames excluded).
     pub frames: u64,
 }
@@ -175,6 +205,34 @@ fn dedup_code(d: DedupScope) -> u8 {
     }
 }
 
+/// Bytes of a page record in a PAGES frame.
+fn record_len(st: &Stored) -> usize {
+    match st {
+        Stored::Same(_) => 24 + 4 + 1 + 8,
+        Stored::Data(_, bytes) => 24 + 4 + 1 + 1 + 2 + bytes.len(),
+    }
+}
+
+/// Appends a page record to a PAGES frame.
+fn put_record(b: &mut Vec<u8>, oid: ObjectId, idx: u32, st: &Stored) {
+    for w in oid.0 {
+        b.extend_from_slice(&w.to_le_bytes());
+    }
+    b.extend_from_slice(&idx.to_le_bytes());
+    match st {
+        Stored::Same(word) => {
+            b.push(0);
+            b.extend_from_slice(&word.to_le_bytes());
+        }
+        Stored::Data(codec, bytes) => {
+            b.push(1);
+            b.push(*codec);
+            b.extend_from_slice(&(bytes.len() as u16).to_le_bytes());
+            b.extend_from_slice(bytes);
+        }
+    }
+}
+
 fn pool_frame(local: u32, spec: &PoolSpec) -> Vec<u8> {
     let mut b = Vec::with_capacity(12 + spec.label.len());
     b.extend_from_slice(&local.to_le_bytes());
@@ -203,10 +261,26 @@ impl Engine {
         opts: SaveOptions,
         w: &mut W,
     ) -> Result<SaveReport> {
+        self.save_with_frame_limit(client, opts, FRAME_LIMIT, w)
+    }
+
+    /// [`Engine::save`] with PAGES frames of at most `frame_limit` payload bytes instead of
+    /// 8 MiB (clamped to what one page record needs and to what restore accepts). The
+    /// stream is an ordinary one; this exists so that tests can split small shards into
+    /// many frames.
+    #[doc(hidden)]
+    pub fn save_with_frame_limit<W: Write>(
+        &self,
+        client: ClientId,
+        opts: SaveOptions,
+        frame_limit: usize,
+        w: &mut W,
+    ) -> Result<SaveReport> {
         let c = self.client_info(client)?;
         *c.save_log.lock() = Some(Default::default());
         c.saving.store(true, std::sync::atomic::Ordering::Relaxed);
-        let r = self.save_inner(client, opts, w);
+        let limit = frame_limit.clamp(MIN_FRAME_LIMIT, MAX_FRAME);
+        let r = self.save_inner(client, opts, limit, w);
         c.saving.store(false, std::sync::atomic::Ordering::Relaxed);
         let touched = c.save_log.lock().take().unwrap_or_default();
         let mut rep = r?;
@@ -218,6 +292,7 @@ impl Engine {
         &self,
         client: ClientId,
         opts: SaveOptions,
+        limit: usize,
         w: &mut W,
     ) -> Result<SaveReport> {
         let pools: Vec<_> = self
@@ -233,6 +308,9 @@ impl Engine {
         }
         if opts.resume.is_some() {
             flags |= FLAG_CONTINUATION;
+        }
+        if start.after.is_some() {
+            flags |= FLAG_RESUME_AFTER;
         }
         let werr = |cursor: SaveCursor| {
             move |e: std::io::Error| {
@@ -250,6 +328,11 @@ impl Engine {
         hdr.extend_from_slice(&start.pool.to_le_bytes());
         hdr.extend_from_slice(&start.shard.to_le_bytes());
         hdr.extend_from_slice(&start.frames.to_le_bytes());
+        let (after_oid, after_idx) = start.after.unwrap_or((ObjectId::default(), PageIndex(0)));
+        for w in after_oid.0 {
+            hdr.extend_from_slice(&w.to_le_bytes());
+        }
+        hdr.extend_from_slice(&after_idx.0.to_le_bytes());
         let hcrc = crc32fast::hash(&hdr);
         hdr.extend_from_slice(&hcrc.to_le_bytes());
         w.write_all(&hdr).map_err(werr(start))?;
@@ -260,55 +343,60 @@ impl Engine {
             crcs: crc32fast::Hasher::new(),
         };
         let mut rep = SaveReport::default();
-        for (i, p) in pools.iter().enumerate() {
-            if (i as u32) < start.pool {
-                continue;
-            }
-            let first_shard = if i as u32 == start.pool {
-                start.shard
-            } else {
-                0
-            };
+        let mut b = Vec::new();
+        for (i, p) in pools.iter().enumerate().skip(start.pool as usize) {
+            let pool = i as u32;
+            let resumed = pool == start.pool;
+            let first_shard = if resumed { start.shard } else { 0 };
             let at = SaveCursor {
-                pool: i as u32,
+                pool,
                 shard: first_shard,
+                after: if resumed { start.after } else { None },
                 frames: fw.frames,
             };
-            fw.frame(T_POOL, &pool_frame(i as u32, &p.spec))
+            fw.frame(T_POOL, &pool_frame(pool, &p.spec))
                 .map_err(werr(at))?;
             rep.pools += 1;
-            for s in first_shard as usize..self.shard_count() {
-                let cursor = SaveCursor {
-                    pool: i as u32,
-                    shard: s as u32,
-                    frames: fw.frames,
+            for s in first_shard..self.shard_count() as u32 {
+                let resume_after = if resumed && s == start.shard {
+                    start.after
+                } else {
+                    None
                 };
-                let pages = self.snapshot_shard(s, p.id);
-                if pages.is_empty() {
-                    continue;
-                }
-                let mut b = Vec::with_capacity(4 + pages.len() * 1500);
-                b.extend_from_slice(&(i as u32).to_le_bytes());
-                for (oid, idx, st) in &pages {
-                    for w in oid.0 {
-                        b.extend_from_slice(&w.to_le_bytes());
-                    }
-                    b.extend_from_slice(&idx.to_le_bytes());
-                    match st {
-                        Stored::Same(word) => {
-                            b.push(0);
-                            b.extend_from_slice(&word.to_le_bytes());
+                let mut pages = self.snapshot_shard(s as usize, p.id);
+                pages.sort_unstable_by_key(|(oid, idx, _)| (*oid, *idx));
+                let from = resume_after.map_or(0, |(o, x)| {
+                    pages.partition_point(|(oid, idx, _)| (*oid, *idx) <= (o, x.0))
+                });
+                // Cut the shard's pages into frames of at most `limit` payload bytes.
+                let mut pages = pages.into_iter().skip(from).peekable();
+                let mut after = resume_after;
+                while pages.peek().is_some() {
+                    b.clear();
+                    b.extend_from_slice(&pool.to_le_bytes());
+                    let mut n = 0u64;
+                    let mut last = after;
+                    while let Some((_, _, st)) = pages.peek() {
+                        if n > 0 && b.len() + record_len(st) > limit {
+                            break;
                         }
-                        Stored::Data(codec, bytes) => {
-                            b.push(1);
-                            b.push(*codec);
-                            b.extend_from_slice(&(bytes.len() as u16).to_le_bytes());
-                            b.extend_from_slice(bytes);
-                        }
+                        let Some((oid, idx, st)) = pages.next() else {
+                            break;
+                        };
+                        put_record(&mut b, oid, idx, &st);
+                        n += 1;
+                        last = Some((oid, PageIndex(idx)));
                     }
+                    let cursor = SaveCursor {
+                        pool,
+                        shard: s,
+                        after,
+                        frames: fw.frames,
+                    };
+                    fw.frame(T_PAGES, &b).map_err(werr(cursor))?;
+                    rep.pages += n;
+                    after = last;
                 }
-                fw.frame(T_PAGES, &b).map_err(werr(cursor))?;
-                rep.pages += pages.len() as u64;
             }
         }
         let mut end = Vec::with_capacity(16);
@@ -318,6 +406,7 @@ impl Engine {
         let done = SaveCursor {
             pool: pools.len() as u32,
             shard: 0,
+            after: None,
             frames: fw.frames,
         };
         fw.frame(T_END, &end).map_err(werr(done))?;
@@ -368,22 +457,36 @@ impl Engine {
         st: &mut RestoreState,
     ) -> Result<()> {
         let mut hdr = [0u8; HEADER_LEN];
-        let got = read_full(r, &mut hdr).map_err(io)?;
+        let got = read_full(r, &mut hdr[..10]).map_err(io)?;
         if got < 8 || &hdr[..8] != MAGIC {
             return Err(StreamError::BadMagic.into());
         }
-        if got < HEADER_LEN {
+        if got < 10 {
             return Err(StreamError::Truncated.into());
         }
-        if crc32fast::hash(&hdr[..32]).to_le_bytes() != hdr[32..36] {
+        let version = u16::from_le_bytes([hdr[8], hdr[9]]);
+        let (hlen, max_frame, known_flags) = match version {
+            VERSION => (
+                HEADER_LEN,
+                MAX_FRAME,
+                FLAG_EPHEMERAL | FLAG_CONTINUATION | FLAG_RESUME_AFTER,
+            ),
+            VERSION_1 => (
+                HEADER_LEN_V1,
+                MAX_FRAME_V1,
+                FLAG_EPHEMERAL | FLAG_CONTINUATION,
+            ),
+            v => return Err(StreamError::BadVersion(v).into()),
+        };
+        let hdr = &mut hdr[..hlen];
+        if read_full(r, &mut hdr[10..]).map_err(io)? < hlen - 10 {
+            return Err(StreamError::Truncated.into());
+        }
+        if crc32fast::hash(&hdr[..hlen - 4]).to_le_bytes() != hdr[hlen - 4..] {
             return Err(StreamError::BadChecksum(0).into());
         }
-        let version = u16::from_le_bytes([hdr[8], hdr[9]]);
-        if version != VERSION {
-            return Err(StreamError::BadVersion(version).into());
-        }
         let flags = u16::from_le_bytes([hdr[10], hdr[11]]);
-        if flags & !(FLAG_EPHEMERAL | FLAG_CONTINUATION) != 0 {
+        if flags & !known_flags != 0 {
             return Err(StreamError::Malformed {
                 frame: 0,
                 what: "unknown header flags",
@@ -392,6 +495,13 @@ impl Engine {
         }
         if (flags & FLAG_CONTINUATION != 0) == first {
             return Err(StreamError::OutOfOrder.into());
+        }
+        if flags & FLAG_RESUME_AFTER != 0 && flags & FLAG_CONTINUATION == 0 {
+            return Err(StreamError::Malformed {
+                frame: 0,
+                what: "resume position in a first stream",
+            }
+            .into());
         }
         let mut fb = [0u8; 8];
         fb.copy_from_slice(&hdr[24..32]);
@@ -402,6 +512,7 @@ impl Engine {
         let mut crcs = crc32fast::Hasher::new();
         let mut pools_in_part = 0u32;
         let mut pages_in_part = 0u64;
+        let mut payload = Vec::new();
         loop {
             st.frame += 1;
             let frame = st.frame;
@@ -415,15 +526,16 @@ impl Engine {
                 return Err(StreamError::Truncated.into());
             }
             let t = th[0];
-            let len = u32::from_le_bytes([th[1], th[2], th[3], th[4]]);
-            if len > MAX_FRAME {
+            let len = u32::from_le_bytes([th[1], th[2], th[3], th[4]]) as usize;
+            if len > max_frame {
                 return Err(StreamError::Malformed {
                     frame,
                     what: "frame too large",
                 }
                 .into());
             }
-            let mut payload = vec![0u8; len as usize];
+            payload.clear();
+            payload.resize(len, 0);
             r.read_exact(&mut payload).map_err(io)?;
             let mut crcb = [0u8; 4];
             r.read_exact(&mut crcb).map_err(io)?;

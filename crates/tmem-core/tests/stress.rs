@@ -228,3 +228,94 @@ fn concurrent_random_ops_keep_every_page_consistent() {
     let s = e.stats();
     assert_eq!((s.pages, s.alloc.objects, s.alloc.held_bytes), (0, 0, 0));
 }
+
+/// `destroy_pool` racing puts (and gets and flushes) that already resolved the pool: no
+/// put may land in a shard after the destroy swept it. Such an orphaned page would stay
+/// charged to its client forever (it can be neither evicted nor flushed any more).
+#[test]
+fn destroy_pool_racing_puts_leaves_no_orphaned_page() {
+    let rounds = 300u64;
+    let e = Engine::new(EngineConfig {
+        budget: 1 << 30,
+        shards: 64,
+        ..Default::default()
+    });
+    let c = ClientId(1);
+    e.add_client(c, ClientConfig::default()).unwrap();
+    e.trim();
+    let baseline = e.held_bytes();
+    let specs = [
+        PoolSpec::private_persistent()
+            .with_codec(Codec::None)
+            .with_dedup(DedupScope::Off),
+        PoolSpec::private_ephemeral(),
+        PoolSpec::private_persistent()
+            .with_codec(Codec::Zstd(1))
+            .with_dedup(DedupScope::Pool),
+        PoolSpec::private_ephemeral().with_exclusive_gets(false),
+    ];
+    for round in 0..rounds {
+        let pool = e
+            .create_pool(c, specs[round as usize % specs.len()].clone())
+            .unwrap();
+        let puts = AtomicU64::new(0);
+        std::thread::scope(|s| {
+            for t in 0..3u64 {
+                let (e, puts) = (&e, &puts);
+                s.spawn(move || {
+                    let mut i = 0u32;
+                    loop {
+                        let key = PageKey::new(pool, ObjectId([t, round, 0]), i);
+                        // Zero pages, duplicates and unique pages: every prepared form.
+                        let page = make(&key, u64::from(i % 5), true);
+                        match e.put(c, key, &page) {
+                            Ok(()) => _ = puts.fetch_add(1, Ordering::Relaxed),
+                            Err(Error::UnknownPool(p)) if p == pool => break,
+                            Err(other) => panic!("round {round}: put refused: {other}"),
+                        }
+                        i = (i + 1) % 2048;
+                    }
+                });
+            }
+            // A reader/flusher racing the destroy as well.
+            let (e, puts) = (&e, &puts);
+            s.spawn(move || {
+                let mut out = [0u8; PAGE_SIZE];
+                let mut i = 0u32;
+                loop {
+                    let key = PageKey::new(pool, ObjectId([u64::from(i % 3), round, 0]), i);
+                    let r = match i % 4 {
+                        0 | 1 => e.get(c, key, &mut out).map(drop),
+                        2 => e.flush_page(c, key).map(drop),
+                        _ => e.flush_object(c, pool, key.object).map(drop),
+                    };
+                    match r {
+                        Ok(()) => {}
+                        Err(Error::UnknownPool(p)) if p == pool => break,
+                        Err(other) => panic!("round {round}: {other}"),
+                    }
+                    i = (i + 1) % 2048;
+                    if puts.load(Ordering::Relaxed) == 0 {
+                        std::thread::yield_now();
+                    }
+                }
+            });
+            while puts.load(Ordering::Relaxed) < 32 {
+                std::thread::yield_now();
+            }
+            e.destroy_pool(c, pool).unwrap();
+        });
+        let cs = e.client_stats(c).unwrap();
+        assert_eq!(
+            (cs.persistent, cs.ephemeral),
+            (HeldStats::default(), HeldStats::default()),
+            "round {round}: pages still charged after destroy_pool"
+        );
+        let s = e.stats();
+        assert_eq!((s.pages, s.pools), (0, 0), "round {round}");
+    }
+    e.trim();
+    let s = e.stats();
+    assert_eq!((s.alloc.objects, s.alloc.held_bytes), (0, 0));
+    assert_eq!(e.held_bytes(), baseline, "held bytes back to the baseline");
+}
