@@ -22,6 +22,7 @@
 //! | DELETE | `/exports/{name}` | | 204 |
 //! | PUT | `/budget` | [`SetBudget`] | [`BudgetReply`] |
 //! | POST | `/shrink` | [`ShrinkRequest`] | [`ShrinkReply`] |
+//! | POST | `/compact` | [`CompactRequest`] (optional) | [`CompactReply`] |
 //! | GET | `/guests` | | `[`[`GuestInfo`]`]` |
 //! | POST | `/guests` | [`CreateGuest`] | [`GuestInfo`] (201) |
 //! | DELETE | `/guests/{name}` | | 204 |
@@ -323,6 +324,33 @@ pub struct PoolSummary {
     pub pools: u64,
     /// Operation counters.
     pub ops: Ops,
+    /// Bytes the kernel charges for the pool's memory (regions measured with `mincore`,
+    /// tables counted by capacity); agrees with `held_bytes`.
+    #[serde(default)]
+    pub resident_bytes: u64,
+    /// The daemon's whole resident set (`VmRSS`): the pool plus connections, threads and
+    /// the program itself.
+    #[serde(default)]
+    pub process_rss_bytes: u64,
+    /// Bytes compaction could give back now.
+    #[serde(default)]
+    pub compactable_bytes: u64,
+    /// What compaction has done since the daemon started.
+    #[serde(default)]
+    pub compaction: CompactionSummary,
+}
+
+/// Compaction counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CompactionSummary {
+    /// Compaction runs that moved or freed something.
+    pub runs: u64,
+    /// Pages (payloads) moved.
+    pub moved: u64,
+    /// Slabs emptied and given back.
+    pub slabs_freed: u64,
+    /// Bytes given back to the kernel.
+    pub bytes_freed: u64,
 }
 
 /// One client.
@@ -621,6 +649,30 @@ pub struct ShrinkReply {
     pub requested: u64,
     /// Bytes released.
     pub released: u64,
+}
+
+/// `POST /compact` (the body may be empty: compact until nothing more can be freed).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompactRequest {
+    /// Most payloads to move (default: no limit).
+    #[serde(default)]
+    pub max_moves: Option<u64>,
+}
+
+/// Reply to `POST /compact`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CompactReply {
+    /// Payloads moved.
+    pub moved: u64,
+    /// Slabs emptied and given back.
+    pub slabs_freed: u64,
+    /// Bytes the allocator gave back to the kernel.
+    pub bytes_freed: u64,
+    /// The daemon's resident set before, bytes (`VmRSS`).
+    pub rss_before: u64,
+    /// The daemon's resident set after, bytes.
+    pub rss_after: u64,
 }
 
 /// A balloon policy choice.

@@ -84,6 +84,16 @@ pub enum Cmd {
         /// Bytes to release (e.g. 512M).
         size: Size,
     },
+    /// Compact the pool now: move pages out of sparsely used slabs and give the emptied
+    /// slabs' memory back to the kernel.
+    Compact {
+        /// Move at most this many pages (default: until nothing more can be freed).
+        #[arg(long)]
+        max_moves: Option<u64>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Refuse new puts of a client.
     Freeze {
         /// Client id.
@@ -394,6 +404,25 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                 format_size(r.released),
                 format_size(r.requested)
             );
+        }
+        Cmd::Compact { max_moves, json } => {
+            let r: tmem_api::CompactReply = c.call(
+                "POST",
+                &v1("/compact"),
+                Some(&tmem_api::CompactRequest { max_moves }),
+            )?;
+            if json {
+                print_json(&r);
+            } else {
+                println!(
+                    "moved {} pages, freed {} slabs ({}); daemon RSS {} -> {}",
+                    r.moved,
+                    r.slabs_freed,
+                    format_size(r.bytes_freed),
+                    format_size(r.rss_before),
+                    format_size(r.rss_after)
+                );
+            }
         }
         Cmd::Freeze { client } => {
             let ci: ClientInfo =

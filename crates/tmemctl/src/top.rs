@@ -66,6 +66,15 @@ impl Frame {
                 p.clients,
                 p.pools,
             ),
+            format!(
+                "memory  resident {}  daemon RSS {}  compactable {}  compacted {} in {} runs ({} pages moved)",
+                format_size(p.resident_bytes),
+                format_size(p.process_rss_bytes),
+                format_size(p.compactable_bytes),
+                format_size(p.compaction.bytes_freed),
+                p.compaction.runs,
+                p.compaction.moved,
+            ),
         ];
         let prev_client = |id: u32| prev.and_then(|(s, _)| s.clients.iter().find(|c| c.id == id));
         let clients = Table {

@@ -6,7 +6,8 @@ use std::sync::Arc;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tmem_api::{
-    CreateClient, CreateExport, CreateGuest, ErrorBody, SetBudget, ShrinkRequest, API_PREFIX,
+    CompactRequest, CreateClient, CreateExport, CreateGuest, ErrorBody, SetBudget, ShrinkRequest,
+    API_PREFIX,
 };
 
 use crate::balloon::GuestError;
@@ -196,6 +197,14 @@ impl Api {
             ("POST", ["shrink"]) => {
                 op("Shrink", 200, d.shrink(body::<ShrinkRequest>(req)?.bytes.0))
             }
+            ("POST", ["compact"]) => {
+                let r: CompactRequest = if req.body.iter().all(u8::is_ascii_whitespace) {
+                    CompactRequest::default()
+                } else {
+                    body(req)?
+                };
+                op("Compact", 200, d.compact(r.max_moves))
+            }
             ("GET", ["guests"]) => Ok(json(200, &d.guests())),
             ("POST", ["guests"]) => op("Add guest", 201, d.add_guest(&body::<CreateGuest>(req)?)),
             ("DELETE", ["guests", name]) => op_empty("Remove guest", d.remove_guest(name)),
@@ -225,6 +234,7 @@ fn known(segs: &[&str]) -> bool {
             | ["exports", _]
             | ["budget"]
             | ["shrink"]
+            | ["compact"]
             | ["guests"]
             | ["guests", _]
     )
@@ -335,6 +345,13 @@ mod tests {
         assert_eq!(status("PUT", "/api/v1/budget", r#"{"bytes":"64M"}"#), 200);
         assert_eq!(running.daemon.engine().budget(), 64 << 20);
         assert_eq!(status("POST", "/api/v1/shrink", r#"{"bytes":4096}"#), 200);
+        assert_eq!(status("POST", "/api/v1/compact", ""), 200);
+        assert_eq!(
+            status("POST", "/api/v1/compact", r#"{"max_moves":10}"#),
+            200
+        );
+        assert_eq!(status("POST", "/api/v1/compact", r#"{"moves":10}"#), 400);
+        assert_eq!(status("GET", "/api/v1/compact", ""), 405);
         assert_eq!(status("GET", "/api/v1/guests", ""), 200);
         assert_eq!(status("GET", "/", ""), 404);
         assert_eq!(status("GET", "/api/v1", ""), 404);

@@ -31,6 +31,10 @@ pub const QMP_TIMEOUT: Duration = Duration::from_secs(5);
 /// The engine as the balloon manager's pool: budget up when guests shrink, `shrink` at once
 /// when a guest must grow.
 ///
+/// Both act on memory as the kernel charges it: a shrink reports how much the pool's
+/// resident memory really fell (not what the engine's books say it freed), and a new
+/// budget is enforced on the resident figure.
+///
 /// The manager computes the budget as host RAM − reserve − Σ guests; the operator's budget
 /// (`--budget`, `PUT /budget`) stays the ceiling, so the manager moves the budget below it
 /// and never above.
@@ -50,7 +54,24 @@ impl EnginePool {
     /// Sets the operator's budget (the ceiling) and applies it now; returns bytes released.
     pub fn set_ceiling(&self, bytes: u64) -> u64 {
         self.ceiling.store(bytes, Ordering::Relaxed);
-        self.engine.set_budget(bytes)
+        self.fit(bytes)
+    }
+
+    /// Applies a budget and makes the pool's resident memory fit it; returns the fall of
+    /// resident memory in bytes.
+    fn fit(&self, bytes: u64) -> u64 {
+        let before = self.engine.resident_bytes();
+        self.engine.set_budget(bytes);
+        // The engine's account and the kernel's can differ by tables and in-flight pages:
+        // what counts is the kernel's.
+        for _ in 0..3 {
+            let resident = self.engine.resident_bytes();
+            if resident <= bytes || self.engine.shrink(resident - bytes) == 0 {
+                break;
+            }
+        }
+        crate::memory::trim_heap();
+        before.saturating_sub(self.engine.resident_bytes())
     }
 
     /// The operator's budget.
@@ -65,11 +86,14 @@ impl PoolControl for EnginePool {
         if bytes == self.engine.budget() {
             return;
         }
-        let released = self.engine.set_budget(bytes);
+        let released = self.fit(bytes);
         tracing::debug!(budget = bytes, released, "balloon manager set pool budget");
     }
     fn shrink(&self, bytes: u64) -> u64 {
-        self.engine.shrink(bytes)
+        let before = self.engine.resident_bytes();
+        self.engine.shrink(bytes);
+        crate::memory::trim_heap();
+        before.saturating_sub(self.engine.resident_bytes())
     }
     fn budget(&self) -> u64 {
         self.engine.budget()
@@ -369,6 +393,37 @@ mod tests {
         p.set_budget(1 << 40);
         assert_eq!(e.budget(), 16 << 20);
         assert_eq!(p.shrink(1 << 20), 0);
+    }
+
+    #[test]
+    fn engine_pool_shrinks_and_fits_resident_memory() {
+        use tmem_core::{ClientConfig, ClientId, ObjectId, PageKey, PoolSpec, PAGE_SIZE};
+        let e = Arc::new(Engine::new(EngineConfig::with_budget(64 << 20)));
+        let p = EnginePool::new(e.clone());
+        let c = ClientId(1);
+        e.add_client(c, ClientConfig::default()).unwrap();
+        let pool = e
+            .create_pool(
+                c,
+                PoolSpec::private_ephemeral().with_codec(tmem_core::Codec::None),
+            )
+            .unwrap();
+        let mut page = [0u8; PAGE_SIZE];
+        for i in 0..8192u32 {
+            page[..4].copy_from_slice(&i.to_le_bytes());
+            page[100] = 1;
+            e.put(c, PageKey::new(pool, ObjectId::from_u64(0), i), &page)
+                .unwrap();
+        }
+        let full = e.resident_bytes();
+        assert!(full >= 32 << 20, "{full}");
+        // A shrink reports what the kernel stopped charging.
+        let released = p.shrink(16 << 20);
+        assert!(released >= 16 << 20, "released {released}");
+        assert_eq!(full - e.resident_bytes(), released);
+        // A lower budget is met by resident memory, not only by the engine's account.
+        p.set_ceiling(8 << 20);
+        assert!(e.resident_bytes() <= 8 << 20, "{}", e.resident_bytes());
     }
 
     #[test]

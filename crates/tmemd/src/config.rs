@@ -54,6 +54,11 @@ pub struct FileConfig {
     /// off (the default: on 2 cores the compressor competes with the I/O path; with a spare
     /// core, e.g. 0.75, it cuts depth-1 write latency — see BENCHMARKS.md).
     pub defer_compression: Option<f64>,
+    /// Compact the pool's slabs in the background when the memory compaction could give
+    /// back exceeds this fraction of what the pool holds (and 4 MiB). Default 0.10; 0 turns
+    /// background compaction off (shrinks, budget pressure and `POST /compact` still
+    /// compact).
+    pub compact_threshold: Option<f64>,
 }
 
 /// Command-line overrides (all optional; see `tmemd --help`).
@@ -106,10 +111,15 @@ pub struct Config {
     pub balloon: ManagerConfig,
     /// Fraction of the budget below which compression is deferred to a background thread.
     pub defer_compression: f64,
+    /// Background compaction threshold (fraction of held bytes; 0 = off).
+    pub compact_threshold: f64,
 }
 
 /// Default fraction of the budget below which compression runs in the background.
 pub const DEFAULT_DEFER_COMPRESSION: f64 = 0.0;
+
+/// Default background compaction threshold (fraction of held bytes compaction could free).
+pub const DEFAULT_COMPACT_THRESHOLD: f64 = 0.10;
 
 /// Default share of host RAM for the pool budget.
 pub const DEFAULT_BUDGET_FRACTION: f64 = 0.25;
@@ -230,6 +240,11 @@ impl Config {
                 Some(f) => return Err(ConfigError::Fraction(f)),
                 None => DEFAULT_DEFER_COMPRESSION,
             },
+            compact_threshold: match file.compact_threshold {
+                Some(f) if (0.0..=1.0).contains(&f) => f,
+                Some(f) => return Err(ConfigError::Fraction(f)),
+                None => DEFAULT_COMPACT_THRESHOLD,
+            },
         })
     }
 }
@@ -269,6 +284,12 @@ mod tests {
         assert_eq!(c.codec, Codec::Zstd(3));
         assert_eq!(c.state_dir, PathBuf::from("/x"));
         assert_eq!(c.balloon.interval_ms, 500);
+        assert_eq!(c.compact_threshold, DEFAULT_COMPACT_THRESHOLD);
+        let file: FileConfig = toml::from_str("compact_threshold = 0.3\n").unwrap();
+        let c = Config::resolve(&Args::default(), file, None).unwrap();
+        assert_eq!(c.compact_threshold, 0.3);
+        let file: FileConfig = toml::from_str("compact_threshold = 1.5\n").unwrap();
+        assert!(Config::resolve(&Args::default(), file, None).is_err());
     }
 
     #[test]

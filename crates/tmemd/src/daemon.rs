@@ -126,7 +126,7 @@ pub struct Daemon {
     control: Mutex<()>,
     started: Instant,
     warnings: Mutex<Vec<String>>,
-    stopping: AtomicBool,
+    pub(crate) stopping: AtomicBool,
     _lock: DirLock,
 }
 
@@ -194,6 +194,7 @@ impl Daemon {
     /// Starts everything: locks the state directory, restores saved state, starts the NBD
     /// server and the control API (and the metrics listener if configured).
     pub fn start(cfg: Config) -> Result<Running, DaemonError> {
+        crate::memory::tune_heap();
         let paths = Paths::new(&cfg.state_dir);
         for d in [&paths.dir, &paths.state, &paths.spill] {
             fs::create_dir_all(d).map_err(|e| DaemonError::StateDir(d.clone(), e))?;
@@ -247,6 +248,13 @@ impl Daemon {
         if cfg.defer_compression > 0.0 {
             spawn_compressor(Arc::downgrade(&daemon));
         }
+        crate::memory::spawn_compactor(
+            Arc::downgrade(&daemon),
+            crate::memory::CompactPolicy {
+                threshold: cfg.compact_threshold,
+                ..Default::default()
+            },
+        );
         tracing::info!(
             dir = %paths.dir.display(),
             budget = cfg.budget,
@@ -697,6 +705,15 @@ impl Daemon {
             clients: s.clients,
             pools: s.pools,
             ops: ops(&s.ops),
+            resident_bytes: s.resident_bytes,
+            process_rss_bytes: crate::memory::process_rss(),
+            compactable_bytes: s.alloc.compactable_bytes,
+            compaction: tmem_api::CompactionSummary {
+                runs: s.compaction.runs,
+                moved: s.compaction.moved,
+                slabs_freed: s.compaction.slabs_freed,
+                bytes_freed: s.compaction.bytes_freed,
+            },
         };
         let pools = self
             .engine
@@ -935,6 +952,7 @@ impl Daemon {
             return Err(OpError::Invalid("budget must be above 0".into()));
         }
         let released = self.pool.set_ceiling(bytes);
+        crate::memory::trim_heap();
         tracing::info!(budget = bytes, released, "budget set");
         Ok(BudgetReply {
             budget: self.engine.budget(),
@@ -946,9 +964,45 @@ impl Daemon {
     pub fn shrink(&self, bytes: u64) -> Result<ShrinkReply, OpError> {
         let _g = self.guard()?;
         let released = self.engine.shrink(bytes);
+        crate::memory::trim_heap();
         Ok(ShrinkReply {
             requested: bytes,
             released,
+        })
+    }
+
+    /// `POST /compact`: compacts the pool now (until nothing more can be freed, or
+    /// `max_moves` payloads moved) and trims the heap; reports the RSS before and after.
+    pub fn compact(&self, max_moves: Option<u64>) -> Result<tmem_api::CompactReply, OpError> {
+        let rss_before = crate::memory::process_rss();
+        let limit = max_moves.map_or(usize::MAX, |m| m.min(usize::MAX as u64) as usize);
+        let mut total = tmem_core::CompactStep::default();
+        while (total.moved as usize) < limit {
+            let step = self
+                .engine
+                .compact((limit - total.moved as usize).min(1 << 16));
+            total.moved += step.moved;
+            total.slabs_freed += step.slabs_freed;
+            total.bytes_freed += step.bytes_freed;
+            if step.moved == 0 && step.slabs_freed == 0 {
+                break;
+            }
+        }
+        crate::memory::trim_heap();
+        let rss_after = crate::memory::process_rss();
+        tracing::info!(
+            moved = total.moved,
+            freed = total.bytes_freed,
+            rss_before,
+            rss_after,
+            "compacted"
+        );
+        Ok(tmem_api::CompactReply {
+            moved: total.moved,
+            slabs_freed: total.slabs_freed,
+            bytes_freed: total.bytes_freed,
+            rss_before,
+            rss_after,
         })
     }
 

@@ -24,7 +24,8 @@
 //! flags override, flags winning. Keys: `budget` (default: `budget_fraction` × MemTotal,
 //! `budget_fraction` default 0.25), `state_dir`, `metrics_addr` (TCP `GET /metrics`),
 //! `nbd_tcp`, `codec` (`none|lz4|zstd|zstd:N`, default lz4), `dedup`
-//! (`off|pool|client|global`, default client), `[balloon]` (`interval_ms` 2000,
+//! (`off|pool|client|global`, default client), `defer_compression` (0), `compact_threshold`
+//! (0.10: background compaction when that share of the pool is reclaimable), `[balloon]` (`interval_ms` 2000,
 //! `host_reserve` 1 GiB, `host_total`). Flags: `--config --budget --state-dir
 //! --metrics-addr --nbd-tcp --codec --dedup`.
 //!
@@ -33,11 +34,22 @@
 //! management (`POST /guests`), the manager lowers the pool budget as guests grow
 //! (shrinking the pool at once first) and raises it back, up to that ceiling, as they shrink.
 //!
+//! ## Memory as the host sees it
+//! The pool's payloads live in 2 MiB regions that tmem-core maps itself; every emptied slab
+//! frame goes back to the kernel at once, so shrinking the pool lowers the daemon's RSS
+//! within the call. A background compactor ([`memory`]) moves payloads out of sparsely
+//! used slabs when fragmentation passes `compact_threshold` (also `POST /compact`,
+//! `tmemctl compact`); glibc's heap (index tables) is tuned and trimmed so that it gives
+//! freed memory back too. `GET /stats` reports `resident_bytes` (the pool as the kernel
+//! charges it) and `process_rss_bytes` beside `held_bytes`, and the balloon manager counts
+//! what a shrink really gave back by the resident figure.
+//!
 //! ## Modules
 //! [`config`] (defaults, TOML, flags), [`http`] (the small HTTP server), [`api`] (routes and
 //! error codes), [`daemon`] (operations), [`exports`] (dynamic NBD export table), [`state`]
 //! (manifest and atomic files), [`metrics`] (Prometheus text), [`balloon`] (pool control
-//! and guest runtime), [`lock`] (state dir lock).
+//! and guest runtime), [`lock`] (state dir lock), [`memory`] (RSS, heap trimming, background
+//! compaction).
 
 pub mod api;
 pub mod balloon;
@@ -46,6 +58,7 @@ pub mod daemon;
 pub mod exports;
 pub mod http;
 pub mod lock;
+pub mod memory;
 pub mod metrics;
 pub mod ratelimit;
 pub mod state;

@@ -127,6 +127,41 @@ pub fn render(st: &Stats) -> String {
         "Allocator fragmentation (held - payload) / held.",
         p.fragmentation,
     );
+    o.gauge(
+        "tmem_resident_bytes",
+        "Bytes the kernel charges for the pool (regions by mincore + tables).",
+        p.resident_bytes as f64,
+    );
+    o.gauge(
+        "tmem_process_rss_bytes",
+        "The daemon's whole resident set (VmRSS).",
+        p.process_rss_bytes as f64,
+    );
+    o.gauge(
+        "tmem_compactable_bytes",
+        "Bytes compaction could give back now.",
+        p.compactable_bytes as f64,
+    );
+    for (name, help, v) in [
+        (
+            "tmem_compaction_runs_total",
+            "Compaction runs that moved or freed something.",
+            p.compaction.runs,
+        ),
+        (
+            "tmem_compaction_moved_pages_total",
+            "Payloads moved by compaction.",
+            p.compaction.moved,
+        ),
+        (
+            "tmem_compaction_freed_bytes_total",
+            "Bytes compaction gave back to the kernel.",
+            p.compaction.bytes_freed,
+        ),
+    ] {
+        o.family(name, "counter", help);
+        o.sample(name, &[], v as f64);
+    }
     o.gauge("tmem_clients", "Number of clients.", p.clients as f64);
     o.gauge("tmem_pools", "Number of pools.", p.pools as f64);
     o.family("tmem_pages", "gauge", "Pages held by kind.");
@@ -446,6 +481,12 @@ mod tests {
         assert!(t.contains("tmem_effective_ratio 2.5\n"));
         assert!(t.contains("tmem_swap_spilled_pages{export=\"a\\\"b\"} 0\n"));
         assert!(t.contains("tmem_guest_balloon_actual_bytes{guest=\"g\"} 5\n"));
+        st.pool.resident_bytes = 7 << 20;
+        st.pool.compaction.bytes_freed = 8192;
+        let t = render(&st);
+        assert!(t.contains("tmem_resident_bytes 7340032\n"));
+        assert!(t.contains("tmem_compaction_freed_bytes_total 8192\n"));
+        assert!(t.contains("# TYPE tmem_compaction_runs_total counter\n"));
         for l in t.lines().filter(|l| !l.starts_with('#')) {
             let (_, v) = l.rsplit_once(' ').unwrap();
             v.parse::<f64>().unwrap();
