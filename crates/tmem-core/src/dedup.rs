@@ -145,8 +145,9 @@ impl DedupTable {
             return 0;
         }
         let rec = *rec;
-        map.remove(&hash);
+        // Capacity before the removal: a removal can lower it (a tombstone).
         let cap = map.capacity();
+        map.remove(&hash);
         if map.is_empty() || cap > 64 && map.len() < cap / 4 {
             map.shrink_to_fit();
         }

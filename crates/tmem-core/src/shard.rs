@@ -131,7 +131,7 @@ impl Shard {
                 q.live += 1;
             }
             delta += (q.items.capacity() as i64 - qcap as i64) * QUEUE_SLOT;
-            if q.items.len() > 2 * q.live + 64 {
+            if q.live == 0 || q.items.len() > 2 * q.live + 64 {
                 delta += self.compact_queue(c);
             }
         }
@@ -152,10 +152,14 @@ impl Shard {
         let Some(Some(obj)) = self.objs.get_mut(slot as usize) else {
             return (None, 0);
         };
+        // Capacities are read around every change: a removal can lower a hash table's
+        // reported capacity (a tombstone), and only a bracketed count sums to zero when the
+        // table is gone.
+        let cap0 = obj.pages.capacity();
         let Some(entry) = obj.pages.remove(&idx) else {
             return (None, 0);
         };
-        let mut delta = 0;
+        let mut delta = (obj.pages.capacity() as i64 - cap0 as i64) * PAGE_SLOT;
         if obj.pages.is_empty() {
             delta -= obj.pages.capacity() as i64 * PAGE_SLOT;
             delta += self.drop_object(key, slot);
@@ -167,7 +171,7 @@ impl Shard {
         if let Some(c) = queue_client {
             if let Some(q) = self.queues.get_mut(&c) {
                 q.live = q.live.saturating_sub(1);
-                if q.items.len() > 2 * q.live + 64 {
+                if q.live == 0 || q.items.len() > 2 * q.live + 64 {
                     delta += self.compact_queue(c);
                 }
             }
@@ -284,9 +288,11 @@ impl Shard {
                 continue;
             }
             let pool = obj.key.pool;
+            let cap0 = obj.pages.capacity();
             let Some(entry) = obj.pages.remove(&idx) else {
                 continue;
             };
+            delta += (obj.pages.capacity() as i64 - cap0 as i64) * PAGE_SLOT;
             q.live = q.live.saturating_sub(1);
             if obj.pages.is_empty() {
                 delta -= obj.pages.capacity() as i64 * PAGE_SLOT;
@@ -302,7 +308,7 @@ impl Shard {
             out.push((pool, Removed { entry }));
         }
         if let Some(q) = self.queues.get(&client) {
-            if q.items.len() > 2 * q.live + 64 {
+            if q.live == 0 || q.items.len() > 2 * q.live + 64 {
                 delta += self.compact_queue(client);
             }
         }
@@ -319,11 +325,11 @@ fn drop_object_in(
     key: &ObjKey,
     slot: u32,
 ) -> i64 {
+    let cap = index.capacity();
     index.remove(key);
     objs[slot as usize] = None;
     free.push(slot);
-    let cap = index.capacity();
-    if index.len() <= cap / 2 {
+    if index.len() <= index.capacity() / 2 {
         index.shrink_to_fit();
     }
     (index.capacity() as i64 - cap as i64) * OBJ_SLOT

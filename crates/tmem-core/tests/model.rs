@@ -249,6 +249,9 @@ proptest! {
         let st = e.stats();
         prop_assert_eq!(st.pages, 0);
         prop_assert_eq!(st.alloc.held_bytes, 0);
+        // Tables too: nothing keeps its peak size once the pools are gone.
+        prop_assert_eq!(st.held_bytes, 0, "metadata left: {}", st.metadata_bytes);
+        prop_assert_eq!(e.resident_bytes(), 0);
         prop_assert_eq!(st.alloc.objects, 0);
     }
 }

@@ -719,3 +719,68 @@ fn deferred_compression_stores_raw_then_compresses_in_the_background() {
         "no headroom: compressed at put time"
     );
 }
+
+#[test]
+fn flushing_everything_gives_tables_and_slabs_back() {
+    // Not only the slabs: the index, dedup and allocator tables shrink as the pool empties.
+    let e = engine(1 << 30);
+    let p = e.create_pool(A, PoolSpec::private_persistent()).unwrap();
+    let q = e
+        .create_pool(
+            A,
+            PoolSpec::private_persistent().with_dedup(DedupScope::Off),
+        )
+        .unwrap();
+    for i in 0..60_000u32 {
+        e.put(A, key(p, i), &page(u64::from(i))).unwrap();
+        e.put(A, key(q, i), &random_page(u64::from(i))).unwrap();
+    }
+    let full = e.stats();
+    assert!(full.held_bytes > 200 << 20, "{}", full.held_bytes);
+    assert!(full.metadata_bytes > 2 << 20);
+    for i in 0..60_000u32 {
+        e.flush_page(A, key(p, i)).unwrap();
+        e.flush_page(A, key(q, i)).unwrap();
+    }
+    e.trim();
+    let empty = e.stats();
+    assert_eq!(empty.pages, 0);
+    assert!(
+        empty.held_bytes < 64 << 10,
+        "held {} after flushing everything ({} of it metadata)",
+        empty.held_bytes,
+        empty.metadata_bytes
+    );
+    assert!(empty.resident_bytes <= empty.held_bytes);
+}
+
+#[test]
+fn shrink_compacts_instead_of_evicting_more_than_asked() {
+    // Two clients' ephemeral pages interleaved in the same slabs: evicting one client's pages
+    // frees no whole slab by itself. Shrink compacts, so it evicts only about what it must.
+    let e = engine(1 << 30);
+    let pa = e.create_pool(A, PoolSpec::private_ephemeral()).unwrap();
+    let pb = e.create_pool(B, PoolSpec::private_ephemeral()).unwrap();
+    e.set_weight(B, 1).unwrap();
+    for i in 0..20_000u32 {
+        e.put(A, key(pa, i), &page(u64::from(i))).unwrap();
+        e.put(B, key(pb, i), &page(1_000_000 + u64::from(i)))
+            .unwrap();
+    }
+    let held = e.held_bytes();
+    let b_pages = e.client_stats(B).unwrap().ephemeral.pages;
+    let freed = e.shrink(held / 4);
+    assert!(freed >= held / 4, "freed {freed} of {}", held / 4);
+    let s = e.stats();
+    assert!(s.compaction.moved > 0, "{:?}", s.compaction);
+    // B (far above its share) pays, A keeps everything.
+    assert_eq!(e.client_stats(A).unwrap().ephemeral.pages, 20_000);
+    let evicted = b_pages - e.client_stats(B).unwrap().ephemeral.pages;
+    // Without compaction nearly all of B would go before a slab empties; with it, about
+    // the bytes asked for (half of B's pages, plus a margin for partly filled slabs).
+    assert!(
+        evicted < b_pages * 3 / 5,
+        "evicted {evicted} of B's {b_pages} pages for a quarter of the pool"
+    );
+    assert!(s.resident_bytes <= s.held_bytes);
+}
