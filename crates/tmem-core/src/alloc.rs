@@ -27,8 +27,9 @@ use parking_lot::RwLock;
 use std::collections::BTreeSet;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::Arc;
 
-use crate::region::{FrameId, Frames};
+use crate::region::{DurableFile, DurableMemory, FrameId, Frames};
 use crate::types::PAGE_SIZE;
 
 /// Granularity of size classes in bytes.
@@ -50,6 +51,101 @@ const GOOD_TAIL_PER_MILLE: usize = 15;
 const MAX_SPARES: usize = 64;
 /// Payloads moved per arena lock hold during compaction.
 const COMPACT_STEP: usize = 64;
+
+/// Bytes of the header in front of every payload in a durable arena.
+pub(crate) const SLOT_HEADER: usize = 32;
+/// The class of durable whole pages: a 4 KiB payload and its header (4128 bytes), 31 to a
+/// 32-page frame (2.4 % tail).
+pub(crate) const DURABLE_RAW_CLASS: usize = NUM_CLASSES - 1;
+const DURABLE_RAW_SLOT: usize = PAGE_SIZE + SLOT_HEADER;
+const DURABLE_RAW_PAGES: usize = 32;
+const LIVE: u8 = 1;
+
+/// Slot size and frame pages of a class (in a durable arena when `durable`).
+pub(crate) fn geometry(class: usize, durable: bool) -> (usize, usize) {
+    if durable && class == DURABLE_RAW_CLASS {
+        (DURABLE_RAW_SLOT, DURABLE_RAW_PAGES)
+    } else {
+        (class_size(class), pages_per_slab(class))
+    }
+}
+
+/// The class of a payload of `len` bytes in a durable arena (header included).
+pub(crate) fn durable_class_of(len: usize) -> usize {
+    if len + SLOT_HEADER > PAGE_SIZE {
+        DURABLE_RAW_CLASS
+    } else {
+        class_of(len + SLOT_HEADER)
+    }
+}
+
+/// What a durable slot's header says: the page it holds and when it was written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct SlotHeader {
+    /// Write sequence number: of two live copies of a page, the higher is newer.
+    pub(crate) seq: u64,
+    /// The durable pool tag.
+    pub(crate) tag: u32,
+    /// Page index.
+    pub(crate) index: u32,
+    /// Object id (first word; durable pools use single-word objects).
+    pub(crate) object: u64,
+    /// Codec tag of the payload.
+    pub(crate) codec: u8,
+}
+
+impl SlotHeader {
+    /// Layout: crc32 (of bytes 4.. and the payload) | flags | codec | len u16 | seq u64 |
+    /// tag u32 | index u32 | object u64, little endian.
+    pub(crate) fn encode(&self, payload: &[u8]) -> [u8; SLOT_HEADER] {
+        let mut h = [0u8; SLOT_HEADER];
+        h[4] = LIVE;
+        h[5] = self.codec;
+        h[6..8].copy_from_slice(&(payload.len() as u16).to_le_bytes());
+        h[8..16].copy_from_slice(&self.seq.to_le_bytes());
+        h[16..20].copy_from_slice(&self.tag.to_le_bytes());
+        h[20..24].copy_from_slice(&self.index.to_le_bytes());
+        h[24..32].copy_from_slice(&self.object.to_le_bytes());
+        let mut c = crc32fast::Hasher::new();
+        c.update(&h[4..]);
+        c.update(payload);
+        h[..4].copy_from_slice(&c.finalize().to_le_bytes());
+        h
+    }
+
+    /// Reads a live, intact slot (header and payload checked); `None` for a free, torn or
+    /// corrupt one. `slot` is the whole slot.
+    pub(crate) fn decode(slot: &[u8]) -> Option<(SlotHeader, &[u8])> {
+        let h = slot.get(..SLOT_HEADER)?;
+        if h[4] != LIVE {
+            return None;
+        }
+        let len = u16::from_le_bytes([h[6], h[7]]) as usize;
+        let payload = slot.get(SLOT_HEADER..SLOT_HEADER + len)?;
+        let mut c = crc32fast::Hasher::new();
+        c.update(&h[4..]);
+        c.update(payload);
+        if c.finalize().to_le_bytes() != h[..4] {
+            return None;
+        }
+        let u32_at = |i: usize| u32::from_le_bytes([h[i], h[i + 1], h[i + 2], h[i + 3]]);
+        let u64_at = |i: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&h[i..i + 8]);
+            u64::from_le_bytes(b)
+        };
+        Some((
+            SlotHeader {
+                seq: u64_at(8),
+                tag: u32_at(16),
+                index: u32_at(20),
+                object: u64_at(24),
+                codec: h[5],
+            },
+            payload,
+        ))
+    }
+}
 
 /// A stored payload's name: arena (4 bits) | class (8) | location-table entry (32).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -178,6 +274,8 @@ impl Slab {
 }
 
 struct Class {
+    id: usize,
+    durable: bool,
     slot_size: usize,
     slots: usize,
     pages: usize,
@@ -199,10 +297,11 @@ struct Class {
 }
 
 impl Class {
-    fn new(class: usize) -> Self {
-        let slot_size = class_size(class);
-        let pages = pages_per_slab(class);
+    fn new(class: usize, durable: bool) -> Self {
+        let (slot_size, pages) = geometry(class, durable);
         Class {
+            id: class,
+            durable,
             slot_size,
             slots: pages * PAGE_SIZE / slot_size,
             pages,
@@ -341,7 +440,7 @@ impl Class {
             // The class is empty: drop its tables entirely.
             debug_assert_eq!(self.objects, 0);
             let meta = self.meta;
-            *self = Class::new(class_of(self.slot_size));
+            *self = Class::new(self.id, self.durable);
             self.meta = meta;
         }
         Some(slab.frame)
@@ -359,8 +458,11 @@ fn shrink_vec<T>(v: &mut Vec<T>) {
 /// (kept under its lock so that busy threads never share a counter's cache line).
 struct Arena {
     classes: Vec<Class>,
-    /// Frames of 1..=8 pages (index: pages − 1).
+    /// Frames of 1..=8 pages (index: pages − 1); in a durable arena, one durable file per
+    /// class (index: class).
     frames: Vec<Frames>,
+    /// Bytes of header in front of each payload (0, or [`SLOT_HEADER`] when durable).
+    header: usize,
     /// Freed whole-page frames kept for reuse (still charged: counted as held): raw pages
     /// are often freed and allocated in quick succession (replaced swap pages, deferred
     /// compression), and a fresh frame must be faulted in again.
@@ -452,6 +554,8 @@ impl CompactStep {
 /// A set of independently locked arenas.
 pub(crate) struct Arenas {
     arenas: Vec<RwLock<Arena>>,
+    /// Whether slabs live in durable memory, each payload behind a [`SlotHeader`].
+    durable: bool,
     /// Added to arena numbers in handles, so two sets can share the handle space.
     tag: usize,
     next: AtomicUsize,
@@ -476,14 +580,39 @@ impl Arenas {
     /// Creates `n` arenas (1..=8); handles carry `tag` (0 or 8) in their arena field.
     /// `huge` asks for transparent huge pages on the regions.
     pub(crate) fn new(n: usize, tag: usize, huge: bool) -> Self {
+        Self::build(n, tag, huge, None)
+    }
+
+    /// Creates `n` arenas whose slabs live in `mem`, one file per (arena, class); every
+    /// payload carries a [`SlotHeader`].
+    pub(crate) fn durable(n: usize, tag: usize, mem: Arc<dyn DurableMemory>) -> Self {
+        Self::build(n, tag, false, Some(mem))
+    }
+
+    fn build(n: usize, tag: usize, huge: bool, mem: Option<Arc<dyn DurableMemory>>) -> Self {
         let n = n.clamp(1, 8);
+        let durable = mem.is_some();
         Arenas {
             tag,
+            durable,
             arenas: (0..n)
-                .map(|_| {
+                .map(|a| {
+                    let frames = match &mem {
+                        None => (1..=MAX_SLAB_PAGES).map(|p| Frames::new(p, huge)).collect(),
+                        Some(m) => (0..NUM_CLASSES)
+                            .map(|c| {
+                                let file = DurableFile {
+                                    arena: a as u32,
+                                    class: c as u32,
+                                };
+                                Frames::durable(geometry(c, true).1, m.clone(), file)
+                            })
+                            .collect(),
+                    };
                     RwLock::new(Arena {
-                        classes: (0..NUM_CLASSES).map(Class::new).collect(),
-                        frames: (1..=MAX_SLAB_PAGES).map(|p| Frames::new(p, huge)).collect(),
+                        classes: (0..NUM_CLASSES).map(|c| Class::new(c, durable)).collect(),
+                        frames,
+                        header: if durable { SLOT_HEADER } else { 0 },
                         spares: Vec::new(),
                         payload: 0,
                         slot_bytes: 0,
@@ -580,21 +709,55 @@ impl Arenas {
             .sum()
     }
 
+    /// Whether payloads live in durable memory (and need a [`SlotHeader`]).
+    pub(crate) fn is_durable(&self) -> bool {
+        self.durable
+    }
+
+    /// Bytes a new slab for a payload of `len` bytes costs in this set.
+    pub(crate) fn slab_cost_for(&self, len: usize) -> u64 {
+        if self.durable {
+            let (_, pages) = geometry(durable_class_of(len), true);
+            (pages * PAGE_SIZE) as u64 + SLAB_HEADER
+        } else {
+            slab_cost_for(len)
+        }
+    }
+
     /// Stores `data` (1..=4096 bytes). With `grow == false` only existing free slots are
     /// used; otherwise a new slab is allocated if needed.
     pub(crate) fn alloc(&self, data: &[u8], grow: bool) -> Alloc {
-        let class = class_of(data.len());
+        self.alloc_with(data, grow, None)
+    }
+
+    /// [`Arenas::alloc`] with the header of a durable slot (required there): the page the
+    /// payload belongs to, written in front of it with a checksum of both.
+    pub(crate) fn alloc_with(&self, data: &[u8], grow: bool, hdr: Option<&SlotHeader>) -> Alloc {
+        let hbytes = match (self.durable, hdr) {
+            (true, Some(h)) => Some(h.encode(data)),
+            (true, None) => {
+                debug_assert!(false, "a durable slot needs a header");
+                return Alloc::OutOfMemory;
+            }
+            (false, _) => None,
+        };
+        let hdr = hbytes.as_ref().map(|h| &h[..]);
+        let class = if self.durable {
+            durable_class_of(data.len())
+        } else {
+            class_of(data.len())
+        };
         let home = self.home_arena();
         // The thread's home arena first: a free slot there, or a new slab if allowed. Other
         // arenas are only looked at when growing is not allowed (free slots anywhere are
         // free memory), so that puts on different threads do not take each other's locks.
         let tag = self.tag;
         let r = self.mutate(home, |arena| {
-            if let Some(h) = arena.reuse(home + tag, class, data) {
+            if let Some(h) = arena.reuse(home + tag, class, data, hdr) {
                 return Some(Alloc::Done(h));
             }
             if grow {
-                return Some(match arena.grow_and_take(home + tag, class, data) {
+                return Some(match arena.grow_and_take(home + tag, class, data, hdr) {
                     Some(h) => Alloc::Done(h),
                     None => Alloc::OutOfMemory,
                 });
@@ -606,11 +769,12 @@ impl Arenas {
         }
         for i in 1..self.arenas.len() {
             let a = (home + i) % self.arenas.len();
-            if let Some(h) = self.mutate(a, |arena| arena.reuse(a + tag, class, data)) {
+            if let Some(h) = self.mutate(a, |arena| arena.reuse(a + tag, class, data, hdr)) {
                 return Alloc::Done(h);
             }
         }
-        Alloc::NeedsGrowth(slab_cost(class))
+        let (_, pages) = geometry(class, self.durable);
+        Alloc::NeedsGrowth((pages * PAGE_SIZE) as u64 + SLAB_HEADER)
     }
 
     /// Frees the payload at `h` whose length was `len`. Returns the bytes given back to the
@@ -640,10 +804,10 @@ impl Arenas {
         let class = arena.classes.get(h.class())?;
         let (slab, slot) = class.loc(h.id())?;
         let slab = class.slabs.get(slab)?.as_ref()?;
-        let len = len.min(class.slot_size);
+        let len = len.min(class.slot_size - arena.header);
         // SAFETY: the slot lies inside the slab's frame and we hold the read lock, so the
         // payload can neither move nor be freed while `f` looks at it.
-        let bytes = unsafe { slab.bytes(slot * class.slot_size, len) };
+        let bytes = unsafe { slab.bytes(slot * class.slot_size + arena.header, len) };
         Some(f(bytes))
     }
 
@@ -708,8 +872,16 @@ impl Arena {
         apply(&mut c.objects, 1);
     }
 
-    /// Takes a free slot of a partly used slab, if there is one, and stores `data` there.
-    fn take_slot(&mut self, arena: usize, class: usize, data: &[u8]) -> Option<Handle> {
+    /// Takes a free slot of a partly used slab, if there is one, and stores `data` there
+    /// (behind `hdr` in a durable arena).
+    fn take_slot(
+        &mut self,
+        arena: usize,
+        class: usize,
+        data: &[u8],
+        hdr: Option<&[u8]>,
+    ) -> Option<Handle> {
+        let header = self.header;
         let c = &mut self.classes[class];
         let &slab_id = c.partial.last()?;
         let slot_size = c.slot_size;
@@ -720,7 +892,12 @@ impl Arena {
         slab.first_free = slab.next_free_at(at);
         slab.used += 1;
         // SAFETY: the slot is inside the frame; we hold the write lock.
-        unsafe { slab.bytes_mut(at, data.len()) }.copy_from_slice(data);
+        unsafe { slab.bytes_mut(at + header, data.len()) }.copy_from_slice(data);
+        if let Some(h) = hdr {
+            // The header last: a slot is live only once its payload is complete.
+            // SAFETY: as above.
+            unsafe { slab.bytes_mut(at, h.len()) }.copy_from_slice(h);
+        }
         if slab.first_free == NO_SLOT {
             // Full: leave the partial list.
             slab.partial_pos = NOT_PARTIAL;
@@ -732,8 +909,14 @@ impl Arena {
 
     /// Stores `data` without new memory: in a free slot of an existing slab, or (whole
     /// pages) in a spare frame.
-    fn reuse(&mut self, arena: usize, class: usize, data: &[u8]) -> Option<Handle> {
-        let h = match self.take_slot(arena, class, data) {
+    fn reuse(
+        &mut self,
+        arena: usize,
+        class: usize,
+        data: &[u8],
+        hdr: Option<&[u8]>,
+    ) -> Option<Handle> {
+        let h = match self.take_slot(arena, class, data, hdr) {
             Some(h) => h,
             None => {
                 let c = &self.classes[class];
@@ -741,7 +924,7 @@ impl Arena {
                     return None;
                 }
                 // Counted by grow_and_take.
-                return self.grow_and_take(arena, class, data);
+                return self.grow_and_take(arena, class, data, hdr);
             }
         };
         self.account(data.len(), class, 1);
@@ -751,13 +934,20 @@ impl Arena {
 
     /// Makes a new slab for `class` (in a spare frame for whole pages, else a fresh frame)
     /// and stores `data` in it. `None` if the kernel refused to map a region.
-    fn grow_and_take(&mut self, arena: usize, class: usize, data: &[u8]) -> Option<Handle> {
+    fn grow_and_take(
+        &mut self,
+        arena: usize,
+        class: usize,
+        data: &[u8],
+        hdr: Option<&[u8]>,
+    ) -> Option<Handle> {
         let pages = self.classes[class].pages;
         let whole_page = self.classes[class].slots == 1 && data.len() == PAGE_SIZE;
+        let frames = if self.header > 0 { class } else { pages - 1 };
         let (frame, ptr) = match whole_page.then(|| self.spares.pop()).flatten() {
             Some(spare) => spare,
             None => {
-                let f = self.frames[pages - 1].take()?;
+                let f = self.frames[frames].take()?;
                 self.frame_bytes += (pages * PAGE_SIZE) as u64;
                 f
             }
@@ -782,13 +972,14 @@ impl Arena {
             id
         };
         let h = if c.slots == 1 {
+            // Only in plain arenas: durable whole pages share 32-page frames.
             let slab = c.slabs[id as usize].as_mut()?;
             slab.used = 1;
             // SAFETY: a whole-page slot in our frame, under the write lock.
             unsafe { slab.bytes_mut(0, data.len()) }.copy_from_slice(data);
             Handle::new(arena, class, c.new_handle(id, 0))
         } else {
-            self.take_slot(arena, class, data)?
+            self.take_slot(arena, class, data, hdr)?
         };
         self.account(data.len(), class, 1);
         self.refresh_meta(class);
@@ -814,6 +1005,9 @@ impl Arena {
             return 0;
         };
         let was_full = slab.first_free == NO_SLOT;
+        if self.header > 0 {
+            clear_header(slab, slot * slot_size);
+        }
         slab.set_next_free_at(slot * slot_size, slab.first_free);
         slab.first_free = slot as u16;
         slab.used -= 1;
@@ -834,6 +1028,11 @@ impl Arena {
     /// Releases an empty slab: its frame becomes a spare (whole pages, while there is
     /// room) or goes back to the kernel. Returns the bytes given back.
     fn release_slab(&mut self, class: usize, slab_id: u32) -> u64 {
+        let frames = if self.header > 0 {
+            class
+        } else {
+            self.classes[class].pages - 1
+        };
         let c = &mut self.classes[class];
         let (pages, slots) = (c.pages, c.slots);
         let ptr = c.slabs[slab_id as usize].as_ref().map(|s| s.ptr);
@@ -841,13 +1040,13 @@ impl Arena {
             return 0;
         };
         self.slabs -= 1;
-        if let (1, 1, Some(ptr)) = (pages, slots, ptr) {
+        if let (1, 1, Some(ptr), 0) = (pages, slots, ptr, self.header) {
             if self.spares.len() < MAX_SPARES {
                 self.spares.push((frame, ptr));
                 return 0;
             }
         }
-        self.frames[pages - 1].give_back(frame);
+        self.frames[frames].give_back(frame);
         let bytes = (pages * PAGE_SIZE) as u64;
         self.frame_bytes -= bytes;
         bytes
@@ -910,6 +1109,7 @@ impl Arena {
     /// Moves one payload from slab `src` to slab `dst` (same class). Returns false when
     /// `src` is empty or `dst` full.
     fn move_one(&mut self, class: usize, src: u32, dst: u32) -> bool {
+        let durable = self.header > 0;
         let c = &mut self.classes[class];
         let (slots, slot_size) = (c.slots, c.slot_size);
         let (Some(Some(s)), Some(Some(d))) = (c.slabs.get(src as usize), c.slabs.get(dst as usize))
@@ -939,7 +1139,12 @@ impl Arena {
         c.owners[dst as usize * slots + to] = id;
         c.locs[id as usize] = (u64::from(dst) << 16) | to as u64;
         // The source slot joins its slab's free list; the destination slot leaves its own.
+        // (A durable copy is complete, header and all, before the source stops being live:
+        // killed in between, both copies carry the same sequence number and content.)
         if let Some(Some(s)) = c.slabs.get_mut(src as usize) {
+            if durable {
+                clear_header(s, from * slot_size);
+            }
             s.set_next_free_at(from * slot_size, s.first_free);
             s.first_free = from as u16;
             s.used -= 1;
@@ -962,6 +1167,12 @@ impl Arena {
         }
         true
     }
+}
+
+/// Marks a durable slot free (its header no longer live).
+fn clear_header(slab: &Slab, at: usize) {
+    // SAFETY: a slot of at least 32 bytes inside the frame; the caller holds the write lock.
+    unsafe { slab.bytes_mut(at, SLOT_HEADER) }.fill(0);
 }
 
 #[cfg(test)]
@@ -992,7 +1203,7 @@ mod tests {
             );
         }
         for c in 0..NUM_CLASSES {
-            let cl = Class::new(c);
+            let cl = Class::new(c, c % 2 == 0);
             assert!(cl.slots >= 1 && cl.slots < NO_SLOT as usize);
         }
     }

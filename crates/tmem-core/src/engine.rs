@@ -9,7 +9,7 @@ use std::sync::atomic::{
 };
 use std::sync::Arc;
 
-use crate::alloc::{Alloc, Arenas, CompactStep, Handle};
+use crate::alloc::{Alloc, Arenas, CompactStep, Handle, SlotHeader};
 use crate::codec::{self, Shape};
 use crate::config::{ClientConfig, Codec, DedupScope, EngineConfig, PoolSpec};
 use crate::dedup::{DedupTable, Found, Inserted, Payloads};
@@ -116,6 +116,8 @@ pub struct Engine {
     deferred_cursor: AtomicUsize,
     /// What compaction has done so far.
     compaction: CompactionCounters,
+    /// Write sequence of durable slots (see [`Engine::with_durable`]).
+    seq: AtomicU64,
 }
 
 impl std::fmt::Debug for Engine {
@@ -172,13 +174,35 @@ enum Deferred {
 impl Engine {
     /// Creates an empty engine.
     pub fn new(cfg: EngineConfig) -> Self {
+        Self::build(cfg, None)
+    }
+
+    /// Creates an empty engine whose persistent pages live in `mem`, memory that outlives
+    /// the process (files in a tmpfs, memfds): every payload of a persistent pool is written
+    /// there behind a checksummed header naming its page, before the put returns, so a new
+    /// process finds every acknowledged page again after this one was killed
+    /// ([`Engine::recover`]).
+    ///
+    /// Persistent pools of such an engine do not deduplicate (a payload names one page),
+    /// keep same-filled pages other than zero as data, compress at put time, and accept
+    /// only objects whose id is a single word ([`ObjectId::from_u64`]). Zero pages are kept
+    /// in the index alone: a page missing after recovery reads as zero, which is what it held.
+    pub fn with_durable(cfg: EngineConfig, mem: Arc<dyn crate::DurableMemory>) -> Self {
+        Self::build(cfg, Some(mem))
+    }
+
+    fn build(cfg: EngineConfig, mem: Option<Arc<dyn crate::DurableMemory>>) -> Self {
         let n = cfg.shards.clamp(1, 1 << 16).next_power_of_two();
+        let pers_store = match mem {
+            Some(m) => Arenas::durable(cfg.arenas, 8, m),
+            None => Arenas::new(cfg.arenas, 8, cfg.huge_pages),
+        };
         Engine {
             budget: AtomicU64::new(cfg.budget),
             threshold: cfg.compress_threshold.clamp(1, PAGE_SIZE - 1),
             shards: (0..n).map(|_| Mutex::new(Shard::default())).collect(),
             eph_store: Arenas::new(cfg.arenas, 0, cfg.huge_pages),
-            pers_store: Arenas::new(cfg.arenas, 8, cfg.huge_pages),
+            pers_store,
             dedup: DedupTable::new(n),
             pools: ArcSwap::from_pointee(FxHashMap::default()),
             clients: ArcSwap::from_pointee(FxHashMap::default()),
@@ -197,6 +221,7 @@ impl Engine {
             deferred_count: AtomicUsize::new(0),
             deferred_cursor: AtomicUsize::new(0),
             compaction: CompactionCounters::default(),
+            seq: AtomicU64::new(1),
         }
     }
 
@@ -349,6 +374,11 @@ impl Engine {
         }
         let id = PoolId(admin.next_pool);
         admin.next_pool += 1;
+        let mut spec = spec;
+        if self.pers_store.is_durable() && spec.persistence == Persistence::Persistent {
+            // A durable payload names exactly one page.
+            spec.dedup = DedupScope::Off;
+        }
         let dedup_domain = match spec.dedup {
             DedupScope::Off => None,
             DedupScope::Pool => Some((1 << 62) | u64::from(id.0)),
@@ -695,16 +725,21 @@ impl Engine {
 
     /// Stores `data` in the arena set for `persistent`, evicting ephemeral pages if the
     /// budget requires it.
-    fn alloc_room(&self, data: &[u8], persistent: bool) -> Result<Handle> {
+    fn alloc_room(
+        &self,
+        data: &[u8],
+        persistent: bool,
+        hdr: Option<&SlotHeader>,
+    ) -> Result<Handle> {
         let store = if persistent {
             &self.pers_store
         } else {
             &self.eph_store
         };
-        let need = crate::alloc::slab_cost_for(data.len());
+        let need = store.slab_cost_for(data.len());
         loop {
             let can_grow = self.held_bytes() + need <= self.budget();
-            match store.alloc(data, can_grow) {
+            match store.alloc_with(data, can_grow, hdr) {
                 Alloc::Done(h) => return Ok(h),
                 Alloc::OutOfMemory => {
                     tracing::warn!("the kernel refused to map memory for the pool");
@@ -716,7 +751,7 @@ impl Engine {
                     if self.held_bytes() + need <= self.budget() {
                         continue;
                     }
-                    if let Alloc::Done(h) = store.alloc(data, false) {
+                    if let Alloc::Done(h) = store.alloc_with(data, false, hdr) {
                         return Ok(h);
                     }
                     // Under pressure, spare slabs go back and slabs are compacted before
@@ -758,7 +793,12 @@ impl Engine {
     }
 
     /// Compresses (if it pays) and stores a data page outside the dedup table.
-    fn store_data(&self, p: &PoolInfo, page: &Page) -> Result<(Handle, u8, usize)> {
+    fn store_data(
+        &self,
+        p: &PoolInfo,
+        page: &Page,
+        hdr: Option<SlotHeader>,
+    ) -> Result<(Handle, u8, usize)> {
         let mut buf = [0u8; PAGE_SIZE];
         let (bytes, tag): (&[u8], u8) = if self.defer_now(p) {
             (&page[..], 0)
@@ -768,7 +808,8 @@ impl Engine {
                 None => (&page[..], 0),
             }
         };
-        let h = self.alloc_room(bytes, p.persistent())?;
+        let hdr = hdr.map(|h| SlotHeader { codec: tag, ..h });
+        let h = self.alloc_room(bytes, p.persistent(), hdr.as_ref())?;
         Ok((h, tag, bytes.len()))
     }
 
@@ -778,7 +819,7 @@ impl Engine {
     /// 1024 pages wait.
     fn defer_now(&self, p: &PoolInfo) -> bool {
         let frac = self.defer_below;
-        if frac <= 0.0 || p.spec.codec == Codec::None {
+        if frac <= 0.0 || p.spec.codec == Codec::None || self.durable(p) {
             return false;
         }
         // When the background compressor falls behind (puts arrive faster than it
@@ -789,13 +830,30 @@ impl Engine {
         ((self.held_bytes() + PAGE_SIZE as u64) as f64) < frac * self.budget() as f64
     }
 
-    fn prepare(&self, p: &PoolInfo, page: &Page, stripe: usize) -> Result<Prepared> {
+    /// Whether the pool's payloads live in durable memory.
+    fn durable(&self, p: &PoolInfo) -> bool {
+        p.persistent() && self.pers_store.is_durable()
+    }
+
+    fn prepare(
+        &self,
+        p: &PoolInfo,
+        page: &Page,
+        stripe: usize,
+        hdr: Option<SlotHeader>,
+    ) -> Result<Prepared> {
         let ops = Bump([
             self.ops.at(stripe),
             p.ops.at(stripe),
             p.owner.ops.at(stripe),
         ]);
-        match codec::classify(page) {
+        let shape = match codec::classify(page) {
+            // Only zero pages live in the index alone in a durable pool (a page missing
+            // after recovery reads as zero); other same-filled pages are stored as data.
+            Shape::Same(w) if w != 0 && hdr.is_some() => Shape::Data,
+            s => s,
+        };
+        match shape {
             Shape::Same(w) => {
                 self.room_for_meta(crate::entry::ENTRY_COST)?;
                 if w == 0 {
@@ -818,7 +876,7 @@ impl Engine {
                     }
                 };
                 let Some(domain) = p.dedup_domain else {
-                    let (h, tag, len) = self.store_data(p, page)?;
+                    let (h, tag, len) = self.store_data(p, page, hdr)?;
                     counted(tag);
                     return Ok(Prepared {
                         entry: Entry::stored(h, tag, len),
@@ -837,7 +895,7 @@ impl Engine {
                         });
                     }
                     Found::Collision => {
-                        let (h, tag, len) = self.store_data(p, page)?;
+                        let (h, tag, len) = self.store_data(p, page, hdr)?;
                         counted(tag);
                         return Ok(Prepared {
                             entry: Entry::stored(h, tag, len),
@@ -849,7 +907,7 @@ impl Engine {
                     }
                     Found::Miss => {}
                 }
-                let (h, tag, len) = self.store_data(p, page)?;
+                let (h, tag, len) = self.store_data(p, page, hdr)?;
                 if let Err(e) = self.room_for_meta(0) {
                     self.arenas(h).free(h, len);
                     return Err(e);
@@ -961,7 +1019,23 @@ impl Engine {
         if p.dead.load(std::sync::atomic::Ordering::Acquire) {
             return Err(Error::UnknownPool(p.id));
         }
-        let prep = self.prepare(p, page, s)?;
+        let hdr = if self.durable(p) {
+            let [object, 0, 0] = key.object.0 else {
+                return Err(Error::Unsupported(
+                    "durable pools take single-word object ids",
+                ));
+            };
+            Some(SlotHeader {
+                seq: self.seq.fetch_add(1, Relaxed),
+                tag: p.id.0,
+                index: key.index.0,
+                object,
+                codec: 0,
+            })
+        } else {
+            None
+        };
+        let prep = self.prepare(p, page, s, hdr)?;
         if p.persistent() {
             let cap = p.owner.cap.load(Relaxed);
             let charged = p.owner.pers.charged().max(0) as u64;
@@ -1062,6 +1136,10 @@ impl Engine {
         } else {
             &self.eph_store
         };
+        if store.is_durable() {
+            // Durable pools compress at put time; nothing of theirs waits for this.
+            return None;
+        }
         let can_grow = self.held_bytes() + crate::alloc::slab_cost_for(n) <= self.budget();
         let Alloc::Done(h) = store.alloc(&buf[..n], can_grow) else {
             return None;

@@ -15,15 +15,62 @@
 //! split runs — or `MADV_HUGEPAGE` when asked (see `EngineConfig::huge_pages`).
 
 use std::ptr::NonNull;
+use std::sync::Arc;
 
 use crate::types::PAGE_SIZE;
 
-/// Bytes of one region (one x86-64 huge page).
-pub(crate) const REGION_BYTES: usize = 2 << 20;
+/// One file of durable memory: the slabs of one size class of one arena.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DurableFile {
+    /// Arena number.
+    pub arena: u32,
+    /// Size class.
+    pub class: u32,
+}
+
+/// Memory that outlives the process, provided by the embedder (e.g. files in a tmpfs such
+/// as `/run`, or memfds handed over to the next process): the persistent arenas of an
+/// engine built with [`crate::Engine::with_durable`] keep their slabs there, each slot
+/// with a checksummed header naming its page, so that a new process can find every page
+/// again after the old one was killed ([`crate::Engine::recover`]).
+///
+/// Each [`DurableFile`] is an array of [`REGION_BYTES`] windows; bytes never written read
+/// as zero.
+pub trait DurableMemory: Send + Sync + std::fmt::Debug {
+    /// Maps window `window` of `file` (creating or growing the file as needed), shared and
+    /// writable. `None` if it cannot (the engine then treats the pool as full).
+    fn map(&self, file: DurableFile, window: u32) -> Option<NonNull<u8>>;
+    /// Unmaps a window returned by [`DurableMemory::map`] (its contents stay in the file).
+    fn unmap(&self, file: DurableFile, window: u32, ptr: NonNull<u8>);
+    /// Frees the storage of `len` bytes at `ptr` inside a mapped window: they read as
+    /// zero afterwards and stop costing memory. The default uses `MADV_REMOVE`, which
+    /// works for shared mappings of tmpfs and memfd files.
+    fn discard(&self, ptr: NonNull<u8>, len: usize) {
+        // SAFETY: the caller passes a range inside a window it mapped and no longer uses.
+        unsafe {
+            libc::madvise(ptr.as_ptr() as *mut libc::c_void, len, libc::MADV_REMOVE);
+        }
+    }
+    /// The files present and how many windows each spans (for recovery).
+    fn files(&self) -> Vec<(DurableFile, u32)>;
+}
+
+/// Where a region's memory comes from.
+#[derive(Clone)]
+enum Backing {
+    /// Private anonymous memory mapped by [`Region::map`].
+    Anon,
+    /// A window of a durable file.
+    Durable(Arc<dyn DurableMemory>, DurableFile, u32),
+}
+
+/// Bytes of one region or durable window (one x86-64 huge page).
+pub const REGION_BYTES: usize = 2 << 20;
 
 /// One mapped region.
 pub(crate) struct Region {
     base: NonNull<u8>,
+    backing: Backing,
 }
 
 // SAFETY: a region is a plain block of process memory; all access to its bytes goes
@@ -72,6 +119,20 @@ impl Region {
         }
         Some(Region {
             base: NonNull::new(aligned as *mut u8)?,
+            backing: Backing::Anon,
+        })
+    }
+
+    /// Maps window `window` of a durable file.
+    pub(crate) fn map_durable(
+        mem: &Arc<dyn DurableMemory>,
+        file: DurableFile,
+        window: u32,
+    ) -> Option<Region> {
+        let base = mem.map(file, window)?;
+        Some(Region {
+            base,
+            backing: Backing::Durable(mem.clone(), file, window),
         })
     }
 
@@ -86,14 +147,17 @@ impl Region {
     /// charged to the process and read as zeros when next touched.
     pub(crate) fn release(&self, off: usize, len: usize) {
         debug_assert!(off % PAGE_SIZE == 0 && len % PAGE_SIZE == 0 && off + len <= REGION_BYTES);
-        // SAFETY: the range is inside the region and no slab lives there any more (the
-        // caller holds the arena's write lock, so no reader can be looking at it).
-        unsafe {
-            libc::madvise(
-                self.base.as_ptr().add(off) as *mut libc::c_void,
-                len,
-                libc::MADV_DONTNEED,
-            );
+        match &self.backing {
+            // SAFETY: the range is inside the region and no slab lives there any more (the
+            // caller holds the arena's write lock, so no reader can be looking at it).
+            Backing::Anon => unsafe {
+                libc::madvise(
+                    self.base.as_ptr().add(off) as *mut libc::c_void,
+                    len,
+                    libc::MADV_DONTNEED,
+                );
+            },
+            Backing::Durable(mem, ..) => mem.discard(self.at(off), len),
         }
     }
 
@@ -117,10 +181,13 @@ impl Region {
 
 impl Drop for Region {
     fn drop(&mut self) {
-        // SAFETY: the region was mapped by `map` with this length and nothing refers to it
-        // any more (its frames are all free).
-        unsafe {
-            libc::munmap(self.base.as_ptr() as *mut libc::c_void, REGION_BYTES);
+        match &self.backing {
+            // SAFETY: the region was mapped by `map` with this length and nothing refers
+            // to it any more (its frames are all free).
+            Backing::Anon => unsafe {
+                libc::munmap(self.base.as_ptr() as *mut libc::c_void, REGION_BYTES);
+            },
+            Backing::Durable(mem, file, window) => mem.unmap(*file, *window, self.base),
         }
     }
 }
@@ -149,6 +216,8 @@ pub(crate) struct Frames {
     /// Regions with at least one free frame.
     open: Vec<u32>,
     huge: bool,
+    /// Durable frames: region `n` is window `n` of this file.
+    durable: Option<(Arc<dyn DurableMemory>, DurableFile)>,
 }
 
 impl Frames {
@@ -162,6 +231,23 @@ impl Frames {
             free_region_ids: Vec::new(),
             open: Vec::new(),
             huge,
+            durable: None,
+        }
+    }
+
+    /// Frames of `pages` pages in windows of a durable file.
+    pub(crate) fn durable(pages: usize, mem: Arc<dyn DurableMemory>, file: DurableFile) -> Self {
+        Frames {
+            durable: Some((mem, file)),
+            ..Self::new(pages, false)
+        }
+    }
+
+    /// The region with id `rid`, mapped from its window for durable frames.
+    fn map_region(&self, rid: u32) -> Option<Region> {
+        match &self.durable {
+            None => Region::map(self.huge),
+            Some((mem, file)) => Region::map_durable(mem, *file, rid),
         }
     }
 
@@ -171,22 +257,33 @@ impl Frames {
         let rid = match self.open.last() {
             Some(&r) => r,
             None => {
-                let region = Region::map(self.huge)?;
+                // Durable windows are reused lowest first, so that files stay short.
+                let rid = if self.durable.is_some() {
+                    let lowest = self.free_region_ids.iter().copied().min();
+                    if let Some(l) = lowest {
+                        self.free_region_ids.retain(|&r| r != l);
+                    }
+                    lowest
+                } else {
+                    self.free_region_ids.pop()
+                }
+                .unwrap_or(self.regions.len() as u32);
+                let Some(region) = self.map_region(rid) else {
+                    if (rid as usize) < self.regions.len() {
+                        self.free_region_ids.push(rid);
+                    }
+                    return None;
+                };
                 let slot = Slot {
                     region,
                     free: (0..self.per_region).rev().collect(),
                     used: 0,
                 };
-                let rid = match self.free_region_ids.pop() {
-                    Some(r) => {
-                        self.regions[r as usize] = Some(slot);
-                        r
-                    }
-                    None => {
-                        self.regions.push(Some(slot));
-                        (self.regions.len() - 1) as u32
-                    }
-                };
+                if rid as usize == self.regions.len() {
+                    self.regions.push(Some(slot));
+                } else {
+                    self.regions[rid as usize] = Some(slot);
+                }
                 self.open.push(rid);
                 rid
             }
