@@ -44,6 +44,9 @@ pub struct RecoveryReport {
     pub damaged: Vec<(u32, u64, u32)>,
 }
 
+/// A page as durable headers name it: (pool tag, object, index).
+type PageName = (u32, u64, u32);
+
 /// Where the newest copy of a page is.
 #[derive(Clone, Copy)]
 struct Copy {
@@ -54,7 +57,7 @@ struct Copy {
 }
 
 /// The key a (possibly torn) header claims: (tag, object, index).
-fn claimed_key(slot: &[u8]) -> (u32, u64, u32) {
+fn claimed_key(slot: &[u8]) -> PageName {
     let u32_at = |i: usize| u32::from_le_bytes([slot[i], slot[i + 1], slot[i + 2], slot[i + 3]]);
     let mut o = [0u8; 8];
     o.copy_from_slice(&slot[24..32]);
@@ -66,7 +69,7 @@ fn claimed_key(slot: &[u8]) -> (u32, u64, u32) {
 fn each_slot(
     file: DurableFile,
     window: &[u8],
-    torn: &mut Vec<(u32, u64, u32)>,
+    torn: &mut Vec<PageName>,
     mut f: impl FnMut(usize, SlotHeader, &[u8]),
 ) {
     let (slot_size, pages) = geometry(file.class as usize, true);
@@ -105,7 +108,7 @@ impl Engine {
         let mut files = old.files();
         files.sort();
         // Pass 1: the newest copy of each page.
-        let mut newest: HashMap<(u32, u64, u32), Copy> = HashMap::new();
+        let mut newest: HashMap<PageName, Copy> = HashMap::new();
         let mut torn = Vec::new();
         for &(file, windows) in &files {
             if file.class as usize >= crate::alloc::NUM_CLASSES {
@@ -149,8 +152,7 @@ impl Engine {
         report.damaged.sort_unstable();
         report.damaged.dedup();
         // Pass 2: window by window, put the newest copies and free the window.
-        let mut by_window: BTreeMap<(DurableFile, u32), Vec<(usize, (u32, u64, u32))>> =
-            BTreeMap::new();
+        let mut by_window: BTreeMap<(DurableFile, u32), Vec<(usize, PageName)>> = BTreeMap::new();
         for (key, c) in newest {
             by_window
                 .entry((c.file, c.window))

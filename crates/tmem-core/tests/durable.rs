@@ -35,17 +35,18 @@ impl DirMemory {
 impl DurableMemory for DirMemory {
     fn map(&self, file: DurableFile, window: u32) -> Option<NonNull<u8>> {
         let mut files = self.files.lock().unwrap();
-        if !files.contains_key(&file) {
-            let f = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(self.path(file))
-                .ok()?;
-            files.insert(file, f);
-        }
-        let f = files.get(&file)?;
+        let f = match files.entry(file) {
+            std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => v.insert(
+                OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .open(self.path(file))
+                    .ok()?,
+            ),
+        };
         let end = (u64::from(window) + 1) * REGION_BYTES as u64;
         if f.metadata().ok()?.len() < end {
             f.set_len(end).ok()?;
