@@ -727,8 +727,7 @@ impl Drop for Tmux {
 
 #[test]
 fn top_live_view_in_tmux() {
-    if run("tmux", &["-V"]).status.code().is_none() {
-        eprintln!("tmux missing: skipped");
+    if tmem_vm::test_tool("tmux").is_none() {
         return;
     }
     let t = tmp();
@@ -796,11 +795,7 @@ impl Drop for Qemu {
 #[test]
 fn guests_are_managed_over_the_api_with_real_qemu() {
     use tmem_api::GuestInfo;
-    if run("sh", &["-c", "command -v qemu-system-x86_64"])
-        .stdout
-        .is_empty()
-    {
-        eprintln!("SKIP: qemu-system-x86_64 not found");
+    if tmem_vm::test_tool("qemu-system-x86_64").is_none() {
         return;
     }
     let t = tmp();
