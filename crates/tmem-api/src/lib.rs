@@ -258,6 +258,19 @@ pub struct Status {
     pub guests: u64,
     /// Problems found at start (e.g. a corrupt state file moved aside).
     pub warnings: Vec<String>,
+    /// Swap exports with poisoned pages now: pages whose content could not be proven intact
+    /// after an unclean stop (or a failed spill) answer reads with EIO until rewritten.
+    #[serde(default)]
+    pub damaged_exports: Vec<DamagedExport>,
+}
+
+/// A swap export with poisoned pages (`GET /status`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DamagedExport {
+    /// Export name.
+    pub name: String,
+    /// Pages (4 KiB) whose reads fail with EIO until the guest rewrites or trims them.
+    pub poisoned_pages: u64,
 }
 
 /// Operation counters (see tmem-core `OpStats`).
@@ -465,6 +478,13 @@ pub struct BackendCounters {
     pub hits: u64,
     /// Reads that missed the pool.
     pub misses: u64,
+    /// Swap: pages whose content could not be proven intact (reads fail with EIO until the
+    /// page is rewritten or trimmed).
+    #[serde(default)]
+    pub poisoned_pages: u64,
+    /// Swap: spill-file or page-map writes that failed or were refused for lack of space.
+    #[serde(default)]
+    pub spill_errors: u64,
 }
 
 /// One export.

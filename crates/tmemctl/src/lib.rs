@@ -282,6 +282,12 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                 for w in &s.warnings {
                     println!("warning: {w}");
                 }
+                for d in &s.damaged_exports {
+                    println!(
+                        "poisoned: export {} has {} pages that fail reads with EIO until rewritten",
+                        d.name, d.poisoned_pages
+                    );
+                }
             }
         }
         Cmd::Stats { json } => {

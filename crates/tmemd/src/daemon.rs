@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use tmem_api::{
-    BudgetReply, ClientInfo, CreateClient, CreateExport, CreateGuest, ExportInfo, ExportKind,
-    GuestInfo, Held, NbdStats, Ops, PoolInfo, PoolSummary, ShrinkReply, Stats, Status,
+    BudgetReply, ClientInfo, CreateClient, CreateExport, CreateGuest, DamagedExport, ExportInfo,
+    ExportKind, GuestInfo, Held, NbdStats, Ops, PoolInfo, PoolSummary, ShrinkReply, Stats, Status,
 };
 use tmem_balloon::manager::ProcHost;
 use tmem_core::{ClientConfig, ClientId, Engine, EngineConfig, SaveOptions};
@@ -322,7 +322,9 @@ impl Daemon {
         };
         if !m.clean && m.exports.iter().any(|e| e.kind == ExportKind::Swap) {
             self.warn(
-                "Previous tmemd did not shut down cleanly: swap exports were recreated empty"
+                "Previous tmemd did not shut down cleanly: pages that were in memory are lost; \
+                 spilled pages are served where their checksums match, every other written \
+                 page answers reads with EIO until the guest rewrites it"
                     .into(),
             );
         }
@@ -445,6 +447,7 @@ impl Daemon {
                     spill_path: self.spill_path(&e.name),
                     codec,
                     dedup,
+                    spill_reserve: self.cfg.spill_reserve,
                 };
                 let label = e.pool_label.clone().unwrap_or(format!("swap:{}", e.name));
                 match restored.get(&(e.client, label)) {
@@ -457,16 +460,26 @@ impl Daemon {
                         }
                     },
                     None => {
-                        if clean {
-                            self.warn(format!(
-                                "Swap export {:?}: no saved pool found, recreated empty",
-                                e.name
-                            ));
-                        }
-                        Backend::Swap(
-                            SwapExport::create(self.engine.clone(), cfg)
-                                .map_err(|x| OpError::Export(e.name.clone(), x))?,
-                        )
+                        // An unclean stop, or a clean one whose save of this client failed:
+                        // the spill file is kept, nothing unproven is served.
+                        let (s, rep) = SwapExport::recover(self.engine.clone(), cfg)
+                            .map_err(|x| OpError::Export(e.name.clone(), x))?;
+                        let why = if clean {
+                            "no saved pool found"
+                        } else {
+                            "unclean stop"
+                        };
+                        let map = if rep.map_found {
+                            ""
+                        } else {
+                            " (no usable page map: every page)"
+                        };
+                        self.warn(format!(
+                            "Swap export {:?} ({why}): {} spilled pages recovered, {} pages poisoned{map}: \
+                             reads of them fail with EIO until the guest rewrites or trims them",
+                            e.name, rep.spilled, rep.poisoned
+                        ));
+                        Backend::Swap(s)
                     }
                 }
             }
@@ -619,6 +632,18 @@ impl Daemon {
             exports: self.exports.all().len() as u64,
             guests: self.guests.len() as u64,
             warnings: lock(&self.warnings).clone(),
+            damaged_exports: self
+                .exports
+                .all()
+                .iter()
+                .filter_map(|e| match &e.backend {
+                    Backend::Swap(s) if s.poison().count() > 0 => Some(DamagedExport {
+                        name: e.name.clone(),
+                        poisoned_pages: s.poison().count(),
+                    }),
+                    _ => None,
+                })
+                .collect(),
         }
     }
 
@@ -894,6 +919,7 @@ impl Daemon {
                     spill_path: self.spill_path(&req.name),
                     codec,
                     dedup,
+                    spill_reserve: self.cfg.spill_reserve,
                 },
             )
             .map(Backend::Swap),

@@ -47,6 +47,26 @@
 //! manifest. A restart restores them, so guest swap data survives it. A corrupt state file
 //! is moved aside (`.corrupt`) and reported in `GET /status` `warnings`.
 //!
+//! ## After an unclean stop
+//! A daemon that dies (SIGKILL, OOM kill, crash) saves nothing: the manifest still says
+//! `clean: false`, and the pages its pools held in memory are gone. A swap export must then
+//! never answer a read with zeros or stale data. At the restart each swap export is
+//! reopened with `tmem_exports::SwapExport::recover` in a new, empty pool; its spill file is
+//! kept as it is (never truncated), and its page map decides, page by page:
+//! * spilled, and the spill copy matches the checksum the map recorded — served;
+//! * zero — reads zero;
+//! * in memory at the stop, a torn or mismatched spill copy, or (no usable map) every
+//!   page — **poisoned**: reads fail with EIO (NBD error, the guest sees an I/O error on
+//!   that swap page) until the guest rewrites or trims the whole page. BLOCK_STATUS reports
+//!   poisoned pages as data, so copying tools read them and fail instead of skipping them.
+//!
+//! Poisoned pages stay poisoned across further restarts, clean or not (the map records
+//! them). `GET /status` lists the affected exports and their poisoned page counts
+//! (`damaged_exports`; `tmemctl status`, `tmemctl stats`), each export's
+//! `backend.poisoned_pages` says the same, and `/metrics` has `tmem_swap_poisoned_pages`.
+//! The same recovery (with a warning) reopens a swap export whose client's save failed at
+//! a clean stop.
+//!
 //! ## Configuration
 //! Runs with no configuration at all. `--config FILE` (TOML, unknown keys refused) and
 //! flags override, flags winning. Keys: `budget` (default: `budget_fraction` × MemTotal,
