@@ -5,7 +5,7 @@
 //! the daemon's parsers for the same reason).
 //!
 //! ## Protocol
-//! HTTP/1.1 over the Unix socket `STATE_DIR/ctl.sock`, JSON bodies, resources under
+//! HTTP/1.1 over the Unix socket `RUNTIME_DIR/ctl.sock`, JSON bodies, resources under
 //! [`API_PREFIX`] (`/api/v1`):
 //!
 //! | method | path | body | reply |
@@ -41,20 +41,27 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// Prefix of every versioned resource.
 pub const API_PREFIX: &str = "/api/v1";
-/// File name of the control socket inside the state directory.
+/// File name of the control socket inside the runtime directory.
 pub const CTL_SOCKET: &str = "ctl.sock";
-/// File name of the NBD socket inside the state directory.
+/// File name of the NBD socket inside the runtime directory.
 pub const NBD_SOCKET: &str = "nbd.sock";
-/// Environment variable naming the state directory (read by `tmemctl`).
+/// Environment variable naming the state directory (read by `tmemctl`, which looks for the
+/// control socket there when no runtime directory is given: the one-directory layout).
 pub const STATE_DIR_ENV: &str = "TMEM_STATE_DIR";
+/// Environment variable naming the runtime directory (read by `tmemctl`).
+pub const RUNTIME_DIR_ENV: &str = "TMEM_RUNTIME_DIR";
 /// Largest request body the daemon accepts, bytes.
 pub const MAX_BODY: usize = 1 << 20;
 
-/// The default state directory: `/run/tmem` as root, otherwise `$XDG_RUNTIME_DIR/tmem`, or
-/// `/tmp/tmem-$UID` without a runtime dir.
-pub fn default_state_dir() -> PathBuf {
+fn euid() -> u32 {
     // SAFETY: geteuid has no preconditions and cannot fail.
-    let uid = unsafe { libc_geteuid() };
+    unsafe { libc_geteuid() }
+}
+
+/// The default runtime directory (sockets, lock; a tmpfs, gone at reboot): `/run/tmem` as
+/// root, otherwise `$XDG_RUNTIME_DIR/tmem`, or `/tmp/tmem-$UID` without a runtime dir.
+pub fn default_runtime_dir() -> PathBuf {
+    let uid = euid();
     if uid == 0 {
         return PathBuf::from("/run/tmem");
     }
@@ -62,6 +69,23 @@ pub fn default_state_dir() -> PathBuf {
         Some(d) if !d.is_empty() => PathBuf::from(d).join("tmem"),
         _ => PathBuf::from(format!("/tmp/tmem-{uid}")),
     }
+}
+
+/// The default state directory (spill files, saved state; on disk, outside the pool's
+/// memory budget): `/var/lib/tmem` as root, otherwise `$XDG_STATE_HOME/tmem`, else
+/// `$HOME/.local/state/tmem`, else the [`default_runtime_dir`].
+pub fn default_state_dir() -> PathBuf {
+    if euid() == 0 {
+        return PathBuf::from("/var/lib/tmem");
+    }
+    let nonempty = |k: &str| std::env::var_os(k).filter(|d| !d.is_empty());
+    if let Some(d) = nonempty("XDG_STATE_HOME") {
+        return PathBuf::from(d).join("tmem");
+    }
+    if let Some(h) = nonempty("HOME") {
+        return PathBuf::from(h).join(".local/state/tmem");
+    }
+    default_runtime_dir()
 }
 
 extern "C" {
@@ -212,8 +236,11 @@ pub struct Status {
     pub pid: u32,
     /// Seconds since start.
     pub uptime_secs: u64,
-    /// State directory.
+    /// State directory (spill files, saved state).
     pub state_dir: PathBuf,
+    /// Runtime directory (sockets, lock); the state directory in the one-directory layout.
+    #[serde(default)]
+    pub runtime_dir: PathBuf,
     /// NBD Unix socket.
     pub nbd_socket: PathBuf,
     /// NBD TCP address, if any.
@@ -232,6 +259,19 @@ pub struct Status {
     pub guests: u64,
     /// Problems found at start (e.g. a corrupt state file moved aside).
     pub warnings: Vec<String>,
+    /// Swap exports with poisoned pages now: pages whose content could not be proven intact
+    /// after an unclean stop (or a failed spill) answer reads with EIO until rewritten.
+    #[serde(default)]
+    pub damaged_exports: Vec<DamagedExport>,
+}
+
+/// A swap export with poisoned pages (`GET /status`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DamagedExport {
+    /// Export name.
+    pub name: String,
+    /// Pages (4 KiB) whose reads fail with EIO until the guest rewrites or trims them.
+    pub poisoned_pages: u64,
 }
 
 /// Operation counters (see tmem-core `OpStats`).
@@ -466,6 +506,13 @@ pub struct BackendCounters {
     pub hits: u64,
     /// Reads that missed the pool.
     pub misses: u64,
+    /// Swap: pages whose content could not be proven intact (reads fail with EIO until the
+    /// page is rewritten or trimmed).
+    #[serde(default)]
+    pub poisoned_pages: u64,
+    /// Swap: spill-file or page-map writes that failed or were refused for lack of space.
+    #[serde(default)]
+    pub spill_errors: u64,
 }
 
 /// One export.

@@ -34,18 +34,8 @@ impl Drop for Qemu {
     }
 }
 
-fn find_qemu() -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join("qemu-system-x86_64"))
-        .find(|p| p.is_file())
-}
-
 fn start(name: &str) -> Option<Qemu> {
-    let Some(bin) = find_qemu() else {
-        eprintln!("SKIP: qemu-system-x86_64 not found in PATH");
-        return None;
-    };
+    let bin = tmem_vm::test_tool("qemu-system-x86_64")?;
     let dir = std::env::temp_dir().join(format!("tmem-balloon-qemu-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("tmpdir");

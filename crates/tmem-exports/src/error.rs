@@ -85,6 +85,39 @@ pub enum ExportError {
     /// The export was destroyed or closed; no further I/O is served.
     #[error("Export is closed")]
     Closed,
+    /// The page's content could not be proven intact (lost at an unclean stop, or dropped
+    /// when neither the pool nor the spill file took a rewrite): reads fail until the page
+    /// is written or trimmed as a whole.
+    #[error("Page {page} was lost (unclean stop or failed spill) and has not been rewritten")]
+    Poisoned {
+        /// The page (4 KiB index).
+        page: u64,
+    },
+    /// The spill file's filesystem cannot hold the export's worst case (every page spilled)
+    /// plus the configured reserve.
+    #[error(
+        "Not enough free space for spill file {path}: the export needs {needed} bytes \
+         (its size plus the {reserve}-byte reserve), {available} are available"
+    )]
+    SpillSpace {
+        /// The spill file.
+        path: PathBuf,
+        /// Bytes needed.
+        needed: u64,
+        /// The reserve included in `needed`.
+        reserve: u64,
+        /// Bytes available.
+        available: u64,
+    },
+    /// The page map next to the spill file could not be created, read or opened.
+    #[error("Cannot use page map {path}")]
+    PageMap {
+        /// The map file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: io::Error,
+    },
 }
 
 fn io_to_backend(e: io::Error) -> BackendError {
@@ -122,7 +155,10 @@ impl From<ExportError> for BackendError {
             ExportError::Engine(e) => engine_to_backend(e),
             ExportError::SpillIo(e) | ExportError::ImageIo(e) => io_to_backend(e),
             ExportError::Closed => BackendError::ShuttingDown,
+            e @ ExportError::Poisoned { .. } => BackendError::Io(io::Error::other(e)),
             e @ (ExportError::CreatePool(_)
+            | ExportError::SpillSpace { .. }
+            | ExportError::PageMap { .. }
             | ExportError::AttachPool { .. }
             | ExportError::LookupPool { .. }
             | ExportError::JoinPool(_)
@@ -162,5 +198,6 @@ mod tests {
             tmem_nbd::proto::ENOSPC
         );
         assert_eq!(m(ExportError::InvalidConfig("x")), tmem_nbd::proto::EINVAL);
+        assert_eq!(m(ExportError::Poisoned { page: 3 }), tmem_nbd::proto::EIO);
     }
 }

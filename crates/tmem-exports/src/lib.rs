@@ -23,7 +23,13 @@
 //!   cannot punch). The older copy is always invalidated unconditionally — the zswap
 //!   stale-duplicate bug cannot happen because both places change under the same lock.
 //!   A guest never sees an error because the pool is full; only spill-file I/O errors
-//!   (`ENOSPC` → NBD `ENOSPC`, others `EIO`) reach it.
+//!   (`ENOSPC` → NBD `ENOSPC`, others `EIO`) reach it, and spill writes refused because
+//!   the filesystem would keep less than [`SwapConfig::spill_reserve`] (`fstatvfs`;
+//!   `ENOSPC`). Such a failure is counted ([`SwapStats::spill_errors`]) and loses nothing
+//!   already stored: a page being written back stays in the pool; a rewritten page whose
+//!   older copy went with the refused put (or with a torn spill write) is poisoned, not
+//!   zeroed. Creating an export needs room for its worst case (every page spilled) plus
+//!   the reserve ([`ExportError::SpillSpace`]).
 //! * **Oldest first.** Every successful put appends `(page, seq)` to a FIFO; an entry is
 //!   stale once the page's map entry no longer says `Pool(seq)`. After a refused put the
 //!   writer (outside its page lock; one writer at a time) moves up to
@@ -33,13 +39,29 @@
 //! * **Pull-back.** Reading a spilled page moves it back into the pool when the engine has
 //!   room (more than ⅛ of the budget, and at least 64 pages, free).
 //! * **Durability.** Pool pages live as long as the daemon (which saves pools on SIGTERM);
-//!   FLUSH and FUA `fdatasync` the spill file if it was written since the last sync.
-//! * **Restart.** [`SwapExport::attach`] re-attaches to a restored pool: the spill file's
-//!   allocated extents (`SEEK_DATA`) are the spilled pages, except where the pool also
-//!   holds the page (every path leaves the pool copy at least as new), then the spill
-//!   copy is dropped. This assumes the save was taken with the export quiesced (no write
-//!   after the save point); a page rewritten into the spill file after a live save would
-//!   lose to its older saved pool copy.
+//!   FLUSH and FUA `fdatasync` the spill file and the page map if written since the last
+//!   sync.
+//! * **Page map.** `SPILL_PATH.map` holds one entry per page — zero, in memory, lost, or
+//!   spilled with a 63-bit xxh3 of its spill copy — written (`pwrite`, under the page lock)
+//!   after each change of place and before the request is acknowledged, so that it is never
+//!   ahead of the data: a dying daemon leaves entries that are true or weaker (see the
+//!   `pagemap` module).
+//! * **Poison.** [`Poison`] holds the pages whose content cannot be proven intact. Reading
+//!   one fails with EIO (never zeros), BLOCK_STATUS reports it as data so clients do read
+//!   it; a whole-page write or a trim clears it; a sub-page write or WRITE_ZEROES of it
+//!   fails (the rest of the page is unknown), a sub-page trim leaves it.
+//! * **Restart after a clean stop.** [`SwapExport::attach`] re-attaches to the restored
+//!   pool: pages the pool holds are served from it (a spill copy of them is dropped: every
+//!   path leaves the pool copy at least as new), spilled pages from the spill file, and
+//!   pages the map calls lost, or in memory but missing from the pool, stay poisoned.
+//!   Without a map (older releases) the spill file's allocated extents are the spilled
+//!   pages. This assumes the save was taken with the export quiesced (no write after the
+//!   save point).
+//! * **Restart after an unclean stop.** [`SwapExport::recover`] opens the export in a new,
+//!   empty pool and keeps the spill file (never truncated): a spilled page is served if its
+//!   copy matches the map's checksum; pages that were in memory, torn copies, and — without
+//!   a usable map — every page are poisoned until the guest rewrites or trims them.
+//!   [`SwapExport::adopt_recovered`] clears pages that a recovery of the pool brings back.
 //!
 //! ## cached ([`CachedExport`]): shared cleancache in front of a raw image
 //! Reads look each page up in a shared ephemeral pool joined by UUID (by default derived
@@ -67,12 +89,15 @@
 
 mod cached;
 mod error;
+mod pagemap;
+mod poison;
 pub mod swap;
 mod sys;
 
 pub use cached::{image_uuid, CachedConfig, CachedExport, CachedStats};
 pub use error::ExportError;
-pub use swap::{SwapConfig, SwapExport, SwapStats};
+pub use poison::Poison;
+pub use swap::{ReopenReport, SwapConfig, SwapExport, SwapStats};
 
 use tmem_nbd::BackendError;
 

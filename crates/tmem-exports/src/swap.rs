@@ -1,5 +1,7 @@
 //! The swap export: a block device whose pages live in a persistent private pool, with a
-//! per-export spill file for the pages the pool refuses.
+//! per-export spill file for the pages the pool refuses, a page map that says where each
+//! page is (so that an unclean stop is survivable), and a [`Poison`] set of pages whose
+//! content could not be proven intact.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -9,6 +11,7 @@ use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
+use std::time::Instant;
 
 use parking_lot::{Mutex, MutexGuard};
 use tmem_core::{
@@ -17,6 +20,8 @@ use tmem_core::{
 };
 use tmem_nbd::{BackendCaps, BackendError, BlockBackend, Extent, ZeroRanges};
 
+use crate::pagemap::{spill_hash, Entry, PageMap};
+use crate::poison::Poison;
 use crate::sys::{self, rl_log};
 use crate::{check_range, ExportError, MAX_EXPORT_BYTES};
 
@@ -43,6 +48,10 @@ pub struct SwapConfig {
     pub codec: Codec,
     /// Where the pool looks for duplicates.
     pub dedup: DedupScope,
+    /// Free bytes the spill file's filesystem keeps: [`SwapExport::create`] refuses an
+    /// export unless its worst case (every page spilled, plus the page map) and this fit,
+    /// and a spill write that would leave less is refused with `ENOSPC`. 0: no checks.
+    pub spill_reserve: u64,
 }
 
 /// Counters of a swap export. Page counts are 4 KiB pages.
@@ -70,6 +79,11 @@ pub struct SwapStats {
     pub reads: u64,
     /// Write requests served.
     pub writes: u64,
+    /// Pages whose content could not be proven intact: reads fail with EIO until the page
+    /// is rewritten or trimmed (see [`SwapExport::poison`]).
+    pub poisoned_pages: u64,
+    /// Spill-file and page-map writes that failed or were refused for lack of space.
+    pub spill_errors: u64,
 }
 
 /// Where a page lives. Absent from the map: nowhere, or (after a restore) in the pool.
@@ -98,6 +112,75 @@ struct Counters {
     writes: AtomicU64,
     spilled: AtomicU64,
     in_pool: AtomicU64,
+    spill_errors: AtomicU64,
+}
+
+/// Free-space check of the spill filesystem before spill writes: `fstatvfs` at most every
+/// 100 ms while well above the reserve, before every write once close to it.
+struct SpaceGuard {
+    reserve: u64,
+    start: Instant,
+    checked_ms: AtomicU64,
+    available: AtomicU64,
+    written: AtomicU64,
+}
+
+/// Above the reserve by this much, a recent `fstatvfs` (less what was written since) is
+/// trusted without asking again.
+const SPACE_SLACK: u64 = 16 << 20;
+
+impl SpaceGuard {
+    fn new(reserve: u64) -> Self {
+        SpaceGuard {
+            reserve,
+            start: Instant::now(),
+            checked_ms: AtomicU64::new(0),
+            available: AtomicU64::new(0),
+            written: AtomicU64::new(0),
+        }
+    }
+
+    /// `Err(ENOSPC)` if writing one more page would leave less than the reserve.
+    fn check(&self, f: &File) -> io::Result<()> {
+        if self.reserve == 0 {
+            return Ok(());
+        }
+        let now = self.start.elapsed().as_millis() as u64 + 1;
+        let estimate = self
+            .available
+            .load(Relaxed)
+            .saturating_sub(self.written.load(Relaxed));
+        let last = self.checked_ms.load(Relaxed);
+        if last != 0 && now - last.min(now) < 100 && estimate >= self.reserve + SPACE_SLACK {
+            return Ok(());
+        }
+        let available = match sys::available_bytes(f) {
+            Ok(a) => a,
+            Err(e) => {
+                rl_log!(warn, error = %e, "cannot read the spill filesystem's free space; not checking it");
+                return Ok(());
+            }
+        };
+        self.available.store(available, Relaxed);
+        self.written.store(0, Relaxed);
+        self.checked_ms.store(now, Relaxed);
+        if available < self.reserve.saturating_add(PAGE) {
+            return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+        }
+        Ok(())
+    }
+
+    fn wrote(&self, bytes: u64) {
+        self.written.fetch_add(bytes, Relaxed);
+    }
+}
+
+/// Why a spill write failed.
+struct SpillFailed {
+    error: ExportError,
+    /// The write was attempted: the page's range of the spill file may hold a torn copy
+    /// (an older spill copy of the page is gone).
+    touched: bool,
 }
 
 /// A swap (frontswap-like) export: see the crate documentation for the design.
@@ -116,6 +199,9 @@ pub struct SwapExport {
     seq: AtomicU64,
     closed: AtomicBool,
     c: Counters,
+    map: PageMap,
+    poison: Poison,
+    space: SpaceGuard,
 }
 
 impl fmt::Debug for SwapExport {
@@ -153,18 +239,37 @@ fn spill_len(size: u64) -> u64 {
     size.div_ceil(PAGE) * PAGE
 }
 
+/// What [`SwapExport::attach`] or [`SwapExport::recover`] found.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReopenReport {
+    /// A usable page map was found (otherwise one was made: after an unclean stop, every
+    /// page is then poisoned).
+    pub map_found: bool,
+    /// Pages served from the spill file (after an unclean stop: those whose copy matches
+    /// the checksum the map recorded).
+    pub spilled: u64,
+    /// Pages adopted from the restored pool.
+    pub in_pool: u64,
+    /// Pages poisoned: reads fail with EIO until they are rewritten or trimmed.
+    pub poisoned: u64,
+}
+
 impl SwapExport {
-    /// Creates a new persistent private pool labelled `swap:<name>` for `cfg.client` and a
-    /// fresh (truncated) sparse spill file at `cfg.spill_path`.
+    /// Creates a new persistent private pool labelled `swap:<name>` for `cfg.client`, a
+    /// fresh (truncated) sparse spill file at `cfg.spill_path` and its page map. Refused
+    /// ([`ExportError::SpillSpace`]) when `cfg.spill_reserve` is set and the filesystem
+    /// cannot hold the export's worst case (every page spilled, plus the map) and the
+    /// reserve.
     pub fn create(engine: Arc<Engine>, cfg: SwapConfig) -> Result<Arc<Self>, ExportError> {
         validate(&cfg)?;
-        let spec = PoolSpec::private_persistent()
-            .with_codec(cfg.codec)
-            .with_dedup(cfg.dedup)
-            .with_label(format!("swap:{}", cfg.name));
-        let pool = engine
-            .create_pool(cfg.client, spec)
-            .map_err(ExportError::CreatePool)?;
+        let pool = Self::new_pool(&engine, &cfg)?;
+        let undo = |engine: &Engine, cfg: &SwapConfig, remove: bool| {
+            let _ = engine.destroy_pool(cfg.client, pool);
+            if remove {
+                let _ = std::fs::remove_file(&cfg.spill_path);
+                let _ = std::fs::remove_file(PageMap::path_for(&cfg.spill_path));
+            }
+        };
         let spill = OpenOptions::new()
             .read(true)
             .write(true)
@@ -175,21 +280,66 @@ impl SwapExport {
         let spill = match spill {
             Ok(f) => f,
             Err(source) => {
-                let _ = engine.destroy_pool(cfg.client, pool);
+                undo(&engine, &cfg, false);
                 return Err(ExportError::SpillOpen {
                     path: cfg.spill_path,
                     source,
                 });
             }
         };
+        if cfg.spill_reserve > 0 {
+            let pages = spill_len(cfg.size) / PAGE;
+            let needed = spill_len(cfg.size)
+                .saturating_add(pages * 8 + 64)
+                .saturating_add(cfg.spill_reserve);
+            match sys::available_bytes(&spill) {
+                Ok(available) if available < needed => {
+                    undo(&engine, &cfg, true);
+                    return Err(ExportError::SpillSpace {
+                        path: cfg.spill_path,
+                        needed,
+                        reserve: cfg.spill_reserve,
+                        available,
+                    });
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(spill = %cfg.spill_path.display(), error = %e, "cannot read the spill filesystem's free space; not checking it");
+                }
+            }
+        }
+        let map = match PageMap::create(&cfg.spill_path, spill_len(cfg.size) / PAGE, false) {
+            Ok(m) => m,
+            Err(source) => {
+                undo(&engine, &cfg, true);
+                return Err(ExportError::PageMap {
+                    path: PageMap::path_for(&cfg.spill_path),
+                    source,
+                });
+            }
+        };
         tracing::info!(name = %cfg.name, size = cfg.size, ?pool, spill = %cfg.spill_path.display(), "swap export created");
-        Ok(Arc::new(Self::new(engine, cfg, pool, spill)))
+        Ok(Arc::new(Self::new(engine, cfg, pool, spill, map)))
     }
 
-    /// Re-attaches to `pool` (a persistent private pool of `cfg.client`, typically restored
-    /// from a save). An existing spill file is reused: its allocated pages are the spilled
-    /// pages, except where the pool also holds the page (the pool copy is then the newer
-    /// one and the spill copy is dropped). A missing spill file is created.
+    fn new_pool(engine: &Engine, cfg: &SwapConfig) -> Result<PoolId, ExportError> {
+        let spec = PoolSpec::private_persistent()
+            .with_codec(cfg.codec)
+            .with_dedup(cfg.dedup)
+            .with_label(format!("swap:{}", cfg.name));
+        engine
+            .create_pool(cfg.client, spec)
+            .map_err(ExportError::CreatePool)
+    }
+
+    /// Re-attaches to `pool` (a persistent private pool of `cfg.client`, restored from a
+    /// save at a clean stop). The spill file is reused, never truncated; a missing one is
+    /// created. With a page map, it says where each page is: pages the pool holds are
+    /// served from there (a spill copy of them is dropped: the pool copy is at least as
+    /// new), spilled pages from the spill file, and pages the map says were in memory but
+    /// the pool lacks (their client's save failed) or were lost before are poisoned.
+    /// Without a map (older releases), the spill file's allocated extents are the spilled
+    /// pages and a map is rebuilt from them and the pool.
     pub fn attach(
         engine: Arc<Engine>,
         cfg: SwapConfig,
@@ -211,24 +361,81 @@ impl SwapExport {
                 reason: "not a private pool",
             });
         }
+        let (me, rep) = Self::reopen(engine, cfg, pool, true)?;
+        tracing::info!(name = %me.cfg.name, ?pool, ?rep, "swap export attached");
+        Ok(me)
+    }
+
+    /// Re-opens an export whose pool did not survive (an unclean stop: the daemon's memory
+    /// is gone), in a new empty pool. Nothing is served that cannot be proven intact: the
+    /// spill file is kept (never truncated) and a spilled page is served only if its copy
+    /// matches the checksum the page map recorded; pages the map says were in memory, or
+    /// whose copy does not match, are poisoned — reads fail with EIO until the guest
+    /// rewrites or trims them. Without a usable map every page is poisoned. Pages the map
+    /// says are zero read as zero.
+    pub fn recover(
+        engine: Arc<Engine>,
+        cfg: SwapConfig,
+    ) -> Result<(Arc<Self>, ReopenReport), ExportError> {
+        validate(&cfg)?;
+        let pool = Self::new_pool(&engine, &cfg)?;
+        match Self::reopen(engine.clone(), cfg.clone(), pool, false) {
+            Ok((me, rep)) => {
+                tracing::info!(name = %me.cfg.name, ?pool, ?rep, "swap export recovered after an unclean stop");
+                Ok((me, rep))
+            }
+            Err(e) => {
+                let _ = engine.destroy_pool(cfg.client, pool);
+                Err(e)
+            }
+        }
+    }
+
+    fn reopen(
+        engine: Arc<Engine>,
+        cfg: SwapConfig,
+        pool: PoolId,
+        restored: bool,
+    ) -> Result<(Arc<Self>, ReopenReport), ExportError> {
         let spill = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
             .open(&cfg.spill_path)
-            .and_then(|f| f.set_len(spill_len(cfg.size)).map(|()| f))
+            .and_then(|f| {
+                // Grow only: a spill file is never cut.
+                let len = spill_len(cfg.size);
+                if f.metadata()?.len() < len {
+                    f.set_len(len)?;
+                }
+                Ok(f)
+            })
             .map_err(|source| ExportError::SpillOpen {
                 path: cfg.spill_path.clone(),
                 source,
             })?;
-        let me = Self::new(engine, cfg, pool, spill);
-        me.scan_spill()?;
-        tracing::info!(name = %me.cfg.name, ?pool, spilled = me.c.spilled.load(Relaxed), "swap export attached");
-        Ok(Arc::new(me))
+        let pages = spill_len(cfg.size) / PAGE;
+        let map_err = |source| ExportError::PageMap {
+            path: PageMap::path_for(&cfg.spill_path),
+            source,
+        };
+        let (map, map_found) = match PageMap::open(&cfg.spill_path, pages).map_err(map_err)? {
+            Some(m) => (m, true),
+            None => (
+                // After an unclean stop without a map nothing is known: default "lost".
+                PageMap::create(&cfg.spill_path, pages, !restored).map_err(map_err)?,
+                false,
+            ),
+        };
+        let me = Self::new(engine, cfg, pool, spill, map);
+        let rep = me.rebuild(restored, map_found)?;
+        Ok((Arc::new(me), rep))
     }
 
-    fn new(engine: Arc<Engine>, cfg: SwapConfig, pool: PoolId, spill: File) -> Self {
+    fn new(engine: Arc<Engine>, cfg: SwapConfig, pool: PoolId, spill: File, map: PageMap) -> Self {
+        let pages = spill_len(cfg.size) / PAGE;
+        let space = SpaceGuard::new(cfg.spill_reserve);
         SwapExport {
             engine,
             cfg,
@@ -245,11 +452,15 @@ impl SwapExport {
             seq: AtomicU64::new(1),
             closed: AtomicBool::new(false),
             c: Counters::default(),
+            map,
+            poison: Poison::new(pages),
+            space,
         }
     }
 
-    /// Rebuilds the spilled-page map from the spill file's allocated extents.
-    fn scan_spill(&self) -> Result<(), ExportError> {
+    /// Pages of the spill file that hold data (allocated extents; without `SEEK_DATA`,
+    /// non-zero pages), in order.
+    fn spill_extents(&self) -> Result<Vec<u64>, ExportError> {
         let end = spill_len(self.cfg.size);
         let mut pages = Vec::new();
         match sys::seek(&self.spill, 0, true) {
@@ -276,16 +487,134 @@ impl SwapExport {
                 }
             }
         }
-        for p in pages {
-            let page = p as u32;
-            let mut st = self.lock(page);
-            match self.engine.probe(self.cfg.client, self.key(page)) {
-                Ok(Some(_)) => self.free_spill(page)?,
-                Ok(None) => self.set_loc(&mut st, page, Some(Loc::Spill)),
-                Err(e) => return Err(ExportError::Engine(e)),
+        Ok(pages)
+    }
+
+    /// The spill copy's map entry, read back from the file.
+    fn spill_entry_on_disk(&self, page: u32) -> Result<Entry, ExportError> {
+        let mut buf = [0u8; PAGE_SIZE];
+        let n = sys::pread_full(&self.spill, &mut buf, u64::from(page) * PAGE)
+            .map_err(ExportError::SpillIo)?;
+        buf[n..].fill(0);
+        Ok(Entry::Spill(spill_hash(&buf)))
+    }
+
+    /// Rebuilds the location map, the poison set and the page map at a (re)start: see
+    /// [`SwapExport::attach`] and [`SwapExport::recover`]. `restored`: the pool is the one
+    /// saved at a clean stop.
+    fn rebuild(&self, restored: bool, map_found: bool) -> Result<ReopenReport, ExportError> {
+        let pages = spill_len(self.cfg.size) / PAGE;
+        let extents = self.spill_extents()?;
+        let entries = if map_found {
+            self.map
+                .entries(pages)
+                .map_err(|source| ExportError::PageMap {
+                    path: PageMap::path_for(&self.cfg.spill_path),
+                    source,
+                })?
+        } else {
+            Vec::new()
+        };
+        let default_lost = self.map.default_lost();
+        if default_lost {
+            self.poison.insert_all();
+        }
+        // A clean restart without a map (older release): find the pool's pages by probing.
+        let mut pool_pages = Vec::new();
+        if restored && !map_found {
+            let held = self
+                .engine
+                .pool_stats(self.cfg.client, self.pool)
+                .map(|s| s.held.pages)
+                .unwrap_or(0);
+            let mut p = 0;
+            while (pool_pages.len() as u64) < held && p < pages {
+                if let Ok(Some(_)) = self.engine.probe(self.cfg.client, self.key(p as u32)) {
+                    pool_pages.push(p);
+                }
+                p += 1;
             }
         }
-        Ok(())
+        // Every page with something to say, in order: (page, has spill data, map entry).
+        let mut todo: std::collections::BTreeMap<u64, (bool, Option<Entry>)> = Default::default();
+        for p in extents {
+            todo.entry(p).or_default().0 = true;
+        }
+        for (p, e) in entries {
+            todo.entry(u64::from(p)).or_default().1 = Some(e);
+        }
+        for p in pool_pages {
+            todo.entry(p).or_default();
+        }
+        let mut rep = ReopenReport {
+            map_found,
+            ..Default::default()
+        };
+        for (p, (has_data, entry)) in todo {
+            let page = p as u32;
+            let entry = entry.unwrap_or(if default_lost {
+                Entry::Lost
+            } else {
+                Entry::Zero
+            });
+            let mut st = self.lock(page);
+            let in_pool = restored
+                && matches!(
+                    self.engine.probe(self.cfg.client, self.key(page)),
+                    Ok(Some(_))
+                );
+            if in_pool {
+                self.poison.remove(p);
+                let seq = self.seq.fetch_add(1, Relaxed);
+                self.set_loc(&mut st, page, Some(Loc::Pool(seq)));
+                if entry != Entry::Mem {
+                    self.record(page, Entry::Mem);
+                }
+                if has_data {
+                    self.free_spill(page)?;
+                }
+                rep.in_pool += 1;
+                continue;
+            }
+            let spilled_ok = has_data
+                && match entry {
+                    // Trusted after a clean stop (every write completed); checked otherwise.
+                    Entry::Spill(h) => {
+                        restored || self.spill_entry_on_disk(page)? == Entry::Spill(h)
+                    }
+                    // A spill file from before page maps, after a clean stop.
+                    Entry::Zero if restored && !map_found => {
+                        let e = self.spill_entry_on_disk(page)?;
+                        self.record(page, e);
+                        true
+                    }
+                    _ => false,
+                };
+            if spilled_ok {
+                self.poison.remove(p);
+                self.set_loc(&mut st, page, Some(Loc::Spill));
+                rep.spilled += 1;
+            } else if entry == Entry::Zero {
+                // The map says zero (it is never ahead of the data): a copy in the spill
+                // file is from a write that was not acknowledged before the stop.
+                self.poison.remove(p);
+                if has_data {
+                    self.free_spill(page)?;
+                }
+            } else {
+                // In memory at the stop, lost before, or a copy that does not match.
+                self.poison.insert(p);
+                if entry != Entry::Lost {
+                    self.record(page, Entry::Lost);
+                }
+                if has_data {
+                    // Kept (never truncated); freed when the page is rewritten or trimmed.
+                    self.set_loc(&mut st, page, Some(Loc::Spill));
+                }
+            }
+        }
+        rep.poisoned = self.poison.count();
+        Ok(rep)
     }
 
     /// The pool this export stores its pages in.
@@ -317,7 +646,45 @@ impl SwapExport {
             zero_pages: self.c.zero_pages.load(Relaxed),
             reads: self.c.reads.load(Relaxed),
             writes: self.c.writes.load(Relaxed),
+            poisoned_pages: self.poison.count(),
+            spill_errors: self.c.spill_errors.load(Relaxed),
         }
+    }
+
+    /// The pages whose content could not be proven intact (after an unclean stop, or when a
+    /// rewrite could go neither to the pool nor to the spill file). Reads of them fail with
+    /// EIO; a write or trim of a whole page clears it. A later recovery of pool pages
+    /// clears them with [`SwapExport::adopt_recovered`].
+    pub fn poison(&self) -> &Poison {
+        &self.poison
+    }
+
+    /// For a recovery that brings pages back into this export's pool after an unclean stop:
+    /// if `page` is poisoned and the pool now holds it, it is served from the pool again.
+    /// Returns whether the page was cleared.
+    pub fn adopt_recovered(&self, page: u64) -> Result<bool, ExportError> {
+        self.check_open()?;
+        let Ok(p) = u32::try_from(page) else {
+            return Ok(false);
+        };
+        let mut st = self.lock(p);
+        if !self.poison.contains(page) {
+            return Ok(false);
+        }
+        match self.engine.probe(self.cfg.client, self.key(p)) {
+            Ok(Some(_)) => {}
+            Ok(None) => return Ok(false),
+            Err(e) => return Err(ExportError::Engine(e)),
+        }
+        let was = st.loc.get(&p).copied();
+        let seq = self.seq.fetch_add(1, Relaxed);
+        self.set_loc(&mut st, p, Some(Loc::Pool(seq)));
+        self.record(p, Entry::Mem);
+        self.poison.remove(page);
+        if was == Some(Loc::Spill) {
+            self.free_spill(p)?;
+        }
+        Ok(true)
     }
 
     /// Flushes (destroys) the pool and removes the spill file. Further I/O fails with
@@ -334,6 +701,13 @@ impl SwapExport {
             }),
             _ => Ok(()),
         };
+        let map = self
+            .map
+            .remove()
+            .map_err(|source| ExportError::SpillRemove {
+                path: PageMap::path_for(&self.cfg.spill_path),
+                source,
+            });
         for s in self.stripes.iter() {
             s.lock().loc.clear();
         }
@@ -342,7 +716,7 @@ impl SwapExport {
         self.c.in_pool.store(0, Relaxed);
         tracing::info!(name = %self.cfg.name, pool = ?self.pool, "swap export destroyed");
         pool.map_err(ExportError::ReleasePool)?;
-        file
+        file.and(map)
     }
 
     /// Test support: checks that every page is in exactly one place — a page mapped to
@@ -370,6 +744,9 @@ impl SwapExport {
                     }
                     (Loc::Spill, None) => spilled += 1,
                     (Loc::Pool(_), Some(_)) => {}
+                }
+                if matches!(loc, Loc::Pool(_)) && self.poison.contains(u64::from(page)) {
+                    return Err(format!("page {page} is in the pool and poisoned"));
                 }
             }
         }
@@ -442,13 +819,42 @@ impl SwapExport {
         }
     }
 
-    fn spill_write(&self, page: u32, data: &[u8]) -> Result<(), ExportError> {
+    /// Writes a page's spill copy and returns its map entry (recorded by the caller). Refused
+    /// without writing (`ENOSPC`) when the filesystem would keep less than the reserve.
+    fn spill_write(&self, page: u32, data: &[u8]) -> Result<Entry, SpillFailed> {
+        let failed = |e: io::Error, touched: bool| {
+            self.c.spill_errors.fetch_add(1, Relaxed);
+            rl_log!(warn, export = %self.cfg.name, page, error = %e, "spill write failed; the request gets an error");
+            SpillFailed {
+                error: ExportError::SpillIo(e),
+                touched,
+            }
+        };
+        self.space
+            .check(&self.spill)
+            .map_err(|e| failed(e, false))?;
         self.spill
             .write_all_at(data, u64::from(page) * PAGE)
-            .map_err(ExportError::SpillIo)?;
+            .map_err(|e| failed(e, true))?;
+        self.space.wrote(PAGE);
         self.spill_dirty.store(true, Relaxed);
         self.c.spill_writes.fetch_add(1, Relaxed);
-        Ok(())
+        Ok(Entry::Spill(spill_hash(data)))
+    }
+
+    /// Writes `page`'s entry in the page map. A failure is counted and logged once (the map
+    /// then deletes itself: see the `pagemap` module), never an error of the request.
+    fn record(&self, page: u32, e: Entry) {
+        if let Err(err) = self.map.set(page, e) {
+            self.c.spill_errors.fetch_add(1, Relaxed);
+            tracing::error!(export = %self.cfg.name, error = %err, "cannot write the page map; deleted it: after an unclean stop every page of this export will be poisoned");
+        }
+    }
+
+    /// Poisons `page` (its content is gone) and records it in the page map.
+    fn poison_page(&self, page: u32) {
+        self.poison.insert(u64::from(page));
+        self.record(page, Entry::Lost);
     }
 
     /// Releases a page's spill copy (punches a hole; zero-fills where holes are unsupported).
@@ -474,6 +880,12 @@ impl SwapExport {
     /// Reads a page into `out`. Returns `false` if it reads as zero (`out` is then zeroed or
     /// left as it was, which callers pass in zeroed).
     fn load(&self, st: &mut Stripe, page: u32, out: &mut [u8]) -> Result<bool, ExportError> {
+        if !self.poison.is_empty() && self.poison.contains(u64::from(page)) {
+            rl_log!(warn, export = %self.cfg.name, page, "read of a poisoned page (lost at an unclean stop or in a failed spill): I/O error until it is rewritten");
+            return Err(ExportError::Poisoned {
+                page: u64::from(page),
+            });
+        }
         let loc = st.loc.get(&page).copied();
         if loc == Some(Loc::Spill) {
             let n = sys::pread_full(&self.spill, out, u64::from(page) * PAGE)
@@ -488,14 +900,20 @@ impl SwapExport {
                     // A page restored into the pool: adopt it for writeback.
                     let seq = self.seq.fetch_add(1, Relaxed);
                     self.set_loc(st, page, Some(Loc::Pool(seq)));
+                    self.record(page, Entry::Mem);
                 }
                 Ok(true)
             }
             Ok(Some(PageState::Zero)) => Ok(false),
             Ok(None) => {
                 if loc.is_some() {
-                    rl_log!(warn, page, "swap page missing from its pool");
+                    // Never answer zeros for a page that had data.
+                    rl_log!(error, export = %self.cfg.name, page, "swap page missing from its pool: poisoned");
                     self.set_loc(st, page, None);
+                    self.poison_page(page);
+                    return Err(ExportError::Poisoned {
+                        page: u64::from(page),
+                    });
                 }
                 Ok(false)
             }
@@ -514,6 +932,10 @@ impl SwapExport {
         if was == Some(Loc::Spill) {
             self.free_spill(page)?;
         }
+        let was_poisoned = self.poison.remove(u64::from(page));
+        if was.is_some() || was_poisoned {
+            self.record(page, Entry::Zero);
+        }
         Ok(())
     }
 
@@ -525,10 +947,15 @@ impl SwapExport {
             return Ok(Stored::Zero);
         }
         let was = st.loc.get(&page).copied();
+        // A whole-page write replaces whatever was lost.
+        let was_poisoned = self.poison.remove(u64::from(page));
         match self.engine.put(self.cfg.client, self.key(page), data) {
             Ok(()) => {
                 let seq = self.seq.fetch_add(1, Relaxed);
                 self.set_loc(st, page, Some(Loc::Pool(seq)));
+                if !matches!(was, Some(Loc::Pool(_))) || was_poisoned {
+                    self.record(page, Entry::Mem);
+                }
                 if was == Some(Loc::Spill) {
                     // Unconditional invalidation of the older copy.
                     self.free_spill(page)?;
@@ -544,18 +971,40 @@ impl SwapExport {
                 self.c.put_refusals.fetch_add(1, Relaxed);
                 // The failed put flushed any pool copy; the spill copy is now the only one.
                 match self.spill_write(page, data) {
-                    Ok(()) => {
+                    Ok(entry) => {
+                        self.record(page, entry);
                         self.set_loc(st, page, Some(Loc::Spill));
                         Ok(Stored::Spilled(frozen))
                     }
-                    Err(e) => {
-                        self.set_loc(st, page, None);
-                        Err(e)
+                    Err(SpillFailed { error, touched }) => {
+                        // The request fails. What the page held before survives if it was
+                        // zero or an untouched spill copy; a pool copy went with the refused
+                        // put, a spill copy with a failed write: then it is poisoned, never
+                        // read back as zeros.
+                        let kept = !was_poisoned
+                            && match was {
+                                // Zero before: drop what the failed write may have left.
+                                None => !touched || self.free_spill(page).is_ok(),
+                                Some(Loc::Spill) => !touched,
+                                Some(Loc::Pool(_)) => false,
+                            };
+                        if !kept {
+                            let loc = (touched || was == Some(Loc::Spill)).then_some(Loc::Spill);
+                            self.set_loc(st, page, loc);
+                            self.poison_page(page);
+                        }
+                        Err(error)
                     }
                 }
             }
             Err(e) => {
-                self.set_loc(st, page, None);
+                // The engine failed otherwise (e.g. the pool is gone): a pool copy cannot
+                // be trusted any more; a spill copy is untouched.
+                if matches!(was, Some(Loc::Pool(_))) || was_poisoned {
+                    let loc = (was == Some(Loc::Spill)).then_some(Loc::Spill);
+                    self.set_loc(st, page, loc);
+                    self.poison_page(page);
+                }
                 Err(ExportError::Engine(e))
             }
         }
@@ -579,21 +1028,34 @@ impl SwapExport {
             }
             match self.engine.get(self.cfg.client, self.key(page), &mut buf) {
                 Ok(Some(PageState::Data)) => {
-                    if let Err(e) = self.spill_write(page, &buf) {
-                        rl_log!(warn, error = %e, "swap writeback to spill file failed");
-                        // Leave the page in the pool, in its place in the queue.
-                        self.fifo.lock().push_front((page, seq));
-                        break;
-                    }
+                    let entry = match self.spill_write(page, &buf) {
+                        Ok(entry) => entry,
+                        Err(SpillFailed { touched, .. }) => {
+                            // Leave the page in the pool, in its place in the queue; drop a
+                            // torn copy so the spill file holds only spilled pages.
+                            if touched {
+                                let _ = self.free_spill(page);
+                            }
+                            self.fifo.lock().push_front((page, seq));
+                            break;
+                        }
+                    };
                     // Spill copy first, then the pool copy goes: never zero copies.
+                    self.record(page, entry);
                     let _ = self.engine.flush_page(self.cfg.client, self.key(page));
                     self.set_loc(&mut st, page, Some(Loc::Spill));
                     self.c.written_back.fetch_add(1, Relaxed);
                     moved += 1;
                 }
-                Ok(Some(PageState::Zero)) | Ok(None) => {
+                Ok(Some(PageState::Zero)) => {
                     let _ = self.engine.flush_page(self.cfg.client, self.key(page));
                     self.set_loc(&mut st, page, None);
+                    self.record(page, Entry::Zero);
+                }
+                Ok(None) => {
+                    // Mapped to the pool but gone from it: never read back as zeros.
+                    self.set_loc(&mut st, page, None);
+                    self.poison_page(page);
                 }
                 Err(_) => break,
             }
@@ -641,6 +1103,7 @@ impl SwapExport {
         {
             let seq = self.seq.fetch_add(1, Relaxed);
             self.set_loc(&mut st, page, Some(Loc::Pool(seq)));
+            self.record(page, Entry::Mem);
             self.c.pulled_back.fetch_add(1, Relaxed);
             self.free_spill(page)?;
         }
@@ -730,7 +1193,9 @@ impl SwapExport {
         Ok(())
     }
 
-    fn do_zero(&self, offset: u64, len: u64) -> Result<(), ExportError> {
+    /// TRIM (`trim`) or WRITE_ZEROES. A part of a poisoned page cannot be zeroed (the rest
+    /// of it is unknown): WRITE_ZEROES fails, TRIM leaves it (trimmed data is unspecified).
+    fn do_zero(&self, offset: u64, len: u64, trim: bool) -> Result<(), ExportError> {
         self.check_open()?;
         let mut tmp = [0u8; PAGE_SIZE];
         self.for_pages(offset, len, |page, in_page, n, full| {
@@ -739,9 +1204,14 @@ impl SwapExport {
                 self.discard(&mut st, page)
             } else {
                 tmp.fill(0);
-                if self.load(&mut st, page, &mut tmp)? {
-                    tmp[in_page..in_page + n].fill(0);
-                    self.store(&mut st, page, &tmp)?;
+                match self.load(&mut st, page, &mut tmp) {
+                    Ok(true) => {
+                        tmp[in_page..in_page + n].fill(0);
+                        self.store(&mut st, page, &tmp)?;
+                    }
+                    Ok(false) => {}
+                    Err(ExportError::Poisoned { .. }) if trim => {}
+                    Err(e) => return Err(e),
                 }
                 Ok(())
             }
@@ -756,7 +1226,7 @@ impl SwapExport {
                 return Err(ExportError::SpillIo(e));
             }
         }
-        Ok(())
+        self.map.sync().map_err(ExportError::SpillIo)
     }
 
     fn do_block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, ExportError> {
@@ -772,6 +1242,8 @@ impl SwapExport {
             let data = {
                 let st = self.lock(page);
                 match st.loc.get(&page) {
+                    // A poisoned page is not a hole: clients must read it (and fail).
+                    _ if self.poison.contains(p) => true,
                     Some(Loc::Spill) => true,
                     _ => matches!(
                         self.engine.probe(self.cfg.client, self.key(page)),
@@ -827,7 +1299,7 @@ impl BlockBackend for SwapExport {
 
     fn trim(&self, offset: u64, len: u64) -> Result<(), BackendError> {
         check_range(self.cfg.size, offset, len)?;
-        Ok(self.do_zero(offset, len)?)
+        Ok(self.do_zero(offset, len, true)?)
     }
 
     fn write_zeroes(
@@ -839,7 +1311,7 @@ impl BlockBackend for SwapExport {
     ) -> Result<(), BackendError> {
         // Always fast: whole pages are flushed, never written.
         check_range(self.cfg.size, offset, len)?;
-        Ok(self.do_zero(offset, len)?)
+        Ok(self.do_zero(offset, len, false)?)
     }
 
     fn flush(&self) -> Result<(), BackendError> {

@@ -127,6 +127,19 @@ pub(crate) fn seek(f: &File, off: u64, data: bool) -> io::Result<Option<u64>> {
     Ok(Some(r as u64))
 }
 
+/// Bytes available to unprivileged writers on the filesystem holding `f` (`fstatvfs`:
+/// `f_bavail * f_frsize`).
+pub(crate) fn available_bytes(f: &File) -> io::Result<u64> {
+    // SAFETY: an all-zero `statvfs` is a valid value of this plain C struct.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: the descriptor is owned by `f` and `st` is a valid, writable statvfs.
+    let r = unsafe { libc::fstatvfs(f.as_raw_fd(), &mut st) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+}
+
 /// Bytes the file really occupies on disk (`st_blocks * 512`).
 pub(crate) fn allocated_bytes(f: &File) -> u64 {
     use std::os::unix::fs::MetadataExt;

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use common::*;
 use rand::Rng;
 use tmem_core::{ClientConfig, ClientId, SaveOptions};
-use tmem_exports::{ExportError, SwapExport, MAX_EXPORT_BYTES};
+use tmem_exports::{ExportError, SwapConfig, SwapExport, MAX_EXPORT_BYTES};
 use tmem_nbd::BlockBackend;
 
 fn check_all(b: &dyn BlockBackend, model: &[u8]) -> usize {
@@ -335,4 +335,236 @@ fn frozen_client_writes_go_to_spill() {
     assert!(got[8202..8212].iter().all(|&b| b == 3));
     e.thaw(ClientId(1)).unwrap();
     s.destroy().unwrap();
+}
+
+/// Writes `pages` pages of distinct random data; returns the model.
+fn fill_random(s: &SwapExport, pages: u64, seed: u64) -> Vec<u8> {
+    let mut model = vec![0u8; (pages * PAGE) as usize];
+    let mut r = rng(seed);
+    r.fill(&mut model[..]);
+    for (i, chunk) in model.chunks(256 << 10).enumerate() {
+        s.write((i as u64) * (256 << 10), chunk, false)
+            .expect("write");
+    }
+    model
+}
+
+/// What reading page `p` gives: `Ok(data)` or the export error.
+fn read_page(s: &SwapExport, p: u64) -> Result<Vec<u8>, tmem_nbd::BackendError> {
+    let mut buf = vec![0u8; PAGE as usize];
+    let zr = s.read(p * PAGE, &mut buf)?;
+    for &(o, l) in zr.as_slice() {
+        buf[o..o + l].fill(0);
+    }
+    Ok(buf)
+}
+
+fn allocated(path: &std::path::Path) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).unwrap();
+    (m.len(), m.blocks())
+}
+
+/// The daemon dies (nothing saved): a new engine, the export recovered from its files.
+#[test]
+fn unclean_stop_serves_verified_spill_and_poisons_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 8u64 << 20;
+    let cfg = SwapConfig {
+        codec: tmem_core::Codec::None,
+        ..swap_cfg(dir.path(), "u", size, 1)
+    };
+    let e1 = engine(1 << 20, &[1]);
+    let s = SwapExport::create(e1.clone(), cfg.clone()).unwrap();
+    let pages = 1024;
+    let model = fill_random(&s, pages, 77);
+    // The last page written is zeroed again, page 1500 never written.
+    s.write(1023 * PAGE, &[0u8; 4096], false).unwrap();
+    let st = s.stats();
+    assert!(st.pages_spilled > 0 && st.pages_in_pool > 0, "{st:?}");
+    s.check_invariants().unwrap();
+    let spill_before = allocated(&cfg.spill_path);
+    // Death: no save, no destroy. Every pwrite completed, as after a SIGKILL.
+    drop(s);
+    drop(e1);
+
+    let e2 = engine(1 << 20, &[1]);
+    let (s2, rep) = SwapExport::recover(e2.clone(), cfg.clone()).unwrap();
+    assert!(rep.map_found, "{rep:?}");
+    assert_eq!(
+        allocated(&cfg.spill_path),
+        spill_before,
+        "spill file changed"
+    );
+    assert_eq!(rep.spilled, st.pages_spilled, "{rep:?} {st:?}");
+    assert_eq!(rep.poisoned, st.pages_in_pool, "{rep:?} {st:?}");
+    assert_eq!(s2.stats().poisoned_pages, rep.poisoned);
+    s2.check_invariants().unwrap();
+    let (mut good, mut lost) = (0, 0);
+    for p in 0..pages - 1 {
+        match read_page(&s2, p) {
+            Ok(d) => {
+                assert_eq!(
+                    &d[..],
+                    &model[(p * PAGE) as usize..((p + 1) * PAGE) as usize]
+                );
+                good += 1;
+            }
+            Err(e) => {
+                assert_eq!(e.nbd_errno(), tmem_nbd::proto::EIO, "{e}");
+                lost += 1;
+            }
+        }
+    }
+    assert_eq!((good, lost), (st.pages_spilled, st.pages_in_pool));
+    // Zero pages stay zero.
+    assert!(read_page(&s2, 1023).unwrap().iter().all(|&b| b == 0));
+    assert!(read_page(&s2, 1500).unwrap().iter().all(|&b| b == 0));
+    // A poisoned page must be read (not a hole) and fails; a whole-page write or a trim
+    // clears it; a partial write or write-zeroes cannot; a partial trim leaves it.
+    let lost_pages: Vec<u64> = s2
+        .poison()
+        .ranges()
+        .iter()
+        .flat_map(|&(a, b)| a..b)
+        .collect();
+    let (a, b, c) = (lost_pages[0], lost_pages[1], lost_pages[2]);
+    let ext = s2.block_status(a * PAGE, PAGE).unwrap();
+    assert!(!ext[0].hole && !ext[0].zero, "{ext:?}");
+    assert!(s2.write(a * PAGE + 10, &[1u8; 10], false).is_err());
+    assert!(s2.write_zeroes(a * PAGE, 100, true, false).is_err());
+    s2.trim(a * PAGE, 100).unwrap();
+    assert!(read_page(&s2, a).is_err());
+    s2.write(a * PAGE, &[9u8; 4096], false).unwrap();
+    assert_eq!(read_page(&s2, a).unwrap(), vec![9u8; 4096]);
+    s2.trim(b * PAGE, PAGE).unwrap();
+    assert!(read_page(&s2, b).unwrap().iter().all(|&x| x == 0));
+    assert_eq!(s2.stats().poisoned_pages, rep.poisoned - 2);
+    s2.check_invariants().unwrap();
+
+    // Another unclean stop: what was poisoned stays so, the trimmed page stays zero, and
+    // what was in memory (the rewritten page, pages pulled back on read) is lost again.
+    drop(s2);
+    drop(e2);
+    let e3 = engine(1 << 20, &[1]);
+    let (s3, rep3) = SwapExport::recover(e3.clone(), cfg.clone()).unwrap();
+    assert!(rep3.poisoned > rep.poisoned - 2, "{rep3:?} {rep:?}");
+    assert!(read_page(&s3, c).is_err() && read_page(&s3, a).is_err());
+    assert!(read_page(&s3, b).unwrap().iter().all(|&x| x == 0));
+    // And a clean save/restore keeps the poison.
+    s3.flush().unwrap();
+    let mut stream = Vec::new();
+    e3.save(ClientId(1), SaveOptions::default(), &mut stream)
+        .unwrap();
+    drop(s3);
+    drop(e3);
+    let e4 = engine(1 << 20, &[1]);
+    let r = e4.restore(ClientId(1), &mut &stream[..]).unwrap();
+    let pool = r.pools.iter().find(|(_, l)| l == "swap:u").unwrap().0;
+    let s4 = SwapExport::attach(e4.clone(), cfg, pool).unwrap();
+    assert_eq!(s4.stats().poisoned_pages, rep3.poisoned);
+    assert!(read_page(&s4, c).is_err());
+    assert!(read_page(&s4, b).unwrap().iter().all(|&x| x == 0));
+    s4.check_invariants().unwrap();
+    s4.destroy().unwrap();
+}
+
+#[test]
+fn torn_spill_copy_and_missing_map_are_poisoned() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 4u64 << 20;
+    let cfg = SwapConfig {
+        codec: tmem_core::Codec::None,
+        ..swap_cfg(dir.path(), "t", size, 1)
+    };
+    let e1 = engine(1 << 20, &[1]);
+    let s = SwapExport::create(e1.clone(), cfg.clone()).unwrap();
+    let model = fill_random(&s, 1024, 5);
+    let st = s.stats();
+    assert!(st.pages_spilled > 2, "{st:?}");
+    // Oldest first: page 0 and 1 went to the spill file.
+    let key = |p| tmem_core::PageKey::new(s.pool(), tmem_core::ObjectId::from_u64(0), p);
+    assert!(e1.probe(ClientId(1), key(0)).unwrap().is_none());
+    assert!(e1.probe(ClientId(1), key(1)).unwrap().is_none());
+    drop(s);
+    drop(e1);
+    // Tear the copy of the first spilled page (the oldest pages were written back).
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&cfg.spill_path)
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[0xffu8; 512], 0).unwrap();
+    let e2 = engine(1 << 20, &[1]);
+    let (s2, rep) = SwapExport::recover(e2.clone(), cfg.clone()).unwrap();
+    assert!(read_page(&s2, 0).is_err(), "{rep:?}");
+    assert_eq!(read_page(&s2, 1).unwrap(), model[4096..8192].to_vec());
+    assert_eq!(rep.spilled, st.pages_spilled - 1, "{rep:?} {st:?}");
+    assert_eq!(rep.poisoned, 1024 - rep.spilled);
+    drop(s2);
+    drop(e2);
+    // Without a map nothing can be proven: every page is poisoned, the spill file kept.
+    let before = allocated(&cfg.spill_path);
+    std::fs::remove_file(format!("{}.map", cfg.spill_path.display())).unwrap();
+    let e3 = engine(1 << 20, &[1]);
+    let (s3, rep) = SwapExport::recover(e3.clone(), cfg.clone()).unwrap();
+    assert!(!rep.map_found);
+    assert_eq!(rep.poisoned, 1024);
+    assert_eq!(allocated(&cfg.spill_path), before);
+    assert!(read_page(&s3, 1).is_err() && read_page(&s3, 1000).is_err());
+    s3.check_invariants().unwrap();
+    // Writing everything makes it whole again.
+    let model = fill_random(&s3, 1024, 6);
+    assert_eq!(s3.stats().poisoned_pages, 0);
+    assert_eq!(check_all(&*s3, &model), 0);
+    s3.check_invariants().unwrap();
+    s3.destroy().unwrap();
+    assert!(!cfg.spill_path.exists());
+}
+
+#[test]
+fn adopt_recovered_serves_a_poisoned_page_from_the_pool() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = swap_cfg(dir.path(), "a", 1 << 20, 1);
+    let e1 = engine(64 << 20, &[1]);
+    let s = SwapExport::create(e1.clone(), cfg.clone()).unwrap();
+    s.write(0, &[7u8; 8192], false).unwrap();
+    drop(s);
+    drop(e1);
+    let e2 = engine(64 << 20, &[1]);
+    let (s2, rep) = SwapExport::recover(e2.clone(), cfg).unwrap();
+    assert_eq!(rep.poisoned, 2);
+    assert!(!s2.adopt_recovered(0).unwrap(), "not in the pool yet");
+    // A recovery puts the page back into the export's pool, then clears its poison.
+    let key = tmem_core::PageKey::new(s2.pool(), tmem_core::ObjectId::from_u64(0), 0);
+    e2.put(ClientId(1), key, &[7u8; 4096]).unwrap();
+    assert!(s2.adopt_recovered(0).unwrap());
+    assert_eq!(read_page(&s2, 0).unwrap(), vec![7u8; 4096]);
+    assert!(read_page(&s2, 1).is_err());
+    assert_eq!(s2.stats().poisoned_pages, 1);
+    s2.check_invariants().unwrap();
+    s2.destroy().unwrap();
+}
+
+#[test]
+fn creation_needs_room_for_the_worst_case() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = engine(1 << 20, &[1]);
+    let cfg = SwapConfig {
+        spill_reserve: 1 << 60,
+        ..swap_cfg(dir.path(), "big", 1 << 30, 1)
+    };
+    match SwapExport::create(e.clone(), cfg.clone()) {
+        Err(ExportError::SpillSpace {
+            needed, available, ..
+        }) => assert!(needed > available),
+        other => panic!("expected SpillSpace, got {other:?}"),
+    }
+    assert!(!cfg.spill_path.exists());
+    assert!(e.pools_of(ClientId(1)).is_empty());
+    // A reserve that fits.
+    let cfg = SwapConfig {
+        spill_reserve: 1 << 20,
+        ..cfg
+    };
+    SwapExport::create(e, cfg).unwrap().destroy().unwrap();
 }

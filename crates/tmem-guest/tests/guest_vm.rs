@@ -49,13 +49,6 @@ impl Drop for Vm {
     }
 }
 
-fn which(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-}
-
 fn kernel() -> Option<(PathBuf, PathBuf)> {
     let mut ks: Vec<PathBuf> = std::fs::read_dir("/boot")
         .ok()?
@@ -177,14 +170,13 @@ const CTL_LOOP: &str = r#"for d in /sys/class/virtio-ports/*; do [ "$(cat $d/nam
 done; sleep 0.2; done ) &"#;
 
 fn boot(name: &str, tail: &str) -> Option<Booted> {
-    let (Some(qemu), Some(busybox), Some(_)) =
-        (which("qemu-system-x86_64"), which("busybox"), which("cpio"))
-    else {
-        eprintln!("SKIP: qemu-system-x86_64, busybox or cpio missing");
-        return None;
-    };
+    let [qemu, busybox, _, _] =
+        tmem_vm::test_tools(["qemu-system-x86_64", "busybox", "cpio", "gzip"])?;
     let Some((vmlinuz, modules)) = kernel() else {
-        eprintln!("SKIP: no readable /boot/vmlinuz-* with virtio modules");
+        tmem_vm::missing_prerequisite(
+            "the guest kernel",
+            "no readable /boot/vmlinuz-* with virtio modules",
+        );
         return None;
     };
     let dir = std::env::temp_dir().join(format!("tmem-guest-vm-{}-{name}", std::process::id()));

@@ -10,7 +10,8 @@
 //! Timings are printed, never asserted.
 //!
 //! Run: `cargo test -p tmem-itest --test balloon_guests -- --nocapture`.
-//! Skips (with a message) when QEMU, the guest kernel or busybox are missing.
+//! Skips (with a message) when QEMU, the guest kernel or busybox are missing; fails
+//! instead under `TMEM_REQUIRE_VM=1`.
 //! `TMEM_ITEST_KEEP=1` keeps the run directory (logs, consoles);
 //! `TMEM_ITEST_RESULTS=FILE` also writes the markdown summary to FILE.
 
@@ -44,17 +45,12 @@ fn mib(b: u64) -> f64 {
     b as f64 / MIB as f64
 }
 
-fn missing_prerequisite() -> Option<String> {
-    if tmem_vm::find_tool("qemu-system-x86_64").is_err() {
-        return Some("qemu-system-x86_64 not found".into());
-    }
-    if let Err(e) = tmem_vm::newest_cloud_kernel() {
-        return Some(e.to_string());
-    }
-    if tmem_vm::find_tool("busybox").is_err() {
-        return Some("busybox not found".into());
-    }
-    None
+/// QEMU, the guest kernel and busybox, or `None` after `tmem_vm::missing_prerequisite`
+/// (a failure under `TMEM_REQUIRE_VM=1`).
+fn prerequisites() -> Option<()> {
+    tmem_vm::test_tools(["qemu-system-x86_64", "busybox"])?;
+    tmem_vm::test_kernel()?;
+    Some(())
 }
 
 /// Everything worth printing about one guest.
@@ -90,8 +86,7 @@ fn console_oom(text: &str) -> Vec<String> {
 
 #[test]
 fn two_guests_balloon_down_idle_and_eatmem_gets_memory_back() {
-    if let Some(why) = missing_prerequisite() {
-        eprintln!("SKIP: {why} (run scripts/setup)");
+    if prerequisites().is_none() {
         return;
     }
     let t_test = Instant::now();

@@ -1,7 +1,8 @@
 //! Runs `tmem-lab run --quick` with 2 small guests and one repeat, then checks that the
 //! report is complete and internally consistent. Numbers are not asserted.
 //!
-//! Needs QEMU and the guest kernel (`scripts/setup`); skipped with a message otherwise.
+//! Needs QEMU and the guest kernel (`scripts/setup`); fails without them under
+//! `TMEM_REQUIRE_VM=1`, skipped with a message otherwise.
 
 use std::path::Path;
 use std::process::Command;
@@ -9,17 +10,15 @@ use std::process::Command;
 use tmem_lab::run::{metric, METRICS};
 use tmem_lab::{ConfigKind, Results};
 
+/// Fails under `TMEM_REQUIRE_VM=1` when one is missing, else skips (`tmem_vm::test_tool`).
 fn have_vm_tools() -> bool {
-    tmem_vm::find_tool("qemu-system-x86_64").is_ok()
-        && tmem_vm::newest_cloud_kernel().is_ok()
-        && tmem_vm::find_tool("busybox").is_ok()
-        && tmem_vm::find_tool("mkfs.ext4").is_ok()
+    tmem_vm::test_tools(["qemu-system-x86_64", "busybox", "mkfs.ext4"]).is_some()
+        && tmem_vm::test_kernel().is_some()
 }
 
 #[test]
 fn quick_run_report_is_complete_and_consistent() {
     if !have_vm_tools() {
-        eprintln!("SKIP: QEMU, busybox, mkfs.ext4 or the cloud kernel missing (run scripts/setup)");
         return;
     }
     let out = std::env::temp_dir().join(format!("tmem-lab-test-{}", std::process::id()));

@@ -1,8 +1,8 @@
 //! Interoperability with real NBD clients (qemu-io, qemu-img, nbdinfo, nbdcopy) run as
 //! subprocesses against an in-process server on a tempdir Unix socket.
 //!
-//! The tools come from `scripts/setup`. If one is missing the test fails, unless
-//! `TMEM_NBD_SKIP_INTEROP=1` is set (then it is skipped with a message).
+//! The tools come from `scripts/setup`. If one is missing the test fails under
+//! `TMEM_REQUIRE_VM=1` (CI) and is skipped with a message otherwise (`tmem_vm::test_tool`).
 
 mod common;
 
@@ -16,17 +16,7 @@ use tmem_nbd::{BlockBackend, ListenAddr, MemBackend, ServerConfig, ServerHandle,
 const SIZE: u64 = 32 << 20;
 
 fn tool(name: &str) -> Option<Command> {
-    let found = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()))
-        .unwrap_or(false);
-    if found {
-        return Some(Command::new(name));
-    }
-    if std::env::var_os("TMEM_NBD_SKIP_INTEROP").is_some() {
-        eprintln!("skipping: {name} not installed");
-        return None;
-    }
-    panic!("{name} not installed; run scripts/setup or set TMEM_NBD_SKIP_INTEROP=1");
+    tmem_vm::test_tool(name).map(Command::new)
 }
 
 fn run(mut c: Command) -> Output {

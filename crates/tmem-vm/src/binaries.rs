@@ -133,7 +133,7 @@ mod tests {
     fn static_detection() {
         // /bin/sh on Debian is dynamic; busybox-static is static.
         assert!(!is_static_elf(Path::new("/bin/sh")).unwrap());
-        if let Ok(bb) = crate::find_tool("busybox") {
+        if let Some(bb) = crate::test_tool("busybox") {
             assert!(is_static_elf(&bb).unwrap());
         }
         let tmp = std::env::temp_dir().join(format!("tmem-vm-notelf-{}", std::process::id()));

@@ -38,7 +38,9 @@
 //! ```
 //!
 //! Missing system tools give [`Error::Missing`], which tells the user to run
-//! `scripts/setup` as root.
+//! `scripts/setup` as root. Tests across the workspace that need a tool use
+//! [`test_tool`] / [`test_kernel`]: they fail under `TMEM_REQUIRE_VM=1` (CI) and
+//! skip with a message otherwise.
 
 mod accel;
 mod binaries;
@@ -46,6 +48,7 @@ mod cgroup;
 mod data;
 mod guest;
 mod image;
+mod prereq;
 
 use std::path::PathBuf;
 
@@ -57,6 +60,9 @@ pub use cgroup::MemCgroup;
 pub use data::{cached_data_image, make_data_image, make_data_tree, DataTreeStats};
 pub use guest::{Drive, DriveSource, Guest, GuestConfig};
 pub use image::{newest_cloud_kernel, GuestImage, ImageBuilder, Kernel, DEFAULT_MODULES};
+pub use prereq::{
+    missing_prerequisite, test_kernel, test_tool, test_tools, vm_required, REQUIRE_VM_ENV,
+};
 
 /// Printed by `/init` once modules are loaded and the console is set up.
 pub const MARK_READY: &str = "TMEM-READY";

@@ -1,7 +1,8 @@
 //! # tmemctl: command-line client of tmemd
 //!
-//! Talks HTTP/1.1 + JSON to `STATE_DIR/ctl.sock` (state dir from `--state-dir`, the
-//! `TMEM_STATE_DIR` environment variable, or the default `/run/tmem` as root) with the
+//! Talks HTTP/1.1 + JSON to `RUNTIME_DIR/ctl.sock` (runtime dir from `--runtime-dir` or
+//! `TMEM_RUNTIME_DIR`; else `--state-dir`/`TMEM_STATE_DIR` for a daemon started with a
+//! state dir alone, the one-directory layout; else the default `/run/tmem` as root) with the
 //! request types of `tmem-api`, so sizes are parsed exactly as the daemon parses them.
 //! Errors print the daemon's whole error chain and exit non-zero.
 //!
@@ -26,7 +27,11 @@ use tmem_api::{
 #[derive(Debug, Parser)]
 #[command(name = "tmemctl", version, about = "Control a running tmemd")]
 pub struct Cli {
-    /// State directory of the daemon (holds ctl.sock). Default: /run/tmem as root.
+    /// Runtime directory of the daemon (holds ctl.sock). Default: /run/tmem as root.
+    #[arg(long, env = "TMEM_RUNTIME_DIR", value_name = "DIR", global = true)]
+    pub runtime_dir: Option<PathBuf>,
+    /// State directory of a daemon started with `--state-dir` alone (its sockets are there
+    /// too); used when no runtime directory is given.
     #[arg(long, env = "TMEM_STATE_DIR", value_name = "DIR", global = true)]
     pub state_dir: Option<PathBuf>,
     /// What to do.
@@ -253,9 +258,10 @@ fn v1(path: &str) -> String {
 /// Runs a parsed command.
 pub fn run(cli: Cli) -> Result<(), CliError> {
     let dir = cli
-        .state_dir
+        .runtime_dir
         .clone()
-        .unwrap_or_else(tmem_api::default_state_dir);
+        .or_else(|| cli.state_dir.clone())
+        .unwrap_or_else(tmem_api::default_runtime_dir);
     let c = Client::new(dir.join(tmem_api::CTL_SOCKET));
     match cli.cmd {
         Cmd::Status { json } => {
@@ -265,6 +271,9 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             } else {
                 println!("tmemd {} (pid {}), up {}s", s.version, s.pid, s.uptime_secs);
                 println!("state dir  {}", s.state_dir.display());
+                if !s.runtime_dir.as_os_str().is_empty() && s.runtime_dir != s.state_dir {
+                    println!("runtime    {}", s.runtime_dir.display());
+                }
                 println!("nbd socket {}", s.nbd_socket.display());
                 if let Some(t) = &s.nbd_tcp {
                     println!("nbd tcp    {t}");
@@ -282,6 +291,12 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                 );
                 for w in &s.warnings {
                     println!("warning: {w}");
+                }
+                for d in &s.damaged_exports {
+                    println!(
+                        "poisoned: export {} has {} pages that fail reads with EIO until rewritten",
+                        d.name, d.poisoned_pages
+                    );
                 }
             }
         }

@@ -44,7 +44,7 @@ impl Frame {
     pub fn build(cur: &Stats, prev: Option<(&Stats, Duration)>) -> Frame {
         let p = &cur.pool;
         let dt = prev.map(|(_, d)| d.as_secs_f64());
-        let header = vec![
+        let mut header = vec![
             format!(
                 "tmem pool  budget {}  held {}  logical {}  physical {}  freeable {}",
                 format_size(p.budget),
@@ -77,6 +77,18 @@ impl Frame {
             ),
         ];
         let prev_client = |id: u32| prev.and_then(|(s, _)| s.clients.iter().find(|c| c.id == id));
+        let damaged: Vec<String> = cur
+            .exports
+            .iter()
+            .filter(|e| e.backend.poisoned_pages > 0)
+            .map(|e| format!("{} {} pages", e.name, e.backend.poisoned_pages))
+            .collect();
+        if !damaged.is_empty() {
+            header.push(format!(
+                "POISONED (lost at an unclean stop; reads fail with EIO until rewritten): {}",
+                damaged.join(", ")
+            ));
+        }
         let clients = Table {
             title: "Clients".into(),
             headers: vec![

@@ -89,7 +89,9 @@ fn export_status(e: &tmem_exports::ExportError) -> u16 {
             std::io::ErrorKind::PermissionDenied => 403,
             _ => 500,
         },
-        X::SpillIo(_) | X::ImageIo(_) | X::SpillRemove { .. } => 500,
+        X::SpillIo(_) | X::ImageIo(_) | X::SpillRemove { .. } | X::PageMap { .. } => 500,
+        X::SpillSpace { .. } => 507,
+        X::Poisoned { .. } => 500,
         X::Closed => 409,
     }
 }

@@ -37,8 +37,15 @@ pub struct FileConfig {
     pub budget: Option<Size>,
     /// Fraction of MemTotal used as budget when `budget` is not set. Default 0.25.
     pub budget_fraction: Option<f64>,
-    /// State directory. Default `/run/tmem` (root).
+    /// State directory: spill files and saved state. Default `/var/lib/tmem` (root). Given
+    /// without `runtime_dir`, it also holds the sockets and the lock (one-directory layout).
     pub state_dir: Option<PathBuf>,
+    /// Runtime directory: sockets and lock. Default `/run/tmem` (root).
+    pub runtime_dir: Option<PathBuf>,
+    /// Free space the spill files' filesystem keeps (bytes or `"64M"`; default 64 MiB): a
+    /// swap export is only created if its whole size plus this fits, and a spill write that
+    /// would leave less is refused with ENOSPC. 0 turns both checks off.
+    pub spill_reserve: Option<Size>,
     /// Optional TCP listener for `GET /metrics`.
     pub metrics_addr: Option<SocketAddr>,
     /// Optional NBD TCP listener.
@@ -75,9 +82,16 @@ pub struct Args {
     /// Pool budget (e.g. 2G, 512M, 4096).
     #[arg(long, value_name = "SIZE")]
     pub budget: Option<Size>,
-    /// State directory (sockets, spill files, saved state).
+    /// State directory (spill files, saved state). Default /var/lib/tmem as root. Alone
+    /// (without --runtime-dir) it also holds the sockets and the lock, as before the split.
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
+    /// Runtime directory (sockets, lock). Default /run/tmem as root.
+    #[arg(long, value_name = "DIR")]
+    pub runtime_dir: Option<PathBuf>,
+    /// Free space to keep on the spill filesystem (e.g. 64M; 0 turns the checks off).
+    #[arg(long, value_name = "SIZE")]
+    pub spill_reserve: Option<Size>,
     /// Serve GET /metrics on this TCP address too.
     #[arg(long, value_name = "ADDR")]
     pub metrics_addr: Option<SocketAddr>,
@@ -97,8 +111,12 @@ pub struct Args {
 pub struct Config {
     /// Pool budget, bytes.
     pub budget: u64,
-    /// State directory.
+    /// State directory (spill files, saved state).
     pub state_dir: PathBuf,
+    /// Runtime directory (sockets, lock).
+    pub runtime_dir: PathBuf,
+    /// Free space kept on the spill filesystem, bytes.
+    pub spill_reserve: u64,
     /// Metrics TCP listener.
     pub metrics_addr: Option<SocketAddr>,
     /// NBD TCP listener.
@@ -120,6 +138,9 @@ pub const DEFAULT_DEFER_COMPRESSION: f64 = 0.0;
 
 /// Default background compaction threshold (fraction of held bytes compaction could free).
 pub const DEFAULT_COMPACT_THRESHOLD: f64 = 0.10;
+
+/// Default free space kept on the spill filesystem (64 MiB).
+pub const DEFAULT_SPILL_RESERVE: u64 = 64 << 20;
 
 /// Default share of host RAM for the pool budget.
 pub const DEFAULT_BUDGET_FRACTION: f64 = 0.25;
@@ -223,13 +244,27 @@ impl Config {
             Some(d) => parse_dedup(d)?,
             None => DedupScope::Client,
         };
+        // Flags win over the file, key by key. A state directory given without a runtime
+        // directory keeps the one-directory layout of older releases (sockets next to it).
+        let state = args.state_dir.clone().or(file.state_dir);
+        let runtime = args.runtime_dir.clone().or(file.runtime_dir);
+        let (runtime_dir, state_dir) = match (runtime, state) {
+            (Some(r), Some(s)) => (r, s),
+            (None, Some(s)) => (s.clone(), s),
+            (Some(r), None) => (r, tmem_api::default_state_dir()),
+            (None, None) => (
+                tmem_api::default_runtime_dir(),
+                tmem_api::default_state_dir(),
+            ),
+        };
         Ok(Config {
             budget,
-            state_dir: args
-                .state_dir
-                .clone()
-                .or(file.state_dir)
-                .unwrap_or_else(tmem_api::default_state_dir),
+            state_dir,
+            runtime_dir,
+            spill_reserve: args
+                .spill_reserve
+                .or(file.spill_reserve)
+                .map_or(DEFAULT_SPILL_RESERVE, |s| s.0),
             metrics_addr: args.metrics_addr.or(file.metrics_addr),
             nbd_tcp: args.nbd_tcp.or(file.nbd_tcp),
             codec,
@@ -265,8 +300,48 @@ mod tests {
         assert_eq!(c.codec, Codec::Lz4);
         assert_eq!(c.dedup, DedupScope::Client);
         assert_eq!(c.metrics_addr, None);
+        assert_eq!(c.runtime_dir, tmem_api::default_runtime_dir());
+        assert_eq!(c.state_dir, tmem_api::default_state_dir());
+        assert_eq!(c.spill_reserve, DEFAULT_SPILL_RESERVE);
         let c = Config::resolve(&Args::default(), FileConfig::default(), None).unwrap();
         assert_eq!(c.budget, FALLBACK_BUDGET);
+    }
+
+    #[test]
+    fn runtime_and_state_dirs() {
+        let dirs = |args: Args, file: &str| {
+            let file: FileConfig = toml::from_str(file).unwrap();
+            let c = Config::resolve(&args, file, None).unwrap();
+            (c.runtime_dir, c.state_dir)
+        };
+        let p = PathBuf::from;
+        // A state dir alone: the one-directory layout (sockets next to the state).
+        let args = Args {
+            state_dir: Some(p("/s")),
+            ..Default::default()
+        };
+        assert_eq!(dirs(args, ""), (p("/s"), p("/s")));
+        assert_eq!(
+            dirs(Args::default(), "state_dir = \"/s\""),
+            (p("/s"), p("/s"))
+        );
+        // Both, from the file, a flag overriding one of them.
+        let both = "state_dir = \"/s\"\nruntime_dir = \"/r\"\n";
+        assert_eq!(dirs(Args::default(), both), (p("/r"), p("/s")));
+        let args = Args {
+            runtime_dir: Some(p("/r2")),
+            ..Default::default()
+        };
+        assert_eq!(dirs(args, both), (p("/r2"), p("/s")));
+        // A runtime dir alone: the default state dir.
+        let args = Args {
+            runtime_dir: Some(p("/r")),
+            ..Default::default()
+        };
+        assert_eq!(dirs(args, ""), (p("/r"), tmem_api::default_state_dir()));
+        let file: FileConfig = toml::from_str("spill_reserve = \"1G\"").unwrap();
+        let c = Config::resolve(&Args::default(), file, None).unwrap();
+        assert_eq!(c.spill_reserve, 1 << 30);
     }
 
     #[test]

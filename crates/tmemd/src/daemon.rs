@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use tmem_api::{
-    BudgetReply, ClientInfo, CreateClient, CreateExport, CreateGuest, ExportInfo, ExportKind,
-    GuestInfo, Held, NbdStats, Ops, PoolInfo, PoolSummary, ShrinkReply, Stats, Status,
+    BudgetReply, ClientInfo, CreateClient, CreateExport, CreateGuest, DamagedExport, ExportInfo,
+    ExportKind, GuestInfo, Held, NbdStats, Ops, PoolInfo, PoolSummary, ShrinkReply, Stats, Status,
 };
 use tmem_balloon::manager::ProcHost;
 use tmem_core::{ClientConfig, ClientId, Engine, EngineConfig, SaveOptions};
@@ -66,11 +66,11 @@ pub enum OpError {
 /// Errors starting or stopping the daemon.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
-    /// The state directory could not be created.
-    #[error("Cannot create state directory {0}")]
+    /// The state or runtime directory could not be created.
+    #[error("Cannot create directory {0}")]
     StateDir(PathBuf, #[source] io::Error),
-    /// Another daemon owns the state directory.
-    #[error("Cannot lock state directory")]
+    /// Another daemon owns the runtime or state directory.
+    #[error("Cannot lock directory")]
     Lock(#[source] LockError),
     /// The NBD server did not start.
     #[error("Cannot start NBD server")]
@@ -86,11 +86,13 @@ pub enum DaemonError {
     SaveClient(u32, #[source] tmem_core::Error),
 }
 
-/// Paths inside the state directory.
+/// Paths inside the runtime and state directories.
 #[derive(Debug, Clone)]
 pub struct Paths {
-    /// The state directory.
+    /// The state directory (spill files, saved state).
     pub dir: PathBuf,
+    /// The runtime directory (sockets, lock); may be the state directory.
+    pub runtime: PathBuf,
     /// NBD socket.
     pub nbd: PathBuf,
     /// Control socket.
@@ -102,14 +104,24 @@ pub struct Paths {
 }
 
 impl Paths {
-    /// The layout of `dir`.
-    pub fn new(dir: &Path) -> Self {
+    /// The layout of a runtime directory and a state directory (the same one in the
+    /// one-directory layout).
+    pub fn new(runtime: &Path, dir: &Path) -> Self {
         Paths {
             dir: dir.to_owned(),
-            nbd: dir.join(tmem_api::NBD_SOCKET),
-            ctl: dir.join(tmem_api::CTL_SOCKET),
+            runtime: runtime.to_owned(),
+            nbd: runtime.join(tmem_api::NBD_SOCKET),
+            ctl: runtime.join(tmem_api::CTL_SOCKET),
             state: dir.join("state"),
             spill: dir.join("spill"),
+        }
+    }
+
+    /// Whether the runtime and state directories are one (compared once both exist).
+    fn one_dir(&self) -> bool {
+        match (fs::canonicalize(&self.runtime), fs::canonicalize(&self.dir)) {
+            (Ok(a), Ok(b)) => a == b,
+            _ => self.runtime == self.dir,
         }
     }
 }
@@ -128,6 +140,7 @@ pub struct Daemon {
     warnings: Mutex<Vec<String>>,
     pub(crate) stopping: AtomicBool,
     _lock: DirLock,
+    _state_lock: Option<DirLock>,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -195,12 +208,20 @@ impl Daemon {
     /// server and the control API (and the metrics listener if configured).
     pub fn start(cfg: Config) -> Result<Running, DaemonError> {
         crate::memory::tune_heap();
-        let paths = Paths::new(&cfg.state_dir);
-        for d in [&paths.dir, &paths.state, &paths.spill] {
+        let paths = Paths::new(&cfg.runtime_dir, &cfg.state_dir);
+        for d in [&paths.runtime, &paths.dir, &paths.state, &paths.spill] {
             fs::create_dir_all(d).map_err(|e| DaemonError::StateDir(d.clone(), e))?;
         }
-        let _ = fs::set_permissions(&paths.dir, fs::Permissions::from_mode(0o700));
-        let dir_lock = DirLock::acquire(&paths.dir).map_err(DaemonError::Lock)?;
+        for d in [&paths.runtime, &paths.dir] {
+            let _ = fs::set_permissions(d, fs::Permissions::from_mode(0o700));
+        }
+        // Both directories are locked: two daemons can share neither sockets nor spill files.
+        let dir_lock = DirLock::acquire(&paths.runtime).map_err(DaemonError::Lock)?;
+        let state_lock = if paths.one_dir() {
+            None
+        } else {
+            Some(DirLock::acquire(&paths.dir).map_err(DaemonError::Lock)?)
+        };
         let engine = Arc::new(Engine::new(EngineConfig {
             budget: cfg.budget,
             defer_compression_below: cfg.defer_compression,
@@ -221,6 +242,7 @@ impl Daemon {
             warnings: Mutex::new(Vec::new()),
             stopping: AtomicBool::new(false),
             _lock: dir_lock,
+            _state_lock: state_lock,
         });
         let consumed = daemon.restore();
         let mut listen = vec![ListenAddr::Unix(paths.nbd.clone())];
@@ -257,6 +279,7 @@ impl Daemon {
         );
         tracing::info!(
             dir = %paths.dir.display(),
+            runtime = %paths.runtime.display(),
             budget = cfg.budget,
             nbd = %paths.nbd.display(),
             ctl = %paths.ctl.display(),
@@ -307,7 +330,9 @@ impl Daemon {
         };
         if !m.clean && m.exports.iter().any(|e| e.kind == ExportKind::Swap) {
             self.warn(
-                "Previous tmemd did not shut down cleanly: swap exports were recreated empty"
+                "Previous tmemd did not shut down cleanly: pages that were in memory are lost; \
+                 spilled pages are served where their checksums match, every other written \
+                 page answers reads with EIO until the guest rewrites it"
                     .into(),
             );
         }
@@ -430,6 +455,7 @@ impl Daemon {
                     spill_path: self.spill_path(&e.name),
                     codec,
                     dedup,
+                    spill_reserve: self.cfg.spill_reserve,
                 };
                 let label = e.pool_label.clone().unwrap_or(format!("swap:{}", e.name));
                 match restored.get(&(e.client, label)) {
@@ -442,16 +468,26 @@ impl Daemon {
                         }
                     },
                     None => {
-                        if clean {
-                            self.warn(format!(
-                                "Swap export {:?}: no saved pool found, recreated empty",
-                                e.name
-                            ));
-                        }
-                        Backend::Swap(
-                            SwapExport::create(self.engine.clone(), cfg)
-                                .map_err(|x| OpError::Export(e.name.clone(), x))?,
-                        )
+                        // An unclean stop, or a clean one whose save of this client failed:
+                        // the spill file is kept, nothing unproven is served.
+                        let (s, rep) = SwapExport::recover(self.engine.clone(), cfg)
+                            .map_err(|x| OpError::Export(e.name.clone(), x))?;
+                        let why = if clean {
+                            "no saved pool found"
+                        } else {
+                            "unclean stop"
+                        };
+                        let map = if rep.map_found {
+                            ""
+                        } else {
+                            " (no usable page map: every page)"
+                        };
+                        self.warn(format!(
+                            "Swap export {:?} ({why}): {} spilled pages recovered, {} pages poisoned{map}: \
+                             reads of them fail with EIO until the guest rewrites or trims them",
+                            e.name, rep.spilled, rep.poisoned
+                        ));
+                        Backend::Swap(s)
                     }
                 }
             }
@@ -594,6 +630,7 @@ impl Daemon {
             pid: std::process::id(),
             uptime_secs: self.started.elapsed().as_secs(),
             state_dir: self.paths.dir.clone(),
+            runtime_dir: self.paths.runtime.clone(),
             nbd_socket: self.paths.nbd.clone(),
             nbd_tcp: self.cfg.nbd_tcp.map(|a| a.to_string()),
             metrics_addr: self.cfg.metrics_addr.map(|a| a.to_string()),
@@ -603,6 +640,18 @@ impl Daemon {
             exports: self.exports.all().len() as u64,
             guests: self.guests.len() as u64,
             warnings: lock(&self.warnings).clone(),
+            damaged_exports: self
+                .exports
+                .all()
+                .iter()
+                .filter_map(|e| match &e.backend {
+                    Backend::Swap(s) if s.poison().count() > 0 => Some(DamagedExport {
+                        name: e.name.clone(),
+                        poisoned_pages: s.poison().count(),
+                    }),
+                    _ => None,
+                })
+                .collect(),
         }
     }
 
@@ -887,6 +936,7 @@ impl Daemon {
                     spill_path: self.spill_path(&req.name),
                     codec,
                     dedup,
+                    spill_reserve: self.cfg.spill_reserve,
                 },
             )
             .map(Backend::Swap),

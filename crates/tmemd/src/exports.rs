@@ -48,6 +48,8 @@ impl Backend {
                     sectors_written: 0,
                     hits: 0,
                     misses: 0,
+                    poisoned_pages: st.poisoned_pages,
+                    spill_errors: st.spill_errors,
                 }
             }
             Backend::Cached(c) => {
@@ -61,6 +63,8 @@ impl Backend {
                     sectors_written: st.sectors_written,
                     hits: st.cache_hits,
                     misses: st.cache_misses,
+                    poisoned_pages: 0,
+                    spill_errors: 0,
                 }
             }
         }

@@ -5,12 +5,40 @@
 //! HTTP/1.1 + JSON on a Unix socket (Cloud Hypervisor style) with Firecracker-style
 //! resources under `/api/v1` (see `tmem-api` for the routes and types).
 //!
-//! ## Layout of the state directory (`--state-dir`, default `/run/tmem` as root)
-//! * `tmemd.lock` — flock held while the daemon runs (taken before stale sockets are removed);
-//! * `nbd.sock` — NBD server: `nbd+unix:///NAME?socket=DIR/nbd.sock`;
-//! * `ctl.sock` — control API and `GET /metrics`;
-//! * `spill/NAME.spill` — swap exports' spill files;
-//! * `state/manifest.json`, `state/client-ID.tmem` — saved clients, exports and pages.
+//! ## Directories
+//! Two directories, as the FHS and systemd (`RuntimeDirectory=tmem`, `StateDirectory=tmem`)
+//! expect:
+//! * the **runtime directory** (`--runtime-dir`, `runtime_dir`; default `/run/tmem` as root,
+//!   else `$XDG_RUNTIME_DIR/tmem` or `/tmp/tmem-$UID`) — a tmpfs, gone at reboot:
+//!   * `tmemd.lock` — flock held while the daemon runs (taken before stale sockets are
+//!     removed);
+//!   * `nbd.sock` — NBD server: `nbd+unix:///NAME?socket=RUNTIME_DIR/nbd.sock`;
+//!   * `ctl.sock` — control API and `GET /metrics`;
+//! * the **state directory** (`--state-dir`, `state_dir`; default `/var/lib/tmem` as root,
+//!   else `$XDG_STATE_HOME/tmem` or `~/.local/state/tmem`) — on disk, so spilled pages do not
+//!   take RAM outside the pool's budget:
+//!   * `tmemd.lock` — a second flock (when it is not the runtime directory);
+//!   * `spill/NAME.spill` — swap exports' spill files (sparse, page *i* at `i * 4096`);
+//!   * `spill/NAME.spill.map` — each swap page's state (zero, in memory, lost, or spilled
+//!     with the checksum of its spill copy), kept current so that a restart after an unclean
+//!     stop knows what it can still serve (see below);
+//!   * `state/manifest.json`, `state/client-ID.tmem` — saved clients, exports and pages.
+//!
+//! A state directory given without a runtime directory (`tmemd --state-dir DIR`, as before
+//! the split) holds both: sockets and lock go to `DIR` too, and `tmemctl --state-dir DIR`
+//! finds them there.
+//!
+//! ## Free space for spill files
+//! `spill_reserve` (`--spill-reserve`, default 64 MiB, 0 = off) is the free space the spill
+//! files' filesystem keeps. Creating a swap export is refused unless its whole size (its
+//! worst case: every page spilled) plus the reserve is available — each export is checked
+//! on its own, so exports created together may still overcommit the disk. A spill write that
+//! would leave less than the reserve is refused (checked with `statvfs`): like a failed
+//! write (`ENOSPC`, `EIO`), the guest gets an NBD error on that request
+//! (`tmem_swap_spill_errors_total` counts them, a log line says why), and nothing already
+//! stored is lost: a page being written back stays in memory; a page whose new content
+//! could neither go to the pool nor to the spill file answers reads with EIO (its older
+//! copy is gone: the pool drops it when it refuses the put) until it is written again.
 //!
 //! ## Lifecycle
 //! [`run`] starts the daemon ([`daemon::Daemon::start`]: lock, restore, NBD, API), waits
@@ -19,14 +47,35 @@
 //! manifest. A restart restores them, so guest swap data survives it. A corrupt state file
 //! is moved aside (`.corrupt`) and reported in `GET /status` `warnings`.
 //!
+//! ## After an unclean stop
+//! A daemon that dies (SIGKILL, OOM kill, crash) saves nothing: the manifest still says
+//! `clean: false`, and the pages its pools held in memory are gone. A swap export must then
+//! never answer a read with zeros or stale data. At the restart each swap export is
+//! reopened with `tmem_exports::SwapExport::recover` in a new, empty pool; its spill file is
+//! kept as it is (never truncated), and its page map decides, page by page:
+//! * spilled, and the spill copy matches the checksum the map recorded — served;
+//! * zero — reads zero;
+//! * in memory at the stop, a torn or mismatched spill copy, or (no usable map) every
+//!   page — **poisoned**: reads fail with EIO (NBD error, the guest sees an I/O error on
+//!   that swap page) until the guest rewrites or trims the whole page. BLOCK_STATUS reports
+//!   poisoned pages as data, so copying tools read them and fail instead of skipping them.
+//!
+//! Poisoned pages stay poisoned across further restarts, clean or not (the map records
+//! them). `GET /status` lists the affected exports and their poisoned page counts
+//! (`damaged_exports`; `tmemctl status`, `tmemctl stats`), each export's
+//! `backend.poisoned_pages` says the same, and `/metrics` has `tmem_swap_poisoned_pages`.
+//! The same recovery (with a warning) reopens a swap export whose client's save failed at
+//! a clean stop.
+//!
 //! ## Configuration
 //! Runs with no configuration at all. `--config FILE` (TOML, unknown keys refused) and
 //! flags override, flags winning. Keys: `budget` (default: `budget_fraction` × MemTotal,
-//! `budget_fraction` default 0.25), `state_dir`, `metrics_addr` (TCP `GET /metrics`),
-//! `nbd_tcp`, `codec` (`none|lz4|zstd|zstd:N`, default lz4), `dedup`
-//! (`off|pool|client|global`, default client), `defer_compression` (0), `compact_threshold`
-//! (0.10: background compaction when that share of the pool is reclaimable), `[balloon]` (`interval_ms` 2000,
-//! `host_reserve` 1 GiB, `host_total`). Flags: `--config --budget --state-dir
+//! `budget_fraction` default 0.25), `runtime_dir`, `state_dir`, `spill_reserve` (see
+//! above), `metrics_addr` (TCP `GET /metrics`), `nbd_tcp`, `codec`
+//! (`none|lz4|zstd|zstd:N`, default lz4), `dedup` (`off|pool|client|global`, default
+//! client), `defer_compression` (0), `compact_threshold` (0.10: background compaction when
+//! that share of the pool is reclaimable), `[balloon]` (`interval_ms` 2000, `host_reserve`
+//! 1 GiB, `host_total`). Flags: `--config --budget --runtime-dir --state-dir --spill-reserve
 //! --metrics-addr --nbd-tcp --codec --dedup`.
 //!
 //! ## Budget and the balloon manager
@@ -48,8 +97,8 @@
 //! [`config`] (defaults, TOML, flags), [`http`] (the small HTTP server), [`api`] (routes and
 //! error codes), [`daemon`] (operations), [`exports`] (dynamic NBD export table), [`state`]
 //! (manifest and atomic files), [`metrics`] (Prometheus text), [`balloon`] (pool control
-//! and guest runtime), [`lock`] (state dir lock), [`memory`] (RSS, heap trimming, background
-//! compaction).
+//! and guest runtime), [`lock`] (directory locks), [`memory`] (RSS, heap trimming,
+//! background compaction).
 
 pub mod api;
 pub mod balloon;

@@ -1,12 +1,13 @@
-//! The state directory lock: an `flock` on `DIR/tmemd.lock`, taken before any stale socket
-//! is unlinked (as Cloud Hypervisor does), so two daemons can never share a directory.
+//! The directory locks: an `flock` on `DIR/tmemd.lock` in the runtime directory, taken
+//! before any stale socket is unlinked (as Cloud Hypervisor does), and one in the state
+//! directory when it is another directory, so two daemons can never share either.
 
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
-/// File name of the lock inside the state directory.
+/// File name of the lock inside the runtime (and state) directory.
 pub const LOCK_FILE: &str = "tmemd.lock";
 
 /// Errors taking the lock.
@@ -16,7 +17,7 @@ pub enum LockError {
     #[error("Cannot open lock file {0}")]
     Open(PathBuf, #[source] io::Error),
     /// Another daemon holds the lock.
-    #[error("State directory {0} is in use by another tmemd")]
+    #[error("Directory {0} is in use by another tmemd")]
     Busy(PathBuf),
     /// flock failed for another reason.
     #[error("Cannot lock {0}")]

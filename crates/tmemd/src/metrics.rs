@@ -361,6 +361,38 @@ pub fn render(st: &Stats) -> String {
         );
     }
     o.family(
+        "tmem_swap_poisoned_pages",
+        "gauge",
+        "Swap pages lost at an unclean stop or in a failed spill: reads fail until rewritten.",
+    );
+    for e in st
+        .exports
+        .iter()
+        .filter(|e| e.kind == tmem_api::ExportKind::Swap)
+    {
+        o.sample(
+            "tmem_swap_poisoned_pages",
+            &[("export", &e.name)],
+            e.backend.poisoned_pages as f64,
+        );
+    }
+    o.family(
+        "tmem_swap_spill_errors_total",
+        "counter",
+        "Spill-file or page-map writes that failed or were refused for lack of space.",
+    );
+    for e in st
+        .exports
+        .iter()
+        .filter(|e| e.kind == tmem_api::ExportKind::Swap)
+    {
+        o.sample(
+            "tmem_swap_spill_errors_total",
+            &[("export", &e.name)],
+            e.backend.spill_errors as f64,
+        );
+    }
+    o.family(
         "tmem_cached_sectors_total",
         "counter",
         "512-byte sectors read from or written to a cached export's image.",

@@ -29,6 +29,7 @@ pub fn swap_cfg(dir: &Path, name: &str, size: u64, client: u32) -> SwapConfig {
         spill_path: dir.join(format!("{name}.spill")),
         codec: Codec::Lz4,
         dedup: DedupScope::Client,
+        spill_reserve: 0,
     }
 }
 

@@ -47,16 +47,43 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
 /// A running tmemd.
 pub struct Tmemd {
     pub child: Option<Child>,
+    /// The state directory.
     pub dir: PathBuf,
+    /// The runtime directory (sockets): `dir` unless started with [`Tmemd::start_split`].
+    pub run: PathBuf,
     pub log: PathBuf,
+}
+
+/// How to launch tmemd: its runtime directory (`None`: the one-directory layout) and an
+/// optional wrapper command line that ends by exec'ing its arguments (e.g. `unshare`).
+#[derive(Default)]
+pub struct Launch<'a> {
+    pub runtime: Option<&'a Path>,
+    pub wrapper: &'a [&'a str],
 }
 
 impl Tmemd {
     /// Starts tmemd on `dir` with extra args and waits until the control socket answers.
     pub fn start(dir: &Path, extra: &[&str]) -> Tmemd {
-        let t = Self::spawn(dir, extra);
-        let sock = dir.join("ctl.sock");
-        let mut t = t;
+        Self::start_with(dir, extra, Launch::default())
+    }
+
+    /// Starts tmemd with separate runtime and state directories.
+    pub fn start_split(runtime: &Path, dir: &Path, extra: &[&str]) -> Tmemd {
+        Self::start_with(
+            dir,
+            extra,
+            Launch {
+                runtime: Some(runtime),
+                ..Default::default()
+            },
+        )
+    }
+
+    /// Starts tmemd as `launch` says and waits until the control socket answers.
+    pub fn start_with(dir: &Path, extra: &[&str], launch: Launch<'_>) -> Tmemd {
+        let mut t = Self::spawn_with(dir, extra, launch);
+        let sock = t.run.join("ctl.sock");
         let up = wait_until(Duration::from_secs(30), || {
             if let Some(c) = t.child.as_mut() {
                 if let Ok(Some(_)) = c.try_wait() {
@@ -76,6 +103,11 @@ impl Tmemd {
 
     /// Spawns tmemd without waiting.
     pub fn spawn(dir: &Path, extra: &[&str]) -> Tmemd {
+        Self::spawn_with(dir, extra, Launch::default())
+    }
+
+    /// Spawns tmemd as `launch` says, without waiting.
+    pub fn spawn_with(dir: &Path, extra: &[&str], launch: Launch<'_>) -> Tmemd {
         std::fs::create_dir_all(dir).unwrap();
         let log = dir.with_extension(format!(
             "{}.log",
@@ -85,7 +117,18 @@ impl Tmemd {
                 .as_nanos()
         ));
         let f = std::fs::File::create(&log).unwrap();
-        let child = Command::new(tmemd_bin())
+        let mut cmd = match launch.wrapper.split_first() {
+            Some((w, rest)) => {
+                let mut c = Command::new(w);
+                c.args(rest).arg(tmemd_bin());
+                c
+            }
+            None => Command::new(tmemd_bin()),
+        };
+        if let Some(r) = launch.runtime {
+            cmd.arg("--runtime-dir").arg(r);
+        }
+        let child = cmd
             .arg("--state-dir")
             .arg(dir)
             .args(extra)
@@ -98,6 +141,7 @@ impl Tmemd {
         Tmemd {
             child: Some(child),
             dir: dir.to_owned(),
+            run: launch.runtime.unwrap_or(dir).to_owned(),
             log,
         }
     }
@@ -140,19 +184,29 @@ impl Tmemd {
 
     /// Runs tmemctl against this daemon.
     pub fn ctl(&self, args: &[&str]) -> Output {
-        ctl(&self.dir, args)
+        ctl(&self.run, args)
     }
 
     /// `curl --unix-socket` against this daemon: returns (status, body).
     pub fn curl(&self, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
-        curl(&self.dir.join("ctl.sock"), method, path, body)
+        curl(&self.run.join("ctl.sock"), method, path, body)
     }
 
     pub fn nbd_uri(&self, name: &str) -> String {
         format!(
             "nbd+unix:///{name}?socket={}",
-            self.dir.join("nbd.sock").display()
+            self.run.join("nbd.sock").display()
         )
+    }
+
+    /// SIGKILL by PID (no shutdown, no save) and reap.
+    pub fn kill9(&mut self) {
+        let mut c = self.child.take().expect("running");
+        // SAFETY: kill(2) on the PID of a child we spawned and have not reaped.
+        unsafe {
+            libc::kill(c.id() as libc::pid_t, libc::SIGKILL);
+        }
+        let _ = c.wait();
     }
 }
 
