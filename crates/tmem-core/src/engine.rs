@@ -57,6 +57,8 @@ pub(crate) struct PoolInfo {
     /// the pool earlier checks it under the shard lock, so it cannot insert into a shard
     /// the sweep has already visited (the page would be orphaned: charged, never freed).
     pub(crate) dead: AtomicBool,
+    /// Durable pools: the tag their slots carry ([`crate::durable_tag`] of the label).
+    pub(crate) durable_tag: u32,
 }
 
 impl PoolInfo {
@@ -375,9 +377,23 @@ impl Engine {
         let id = PoolId(admin.next_pool);
         admin.next_pool += 1;
         let mut spec = spec;
+        let mut durable_tag = 0;
         if self.pers_store.is_durable() && spec.persistence == Persistence::Persistent {
-            // A durable payload names exactly one page.
+            // A durable payload names exactly one page, by a tag that outlives this
+            // process: its pool's label.
             spec.dedup = DedupScope::Off;
+            durable_tag = crate::recover::durable_tag(&spec.label);
+            if self
+                .pools
+                .load()
+                .values()
+                .any(|p| p.durable_tag == durable_tag && self.durable(p))
+            {
+                admin.next_pool -= 1;
+                return Err(Error::Unsupported(
+                    "a durable pool with this label (or a label of the same tag) exists",
+                ));
+            }
         }
         let dedup_domain = match spec.dedup {
             DedupScope::Off => None,
@@ -397,6 +413,7 @@ impl Engine {
             held: Gauges::default(),
             dedup_domain,
             dead: AtomicBool::new(false),
+            durable_tag,
         });
         self.pools.rcu(|t| {
             let mut t = FxHashMap::clone(t);
@@ -1027,7 +1044,7 @@ impl Engine {
             };
             Some(SlotHeader {
                 seq: self.seq.fetch_add(1, Relaxed),
-                tag: p.id.0,
+                tag: p.durable_tag,
                 index: key.index.0,
                 object,
                 codec: 0,

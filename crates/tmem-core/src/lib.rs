@@ -95,7 +95,7 @@ pub use alloc::{AllocStats, CompactStep};
 pub use config::{ClientConfig, Codec, DedupScope, EngineConfig, PoolSpec};
 pub use engine::Engine;
 pub use error::{Error, Result};
-pub use recover::RecoveryReport;
+pub use recover::{durable_tag, RecoveryReport};
 pub use region::{DurableFile, DurableMemory, REGION_BYTES};
 pub use save::{RestoreReport, SaveCursor, SaveOptions, SaveReport, StreamError};
 pub use stats::{ClientStats, CompactionStats, EngineStats, HeldStats, OpStats, PoolStats};

@@ -90,11 +90,18 @@ fn each_slot(
     }
 }
 
+/// The tag a durable pool's slots carry: a hash of its label, so that it is the same in
+/// every process that creates the pool under that label. An engine refuses a second
+/// durable pool with the same tag.
+pub fn durable_tag(label: &str) -> u32 {
+    crc32fast::hash(label.as_bytes())
+}
+
 impl Engine {
     /// Recovers the persistent pages a dead process left in `old` (the durable memory of an
     /// engine built with [`Engine::with_durable`]): the newest intact copy of every page is
-    /// put into the pool that `pools` names for its old pool tag (the [`PoolId`] number the
-    /// page had in the old engine). Each window of `old` is discarded once read; the caller
+    /// put into the pool that `pools` names for its tag ([`durable_tag`] of the label of
+    /// the pool it had in the old engine). Each window of `old` is discarded once read; the caller
     /// deletes the old files afterwards.
     ///
     /// The pools must exist (and have room: raise the budget for the recovery, as a restore

@@ -146,7 +146,12 @@ fn durable_engine(dir: &Path, codec: Codec) -> (Engine, PoolId, Arc<DirMemory>) 
     );
     e.add_client(C, ClientConfig::default()).unwrap();
     let p = e
-        .create_pool(C, PoolSpec::private_persistent().with_codec(codec))
+        .create_pool(
+            C,
+            PoolSpec::private_persistent()
+                .with_codec(codec)
+                .with_label("swap:test"),
+        )
         .unwrap();
     (e, p, mem)
 }
@@ -159,7 +164,6 @@ fn key(p: PoolId, i: u32) -> PageKey {
 /// against the model. Returns the report.
 fn crash_and_check(
     e: Engine,
-    old_pool: PoolId,
     old_mem: &Arc<DirMemory>,
     model: &HashMap<u32, u16>,
     codec: Codec,
@@ -169,7 +173,7 @@ fn crash_and_check(
     let dir = scratch("recovered");
     let (e2, p2, _mem2) = durable_engine(&dir, codec);
     let report = e2.recover(old_mem.as_ref(), &|tag| {
-        (tag == old_pool.0).then_some((C, p2))
+        (tag == durable_tag("swap:test")).then_some((C, p2))
     });
     let mut out = [0u8; PAGE_SIZE];
     for (&i, &c) in model {
@@ -212,7 +216,7 @@ fn every_acknowledged_page_survives_the_engines_death() {
     }
     let moved = e.compact(usize::MAX).moved;
     assert!(moved > 0, "compaction had work to do");
-    let r = crash_and_check(e, p, &mem, &model, Codec::Lz4);
+    let r = crash_and_check(e, &mem, &model, Codec::Lz4);
     assert_eq!(r.torn_slots, 0);
     assert_eq!(r.failed, 0);
     assert!(r.damaged.is_empty());
@@ -259,7 +263,9 @@ fn torn_slots_are_never_served_and_are_reported() {
     assert_eq!(flipped, 3);
     let dir2 = scratch("torn2");
     let (e2, p2, _m2) = durable_engine(&dir2, Codec::None);
-    let r = e2.recover(mem.as_ref(), &|tag| (tag == p.0).then_some((C, p2)));
+    let r = e2.recover(mem.as_ref(), &|tag| {
+        (tag == durable_tag("swap:test")).then_some((C, p2))
+    });
     assert_eq!(r.torn_slots, 3);
     assert_eq!(r.pages, 61);
     assert_eq!(r.damaged.len(), 3, "{r:?}");
@@ -325,7 +331,7 @@ fn concurrent_writers_and_compaction_then_death() {
     compactor.join().unwrap();
     assert!(e.stats().compaction.moved > 0);
     let e = Arc::try_unwrap(e).unwrap();
-    let r = crash_and_check(e, p, &mem, &model, Codec::Lz4);
+    let r = crash_and_check(e, &mem, &model, Codec::Lz4);
     assert_eq!((r.torn_slots, r.failed), (0, 0));
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -356,7 +362,7 @@ proptest! {
                 }
             }
         }
-        let r = crash_and_check(e, p, &mem, &model, codec);
+        let r = crash_and_check(e, &mem, &model, codec);
         prop_assert_eq!(r.torn_slots, 0);
         let _ = std::fs::remove_dir_all(&dir);
     }
