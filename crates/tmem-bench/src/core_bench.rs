@@ -5,12 +5,12 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 use std::hint::black_box;
 use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::Instant;
 use tmem_core::*;
 
 use crate::corpus::{shuffled, Corpus};
+use crate::sys::{median, meminfo_kb, rss_bytes, sh};
 
 /// A named engine configuration.
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -82,11 +82,6 @@ pub struct Throughput {
     pub get_per_s: f64,
     /// Engine effective ratio after the puts (logical / held).
     pub effective_ratio: f64,
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
 }
 
 /// Physical limits on the same pages: ns per page.
@@ -321,17 +316,6 @@ pub struct MemResult {
     pub alloc_held: u64,
 }
 
-fn rss_bytes() -> Result<u64> {
-    let s = std::fs::read_to_string("/proc/self/status")?;
-    let kb: u64 = s
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .context("VmRSS")?;
-    Ok(kb * 1024)
-}
-
 /// Streams the corpus file into a fresh engine and measures RSS growth.
 pub fn memory(path: &Path, cfg: Config) -> Result<MemResult> {
     use std::io::Read;
@@ -408,30 +392,6 @@ pub struct ZramResult {
     /// Corpus bytes / (mem_used_total + table + slab): all memory zram needs, the same
     /// definition as our RSS-based ratio.
     pub ratio_total: f64,
-}
-
-fn meminfo_kb(field: &str) -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| {
-                l.strip_prefix(field).and_then(|v| {
-                    v.trim_start_matches(':')
-                        .split_whitespace()
-                        .next()
-                        .and_then(|v| v.parse().ok())
-                })
-            })
-        })
-        .unwrap_or(0)
-}
-
-fn sh(cmd: &str) -> Result<String> {
-    let out = Command::new("sh").arg("-c").arg(cmd).output()?;
-    if !out.status.success() {
-        anyhow::bail!("`{cmd}` failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Writes the corpus to /dev/zram0 with `alg`, reads mm_stat, resets the device.
