@@ -322,11 +322,24 @@ impl SwapExport {
         Ok(Arc::new(Self::new(engine, cfg, pool, spill, map)))
     }
 
+    /// The label of a swap export's pool (`swap:NAME`): what its durable pages are tagged
+    /// with ([`tmem_core::durable_tag`]).
+    pub fn pool_label(name: &str) -> String {
+        format!("swap:{name}")
+    }
+
+    /// Creates the pool a swap export with `cfg` uses, for [`SwapExport::recover_with_pool`]
+    /// (pages recovered from durable memory are put into it first).
+    pub fn create_pool(engine: &Engine, cfg: &SwapConfig) -> Result<PoolId, ExportError> {
+        validate(cfg)?;
+        Self::new_pool(engine, cfg)
+    }
+
     fn new_pool(engine: &Engine, cfg: &SwapConfig) -> Result<PoolId, ExportError> {
         let spec = PoolSpec::private_persistent()
             .with_codec(cfg.codec)
             .with_dedup(cfg.dedup)
-            .with_label(format!("swap:{}", cfg.name));
+            .with_label(Self::pool_label(&cfg.name));
         engine
             .create_pool(cfg.client, spec)
             .map_err(ExportError::CreatePool)
@@ -361,7 +374,7 @@ impl SwapExport {
                 reason: "not a private pool",
             });
         }
-        let (me, rep) = Self::reopen(engine, cfg, pool, true)?;
+        let (me, rep) = Self::reopen(engine, cfg, pool, true, true)?;
         tracing::info!(name = %me.cfg.name, ?pool, ?rep, "swap export attached");
         Ok(me)
     }
@@ -379,7 +392,7 @@ impl SwapExport {
     ) -> Result<(Arc<Self>, ReopenReport), ExportError> {
         validate(&cfg)?;
         let pool = Self::new_pool(&engine, &cfg)?;
-        match Self::reopen(engine.clone(), cfg.clone(), pool, false) {
+        match Self::reopen(engine.clone(), cfg.clone(), pool, false, false) {
             Ok((me, rep)) => {
                 tracing::info!(name = %me.cfg.name, ?pool, ?rep, "swap export recovered after an unclean stop");
                 Ok((me, rep))
@@ -391,11 +404,32 @@ impl SwapExport {
         }
     }
 
+    /// Reopens after an unclean stop with `pool` (made by [`SwapExport::create_pool`])
+    /// holding the pages recovered from durable memory ([`tmem_core::Engine::recover`]):
+    /// those are served (a pool copy is never older than a spill copy: a page is put into
+    /// the pool before its map entry changes, and leaves the pool only after its spill
+    /// copy is complete), spilled pages are served where their copy matches the map's
+    /// checksum, and every other page the map says was written is poisoned.
+    pub fn recover_with_pool(
+        engine: Arc<Engine>,
+        cfg: SwapConfig,
+        pool: PoolId,
+    ) -> Result<(Arc<Self>, ReopenReport), ExportError> {
+        validate(&cfg)?;
+        let (me, rep) = Self::reopen(engine, cfg, pool, false, true)?;
+        tracing::info!(name = %me.cfg.name, ?pool, ?rep, "swap export recovered from durable memory after an unclean stop");
+        Ok((me, rep))
+    }
+
+    /// `restored`: the spill file and map were left by a clean stop (trusted as they are);
+    /// `pool_trusted`: the pool holds the export's pages as they were (restored from a save,
+    /// or recovered from durable memory).
     fn reopen(
         engine: Arc<Engine>,
         cfg: SwapConfig,
         pool: PoolId,
         restored: bool,
+        pool_trusted: bool,
     ) -> Result<(Arc<Self>, ReopenReport), ExportError> {
         let spill = OpenOptions::new()
             .read(true)
@@ -429,7 +463,7 @@ impl SwapExport {
             ),
         };
         let me = Self::new(engine, cfg, pool, spill, map);
-        let rep = me.rebuild(restored, map_found)?;
+        let rep = me.rebuild(restored, pool_trusted, map_found)?;
         Ok((Arc::new(me), rep))
     }
 
@@ -502,7 +536,12 @@ impl SwapExport {
     /// Rebuilds the location map, the poison set and the page map at a (re)start: see
     /// [`SwapExport::attach`] and [`SwapExport::recover`]. `restored`: the pool is the one
     /// saved at a clean stop.
-    fn rebuild(&self, restored: bool, map_found: bool) -> Result<ReopenReport, ExportError> {
+    fn rebuild(
+        &self,
+        restored: bool,
+        pool_trusted: bool,
+        map_found: bool,
+    ) -> Result<ReopenReport, ExportError> {
         let pages = spill_len(self.cfg.size) / PAGE;
         let extents = self.spill_extents()?;
         let entries = if map_found {
@@ -519,9 +558,11 @@ impl SwapExport {
         if default_lost {
             self.poison.insert_all();
         }
-        // A clean restart without a map (older release): find the pool's pages by probing.
+        // Find the pool's pages by probing: after a clean restart without a map (older
+        // release), and after a recovery from durable memory (a first write whose map entry
+        // had not changed yet is in the pool alone).
         let mut pool_pages = Vec::new();
-        if restored && !map_found {
+        if pool_trusted && (!map_found || !restored) {
             let held = self
                 .engine
                 .pool_stats(self.cfg.client, self.pool)
@@ -558,7 +599,7 @@ impl SwapExport {
                 Entry::Zero
             });
             let mut st = self.lock(page);
-            let in_pool = restored
+            let in_pool = pool_trusted
                 && matches!(
                     self.engine.probe(self.cfg.client, self.key(page)),
                     Ok(Some(_))

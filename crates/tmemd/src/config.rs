@@ -66,6 +66,9 @@ pub struct FileConfig {
     /// background compaction off (shrinks, budget pressure and `POST /compact` still
     /// compact).
     pub compact_threshold: Option<f64>,
+    /// Keep persistent pages (swap exports) in durable memory under the runtime directory,
+    /// so that they survive the daemon's death (SIGKILL, OOM kill, panic). Default true.
+    pub durable_pool: Option<bool>,
 }
 
 /// Command-line overrides (all optional; see `tmemd --help`).
@@ -131,6 +134,8 @@ pub struct Config {
     pub defer_compression: f64,
     /// Background compaction threshold (fraction of held bytes; 0 = off).
     pub compact_threshold: f64,
+    /// Persistent pages in durable memory (survive the daemon's death).
+    pub durable_pool: bool,
 }
 
 /// Default fraction of the budget below which compression runs in the background.
@@ -280,6 +285,7 @@ impl Config {
                 Some(f) => return Err(ConfigError::Fraction(f)),
                 None => DEFAULT_COMPACT_THRESHOLD,
             },
+            durable_pool: file.durable_pool.unwrap_or(true),
         })
     }
 }

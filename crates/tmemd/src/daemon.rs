@@ -139,6 +139,10 @@ pub struct Daemon {
     started: Instant,
     warnings: Mutex<Vec<String>>,
     pub(crate) stopping: AtomicBool,
+    /// This run's durable pool generation (`None` with `durable_pool = false`).
+    generation: Option<PathBuf>,
+    /// Older generations, deleted once the restore is committed.
+    old_generations: Vec<PathBuf>,
     _lock: DirLock,
     _state_lock: Option<DirLock>,
 }
@@ -222,11 +226,31 @@ impl Daemon {
         } else {
             Some(DirLock::acquire(&paths.dir).map_err(DaemonError::Lock)?)
         };
-        let engine = Arc::new(Engine::new(EngineConfig {
+        let ecfg = EngineConfig {
             budget: cfg.budget,
             defer_compression_below: cfg.defer_compression,
             ..Default::default()
-        }));
+        };
+        // Persistent pages live in durable memory under the runtime directory: they outlive
+        // this process (see `durable`). Each run writes a new generation.
+        let root = paths.runtime.join(crate::durable::POOL_DIR);
+        let old: Vec<PathBuf> = crate::durable::generations(&root)
+            .into_iter()
+            .map(|(_, p)| p)
+            .collect();
+        let (engine, generation) = if cfg.durable_pool {
+            let next = crate::durable::generations(&root)
+                .last()
+                .map_or(1, |(n, _)| n + 1);
+            let dir = crate::durable::generation_dir(&root, next);
+            let mem = crate::durable::DirMemory::open(&dir)
+                .map_err(|e| DaemonError::StateDir(dir.clone(), e))?;
+            let _ = fs::set_permissions(&root, fs::Permissions::from_mode(0o700));
+            (Engine::with_durable(ecfg, Arc::new(mem)), Some(dir))
+        } else {
+            (Engine::new(ecfg), None)
+        };
+        let engine = Arc::new(engine);
         let pool = Arc::new(EnginePool::new(engine.clone()));
         let guests = GuestRuntime::new(cfg.balloon.clone(), pool.clone(), Arc::new(ProcHost));
         let daemon = Arc::new(Daemon {
@@ -241,6 +265,8 @@ impl Daemon {
             started: Instant::now(),
             warnings: Mutex::new(Vec::new()),
             stopping: AtomicBool::new(false),
+            generation,
+            old_generations: old,
             _lock: dir_lock,
             _state_lock: state_lock,
         });
@@ -329,12 +355,19 @@ impl Daemon {
             }
         };
         if !m.clean && m.exports.iter().any(|e| e.kind == ExportKind::Swap) {
-            self.warn(
-                "Previous tmemd did not shut down cleanly: pages that were in memory are lost; \
-                 spilled pages are served where their checksums match, every other written \
-                 page answers reads with EIO until the guest rewrites it"
-                    .into(),
-            );
+            if self.generation.is_some() && !self.old_generations.is_empty() {
+                tracing::warn!(
+                    "Previous tmemd did not shut down cleanly: recovering its persistent pages \
+                     from durable memory and its spill files"
+                );
+            } else {
+                self.warn(
+                    "Previous tmemd did not shut down cleanly: pages that were in memory are lost; \
+                     spilled pages are served where their checksums match, every other written \
+                     page answers reads with EIO until the guest rewrites it"
+                        .into(),
+                );
+            }
         }
         let mut restored: std::collections::HashMap<(u32, String), tmem_core::PoolId> =
             Default::default();
@@ -381,6 +414,9 @@ impl Daemon {
                 let _ = self.engine.freeze(id);
             }
         }
+        // Swap exports whose pages were not restored from a save (an unclean stop) get them
+        // back from the durable memory the previous run left, if any.
+        let recovered = self.recover_durable(&m, &restored);
         // Restored pages may have been stored raw (deferred compression): compress them
         // all before fitting the budget, so fitting never drops what compression would keep.
         while self.engine.compress_deferred(4096) > 0 {}
@@ -392,7 +428,7 @@ impl Daemon {
             ));
         }
         for e in &m.exports {
-            let res = self.reopen_export(e, &restored, m.clean);
+            let res = self.reopen_export(e, &restored, &recovered, m.clean);
             if let Err(err) = res {
                 self.warn(format!(
                     "Cannot restore export {:?}: {}",
@@ -416,6 +452,12 @@ impl Daemon {
                 tracing::warn!(path = %p.display(), error = %e, "cannot remove restored state file");
             }
         }
+        // Earlier runs' durable memory was read back (or superseded by a clean save).
+        for dir in &self.old_generations {
+            if let Err(e) = fs::remove_dir_all(dir) {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot remove old durable memory");
+            }
+        }
     }
 
     fn restore_stream(
@@ -437,10 +479,94 @@ impl Daemon {
             .map_err(|e| chain(&e))
     }
 
+    /// The swap configuration of a saved export.
+    fn swap_config(&self, e: &ExportEntry) -> Result<SwapConfig, OpError> {
+        Ok(SwapConfig {
+            name: e.name.clone(),
+            size: e.size,
+            client: ClientId(e.client),
+            spill_path: self.spill_path(&e.name),
+            codec: parse_codec(&e.codec).map_err(OpError::Option)?,
+            dedup: parse_dedup(&e.dedup).map_err(OpError::Option)?,
+            spill_reserve: self.cfg.spill_reserve,
+        })
+    }
+
+    /// Reads the durable memory of earlier runs back into new pools of the swap exports
+    /// that were not restored from a save; returns those pools by export name. Old
+    /// generations are read oldest first, so a page in a newer one wins.
+    fn recover_durable(
+        &self,
+        m: &Manifest,
+        restored: &std::collections::HashMap<(u32, String), tmem_core::PoolId>,
+    ) -> std::collections::HashMap<String, tmem_core::PoolId> {
+        let mut pools = std::collections::HashMap::new();
+        if self.generation.is_none() || self.old_generations.is_empty() {
+            return pools;
+        }
+        let mut tags = std::collections::HashMap::new();
+        for e in m.exports.iter().filter(|e| e.kind == ExportKind::Swap) {
+            let label = SwapExport::pool_label(&e.name);
+            if restored.contains_key(&(e.client, label.clone())) {
+                continue;
+            }
+            let pool = self.swap_config(e).and_then(|cfg| {
+                SwapExport::create_pool(&self.engine, &cfg)
+                    .map_err(|x| OpError::Export(e.name.clone(), x))
+            });
+            match pool {
+                Ok(p) => {
+                    tags.insert(tmem_core::durable_tag(&label), (ClientId(e.client), p));
+                    pools.insert(e.name.clone(), p);
+                }
+                Err(err) => self.warn(format!(
+                    "Cannot recover swap export {:?}: {}",
+                    e.name,
+                    chain(&err)
+                )),
+            }
+        }
+        if tags.is_empty() {
+            return pools;
+        }
+        for dir in &self.old_generations {
+            let mem = match crate::durable::DirMemory::open(dir) {
+                Ok(m) => m,
+                Err(e) => {
+                    self.warn(format!("Cannot open durable memory {}: {e}", dir.display()));
+                    continue;
+                }
+            };
+            let t0 = Instant::now();
+            let rep = self.engine.recover(&mem, &|t| tags.get(&t).copied());
+            tracing::info!(
+                dir = %dir.display(),
+                pages = rep.pages,
+                torn = rep.torn_slots,
+                failed = rep.failed,
+                secs = t0.elapsed().as_secs_f64(),
+                "recovered persistent pages from durable memory"
+            );
+            if rep.failed > 0 || !rep.damaged.is_empty() {
+                self.warn(format!(
+                    "Durable memory {}: {} pages recovered, {} could not be stored and {} were \
+                     being written when the previous tmemd died (those answer reads with EIO \
+                     until rewritten)",
+                    dir.display(),
+                    rep.pages,
+                    rep.failed,
+                    rep.damaged.len()
+                ));
+            }
+        }
+        pools
+    }
+
     fn reopen_export(
         &self,
         e: &ExportEntry,
         restored: &std::collections::HashMap<(u32, String), tmem_core::PoolId>,
+        recovered: &std::collections::HashMap<String, tmem_core::PoolId>,
         clean: bool,
     ) -> Result<(), OpError> {
         let codec = parse_codec(&e.codec).map_err(OpError::Option)?;
@@ -458,6 +584,27 @@ impl Daemon {
                     spill_reserve: self.cfg.spill_reserve,
                 };
                 let label = e.pool_label.clone().unwrap_or(format!("swap:{}", e.name));
+                if let Some(&pool) = recovered.get(&e.name) {
+                    let (s, rep) = SwapExport::recover_with_pool(self.engine.clone(), cfg, pool)
+                        .map_err(|x| OpError::Export(e.name.clone(), x))?;
+                    tracing::info!(
+                        name = %e.name,
+                        in_pool = rep.in_pool,
+                        spilled = rep.spilled,
+                        poisoned = rep.poisoned,
+                        "swap export recovered after an unclean stop"
+                    );
+                    if rep.poisoned > 0 {
+                        self.warn(format!(
+                            "Swap export {:?} (unclean stop): {} pages recovered from durable \
+                             memory, {} spilled pages recovered, {} pages poisoned: reads of \
+                             them fail with EIO until the guest rewrites or trims them",
+                            e.name, rep.in_pool, rep.spilled, rep.poisoned
+                        ));
+                    }
+                    self.insert_export(e, codec, dedup, Backend::Swap(s));
+                    return Ok(());
+                }
                 match restored.get(&(e.client, label)) {
                     Some(&pool) => match SwapExport::attach(self.engine.clone(), cfg, pool) {
                         Ok(s) => Backend::Swap(s),
@@ -513,19 +660,29 @@ impl Daemon {
                 )
             }
         };
+        self.insert_export(e, codec, dedup, backend);
+        Ok(())
+    }
+
+    fn insert_export(
+        &self,
+        e: &ExportEntry,
+        codec: tmem_core::Codec,
+        dedup: tmem_core::DedupScope,
+        backend: Backend,
+    ) {
         let size = backend.block().size();
         self.exports.insert(Arc::new(Export {
             name: e.name.clone(),
             kind: e.kind,
             size,
-            client,
+            client: ClientId(e.client),
             image: e.image.clone(),
             codec,
             dedup,
             direct_io: e.direct_io,
             backend,
         }));
-        Ok(())
     }
 
     fn manifest(&self, clean: bool) -> Manifest {
@@ -1092,6 +1249,13 @@ impl Running {
             }
         }
         let r = d.save_all();
+        if let (Ok(()), Some(dir)) = (&r, &d.generation) {
+            // Everything is in the saved streams: the durable copy is not needed (and a
+            // reboot would lose it anyway). After a failed save it stays, for recovery.
+            if let Err(e) = fs::remove_dir_all(dir) {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot remove durable memory");
+            }
+        }
         let _ = fs::remove_file(&d.paths.ctl);
         let _ = fs::remove_file(&d.paths.nbd);
         if r.is_ok() {

@@ -104,6 +104,7 @@ pub mod api;
 pub mod balloon;
 pub mod config;
 pub mod daemon;
+pub mod durable;
 pub mod exports;
 pub mod http;
 pub mod lock;

@@ -944,7 +944,7 @@ fn guests_are_managed_over_the_api_with_real_qemu() {
 }
 
 #[test]
-fn crash_leaves_stale_sockets_and_never_serves_stale_pages() {
+fn crash_leaves_stale_sockets_and_serves_the_pages_back() {
     let t = tmp();
     let dir = t.path().join("state");
     let mut d = Tmemd::start(&dir, &["--budget", "64M"]);
@@ -971,23 +971,14 @@ fn crash_leaves_stale_sockets_and_never_serves_stale_pages() {
     assert!(dir.join("ctl.sock").exists() && dir.join("nbd.sock").exists());
     let d = Tmemd::start(&dir, &["--budget", "64M"]);
     let st: Status = serde_json::from_str(&d.curl("GET", "/api/v1/status", None).1).unwrap();
-    assert!(
-        st.warnings
-            .iter()
-            .any(|w| w.contains("did not shut down cleanly")),
-        "{:?}",
-        st.warnings
-    );
-    // The export is back; the pages that were in memory are neither served stale nor as
-    // zeros: reading them fails until they are rewritten (crash.rs tests this in depth).
+    // The export is back with its pages, recovered from the durable pool memory the killed
+    // daemon left (durable.rs and crash.rs test this in depth; without durable memory the
+    // pages would be poisoned, never served as zeros).
     assert_eq!(st.exports, 1);
-    assert_eq!(st.damaged_exports.len(), 1, "{st:?}");
-    assert_eq!(st.damaged_exports[0].poisoned_pages, 256);
-    let out = run(
+    assert!(st.damaged_exports.is_empty(), "{st:?}");
+    let out = run_ok(
         "qemu-io",
         &["-f", "raw", "-c", "read -P 0x42 0 1M", &d.nbd_uri("s")],
     );
-    let text = stdout(&out) + &stderr(&out);
-    assert!(text.contains("Input/output error"), "{text}");
-    assert!(!text.contains("verification failed"), "{text}");
+    assert!(!out.contains("verification failed"), "{out}");
 }

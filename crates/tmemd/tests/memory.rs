@@ -26,22 +26,6 @@ fn rss_of(pid: u32) -> u64 {
     kb * 1024
 }
 
-/// A tool the test needs: fails under `TMEM_REQUIRE_VM=1` when it is missing.
-fn have(tool: &str) -> bool {
-    let found = std::process::Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !found {
-        assert!(
-            std::env::var("TMEM_REQUIRE_VM").as_deref() != Ok("1"),
-            "{tool} is required (TMEM_REQUIRE_VM=1) but not installed"
-        );
-        eprintln!("skipping: {tool} not installed");
-    }
-    found
-}
-
 fn stats(d: &Tmemd) -> Stats {
     serde_json::from_str(&stdout(&d.ctl(&["stats", "--json"]))).unwrap()
 }
@@ -57,7 +41,7 @@ fn assert_books_match(s: &Stats, phase: &str) {
 
 #[test]
 fn discarded_swap_data_leaves_the_daemons_rss() {
-    if !have("nbdcopy") || !have("qemu-io") {
+    if tmem_vm::test_tools(["nbdcopy", "qemu-io"]).is_none() {
         return;
     }
     let t = tmp();
@@ -119,7 +103,7 @@ fn discarded_swap_data_leaves_the_daemons_rss() {
 
 #[test]
 fn churn_then_compact_gives_memory_back() {
-    if !have("qemu-io") {
+    if tmem_vm::test_tools(["qemu-io", "qemu-img"]).is_none() {
         return;
     }
     let t = tmp();
