@@ -24,7 +24,6 @@
 //! threads do not serialise on one lock.
 
 use parking_lot::RwLock;
-use std::collections::BTreeSet;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -51,6 +50,10 @@ const GOOD_TAIL_PER_MILLE: usize = 15;
 const MAX_SPARES: usize = 64;
 /// Payloads moved per arena lock hold during compaction.
 const COMPACT_STEP: usize = 64;
+/// Fullness groups of partly used slabs (zsmalloc's idea): a payload goes into the fullest
+/// slab that has room, so holes left by frees are filled before new slabs are made and
+/// sparse slabs are left to empty; compaction moves from the sparsest to the fullest.
+const BUCKETS: usize = 8;
 
 /// Bytes of the header in front of every payload in a durable arena.
 pub(crate) const SLOT_HEADER: usize = 32;
@@ -236,6 +239,8 @@ struct Slab {
     first_free: u16,
     used: u16,
     partial_pos: u32,
+    /// The fullness group it is in, while it is partly used.
+    bucket: u8,
 }
 
 // SAFETY: `ptr` points into a region owned by the same arena; it is only dereferenced
@@ -281,15 +286,15 @@ struct Class {
     pages: usize,
     slabs: Vec<Option<Slab>>,
     /// Free slab numbers; the lowest is reused first so that the table can shrink.
-    free_slabs: BTreeSet<u32>,
-    /// Slabs with a free slot.
-    partial: Vec<u32>,
+    free_slabs: FreeIds,
+    /// Slabs with a free slot, by fullness group (index: used × BUCKETS / slots).
+    partial: Vec<Vec<u32>>,
     /// Slot (slab × slots + slot) → the location-table entry of the payload in it.
     owners: Vec<u32>,
     /// Location table: handle id → slab << 16 | slot, or `FREE_LOC`.
     locs: Vec<u64>,
     /// Free location-table entries; the lowest is reused first.
-    free_locs: BTreeSet<u32>,
+    free_locs: FreeIds,
     live_slabs: u64,
     objects: u64,
     /// Metadata bytes counted for this class (table capacities).
@@ -306,11 +311,11 @@ impl Class {
             slots: pages * PAGE_SIZE / slot_size,
             pages,
             slabs: Vec::new(),
-            free_slabs: BTreeSet::new(),
-            partial: Vec::new(),
+            free_slabs: FreeIds::default(),
+            partial: vec![Vec::new(); BUCKETS],
             owners: Vec::new(),
             locs: Vec::new(),
-            free_locs: BTreeSet::new(),
+            free_locs: FreeIds::default(),
             live_slabs: 0,
             objects: 0,
             meta: 0,
@@ -321,13 +326,14 @@ impl Class {
         self.pages * PAGE_SIZE
     }
 
-    /// Metadata bytes by capacity (BTreeSet entries estimated at 12 bytes).
+    /// Metadata bytes by capacity.
     fn meta_bytes(&self) -> u64 {
         (self.slabs.capacity() * std::mem::size_of::<Option<Slab>>()
-            + self.partial.capacity() * 4
+            + self.partial.iter().map(Vec::capacity).sum::<usize>() * 4
             + self.owners.capacity() * 4
             + self.locs.capacity() * 8
-            + (self.free_slabs.len() + self.free_locs.len()) * 12) as u64
+            + self.free_slabs.bytes()
+            + self.free_locs.bytes()) as u64
     }
 
     /// Bytes that compaction could give back in this class: whole slabs' worth of free
@@ -363,7 +369,7 @@ impl Class {
             self.locs.pop();
             while self.locs.last() == Some(&FREE_LOC) {
                 self.locs.pop();
-                self.free_locs.remove(&(self.locs.len() as u32));
+                self.free_locs.remove(self.locs.len() as u32);
             }
             shrink_vec(&mut self.locs);
         } else {
@@ -376,20 +382,76 @@ impl Class {
         (l != FREE_LOC).then_some(((l >> 16) as usize, (l & 0xffff) as usize))
     }
 
-    fn partial_remove(&mut self, pos: usize) {
-        self.partial.swap_remove(pos);
-        if let Some(&moved) = self.partial.get(pos) {
-            if let Some(Some(s)) = self.slabs.get_mut(moved as usize) {
-                s.partial_pos = pos as u32;
+    /// Number of partly used slabs.
+    fn partial_len(&self) -> usize {
+        self.partial.iter().map(Vec::len).sum()
+    }
+
+    /// Takes slab `id` out of its fullness group, if it is in one.
+    fn partial_remove(&mut self, id: u32) {
+        let Some(Some(s)) = self.slabs.get_mut(id as usize) else {
+            return;
+        };
+        if s.partial_pos == NOT_PARTIAL {
+            return;
+        }
+        let (b, pos) = (s.bucket as usize, s.partial_pos as usize);
+        s.partial_pos = NOT_PARTIAL;
+        let group = &mut self.partial[b];
+        group.swap_remove(pos);
+        if let Some(&moved) = group.get(pos) {
+            if let Some(Some(m)) = self.slabs.get_mut(moved as usize) {
+                m.partial_pos = pos as u32;
             }
+        }
+        if self.partial[b].is_empty() {
+            // An empty group holds no memory (so that tables return to what they were).
+            self.partial[b] = Vec::new();
+        } else {
+            shrink_vec(&mut self.partial[b]);
         }
     }
 
-    fn partial_add(&mut self, id: u32) {
-        if let Some(Some(s)) = self.slabs.get_mut(id as usize) {
-            s.partial_pos = self.partial.len() as u32;
-            self.partial.push(id);
+    /// Puts slab `id` in the fullness group its use says, or in none when it is full.
+    fn partial_update(&mut self, id: u32) {
+        let slots = self.slots;
+        let Some(Some(s)) = self.slabs.get(id as usize) else {
+            return;
+        };
+        let want = (s.first_free != NO_SLOT)
+            .then(|| (usize::from(s.used) * BUCKETS / slots).min(BUCKETS - 1) as u8);
+        let have = (s.partial_pos != NOT_PARTIAL).then_some(s.bucket);
+        if want == have {
+            return;
         }
+        self.partial_remove(id);
+        if let (Some(b), Some(Some(s))) = (want, self.slabs.get_mut(id as usize)) {
+            s.bucket = b;
+            s.partial_pos = self.partial[b as usize].len() as u32;
+            self.partial[b as usize].push(id);
+        }
+    }
+
+    /// The partly used slab to fill next: one of the fullest.
+    fn fullest_partial(&self) -> Option<u32> {
+        self.partial.iter().rev().find_map(|g| g.last().copied())
+    }
+
+    /// The sparsest partly used slab (fewest payloads; of equals, the highest number, so
+    /// that the slab table can shrink) and the fullest other one.
+    fn compaction_pair(&self) -> Option<(u32, u32)> {
+        let used = |id: u32| self.slabs[id as usize].as_ref().map_or(0, |s| s.used);
+        let low = self.partial.iter().find(|g| !g.is_empty())?;
+        let src = *low
+            .iter()
+            .min_by_key(|&&id| (used(id), std::cmp::Reverse(id)))?;
+        let dst = self.partial.iter().rev().find_map(|g| {
+            g.iter()
+                .copied()
+                .filter(|&id| id != src)
+                .max_by_key(|&id| used(id))
+        })?;
+        Some((src, dst))
     }
 
     /// Registers a new slab in `frame`; returns its number. Free-list threading is left
@@ -401,6 +463,7 @@ impl Class {
             first_free,
             used: 0,
             partial_pos: NOT_PARTIAL,
+            bucket: 0,
         };
         let id = match self.free_slabs.pop_first() {
             Some(id) => {
@@ -419,16 +482,14 @@ impl Class {
 
     /// Removes an empty slab from the tables; returns its frame.
     fn remove_slab(&mut self, id: u32) -> Option<FrameId> {
+        self.partial_remove(id);
         let slab = self.slabs.get_mut(id as usize)?.take()?;
-        if slab.partial_pos != NOT_PARTIAL {
-            self.partial_remove(slab.partial_pos as usize);
-        }
         self.live_slabs -= 1;
         if id as usize + 1 == self.slabs.len() {
             self.slabs.pop();
             while matches!(self.slabs.last(), Some(None)) {
                 self.slabs.pop();
-                self.free_slabs.remove(&(self.slabs.len() as u32));
+                self.free_slabs.remove(self.slabs.len() as u32);
             }
             self.owners.truncate(self.slabs.len() * self.slots);
             shrink_vec(&mut self.slabs);
@@ -444,6 +505,71 @@ impl Class {
             self.meta = meta;
         }
         Some(slab.frame)
+    }
+}
+
+/// A set of free table entries, lowest first (so that tables shrink from their end): one
+/// bit per entry.
+#[derive(Debug, Default)]
+struct FreeIds {
+    words: Vec<u64>,
+    count: usize,
+    /// No free entry below word `hint`.
+    hint: usize,
+}
+
+impl FreeIds {
+    fn insert(&mut self, id: u32) {
+        let (w, b) = (id as usize / 64, id % 64);
+        if w >= self.words.len() {
+            self.words.resize(w + 1, 0);
+        }
+        if self.words[w] & (1 << b) == 0 {
+            self.words[w] |= 1 << b;
+            self.count += 1;
+        }
+        self.hint = self.hint.min(w);
+    }
+
+    fn remove(&mut self, id: u32) {
+        let (w, b) = (id as usize / 64, id % 64);
+        if let Some(word) = self.words.get_mut(w) {
+            if *word & (1 << b) != 0 {
+                *word &= !(1 << b);
+                self.count -= 1;
+            }
+        }
+        while self.words.last() == Some(&0) {
+            self.words.pop();
+        }
+        if self.words.is_empty() {
+            self.words = Vec::new();
+            self.hint = 0;
+        } else {
+            shrink_vec(&mut self.words);
+        }
+    }
+
+    /// Takes the lowest free entry.
+    fn pop_first(&mut self) -> Option<u32> {
+        if self.count == 0 {
+            return None;
+        }
+        while self.hint < self.words.len() {
+            let word = self.words[self.hint];
+            if word != 0 {
+                let b = word.trailing_zeros();
+                let id = (self.hint * 64) as u32 + b;
+                self.remove(id);
+                return Some(id);
+            }
+            self.hint += 1;
+        }
+        None
+    }
+
+    fn bytes(&self) -> usize {
+        self.words.capacity() * 8
     }
 }
 
@@ -883,7 +1009,7 @@ impl Arena {
     ) -> Option<Handle> {
         let header = self.header;
         let c = &mut self.classes[class];
-        let &slab_id = c.partial.last()?;
+        let slab_id = c.fullest_partial()?;
         let slot_size = c.slot_size;
         let slab = c.slabs[slab_id as usize].as_mut()?;
         let slot = slab.first_free;
@@ -898,11 +1024,7 @@ impl Arena {
             // SAFETY: as above.
             unsafe { slab.bytes_mut(at, h.len()) }.copy_from_slice(h);
         }
-        if slab.first_free == NO_SLOT {
-            // Full: leave the partial list.
-            slab.partial_pos = NOT_PARTIAL;
-            c.partial.pop();
-        }
+        c.partial_update(slab_id);
         let id = c.new_handle(slab_id, slot);
         Some(Handle::new(arena, class, id))
     }
@@ -968,7 +1090,7 @@ impl Arena {
                 };
                 slab.set_next_free_at(s * c.slot_size, next);
             }
-            c.partial_add(id);
+            c.partial_update(id);
             id
         };
         let h = if c.slots == 1 {
@@ -1004,7 +1126,6 @@ impl Arena {
             debug_assert!(false, "free in a dead slab");
             return 0;
         };
-        let was_full = slab.first_free == NO_SLOT;
         if self.header > 0 {
             clear_header(slab, slot * slot_size);
         }
@@ -1012,8 +1133,8 @@ impl Arena {
         slab.first_free = slot as u16;
         slab.used -= 1;
         let empty = slab.used == 0;
-        if was_full && !empty {
-            c.partial_add(slab_id as u32);
+        if !empty {
+            c.partial_update(slab_id as u32);
         }
         self.account(len, class, -1);
         let released = if empty {
@@ -1068,24 +1189,15 @@ impl Arena {
         let mut done = CompactStep::default();
         while (done.moved as usize) < max {
             let c = &self.classes[class];
-            if c.compactable_bytes() == 0 || c.partial.len() < 2 {
+            if c.compactable_bytes() == 0 || c.partial_len() < 2 {
                 break;
             }
             // The sparsest partly used slab is the source; the fullest other one the
             // destination.
             let used = |id: u32| c.slabs[id as usize].as_ref().map_or(0, |s| s.used);
-            let (mut src, mut dst) = (0usize, usize::MAX);
-            for (i, &id) in c.partial.iter().enumerate() {
-                if used(id) < used(c.partial[src]) {
-                    src = i;
-                }
-            }
-            for (i, &id) in c.partial.iter().enumerate() {
-                if i != src && (dst == usize::MAX || used(id) > used(c.partial[dst])) {
-                    dst = i;
-                }
-            }
-            let (src, dst) = (c.partial[src], c.partial[dst]);
+            let Some((src, dst)) = c.compaction_pair() else {
+                break;
+            };
             // Only worth it if the source can be emptied into the other slabs' free slots.
             let free_elsewhere = (c.live_slabs * c.slots as u64)
                 .saturating_sub(c.objects)
@@ -1149,21 +1261,13 @@ impl Arena {
             s.first_free = from as u16;
             s.used -= 1;
         }
-        let full = match c.slabs.get_mut(dst as usize) {
-            Some(Some(d)) => {
-                d.first_free = next;
-                d.used += 1;
-                (next == NO_SLOT).then_some(d.partial_pos)
-            }
-            _ => None,
-        };
-        if let Some(pos) = full {
-            if pos != NOT_PARTIAL {
-                c.partial_remove(pos as usize);
-                if let Some(Some(d)) = c.slabs.get_mut(dst as usize) {
-                    d.partial_pos = NOT_PARTIAL;
-                }
-            }
+        if let Some(Some(d)) = c.slabs.get_mut(dst as usize) {
+            d.first_free = next;
+            d.used += 1;
+        }
+        c.partial_update(dst);
+        if c.slabs[src as usize].as_ref().is_some_and(|s| s.used > 0) {
+            c.partial_update(src);
         }
         true
     }
@@ -1249,6 +1353,27 @@ mod tests {
         assert_eq!(a.stats().held_bytes, 0);
         assert_eq!(a.stats().objects, 0);
         assert_eq!(a.resident_bytes(), 0, "every frame went back to the kernel");
+    }
+
+    #[test]
+    fn free_ids_come_back_lowest_first_and_shrink() {
+        let mut f = FreeIds::default();
+        for id in [700u32, 3, 64, 65, 5] {
+            f.insert(id);
+        }
+        f.insert(3);
+        assert_eq!(f.count, 5);
+        assert_eq!(f.pop_first(), Some(3));
+        assert_eq!(f.pop_first(), Some(5));
+        f.insert(1);
+        assert_eq!(f.pop_first(), Some(1));
+        f.remove(700);
+        assert_eq!(f.words.len(), 2, "trailing empty words go");
+        assert_eq!(
+            (f.pop_first(), f.pop_first(), f.pop_first()),
+            (Some(64), Some(65), None)
+        );
+        assert_eq!(f.count, 0);
     }
 
     #[test]
