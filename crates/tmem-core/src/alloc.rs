@@ -437,20 +437,17 @@ impl Class {
         self.partial.iter().rev().find_map(|g| g.last().copied())
     }
 
-    /// The sparsest partly used slab (fewest payloads; of equals, the highest number, so
-    /// that the slab table can shrink) and the fullest other one.
+    /// A source and a destination for compaction: of the sparsest fullness group, the
+    /// highest-numbered slab; of the fullest, the lowest-numbered other one. Payloads so
+    /// gather in low-numbered slabs and the slab and owner tables shrink from their end.
     fn compaction_pair(&self) -> Option<(u32, u32)> {
-        let used = |id: u32| self.slabs[id as usize].as_ref().map_or(0, |s| s.used);
         let low = self.partial.iter().find(|g| !g.is_empty())?;
-        let src = *low
+        let src = *low.iter().max()?;
+        let dst = self
+            .partial
             .iter()
-            .min_by_key(|&&id| (used(id), std::cmp::Reverse(id)))?;
-        let dst = self.partial.iter().rev().find_map(|g| {
-            g.iter()
-                .copied()
-                .filter(|&id| id != src)
-                .max_by_key(|&id| used(id))
-        })?;
+            .rev()
+            .find_map(|g| g.iter().copied().filter(|&id| id != src).min())?;
         Some((src, dst))
     }
 
