@@ -14,6 +14,8 @@
 //!     removed);
 //!   * `nbd.sock` — NBD server: `nbd+unix:///NAME?socket=RUNTIME_DIR/nbd.sock`;
 //!   * `ctl.sock` — control API and `GET /metrics`;
+//!   * `pool/gen-N/` — **durable pool memory** (`durable_pool`, default on): the persistent
+//!     pools' slabs, in files that outlive the daemon but not a reboot (see below);
 //! * the **state directory** (`--state-dir`, `state_dir`; default `/var/lib/tmem` as root,
 //!   else `$XDG_STATE_HOME/tmem` or `~/.local/state/tmem`) — on disk, so spilled pages do not
 //!   take RAM outside the pool's budget:
@@ -47,12 +49,29 @@
 //! manifest. A restart restores them, so guest swap data survives it. A corrupt state file
 //! is moved aside (`.corrupt`) and reported in `GET /status` `warnings`.
 //!
-//! ## After an unclean stop
-//! A daemon that dies (SIGKILL, OOM kill, crash) saves nothing: the manifest still says
-//! `clean: false`, and the pages its pools held in memory are gone. A swap export must then
-//! never answer a read with zeros or stale data. At the restart each swap export is
-//! reopened with `tmem_exports::SwapExport::recover` in a new, empty pool; its spill file is
-//! kept as it is (never truncated), and its page map decides, page by page:
+//! ## After an unclean stop: what is durable
+//! A daemon that dies (SIGKILL, OOM kill, crash) saves nothing, and the manifest still says
+//! `clean: false`. **The guarantee**: a WRITE to a swap export is acknowledged only after
+//! its page is complete either in durable pool memory (behind a checksummed header naming
+//! the page and a write sequence number; `tmem_core::Engine::with_durable`) or in the spill
+//! file with its checksum in the page map, so every acknowledged write survives the
+//! daemon's death; FLUSH additionally `fdatasync`s the spill file and map (for a host crash:
+//! durable pool memory is RAM and, like the guests, does not survive a reboot). An
+//! unacknowledged write reads back as its old or its new content, never anything else.
+//!
+//! Each run of the daemon writes its own generation (`RUNTIME_DIR/pool/gen-N`). At a
+//! restart after an unclean stop, each swap export gets a new pool, the earlier generations
+//! are read back into it (`tmem_core::Engine::recover`: the newest intact copy of every page,
+//! each window of old memory freed as soon as it is read), and the export is reopened with
+//! `tmem_exports::SwapExport::recover_with_pool`: pool pages are served, spilled pages are
+//! served where their copy matches the map's checksum. The old generations are deleted once
+//! the restore is committed; a clean stop deletes its generation after the save. Killed
+//! again mid-recovery, the next start reads every generation left, oldest first.
+//!
+//! What cannot be proven intact is never served as zeros. With `durable_pool = false`, or
+//! when the durable memory is gone (a reboot without a clean stop), the export is reopened
+//! with `tmem_exports::SwapExport::recover` in an empty pool; its spill file is kept as it is
+//! (never truncated), and its page map decides, page by page:
 //! * spilled, and the spill copy matches the checksum the map recorded — served;
 //! * zero — reads zero;
 //! * in memory at the stop, a torn or mismatched spill copy, or (no usable map) every
