@@ -122,14 +122,15 @@ fn kill_9_loses_no_acknowledged_page() {
     assert_eq!(gens, 1, "one generation: this run's");
 }
 
-/// Runs fio on the export; returns (exit status success, output).
-fn fio(d: &Tmemd, dir: &Path, extra: &[&str]) -> (bool, String) {
-    let out = Command::new("fio")
-        .current_dir(dir)
+/// fio on export `s` at `uri`: 4 KiB random writes over 32 MiB at depth 8, crc32c verify
+/// headers in half-compressible blocks, in `dir` (where its verify state file goes).
+fn fio_cmd(uri: &str, dir: &Path, extra: &[&str]) -> Command {
+    let mut c = Command::new("fio");
+    c.current_dir(dir)
         .args([
             "--name=w",
             "--ioengine=nbd",
-            &format!("--uri={}", d.nbd_uri("s")),
+            &format!("--uri={uri}"),
             "--rw=randwrite",
             "--bs=4k",
             "--size=32M",
@@ -139,7 +140,13 @@ fn fio(d: &Tmemd, dir: &Path, extra: &[&str]) -> (bool, String) {
             "--refill_buffers",
         ])
         .args(extra)
-        .stdin(Stdio::null())
+        .stdin(Stdio::null());
+    c
+}
+
+/// Runs fio on the export; returns (exit status success, output).
+fn fio(d: &Tmemd, dir: &Path, extra: &[&str]) -> (bool, String) {
+    let out = fio_cmd(&d.nbd_uri("s"), dir, extra)
         .output()
         .expect("run fio");
     let text = format!(
@@ -179,29 +186,20 @@ fn fio_verify_finds_every_acknowledged_write_after_20_kills() {
             let uri = d.nbd_uri("s");
             let seed = format!("--randseed={}", x % 100_000);
             std::thread::spawn(move || {
-                Command::new("fio")
-                    .current_dir(&uri_dir)
-                    .args([
-                        "--name=w",
-                        "--ioengine=nbd",
-                        &format!("--uri={uri}"),
-                        "--rw=randwrite",
-                        "--bs=4k",
-                        "--size=32M",
-                        "--iodepth=8",
-                        "--verify=crc32c",
-                        "--buffer_compress_percentage=50",
-                        "--refill_buffers",
+                fio_cmd(
+                    &uri,
+                    &uri_dir,
+                    &[
                         "--verify_state_save=1",
                         "--do_verify=0",
                         "--time_based",
                         "--runtime=60",
                         &seed,
-                    ])
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .status()
+                    ],
+                )
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
             })
         };
         // Kill while fio is writing: once the pool has taken some of its writes, after a
