@@ -112,12 +112,53 @@ impl Tmemd {
             .map_err(io_err(format!("creating {}", state_dir.display())))?;
         let cfg = state_dir.with_extension("toml");
         std::fs::write(&cfg, config_toml).map_err(io_err(format!("writing {}", cfg.display())))?;
-        let log = state_dir.with_extension("log");
-        let logf =
-            std::fs::File::create(&log).map_err(io_err(format!("creating {}", log.display())))?;
-        let child = Command::new(&bins.tmemd)
+        let mut d = Tmemd {
+            child: None,
+            bins: bins.clone(),
+            state_dir: state_dir.to_path_buf(),
+            log: state_dir.with_extension("log"),
+        };
+        d.spawn(false)?;
+        Ok(d)
+    }
+
+    /// Starts the daemon again on the same state directory and config after
+    /// [`Tmemd::kill9`] or [`Tmemd::stop`], appending to the same log, and
+    /// waits until the control socket answers (tmemd restores its exports
+    /// before it listens, so they are back by then).
+    pub fn restart(&mut self) -> Result<()> {
+        if self.child.is_some() {
+            return Err(Error::Parse {
+                what: "tmemd restart".into(),
+                detail: format!("tmemd {} is still running", self.pid()),
+            });
+        }
+        self.spawn(true)
+    }
+
+    /// Kills the daemon with SIGKILL (by its PID, like an OOM kill or a
+    /// crash: no shutdown code runs) and reaps it. Its sockets, lock file and
+    /// durable memory stay behind. Idempotent.
+    pub fn kill9(&mut self) -> Option<std::process::ExitStatus> {
+        let mut c = self.child.take()?;
+        // Child::kill sends SIGKILL to this child's PID; it is not reaped yet.
+        let _ = c.kill();
+        c.wait().ok()
+    }
+
+    /// Spawns tmemd (log truncated, or appended to) and waits for its control socket.
+    fn spawn(&mut self, append: bool) -> Result<()> {
+        let cfg = self.state_dir.with_extension("toml");
+        let logf = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .append(append)
+            .truncate(!append)
+            .open(&self.log)
+            .map_err(io_err(format!("opening {}", self.log.display())))?;
+        let child = Command::new(&self.bins.tmemd)
             .arg("--state-dir")
-            .arg(state_dir)
+            .arg(&self.state_dir)
             .arg("--config")
             .arg(&cfg)
             .env(
@@ -128,25 +169,23 @@ impl Tmemd {
             .stdout(Stdio::null())
             .stderr(logf)
             .spawn()
-            .map_err(io_err(format!("spawning {}", bins.tmemd.display())))?;
-        let mut d = Tmemd {
-            child: Some(child),
-            bins: bins.clone(),
-            state_dir: state_dir.to_path_buf(),
-            log,
-        };
-        let sock = d.ctl_socket();
+            .map_err(io_err(format!("spawning {}", self.bins.tmemd.display())))?;
+        self.child = Some(child);
+        // A socket file left by a killed daemon refuses connections: only the
+        // new daemon's listener makes this succeed.
+        let sock = self.ctl_socket();
         let end = Instant::now() + Duration::from_secs(60);
         loop {
-            if let Some(st) = d.try_exit() {
+            if let Some(st) = self.try_exit() {
+                self.child = None;
                 return Err(Error::Command {
                     cmd: "tmemd".into(),
                     status: st.to_string(),
-                    stderr: d.log_text(),
+                    stderr: self.log_text(),
                 });
             }
             if UnixStream::connect(&sock).is_ok() {
-                return Ok(d);
+                return Ok(());
             }
             if Instant::now() >= end {
                 return Err(Error::Timeout {
@@ -154,7 +193,7 @@ impl Tmemd {
                     secs: 60.0,
                 });
             }
-            std::thread::sleep(Duration::from_millis(50));
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 

@@ -9,13 +9,19 @@
 //!   balloon manager (`selfballoon`); idle they are ballooned down, then one
 //!   runs the 2008 Xen Summit `eatmem` workload and gets memory back in time
 //!   (no OOM kill). Prints reclaim and give-back rates and spike→deflate time.
+//! * `tests/guest_crash.rs` — issue 9's guest crash test: a guest swapping
+//!   through a tmemd `swap` export (QEMU's NBD client with `reconnect-delay`)
+//!   while tmemd is SIGKILLed twice and restarted on the same directories;
+//!   memcheck must find every page intact, with no I/O error or OOM kill in
+//!   the guest. Prints swap traffic, restart times and recovery figures.
 //!
 //! The helpers:
 //!
 //! * [`TempDir`] — a short temporary directory removed on drop (Unix socket
 //!   paths must stay under 108 bytes).
 //! * [`daemon`] — locating (building on demand) the daemon binaries, a
-//!   [`daemon::Tmemd`] guard (SIGTERM, then SIGKILL, by PID, on drop),
+//!   [`daemon::Tmemd`] guard (SIGTERM, then SIGKILL, by PID, on drop; also
+//!   `kill9` and `restart` on the same directories),
 //!   `tmemctl` calls and a tiny HTTP client for the control socket.
 //! * [`observe`] — an [`observe::Observer`] thread that samples each guest's
 //!   balloon over a second QMP monitor, an in-guest agent on a second
