@@ -750,7 +750,7 @@ impl std::str::FromStr for PolicyName {
 }
 
 /// `POST /guests`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreateGuest {
     /// Unique name.

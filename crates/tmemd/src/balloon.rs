@@ -127,6 +127,8 @@ pub enum GuestError {
 }
 
 struct Running {
+    /// The request the guest was added with (kept in the manifest).
+    req: CreateGuest,
     qmp: PathBuf,
     agent: Option<PathBuf>,
     policy: String,
@@ -244,6 +246,7 @@ impl GuestRuntime {
                 .map_err(GuestError::Thread)?
         };
         let r = Running {
+            req: req.clone(),
             qmp: req.qmp.clone(),
             agent: req.agent.clone(),
             policy: policy_name,
@@ -320,6 +323,12 @@ impl GuestRuntime {
     }
 
     /// Every guest's status, by name.
+    /// The requests the managed guests were added with, by name.
+    pub fn requests(&self) -> Vec<CreateGuest> {
+        lock(&self.guests).values().map(|r| r.req.clone()).collect()
+    }
+
+    /// The managed guests, as the API shows them.
     pub fn list(&self) -> Vec<GuestInfo> {
         let guests = lock(&self.guests);
         guests.iter().map(|(n, r)| self.info_of(n, r)).collect()
@@ -335,13 +344,16 @@ impl GuestRuntime {
         self.len() == 0
     }
 
-    /// Stops every guest thread.
-    pub fn stop_all(&self) {
+    /// Stops every guest thread; returns the requests they were added with.
+    pub fn stop_all(&self) -> Vec<CreateGuest> {
         let mut guests = lock(&self.guests);
         for r in guests.values_mut() {
             r.stop();
         }
-        guests.clear();
+        std::mem::take(&mut *guests)
+            .into_values()
+            .map(|r| r.req)
+            .collect()
     }
 }
 

@@ -143,6 +143,8 @@ pub struct Daemon {
     generation: Option<PathBuf>,
     /// Older generations, deleted once the restore is committed.
     old_generations: Vec<PathBuf>,
+    /// Guests stopped by the shutdown, still saved in its manifest.
+    stopped_guests: Mutex<Vec<tmem_api::CreateGuest>>,
     _lock: DirLock,
     _state_lock: Option<DirLock>,
 }
@@ -267,6 +269,7 @@ impl Daemon {
             stopping: AtomicBool::new(false),
             generation,
             old_generations: old,
+            stopped_guests: Mutex::new(Vec::new()),
             _lock: dir_lock,
             _state_lock: state_lock,
         });
@@ -435,6 +438,18 @@ impl Daemon {
                     e.name,
                     chain(&err)
                 ));
+            }
+        }
+        // Guests the balloon manager managed come back under it (a guest whose QEMU is gone
+        // meanwhile is reported and dropped).
+        for g in &m.guests {
+            match self.guests.add(g) {
+                Ok(_) => tracing::info!(guest = %g.name, "guest re-attached"),
+                Err(e) => self.warn(format!(
+                    "Cannot re-attach guest {:?}: {}",
+                    g.name,
+                    chain(&e)
+                )),
             }
         }
         consumed
@@ -719,6 +734,11 @@ impl Daemon {
             clean,
             clients,
             exports,
+            guests: {
+                let mut g = self.guests.requests();
+                g.extend(lock(&self.stopped_guests).iter().cloned());
+                g
+            },
             ..Default::default()
         }
     }
@@ -1216,13 +1236,17 @@ impl Daemon {
     /// `POST /guests`.
     pub fn add_guest(&self, req: &CreateGuest) -> Result<GuestInfo, OpError> {
         let _g = self.guard()?;
-        self.guests.add(req).map_err(OpError::Guest)
+        let info = self.guests.add(req).map_err(OpError::Guest)?;
+        self.manifest_changed();
+        Ok(info)
     }
 
     /// `DELETE /guests/{name}`.
     pub fn remove_guest(&self, name: &str) -> Result<(), OpError> {
         let _g = self.guard()?;
-        self.guests.remove(name).map_err(OpError::Guest)
+        self.guests.remove(name).map_err(OpError::Guest)?;
+        self.manifest_changed();
+        Ok(())
     }
 }
 
@@ -1239,7 +1263,7 @@ impl Running {
         if let Some(m) = self.metrics.as_mut() {
             m.shutdown();
         }
-        d.guests.stop_all();
+        *lock(&d.stopped_guests) = d.guests.stop_all();
         if let Some(nbd) = lock(&d.nbd).take() {
             nbd.shutdown();
         }

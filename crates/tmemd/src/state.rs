@@ -91,6 +91,9 @@ pub struct Manifest {
     pub clients: Vec<ClientEntry>,
     /// Exports.
     pub exports: Vec<ExportEntry>,
+    /// Guests under the balloon manager (re-attached at start).
+    #[serde(default)]
+    pub guests: Vec<tmem_api::CreateGuest>,
 }
 
 impl Default for Manifest {
@@ -100,6 +103,7 @@ impl Default for Manifest {
             clean: false,
             clients: Vec::new(),
             exports: Vec::new(),
+            guests: Vec::new(),
         }
     }
 }

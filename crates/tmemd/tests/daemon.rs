@@ -937,6 +937,18 @@ fn guests_are_managed_over_the_api_with_real_qemu() {
         stdout(&o)
     );
 
+    // Managed guests are in the manifest: a restart (clean or not) re-attaches them.
+    let mut d = d;
+    assert!(d.terminate().success());
+    let d = Tmemd::start(&dir, &["--config", cfg.to_str().unwrap()]);
+    let g: Vec<GuestInfo> = serde_json::from_str(&stdout(&d.ctl(&["guests", "--json"]))).unwrap();
+    assert_eq!(g.len(), 1, "{g:?}");
+    assert_eq!(g[0].name, "vm0");
+    let mut d = d;
+    d.kill9();
+    let d = Tmemd::start(&dir, &["--config", cfg.to_str().unwrap()]);
+    let g: Vec<GuestInfo> = serde_json::from_str(&stdout(&d.ctl(&["guests", "--json"]))).unwrap();
+    assert_eq!(g.len(), 1, "after kill -9: {g:?}");
     let o = d.ctl(&["guest", "rm", "vm0"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let g: Vec<GuestInfo> = serde_json::from_str(&stdout(&d.ctl(&["guests", "--json"]))).unwrap();
