@@ -23,6 +23,7 @@
 //! | PUT | `/budget` | [`SetBudget`] | [`BudgetReply`] |
 //! | POST | `/shrink` | [`ShrinkRequest`] | [`ShrinkReply`] |
 //! | POST | `/compact` | [`CompactRequest`] (optional) | [`CompactReply`] |
+//! | POST | `/upgrade` | [`UpgradeRequest`] (optional) | [`UpgradeReply`] (202) |
 //! | GET | `/guests` | | `[`[`GuestInfo`]`]` |
 //! | POST | `/guests` | [`CreateGuest`] | [`GuestInfo`] (201) |
 //! | DELETE | `/guests/{name}` | | 204 |
@@ -720,6 +721,24 @@ pub struct CompactReply {
     pub rss_before: u64,
     /// The daemon's resident set after, bytes.
     pub rss_after: u64,
+}
+
+/// `POST /upgrade` (the body may be empty: the binary the daemon was started from).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpgradeRequest {
+    /// The new tmemd binary to hand over to.
+    #[serde(default)]
+    pub binary: Option<PathBuf>,
+}
+
+/// Reply to `POST /upgrade`: the daemon hands over right after answering.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpgradeReply {
+    /// The process (it keeps its PID across the hand-over).
+    pub pid: u32,
+    /// The binary it hands over to.
+    pub binary: PathBuf,
 }
 
 /// A balloon policy choice.

@@ -99,6 +99,13 @@ pub enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Hand the daemon over to a new binary without stopping the guests: it flushes, replaces
+    /// itself (same PID) and recovers every persistent page from durable memory.
+    Upgrade {
+        /// The new tmemd binary (default: the one the daemon was started from).
+        #[arg(long)]
+        binary: Option<PathBuf>,
+    },
     /// Refuse new puts of a client.
     Freeze {
         /// Client id.
@@ -242,6 +249,9 @@ pub enum CliError {
     /// Bad arguments.
     #[error("{0}")]
     Usage(String),
+    /// The daemon did not do what was asked.
+    #[error("{0}")]
+    Daemon(String),
 }
 
 fn print_json<T: serde::Serialize>(v: &T) {
@@ -437,6 +447,40 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                     format_size(r.rss_before),
                     format_size(r.rss_after)
                 );
+            }
+        }
+        Cmd::Upgrade { binary } => {
+            let before: Status = c.get("/status")?;
+            let r: tmem_api::UpgradeReply = c.call(
+                "POST",
+                &v1("/upgrade"),
+                Some(&tmem_api::UpgradeRequest { binary }),
+            )?;
+            println!("tmemd (pid {}) hands over to {}", r.pid, r.binary.display());
+            // The new binary answers on the same socket once it has recovered.
+            let t0 = Instant::now();
+            let mut up = None;
+            while t0.elapsed() < Duration::from_secs(600) {
+                std::thread::sleep(Duration::from_millis(100));
+                if let Ok(s) = c.get::<Status>("/status") {
+                    if s.uptime_secs <= t0.elapsed().as_secs() && s.pid == before.pid {
+                        up = Some(s);
+                        break;
+                    }
+                }
+            }
+            match up {
+                Some(s) => println!(
+                    "tmemd {} (pid {}) is up after {:.1}s",
+                    s.version,
+                    s.pid,
+                    t0.elapsed().as_secs_f64()
+                ),
+                None => {
+                    return Err(CliError::Daemon(
+                        "the new tmemd did not answer within 10 minutes".into(),
+                    ))
+                }
             }
         }
         Cmd::Freeze { client } => {

@@ -7,7 +7,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tmem_api::{
     CompactRequest, CreateClient, CreateExport, CreateGuest, ErrorBody, SetBudget, ShrinkRequest,
-    API_PREFIX,
+    UpgradeRequest, API_PREFIX,
 };
 
 use crate::balloon::GuestError;
@@ -207,6 +207,14 @@ impl Api {
                 };
                 op("Compact", 200, d.compact(r.max_moves))
             }
+            ("POST", ["upgrade"]) => {
+                let r: UpgradeRequest = if req.body.iter().all(u8::is_ascii_whitespace) {
+                    UpgradeRequest::default()
+                } else {
+                    body(req)?
+                };
+                op("Upgrade", 202, d.upgrade(r.binary))
+            }
             ("GET", ["guests"]) => Ok(json(200, &d.guests())),
             ("POST", ["guests"]) => op("Add guest", 201, d.add_guest(&body::<CreateGuest>(req)?)),
             ("DELETE", ["guests", name]) => op_empty("Remove guest", d.remove_guest(name)),
@@ -237,6 +245,7 @@ fn known(segs: &[&str]) -> bool {
             | ["budget"]
             | ["shrink"]
             | ["compact"]
+            | ["upgrade"]
             | ["guests"]
             | ["guests", _]
     )

@@ -145,6 +145,10 @@ pub struct Daemon {
     old_generations: Vec<PathBuf>,
     /// Guests stopped by the shutdown, still saved in its manifest.
     stopped_guests: Mutex<Vec<tmem_api::CreateGuest>>,
+    /// The program this process runs (for an upgrade without a new path).
+    exe: Option<PathBuf>,
+    /// The binary an upgrade requested (`POST /upgrade`) hands over to.
+    upgrade_to: Mutex<Option<PathBuf>>,
     _lock: DirLock,
     _state_lock: Option<DirLock>,
 }
@@ -270,6 +274,8 @@ impl Daemon {
             generation,
             old_generations: old,
             stopped_guests: Mutex::new(Vec::new()),
+            exe: std::env::current_exe().ok(),
+            upgrade_to: Mutex::new(None),
             _lock: dir_lock,
             _state_lock: state_lock,
         });
@@ -1187,6 +1193,40 @@ impl Daemon {
         })
     }
 
+    /// `POST /upgrade`: checks that `binary` (default: the program this process runs) is
+    /// an executable file and asks the main loop to hand over to it (SIGUSR2 to itself).
+    pub fn upgrade(&self, binary: Option<PathBuf>) -> Result<tmem_api::UpgradeReply, OpError> {
+        use std::os::unix::fs::PermissionsExt;
+        let _g = self.guard()?;
+        let binary = binary
+            .or_else(|| self.exe.clone())
+            .ok_or_else(|| OpError::Invalid("the running binary's path is unknown".into()))?;
+        match fs::metadata(&binary) {
+            Ok(m) if m.is_file() && m.permissions().mode() & 0o111 != 0 => {}
+            Ok(_) => {
+                return Err(OpError::Invalid(format!(
+                    "{} is not an executable file",
+                    binary.display()
+                )))
+            }
+            Err(e) => {
+                return Err(OpError::Invalid(format!(
+                    "cannot use {}: {e}",
+                    binary.display()
+                )))
+            }
+        }
+        *lock(&self.upgrade_to) = Some(binary.clone());
+        // SAFETY: kill(2) on our own pid with a signal the main loop handles.
+        unsafe {
+            libc::kill(libc::getpid(), libc::SIGUSR2);
+        }
+        Ok(tmem_api::UpgradeReply {
+            pid: std::process::id(),
+            binary,
+        })
+    }
+
     /// `POST /shrink`.
     pub fn shrink(&self, bytes: u64) -> Result<ShrinkReply, OpError> {
         let _g = self.guard()?;
@@ -1251,9 +1291,9 @@ impl Daemon {
 }
 
 impl Running {
-    /// Stops everything in order: control API and metrics, balloon guests, NBD server; then
-    /// flushes every export and saves every client's persistent pages.
-    pub fn shutdown(mut self) -> Result<(), DaemonError> {
+    /// Stops serving in order: control API and metrics, balloon guests, NBD server; then
+    /// flushes every export (spill files and page maps synced).
+    fn stop_serving(&mut self) -> Arc<Daemon> {
         let d = self.daemon.clone();
         {
             let _g = lock(&d.control);
@@ -1272,6 +1312,55 @@ impl Running {
                 tracing::error!(export = %e.name, error = %chain(&err), "flush failed");
             }
         }
+        d
+    }
+
+    /// The binary to hand over to: the one `POST /upgrade` named, else the path this
+    /// process was started from (read at start, so a package that replaced the file is
+    /// found there).
+    pub fn upgrade_target(&self) -> Option<PathBuf> {
+        lock(&self.daemon.upgrade_to)
+            .clone()
+            .or_else(|| self.daemon.exe.clone())
+    }
+
+    /// Hands over to a new binary without saving: stops serving, flushes every export,
+    /// writes the manifest (with the managed guests) and replaces this process with `binary`
+    /// (same PID, same arguments). The new process finds the manifest not clean and this
+    /// run's durable pool memory, and recovers every persistent page from it, as after a
+    /// crash, only without losing a request in flight; QEMU's NBD client reconnects
+    /// (`reconnect-delay`). Returns only if the exec failed, after saving everything as a
+    /// shutdown would.
+    pub fn hand_over(mut self, binary: &Path) -> Result<(), DaemonError> {
+        let d = self.stop_serving();
+        if let Err(e) = d.write_manifest() {
+            tracing::error!(error = %chain(&e), "cannot write the manifest before the hand-over");
+        } else {
+            let _ = fs::remove_file(&d.paths.ctl);
+            let _ = fs::remove_file(&d.paths.nbd);
+            tracing::info!(binary = %binary.display(), "handing over to a new tmemd");
+            use std::os::unix::process::CommandExt;
+            let err = std::process::Command::new(binary)
+                .args(std::env::args_os().skip(1))
+                .exec();
+            tracing::error!(error = %err, binary = %binary.display(), "upgrade failed: cannot run the new binary; saving and stopping");
+        }
+        d.finish_shutdown()
+    }
+
+    /// Stops everything in order: control API and metrics, balloon guests, NBD server; then
+    /// flushes every export and saves every client's persistent pages.
+    pub fn shutdown(mut self) -> Result<(), DaemonError> {
+        let d = self.stop_serving();
+        d.finish_shutdown()
+    }
+}
+
+impl Daemon {
+    /// After serving stopped: saves every client's persistent pages and a clean manifest;
+    /// the durable memory of this run goes once the save succeeded.
+    fn finish_shutdown(&self) -> Result<(), DaemonError> {
+        let d = self;
         let r = d.save_all();
         if let (Ok(()), Some(dir)) = (&r, &d.generation) {
             // Everything is in the saved streams: the durable copy is not needed (and a

@@ -15,7 +15,9 @@
 //!   * `nbd.sock` — NBD server: `nbd+unix:///NAME?socket=RUNTIME_DIR/nbd.sock`;
 //!   * `ctl.sock` — control API and `GET /metrics`;
 //!   * `pool/gen-N/` — **durable pool memory** (`durable_pool`, default on): the persistent
-//!     pools' slabs, in files that outlive the daemon but not a reboot (see below);
+//!     pools' slabs, in files that outlive the daemon but not a reboot (see below). Keep the
+//!     runtime directory on a tmpfs: there a freed slab leaves memory at once, while on a
+//!     disk filesystem its pages go through the page cache and disk writeback;
 //! * the **state directory** (`--state-dir`, `state_dir`; default `/var/lib/tmem` as root,
 //!   else `$XDG_STATE_HOME/tmem` or `~/.local/state/tmem`) — on disk, so spilled pages do not
 //!   take RAM outside the pool's budget:
@@ -162,14 +164,26 @@ pub fn init_logging() {
 
 /// Runs the daemon until SIGTERM or SIGINT, then shuts down cleanly.
 pub fn run(args: &Args) -> Result<(), RunError> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
+    use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR2};
     let cfg = Config::load(args).map_err(RunError::Config)?;
     // Register before starting so that an early signal is not lost.
-    let mut signals =
-        signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).map_err(RunError::Signals)?;
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGUSR2])
+        .map_err(RunError::Signals)?;
     let running = Daemon::start(cfg).map_err(RunError::Daemon)?;
-    if let Some(sig) = signals.forever().next() {
+    for sig in signals.forever() {
+        if sig == SIGUSR2 {
+            // An upgrade (`POST /upgrade`, `tmemctl upgrade`, or SIGUSR2 from the operator:
+            // the binary this process was started from).
+            match running.upgrade_target() {
+                Some(b) => return running.hand_over(&b).map_err(RunError::Daemon),
+                None => {
+                    tracing::error!("SIGUSR2: no binary to hand over to");
+                    continue;
+                }
+            }
+        }
         tracing::info!(signal = sig, "shutting down");
+        break;
     }
     running.shutdown().map_err(RunError::Daemon)
 }

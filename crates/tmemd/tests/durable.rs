@@ -263,3 +263,40 @@ fn fio_verify_finds_every_acknowledged_write_after_20_kills() {
     assert!(recovered > 0);
     assert!(d.terminate().success());
 }
+
+#[test]
+fn upgrade_hands_over_to_a_new_binary_without_losing_a_page() {
+    if tmem_vm::test_tools(["nbdcopy", "qemu-img"]).is_none() {
+        return;
+    }
+    let t = tmp();
+    let dir = t.path().join("state");
+    let mut d = Tmemd::start(&dir, &["--budget", "12M"]);
+    let o = d.ctl(&["export", "add", "s", "--kind", "swap", "--size", "64M"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let reference = t.path().join("ref.raw");
+    let mut content = data(40 << 20, 9);
+    content.resize(64 << 20, 0);
+    std::fs::write(&reference, &content).unwrap();
+    run_ok("nbdcopy", &[reference.to_str().unwrap(), &d.nbd_uri("s")]);
+    let pid = d.pid();
+    // The hand-over: same process (PID), the binary replaced, every page recovered.
+    let o = d.ctl(&["upgrade"]);
+    assert!(o.status.success(), "{}\n{}", stderr(&o), d.log_text());
+    assert!(stdout(&o).contains("is up"), "{}", stdout(&o));
+    let st = status(&d);
+    assert_eq!(st.pid, pid);
+    assert!(st.damaged_exports.is_empty(), "{st:?}");
+    assert!(st.warnings.is_empty(), "{:?}", st.warnings);
+    compare(&d, &reference, "s");
+    assert!(
+        d.log_text().contains("handing over to a new tmemd"),
+        "{}",
+        d.log_text()
+    );
+    // A binary that is not there is refused before anything stops.
+    let o = d.ctl(&["upgrade", "--binary", "/nonexistent/tmemd"]);
+    assert!(!o.status.success());
+    compare(&d, &reference, "s");
+    assert!(d.terminate().success(), "{}", d.log_text());
+}

@@ -26,6 +26,17 @@ fn rss_of(pid: u32) -> u64 {
     kb * 1024
 }
 
+/// A runtime directory on a tmpfs, as `/run` is on a real host: the durable pool memory
+/// lives there, and on a tmpfs a freed page leaves the page cache at once (so the kernel's
+/// account, `mincore`, follows the engine's).
+fn tmpfs_runtime() -> tempfile::TempDir {
+    let shm = std::path::Path::new("/dev/shm");
+    let b = tempfile::Builder::new()
+        .prefix("tmemd-memory-run")
+        .tempdir_in(shm);
+    b.unwrap_or_else(|_| tmp())
+}
+
 fn stats(d: &Tmemd) -> Stats {
     serde_json::from_str(&stdout(&d.ctl(&["stats", "--json"]))).unwrap()
 }
@@ -46,7 +57,8 @@ fn discarded_swap_data_leaves_the_daemons_rss() {
     }
     let t = tmp();
     let dir = t.path().join("state");
-    let d = Tmemd::start(&dir, &["--budget", "1G"]);
+    let run = tmpfs_runtime();
+    let d = Tmemd::start_split(run.path(), &dir, &["--budget", "1G"]);
     let o = d.ctl(&["export", "add", "swap0", "--kind", "swap", "--size", "512M"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let start = rss_of(d.pid());
@@ -111,7 +123,12 @@ fn churn_then_compact_gives_memory_back() {
     // Background compaction off: this test drives it by hand (tmemctl compact).
     let cfg = t.path().join("tmemd.toml");
     std::fs::write(&cfg, "compact_threshold = 0\n").unwrap();
-    let d = Tmemd::start(&dir, &["--budget", "1G", "--config", cfg.to_str().unwrap()]);
+    let run = tmpfs_runtime();
+    let d = Tmemd::start_split(
+        run.path(),
+        &dir,
+        &["--budget", "1G", "--config", cfg.to_str().unwrap()],
+    );
     let o = d.ctl(&["export", "add", "swap0", "--kind", "swap", "--size", "128M"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let data = t.path().join("data.raw");
