@@ -467,6 +467,9 @@ impl std::str::FromStr for ExportKind {
 pub struct NbdStats {
     /// Connections that used the export.
     pub connections: u64,
+    /// Connections open now.
+    #[serde(default)]
+    pub live_connections: u64,
     /// READ requests.
     pub reads: u64,
     /// WRITE requests.

@@ -493,6 +493,15 @@ fn serve_conn(shared: &Shared, mut stream: Stream) {
     };
     let stats = shared.stats_for(&session.name);
     ExportStats::inc(&stats.connections, 1);
+    // Counts this connection as open until it ends, however it ends.
+    struct Live(std::sync::Arc<ExportStats>);
+    impl Drop for Live {
+        fn drop(&mut self) {
+            self.0.live.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+    stats.live.fetch_add(1, Ordering::Relaxed);
+    let _live = Live(stats.clone());
     tracing::debug!(export = %session.name, structured = session.structured, "NBD client entered transmission");
     match serve_transmission(stream, writer, session, stats, &shared.cfg.transmission) {
         Ok(()) => {}

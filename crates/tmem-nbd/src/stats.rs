@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 #[derive(Debug, Default)]
 pub struct ExportStats {
     pub(crate) connections: AtomicU64,
+    pub(crate) live: AtomicU64,
     pub(crate) reads: AtomicU64,
     pub(crate) writes: AtomicU64,
     pub(crate) flushes: AtomicU64,
@@ -24,6 +25,8 @@ pub struct ExportStats {
 pub struct StatsSnapshot {
     /// Connections that entered transmission on this export.
     pub connections: u64,
+    /// Of those, the ones open now.
+    pub live_connections: u64,
     /// READ requests.
     pub reads: u64,
     /// WRITE requests.
@@ -53,6 +56,7 @@ impl ExportStats {
     pub fn snapshot(&self) -> StatsSnapshot {
         StatsSnapshot {
             connections: self.connections.load(Relaxed),
+            live_connections: self.live.load(Relaxed),
             reads: self.reads.load(Relaxed),
             writes: self.writes.load(Relaxed),
             flushes: self.flushes.load(Relaxed),

@@ -168,10 +168,13 @@ pub enum ExportCmd {
         #[arg(long)]
         direct_io: bool,
     },
-    /// Remove an export (its pages are dropped).
+    /// Remove an export (its pages are dropped). Refused while NBD clients have it open.
     Rm {
         /// Export name.
         name: String,
+        /// Remove it even with NBD clients connected (their I/O then fails).
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -349,8 +352,9 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                     e.uri
                 );
             }
-            ExportCmd::Rm { name } => {
-                c.call::<(), ()>("DELETE", &v1(&format!("/exports/{name}")), None)?;
+            ExportCmd::Rm { name, force } => {
+                let q = if force { "?force=true" } else { "" };
+                c.call::<(), ()>("DELETE", &v1(&format!("/exports/{name}{q}")), None)?;
                 println!("export {name} removed");
             }
         },

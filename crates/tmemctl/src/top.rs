@@ -137,7 +137,7 @@ impl Frame {
                 "SECT RD",
                 "SECT WR",
                 "NBD OPS/s",
-                "NBD CONNS",
+                "NBD LIVE/ALL",
             ],
             rows: cur
                 .exports
@@ -154,7 +154,7 @@ impl Frame {
                         e.backend.sectors_read.to_string(),
                         e.backend.sectors_written.to_string(),
                         rate(e.nbd.ops(), pe.map(|x| x.nbd.ops()), dt),
-                        e.nbd.connections.to_string(),
+                        format!("{}/{}", e.nbd.live_connections, e.nbd.connections),
                     ]
                 })
                 .collect(),

@@ -51,7 +51,10 @@ fn op_status(e: &OpError) -> u16 {
     match e {
         OpError::Invalid(_) | OpError::Option(_) => 400,
         OpError::UnknownClient(_) | OpError::UnknownExport(_) => 404,
-        OpError::ClientExists(_) | OpError::ExportExists(_) | OpError::ClientBusy(..) => 409,
+        OpError::ClientExists(_)
+        | OpError::ExportExists(_)
+        | OpError::ClientBusy(..)
+        | OpError::ExportBusy(..) => 409,
         OpError::Engine(e) => engine_status(e),
         OpError::Export(_, e) => export_status(e),
         OpError::Guest(e) => match e {
@@ -190,7 +193,13 @@ impl Api {
                 201,
                 d.create_export(&body::<CreateExport>(req)?),
             ),
-            ("DELETE", ["exports", name]) => op_empty("Delete export", d.delete_export(name)),
+            ("DELETE", ["exports", name]) => {
+                let force = req
+                    .query
+                    .as_deref()
+                    .is_some_and(|q| q.split('&').any(|kv| kv == "force=true" || kv == "force=1"));
+                op_empty("Delete export", d.delete_export(name, force))
+            }
             ("PUT", ["budget"]) => op(
                 "Set budget",
                 200,

@@ -43,6 +43,9 @@ pub enum OpError {
     /// The client still has exports.
     #[error("Client {0} still has exports: {1}")]
     ClientBusy(u32, String),
+    /// The export has open NBD connections (delete with `force`).
+    #[error("Export {0:?} has {1} open NBD connections (force to delete it anyway)")]
+    ExportBusy(String, u64),
     /// No such export.
     #[error("Unknown export {0:?}")]
     UnknownExport(String),
@@ -877,6 +880,7 @@ impl Daemon {
             backend: e.backend.counters(&self.engine, e.client),
             nbd: NbdStats {
                 connections: n.connections,
+                live_connections: n.live_connections,
                 reads: n.reads,
                 writes: n.writes,
                 flushes: n.flushes,
@@ -1165,8 +1169,18 @@ impl Daemon {
     }
 
     /// `DELETE /exports/{name}`.
-    pub fn delete_export(&self, name: &str) -> Result<(), OpError> {
+    pub fn delete_export(&self, name: &str, force: bool) -> Result<(), OpError> {
         let _g = self.guard()?;
+        if !force {
+            let live = lock(&self.nbd)
+                .as_ref()
+                .and_then(|s| s.stats(name))
+                .map_or(0, |n| n.live_connections);
+            if live > 0 && self.exports.get(name).is_some() {
+                // A guest's disk does not vanish under it by accident.
+                return Err(OpError::ExportBusy(name.to_owned(), live));
+            }
+        }
         let e = self
             .exports
             .remove(name)

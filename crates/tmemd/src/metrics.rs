@@ -333,6 +333,18 @@ pub fn render(st: &Stats) -> String {
         );
     }
     o.family(
+        "tmem_export_nbd_live_connections",
+        "gauge",
+        "NBD connections open to an export now.",
+    );
+    for e in &st.exports {
+        o.sample(
+            "tmem_export_nbd_live_connections",
+            &[("export", &e.name)],
+            e.nbd.live_connections as f64,
+        );
+    }
+    o.family(
         "tmem_export_nbd_errors_total",
         "counter",
         "NBD requests answered with an error.",

@@ -994,3 +994,56 @@ fn crash_leaves_stale_sockets_and_serves_the_pages_back() {
     );
     assert!(!out.contains("verification failed"), "{out}");
 }
+
+#[test]
+fn export_with_open_connections_is_not_deleted_unless_forced() {
+    let t = tmp();
+    let dir = t.path().join("state");
+    let d = Tmemd::start(&dir, &["--budget", "64M"]);
+    assert!(d
+        .ctl(&["export", "add", "s", "--kind", "swap", "--size", "4M"])
+        .status
+        .success());
+    // An interactive qemu-io keeps its NBD connection open until its stdin closes.
+    let mut client = std::process::Command::new("qemu-io")
+        .args(["-f", "raw", &d.nbd_uri("s")])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("qemu-io");
+    let live = || {
+        let e: ExportInfo =
+            serde_json::from_str(&d.curl("GET", "/api/v1/exports/s", None).1).unwrap();
+        e.nbd.live_connections
+    };
+    assert!(wait_until(std::time::Duration::from_secs(20), || live() == 1));
+    let o = d.ctl(&["export", "rm", "s"]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("open NBD connections"),
+        "{}",
+        stderr(&o)
+    );
+    let (code, _) = d.curl("DELETE", "/api/v1/exports/s", None);
+    assert_eq!(code, 409);
+    // Once the client is gone the count drops and the export can go.
+    drop(client.stdin.take());
+    let _ = client.wait();
+    assert!(wait_until(std::time::Duration::from_secs(20), || live() == 0));
+    let e: ExportInfo = serde_json::from_str(&d.curl("GET", "/api/v1/exports/s", None).1).unwrap();
+    assert_eq!(e.nbd.connections, 1, "the total stays");
+    // Forced, it goes even with a client connected.
+    let mut client = std::process::Command::new("qemu-io")
+        .args(["-f", "raw", &d.nbd_uri("s")])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("qemu-io");
+    assert!(wait_until(std::time::Duration::from_secs(20), || live() == 1));
+    let o = d.ctl(&["export", "rm", "s", "--force"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    drop(client.stdin.take());
+    let _ = client.wait();
+}
