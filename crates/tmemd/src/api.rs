@@ -291,6 +291,16 @@ impl Handler for Api {
 #[derive(Debug)]
 pub struct MetricsOnly(pub Arc<Api>);
 
+/// The handlers the daemon serves: the whole API on the control socket, `/metrics` alone
+/// on the TCP listener.
+pub fn handlers(d: &Arc<Daemon>) -> crate::daemon::ApiHandlers {
+    let api = Arc::new(Api::new(d.clone()));
+    crate::daemon::ApiHandlers {
+        ctl: api.clone(),
+        metrics: Arc::new(MetricsOnly(api)),
+    }
+}
+
 impl Handler for MetricsOnly {
     fn handle(&self, req: &Request) -> Response {
         if req.path.trim_end_matches('/') == "/metrics" {
@@ -327,7 +337,7 @@ mod tests {
             ..Default::default()
         };
         let cfg = Config::resolve(&args, FileConfig::default(), None).unwrap();
-        let running = Daemon::start(cfg).unwrap();
+        let running = Daemon::start(cfg, handlers).unwrap();
         let api = Api::new(running.daemon.clone());
         let status = |m: &str, p: &str, b: &str| api.handle(&req(m, p, b)).status;
         assert_eq!(status("GET", "/api/v1/status", ""), 200);

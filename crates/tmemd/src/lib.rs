@@ -116,7 +116,9 @@
 //!
 //! ## Modules
 //! [`config`] (defaults, TOML, flags), [`http`] (the small HTTP server), [`api`] (routes and
-//! error codes), [`daemon`] (operations), [`exports`] (dynamic NBD export table), [`state`]
+//! error codes; handed to the daemon as handlers, so the daemon does not depend on it),
+//! [`daemon`] (lifecycle and operations), [`persist`] (manifest, save/restore, recovery of
+//! durable memory after an unclean stop), [`exports`] (dynamic NBD export table), [`state`]
 //! (manifest and atomic files), [`metrics`] (Prometheus text), [`balloon`] (pool control
 //! and guest runtime), [`lock`] (directory locks), [`memory`] (RSS, heap trimming,
 //! background compaction).
@@ -131,6 +133,7 @@ pub mod http;
 pub mod lock;
 pub mod memory;
 pub mod metrics;
+pub mod persist;
 pub mod ratelimit;
 pub mod state;
 
@@ -169,7 +172,7 @@ pub fn run(args: &Args) -> Result<(), RunError> {
     // Register before starting so that an early signal is not lost.
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGUSR2])
         .map_err(RunError::Signals)?;
-    let running = Daemon::start(cfg).map_err(RunError::Daemon)?;
+    let running = Daemon::start(cfg, api::handlers).map_err(RunError::Daemon)?;
     for sig in signals.forever() {
         if sig == SIGUSR2 {
             // An upgrade (`POST /upgrade`, `tmemctl upgrade`, or SIGUSR2 from the operator:
