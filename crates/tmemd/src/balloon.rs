@@ -1,23 +1,18 @@
-//! Balloon manager integration: the engine as the manager's [`PoolControl`], and a runtime
-//! that adds and removes guests while the daemon runs.
-//!
-//! `tmem_balloon::manager::Manager` starts a fixed set of guests, so the daemon drives the
-//! public [`GuestLoop`] itself: one thread per guest, all sharing one
-//! [`Shared`]. Removing a guest rebuilds that shared state
-//! from the remaining loops (it has no unregister), so a removed guest no longer counts in
-//! the pool budget.
+//! Balloon manager integration: the engine as the manager's [`PoolControl`], and the
+//! API's guests run by `tmem_balloon`'s [`Manager`] (one loop per guest; guests are added
+//! and removed while the daemon runs, and a removed guest no longer counts in the pool
+//! budget).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use tmem_api::{CreateGuest, GuestInfo, PolicyName};
 use tmem_balloon::manager::{
-    AgentStats, BalloonActuator, GuestLoop, GuestSpec, HostProbe, ManagerConfig, PoolControl,
-    QmpHandle, Shared, StatsSource,
+    AgentStats, BalloonActuator, GuestSpec, HostProbe, Manager, ManagerConfig, ManagerError,
+    PoolControl, QmpHandle, StatsSource,
 };
 use tmem_balloon::policy::{PressureConfig, SelfBalloonConfig};
 use tmem_balloon::{GovernorConfig, PolicyKind};
@@ -126,38 +121,24 @@ pub enum GuestError {
     Bounds(u64, u64),
 }
 
-struct Running {
-    /// The request the guest was added with (kept in the manifest).
+/// A managed guest: what it was added with.
+struct Managed {
+    /// The request (kept in the manifest).
     req: CreateGuest,
-    qmp: PathBuf,
-    agent: Option<PathBuf>,
+    /// Its policy's name.
     policy: String,
-    gl: Arc<Mutex<GuestLoop>>,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Running {
-    fn stop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The running guests.
+/// The managed guests: the API's requests, run by `tmem_balloon`'s [`Manager`] (one loop
+/// per guest, added and removed while the daemon runs).
 pub struct GuestRuntime {
     cfg: ManagerConfig,
-    pool: Arc<dyn PoolControl>,
-    host: Arc<dyn HostProbe>,
-    shared: Arc<RwLock<Arc<Shared>>>,
-    epoch: Instant,
-    guests: Mutex<BTreeMap<String, Running>>,
+    manager: Manager,
+    guests: Mutex<BTreeMap<String, Managed>>,
 }
 
 impl std::fmt::Debug for GuestRuntime {
@@ -172,11 +153,8 @@ impl GuestRuntime {
     /// A runtime with no guests.
     pub fn new(cfg: ManagerConfig, pool: Arc<dyn PoolControl>, host: Arc<dyn HostProbe>) -> Self {
         GuestRuntime {
+            manager: Manager::new(cfg.clone(), pool, host),
             cfg,
-            pool,
-            host,
-            shared: Arc::new(RwLock::new(Arc::new(Shared::default()))),
-            epoch: Instant::now(),
             guests: Mutex::new(BTreeMap::new()),
         }
     }
@@ -202,10 +180,13 @@ impl GuestRuntime {
             return Err(GuestError::Bounds(floor, max));
         }
         let policy = req.policy.unwrap_or_default();
-        let kind = match policy {
-            PolicyName::Selfballoon => PolicyKind::SelfBalloon(SelfBalloonConfig::default()),
-            PolicyName::Pressure => PolicyKind::Pressure(PressureConfig::default()),
-            PolicyName::Static => PolicyKind::Static,
+        let (kind, policy_name) = match policy {
+            PolicyName::Selfballoon => (
+                PolicyKind::SelfBalloon(SelfBalloonConfig::default()),
+                "selfballoon",
+            ),
+            PolicyName::Pressure => (PolicyKind::Pressure(PressureConfig::default()), "pressure"),
+            PolicyName::Static => (PolicyKind::Static, "static"),
         };
         let mut sources: Vec<Box<dyn StatsSource>> = Vec::new();
         if let Some(a) = &req.agent {
@@ -226,74 +207,48 @@ impl GuestRuntime {
             actuator: Box::new(qmp) as Box<dyn BalloonActuator>,
             sources,
         };
-        let gl = GuestLoop::new(spec, self.epoch);
-        let policy_name = gl.status().policy.clone();
-        read_shared(&self.shared).register(&gl);
-        let gl = Arc::new(Mutex::new(gl));
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread = {
-            let (gl, stop, shared, cfg, host, pool) = (
-                gl.clone(),
-                stop.clone(),
-                self.shared.clone(),
-                self.cfg.clone(),
-                self.host.clone(),
-                self.pool.clone(),
-            );
-            std::thread::Builder::new()
-                .name(format!("tmemd-bl-{}", req.name))
-                .spawn(move || guest_thread(gl, stop, shared, cfg, host, pool))
-                .map_err(GuestError::Thread)?
-        };
-        let r = Running {
+        self.manager.add_guest(spec).map_err(|e| match e {
+            ManagerError::Duplicate(n) => GuestError::Exists(n),
+            ManagerError::Spawn(e) => GuestError::Thread(e),
+        })?;
+        let m = Managed {
             req: req.clone(),
-            qmp: req.qmp.clone(),
-            agent: req.agent.clone(),
-            policy: policy_name,
-            gl,
-            stop,
-            thread: Some(thread),
+            policy: policy_name.into(),
         };
-        let info = self.info_of(&req.name, &r);
-        guests.insert(req.name.clone(), r);
+        let info = self.info_of(&req.name, &m);
+        guests.insert(req.name.clone(), m);
         tracing::info!(guest = %req.name, max, "guest added to balloon manager");
         Ok(info)
     }
 
-    /// Stops managing a guest (its balloon stays where it is).
+    /// Stops managing a guest (its balloon stays where it is; it no longer counts in the
+    /// pool budget).
     pub fn remove(&self, name: &str) -> Result<(), GuestError> {
         let mut guests = lock(&self.guests);
-        let mut r = guests
+        guests
             .remove(name)
             .ok_or_else(|| GuestError::Unknown(name.to_owned()))?;
-        r.stop();
-        // Shared has no unregister: rebuild it from the remaining loops.
-        let fresh = Arc::new(Shared::default());
-        for g in guests.values() {
-            fresh.register(&lock(&g.gl));
-        }
-        *self.shared.write().unwrap_or_else(|e| e.into_inner()) = fresh;
+        self.manager.remove_guest(name);
         tracing::info!(guest = %name, "guest removed from balloon manager");
         Ok(())
     }
 
-    fn info_of(&self, name: &str, r: &Running) -> GuestInfo {
-        let published = read_shared(&self.shared)
+    fn info_of(&self, name: &str, m: &Managed) -> GuestInfo {
+        let st = self
+            .manager
             .status()
             .into_iter()
-            .find(|s| s.name == name);
-        let st = match published {
-            Some(s) => s,
-            None => match r.gl.try_lock() {
-                Ok(g) => g.status().clone(),
-                Err(_) => Default::default(),
-            },
-        };
+            .find(|s| s.name == name)
+            .unwrap_or_default();
         GuestInfo {
             name: name.to_owned(),
-            qmp: r.qmp.clone(),
-            agent: r.agent.clone(),
-            policy: r.policy.clone(),
+            qmp: m.req.qmp.clone(),
+            agent: m.req.agent.clone(),
+            policy: if st.policy.is_empty() {
+                m.policy.clone()
+            } else {
+                st.policy
+            },
             actuator: if st.actuator.is_empty() {
                 "qmp".into()
             } else {
@@ -322,16 +277,15 @@ impl GuestRuntime {
         }
     }
 
-    /// Every guest's status, by name.
     /// The requests the managed guests were added with, by name.
     pub fn requests(&self) -> Vec<CreateGuest> {
-        lock(&self.guests).values().map(|r| r.req.clone()).collect()
+        lock(&self.guests).values().map(|m| m.req.clone()).collect()
     }
 
     /// The managed guests, as the API shows them.
     pub fn list(&self) -> Vec<GuestInfo> {
         let guests = lock(&self.guests);
-        guests.iter().map(|(n, r)| self.info_of(n, r)).collect()
+        guests.iter().map(|(n, m)| self.info_of(n, m)).collect()
     }
 
     /// Number of guests.
@@ -344,44 +298,13 @@ impl GuestRuntime {
         self.len() == 0
     }
 
-    /// Stops every guest thread; returns the requests they were added with.
+    /// Stops every guest loop; returns the requests they were added with.
     pub fn stop_all(&self) -> Vec<CreateGuest> {
-        let mut guests = lock(&self.guests);
-        for r in guests.values_mut() {
-            r.stop();
+        let guests = std::mem::take(&mut *lock(&self.guests));
+        for name in guests.keys() {
+            self.manager.remove_guest(name);
         }
-        std::mem::take(&mut *guests)
-            .into_values()
-            .map(|r| r.req)
-            .collect()
-    }
-}
-
-fn read_shared(s: &RwLock<Arc<Shared>>) -> Arc<Shared> {
-    s.read().unwrap_or_else(|e| e.into_inner()).clone()
-}
-
-fn guest_thread(
-    gl: Arc<Mutex<GuestLoop>>,
-    stop: Arc<AtomicBool>,
-    shared: Arc<RwLock<Arc<Shared>>>,
-    cfg: ManagerConfig,
-    host: Arc<dyn HostProbe>,
-    pool: Arc<dyn PoolControl>,
-) {
-    let interval = Duration::from_millis(cfg.interval_ms.max(1));
-    let mut next = Instant::now();
-    while !stop.load(Ordering::Relaxed) {
-        let s = read_shared(&shared);
-        lock(&gl).step(&cfg, host.as_ref(), pool.as_ref(), &s);
-        next += interval;
-        let now = Instant::now();
-        if next < now {
-            next = now;
-        }
-        while !stop.load(Ordering::Relaxed) && Instant::now() < next {
-            std::thread::sleep((next - Instant::now()).min(Duration::from_millis(50)));
-        }
+        guests.into_values().map(|m| m.req).collect()
     }
 }
 
