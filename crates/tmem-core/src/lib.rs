@@ -47,9 +47,19 @@
 //!   BENCHMARKS.md).
 //! * **Compression** ([`Codec`]: none, lz4, zstd level): a page is kept compressed only if
 //!   it fits in `compress_threshold` bytes (default ¾ page). Payloads are packed by a
-//!   size-class slab allocator (16-byte classes merged like zsmalloc's, 1–8 page slabs, empty slabs freed at
-//!   once; ephemeral and persistent payloads in separate arenas so evicting ephemeral
-//!   pages frees whole slabs); fragmentation is reported in [`EngineStats`].
+//!   size-class slab allocator (16-byte classes merged like zsmalloc's, 1–8 page slabs;
+//!   ephemeral and persistent payloads in separate arenas so evicting ephemeral pages frees
+//!   whole slabs; a put fills the fullest slab with room) in 2 MiB regions the engine maps
+//!   itself: an emptied slab goes back to the kernel at once (`MADV_DONTNEED`), so
+//!   [`Engine::resident_bytes`] (asked from the kernel) agrees with [`Engine::held_bytes`].
+//! * **Compaction** ([`Engine::compact`], and inside [`Engine::shrink`] and under budget
+//!   pressure): payload handles are indirect, so payloads move out of sparse slabs into
+//!   full ones in bounded steps while every other operation goes on; the lock order is in
+//!   the allocator's module docs.
+//! * **Durable persistent pools** ([`Engine::with_durable`], [`Engine::recover`]): the
+//!   persistent pools' slabs in memory the embedder provides ([`DurableMemory`]) that
+//!   outlives the process, every payload behind a checksummed header naming its page, so
+//!   a new process recovers every acknowledged page after the old one was killed.
 //! * **Statistics** per client, per pool and global ([`Engine::stats`],
 //!   [`Engine::client_stats`], [`Engine::pool_stats`]) are striped atomics: cheap to read
 //!   while the engine is busy.
