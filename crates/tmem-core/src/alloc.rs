@@ -20,6 +20,14 @@
 //! held, so compaction (which takes only arena locks) can never deadlock with puts, gets,
 //! flushes or eviction.
 //!
+//! Partly used slabs are kept in fullness groups: a put fills one of the fullest slabs
+//! with room, so holes are refilled and sparse slabs left to empty.
+//!
+//! A **durable** set keeps its slabs in [`DurableMemory`] (one file per arena and class)
+//! and writes a [`SlotHeader`] in front of every payload — after the payload, so a slot is
+//! live only once complete; a freed slot's header is cleared; compaction copies a slot
+//! whole before clearing its source. `crate::recover` reads such memory back.
+//!
 //! An [`Arenas`] set has several independently locked arenas so that puts on different
 //! threads do not serialise on one lock.
 
