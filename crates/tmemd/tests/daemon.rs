@@ -105,18 +105,7 @@ fn exports_via_cli_and_curl_with_qemu_io_nbdinfo_metrics_and_top() {
         ],
     );
     assert!(read_all(&copy) == read_all(&img));
-    run_ok(
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "raw",
-            "-F",
-            "raw",
-            img.to_str().unwrap(),
-            &d.nbd_uri("disk0"),
-        ],
-    );
+    qemu_img_compare(img.to_str().unwrap(), &d.nbd_uri("disk0"));
 
     // Listings.
     let o = d.ctl(&["exports", "--json"]);
@@ -440,31 +429,8 @@ fn restart_loses_no_swap_data() {
     std::fs::write(&ref0, pattern(16 << 20, 11)).unwrap();
     std::fs::write(&ref1, pattern(8 << 20, 12)).unwrap();
     for (r, n) in [(&ref0, "swap0"), (&ref1, "swap1")] {
-        run_ok(
-            "qemu-img",
-            &[
-                "convert",
-                "-n",
-                "-f",
-                "raw",
-                "-O",
-                "raw",
-                r.to_str().unwrap(),
-                &d.nbd_uri(n),
-            ],
-        );
-        run_ok(
-            "qemu-img",
-            &[
-                "compare",
-                "-f",
-                "raw",
-                "-F",
-                "raw",
-                r.to_str().unwrap(),
-                &d.nbd_uri(n),
-            ],
-        );
+        qemu_img_write(r.to_str().unwrap(), &d.nbd_uri(n));
+        qemu_img_compare(r.to_str().unwrap(), &d.nbd_uri(n));
     }
     let v: Vec<ExportInfo> = serde_json::from_str(&stdout(&d.ctl(&["exports", "--json"]))).unwrap();
     assert!(
@@ -497,18 +463,7 @@ fn restart_loses_no_swap_data() {
         }
         assert_eq!(st.exports, 2);
         for (r, n) in [(&ref0, "swap0"), (&ref1, "swap1")] {
-            run_ok(
-                "qemu-img",
-                &[
-                    "compare",
-                    "-f",
-                    "raw",
-                    "-F",
-                    "raw",
-                    r.to_str().unwrap(),
-                    &d.nbd_uri(n),
-                ],
-            );
+            qemu_img_compare(r.to_str().unwrap(), &d.nbd_uri(n));
         }
         let s: Stats = serde_json::from_str(&stdout(&d.ctl(&["stats", "--json"]))).unwrap();
         assert!(s.pool.persistent_pages > 0);
@@ -528,19 +483,7 @@ fn corrupt_state_is_reported_and_moved_aside() {
         .success());
     let data = t.path().join("d.raw");
     std::fs::write(&data, pattern(4 << 20, 5)).unwrap();
-    run_ok(
-        "qemu-img",
-        &[
-            "convert",
-            "-n",
-            "-f",
-            "raw",
-            "-O",
-            "raw",
-            data.to_str().unwrap(),
-            &d.nbd_uri("s"),
-        ],
-    );
+    qemu_img_write(data.to_str().unwrap(), &d.nbd_uri("s"));
     assert!(d.terminate().success());
 
     // Flip bytes in the middle of the client's save stream.
@@ -678,18 +621,7 @@ fn runtime_and_state_directories_are_separate() {
     assert!(d.terminate().success());
     assert!(!run.join("ctl.sock").exists());
     let d = Tmemd::start_split(&run, &state, &["--budget", "4M", "--codec", "none"]);
-    run_ok(
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "raw",
-            "-F",
-            "raw",
-            data.to_str().unwrap(),
-            &d.nbd_uri("s"),
-        ],
-    );
+    qemu_img_compare(data.to_str().unwrap(), &d.nbd_uri("s"));
 }
 
 #[test]

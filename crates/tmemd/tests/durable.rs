@@ -47,18 +47,7 @@ fn data(len: usize, seed: u64) -> Vec<u8> {
 }
 
 fn compare(d: &Tmemd, reference: &Path, name: &str) {
-    run_ok(
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "raw",
-            "-F",
-            "raw",
-            reference.to_str().unwrap(),
-            &d.nbd_uri(name),
-        ],
-    );
+    qemu_img_compare(reference.to_str().unwrap(), &d.nbd_uri(name));
 }
 
 #[test]

@@ -134,19 +134,7 @@ fn churn_then_compact_gives_memory_back() {
     let data = t.path().join("data.raw");
     let want = compressible(128 << 20);
     std::fs::write(&data, &want).unwrap();
-    run_ok(
-        "qemu-img",
-        &[
-            "convert",
-            "-n",
-            "-f",
-            "raw",
-            "-O",
-            "raw",
-            data.to_str().unwrap(),
-            &d.nbd_uri("swap0"),
-        ],
-    );
+    qemu_img_write(data.to_str().unwrap(), &d.nbd_uri("swap0"));
     // Discard three pages of every four: every slab keeps a few pages.
     let mut cmds = Vec::new();
     for page in 0..(128u64 << 20) / 4096 {

@@ -369,3 +369,19 @@ pub fn parse_prometheus(text: &str) -> Vec<(String, String, f64)> {
     }
     out
 }
+
+/// `qemu-img compare` of a raw reference file with an NBD export: panics if they differ.
+pub fn qemu_img_compare(reference: &str, uri: &str) {
+    run_ok(
+        "qemu-img",
+        &["compare", "-f", "raw", "-F", "raw", reference, uri],
+    );
+}
+
+/// `qemu-img convert -n` of a raw file onto an existing NBD export.
+pub fn qemu_img_write(source: &str, uri: &str) {
+    run_ok(
+        "qemu-img",
+        &["convert", "-n", "-f", "raw", "-O", "raw", source, uri],
+    );
+}
