@@ -8,7 +8,8 @@ use crate::proto::*;
 use crate::rl_event;
 
 /// Most options one connection may send before we hang up.
-const MAX_OPTIONS: u32 = 100_000;
+/// Options one handshake may send (a real client sends a handful; more is an attack).
+const MAX_OPTIONS: u32 = 1024;
 /// Larger option payloads are discarded (and answered with `ERR_TOO_BIG`) up to this size, then we disconnect.
 const MAX_DISCARD: u32 = 16 << 20;
 

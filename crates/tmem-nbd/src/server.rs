@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::backend::ExportTable;
 use crate::handshake::{negotiate, HandshakeError};
@@ -31,7 +31,9 @@ pub enum ListenAddr {
 pub struct ServerConfig {
     /// Transmission-phase tuning (worker pool, inline threshold). Default: [`TransmissionConfig::default`].
     pub transmission: TransmissionConfig,
-    /// Read timeout during the handshake; slow clients are dropped. Default: 30 s.
+    /// Deadline for the whole handshake (from accept to transmission), however slowly
+    /// the client trickles its bytes: a client that has not entered transmission by then
+    /// is dropped and its connection slot freed. Default: 10 s.
     pub handshake_timeout: Option<Duration>,
     /// Connections served at once; further ones are closed immediately. Default: 1024.
     pub max_connections: usize,
@@ -41,7 +43,7 @@ impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             transmission: TransmissionConfig::default(),
-            handshake_timeout: Some(Duration::from_secs(30)),
+            handshake_timeout: Some(Duration::from_secs(10)),
             max_connections: 1024,
         }
     }
@@ -95,6 +97,45 @@ impl Stream {
             Stream::Unix(s) => s.set_read_timeout(t),
             Stream::Tcp(s) => s.set_read_timeout(t),
         }
+    }
+    fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.set_write_timeout(t),
+            Stream::Tcp(s) => s.set_write_timeout(t),
+        }
+    }
+}
+
+/// The stream during the handshake: every read may wait only until the handshake's
+/// deadline (a per-read timeout alone would let a client that sends a byte now and then
+/// hold its connection slot for ever).
+struct HandshakeStream<'a> {
+    s: &'a mut Stream,
+    deadline: Option<Instant>,
+}
+
+impl Read for HandshakeStream<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if let Some(d) = self.deadline {
+            let left = d.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "NBD handshake deadline passed",
+                ));
+            }
+            self.s.set_read_timeout(Some(left))?;
+        }
+        self.s.read(buf)
+    }
+}
+
+impl Write for HandshakeStream<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.s.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.s.flush()
     }
 }
 
@@ -473,8 +514,17 @@ fn serve_conn(shared: &Shared, mut stream: Stream) {
     if shared.stopping.load(Ordering::SeqCst) {
         return;
     }
-    let _ = stream.set_read_timeout(shared.cfg.handshake_timeout);
-    let session = match negotiate(&mut stream, &*shared.exports) {
+    let deadline = shared.cfg.handshake_timeout.map(|t| Instant::now() + t);
+    let _ = stream.set_write_timeout(shared.cfg.handshake_timeout);
+    let negotiated = negotiate(
+        &mut HandshakeStream {
+            s: &mut stream,
+            deadline,
+        },
+        &*shared.exports,
+    );
+    let _ = stream.set_write_timeout(None);
+    let session = match negotiated {
         Ok(s) => s,
         Err(HandshakeError::Aborted) => return,
         Err(HandshakeError::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof => return,

@@ -335,3 +335,37 @@ fn handshake_timeout_and_connection_limit() {
     c1.check_alive(1);
     c2.check_alive(3);
 }
+
+#[test]
+fn a_client_trickling_its_handshake_is_dropped_at_the_deadline() {
+    let cfg = ServerConfig {
+        handshake_timeout: Some(std::time::Duration::from_millis(300)),
+        ..Default::default()
+    };
+    let srv = TestServer::start_with(
+        vec![(
+            "a",
+            Arc::new(MemBackend::new(SIZE)) as Arc<dyn BlockBackend>,
+        )],
+        cfg,
+    );
+    // A valid option header announcing 1000 bytes of data, then the data one byte every
+    // 100 ms: every single read is quick, but the handshake never ends. Only a deadline for
+    // the whole handshake drops this client (a per-read timeout never fires); it must be
+    // gone long before the 3 s of trickling are over.
+    let mut c = RawClient::connect(&srv.sock);
+    let mut hdr = IHAVEOPT.to_be_bytes().to_vec();
+    hdr.extend_from_slice(&6u32.to_be_bytes()); // NBD_OPT_INFO
+    hdr.extend_from_slice(&1000u32.to_be_bytes());
+    c.send(&hdr);
+    let mut closed = false;
+    for _ in 0..30 {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        if std::io::Write::write_all(&mut c.s, &[0u8]).is_err() {
+            closed = true;
+            break;
+        }
+    }
+    // (A write to a connection the server closed fails; one it keeps open never does.)
+    assert!(closed, "the trickling client was never dropped");
+}
