@@ -3,19 +3,23 @@
 //!
 //! Requests go to a [`Handler`] (a trait, so routes can be tested and fuzzed without sockets).
 
+use std::collections::HashMap;
 use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::Shutdown;
 use std::net::TcpListener;
 use std::os::unix::net::UnixListener;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::ratelimit::RateLimit;
 
 /// Longest request head (request line + headers) accepted, bytes.
 pub const MAX_HEAD: usize = 16 << 10;
-/// Connections served at once; more are answered 503 and closed.
+/// Connections served at once. A new connection beyond it closes the connection that has
+/// waited longest for a request (idle keep-alive or slow clients cannot lock the API out);
+/// only when every connection is busy with a request is the new one answered 503.
 pub const MAX_CONNECTIONS: usize = 64;
 /// Idle time after which a keep-alive connection is closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -254,10 +258,26 @@ pub fn serve_connection<S: Read + Write>(
     max_body: usize,
     stop: &AtomicBool,
 ) {
+    serve_tracked(stream, writer, handler, max_body, stop, &|_| {});
+}
+
+/// [`serve_connection`], telling `waiting` whether the connection waits for a request
+/// (`true`) or is busy answering one (`false`).
+fn serve_tracked<S: Read + Write>(
+    stream: S,
+    writer: S,
+    handler: &dyn Handler,
+    max_body: usize,
+    stop: &AtomicBool,
+    waiting: &dyn Fn(bool),
+) {
     let mut r = BufReader::new(stream);
     let mut w = writer;
     while !stop.load(Ordering::Relaxed) {
-        match read_request(&mut r, &mut w, max_body) {
+        waiting(true);
+        let got = read_request(&mut r, &mut w, max_body);
+        waiting(false);
+        match got {
             Ok((req, keep_alive)) => {
                 // A handler bug must not take the connection thread (or the daemon) down.
                 let resp =
@@ -337,10 +357,9 @@ impl HttpServer {
     ) -> io::Result<HttpServer> {
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();
-        let active = Arc::new(AtomicUsize::new(0));
         let thread = std::thread::Builder::new()
             .name(name.into())
-            .spawn(move || accept_loop(l, handler, max_body, stop2, active))?;
+            .spawn(move || accept_loop(l, handler, max_body, stop2))?;
         Ok(HttpServer {
             stop,
             wake,
@@ -367,30 +386,75 @@ impl Drop for HttpServer {
 
 static ACCEPT_ERRORS: RateLimit = RateLimit::new();
 
-fn accept_loop(
-    l: AnyListener,
-    handler: Arc<dyn Handler>,
-    max_body: usize,
-    stop: Arc<AtomicBool>,
-    active: Arc<AtomicUsize>,
-) {
+/// An open connection, as the accept loop sees it.
+struct Conn {
+    /// Since when it waits for a request (`None`: answering one).
+    waiting_since: Option<Instant>,
+    /// Closes it (both directions), from another thread.
+    close: Box<dyn Fn() + Send>,
+}
+
+type Conns = Arc<Mutex<HashMap<u64, Conn>>>;
+
+fn conns_lock(c: &Conns) -> std::sync::MutexGuard<'_, HashMap<u64, Conn>> {
+    c.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Makes room for one more connection: true if there is room, after closing the
+/// connection that has waited longest for a request if the server is full.
+fn make_room(conns: &Conns) -> bool {
+    let mut c = conns_lock(conns);
+    if c.len() < MAX_CONNECTIONS {
+        return true;
+    }
+    let oldest = c
+        .iter()
+        .filter_map(|(&id, conn)| conn.waiting_since.map(|t| (t, id)))
+        .min();
+    match oldest.and_then(|(_, id)| c.remove(&id)) {
+        Some(conn) => {
+            (conn.close)();
+            true
+        }
+        None => false,
+    }
+}
+
+fn accept_loop(l: AnyListener, handler: Arc<dyn Handler>, max_body: usize, stop: Arc<AtomicBool>) {
+    let conns: Conns = Arc::new(Mutex::new(HashMap::new()));
+    let next_id = AtomicU64::new(0);
+    type Accepted = (Box<dyn ReadWrite>, Box<dyn ReadWrite>, Box<dyn Fn() + Send>);
     while !stop.load(Ordering::Relaxed) {
-        let conn: io::Result<(Box<dyn ReadWrite>, Box<dyn ReadWrite>)> = match &l {
+        let conn: io::Result<Accepted> = match &l {
             AnyListener::Unix(l) => l.accept().and_then(|(s, _)| {
                 s.set_read_timeout(Some(IDLE_TIMEOUT))?;
-                let s2 = s.try_clone()?;
-                Ok((Box::new(s) as Box<dyn ReadWrite>, Box::new(s2) as _))
+                let (s2, s3) = (s.try_clone()?, s.try_clone()?);
+                let close = Box::new(move || {
+                    let _ = s3.shutdown(Shutdown::Both);
+                });
+                Ok((
+                    Box::new(s) as Box<dyn ReadWrite>,
+                    Box::new(s2) as _,
+                    close as _,
+                ))
             }),
             AnyListener::Tcp(l) => l.accept().and_then(|(s, _)| {
                 s.set_read_timeout(Some(IDLE_TIMEOUT))?;
-                let s2 = s.try_clone()?;
-                Ok((Box::new(s) as Box<dyn ReadWrite>, Box::new(s2) as _))
+                let (s2, s3) = (s.try_clone()?, s.try_clone()?);
+                let close = Box::new(move || {
+                    let _ = s3.shutdown(Shutdown::Both);
+                });
+                Ok((
+                    Box::new(s) as Box<dyn ReadWrite>,
+                    Box::new(s2) as _,
+                    close as _,
+                ))
             }),
         };
         if stop.load(Ordering::Relaxed) {
             return;
         }
-        let (r, mut w) = match conn {
+        let (r, mut w, close) = match conn {
             Ok(c) => c,
             Err(e) => {
                 if ACCEPT_ERRORS.allow() {
@@ -400,20 +464,33 @@ fn accept_loop(
                 continue;
             }
         };
-        if active.load(Ordering::Relaxed) >= MAX_CONNECTIONS {
+        if !make_room(&conns) {
             let _ = write_response(&mut w, &handler.reject(503, "too many connections"), false);
             continue;
         }
-        active.fetch_add(1, Ordering::Relaxed);
-        let (h, st, act) = (handler.clone(), stop.clone(), active.clone());
+        let id = next_id.fetch_add(1, Ordering::Relaxed);
+        conns_lock(&conns).insert(
+            id,
+            Conn {
+                waiting_since: Some(Instant::now()),
+                close,
+            },
+        );
+        let (h, st, cs) = (handler.clone(), stop.clone(), conns.clone());
         let spawned = std::thread::Builder::new()
             .name("tmemd-http".into())
             .spawn(move || {
-                serve_connection(r, w, h.as_ref(), max_body, &st);
-                act.fetch_sub(1, Ordering::Relaxed);
+                let waiting = |w: bool| {
+                    if let Some(c) = conns_lock(&cs).get_mut(&id) {
+                        // Waiting since the first time it started waiting this round.
+                        c.waiting_since = w.then(|| c.waiting_since.unwrap_or_else(Instant::now));
+                    }
+                };
+                serve_tracked(r, w, h.as_ref(), max_body, &st, &waiting);
+                conns_lock(&cs).remove(&id);
             });
         if let Err(e) = spawned {
-            active.fetch_sub(1, Ordering::Relaxed);
+            conns_lock(&conns).remove(&id);
             if ACCEPT_ERRORS.allow() {
                 tracing::warn!(error = %e, "cannot spawn a control API thread");
             }

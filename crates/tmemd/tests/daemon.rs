@@ -979,3 +979,29 @@ fn export_with_open_connections_is_not_deleted_unless_forced() {
     drop(client.stdin.take());
     let _ = client.wait();
 }
+
+#[test]
+fn slow_http_clients_do_not_lock_out_the_control_api() {
+    let t = tmp();
+    let dir = t.path().join("state");
+    let d = Tmemd::start(&dir, &["--budget", "64M"]);
+    let sock = dir.join("ctl.sock");
+    // 100 clients that connect and then send nothing, or half a request head.
+    let mut idle = Vec::new();
+    for i in 0..100 {
+        let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+        if i % 2 == 0 {
+            use std::io::Write;
+            s.write_all(b"GET /api/v1/stats HTTP/1.1\r\nHo").unwrap();
+        }
+        idle.push(s);
+    }
+    // The operator still gets an answer, every time.
+    for _ in 0..3 {
+        let o = d.ctl(&["stats", "--json"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let s: Stats = serde_json::from_str(&stdout(&o)).unwrap();
+        assert_eq!(s.pool.budget, 64 << 20);
+    }
+    drop(idle);
+}
