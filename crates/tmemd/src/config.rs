@@ -27,6 +27,34 @@ pub enum ConfigError {
     /// The budget fraction is out of range.
     #[error("Invalid budget fraction {0} (0 < fraction <= 1)")]
     Fraction(f64),
+    /// A socket group or mode is invalid.
+    #[error("Invalid socket setting")]
+    Socket(#[source] crate::secure::SecureError),
+}
+
+/// Who may connect to a socket: its group and mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketAccess {
+    /// Group owning the socket (`None`: the daemon's).
+    pub gid: Option<u32>,
+    /// Permission bits.
+    pub mode: u32,
+}
+
+impl SocketAccess {
+    /// From a group name and an octal mode (defaults: 0600, or 0660 with a group).
+    pub fn resolve(group: Option<&str>, mode: Option<&str>) -> Result<Self, ConfigError> {
+        let gid = group
+            .map(crate::secure::group_id)
+            .transpose()
+            .map_err(ConfigError::Socket)?;
+        let mode = match mode {
+            Some(m) => crate::secure::parse_mode(m).map_err(ConfigError::Socket)?,
+            None if gid.is_some() => 0o660,
+            None => 0o600,
+        };
+        Ok(SocketAccess { gid, mode })
+    }
 }
 
 /// The configuration file (`--config FILE`), all keys optional.
@@ -69,6 +97,15 @@ pub struct FileConfig {
     /// Keep persistent pages (swap exports) in durable memory under the runtime directory,
     /// so that they survive the daemon's death (SIGKILL, OOM kill, panic). Default true.
     pub durable_pool: Option<bool>,
+    /// Group that may connect to `nbd.sock` (e.g. libvirt's `libvirt-qemu` or `kvm`); the
+    /// runtime directory then lets that group through (mode 0710). Default: none.
+    pub nbd_socket_group: Option<String>,
+    /// Mode of `nbd.sock` (octal). Default "0600", "0660" with `nbd_socket_group`.
+    pub nbd_socket_mode: Option<String>,
+    /// Group that may use `ctl.sock` (an admin group). Default: none (root only).
+    pub ctl_socket_group: Option<String>,
+    /// Mode of `ctl.sock` (octal). Default "0600", "0660" with `ctl_socket_group`.
+    pub ctl_socket_mode: Option<String>,
 }
 
 /// Command-line overrides (all optional; see `tmemd --help`).
@@ -136,6 +173,10 @@ pub struct Config {
     pub compact_threshold: f64,
     /// Persistent pages in durable memory (survive the daemon's death).
     pub durable_pool: bool,
+    /// `nbd.sock`: group allowed to connect (gid) and mode.
+    pub nbd_socket: SocketAccess,
+    /// `ctl.sock`: group allowed to connect (gid) and mode.
+    pub ctl_socket: SocketAccess,
 }
 
 /// Default fraction of the budget below which compression runs in the background.
@@ -286,6 +327,14 @@ impl Config {
                 None => DEFAULT_COMPACT_THRESHOLD,
             },
             durable_pool: file.durable_pool.unwrap_or(true),
+            nbd_socket: SocketAccess::resolve(
+                file.nbd_socket_group.as_deref(),
+                file.nbd_socket_mode.as_deref(),
+            )?,
+            ctl_socket: SocketAccess::resolve(
+                file.ctl_socket_group.as_deref(),
+                file.ctl_socket_mode.as_deref(),
+            )?,
         })
     }
 }

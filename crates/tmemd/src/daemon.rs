@@ -69,6 +69,9 @@ pub enum OpError {
 /// Errors starting or stopping the daemon.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
+    /// A directory or socket is not safe to use.
+    #[error("Unsafe directory or socket")]
+    Insecure(#[source] crate::secure::SecureError),
     /// The state or runtime directory could not be created.
     #[error("Cannot create directory {0}")]
     StateDir(PathBuf, #[source] io::Error),
@@ -237,8 +240,19 @@ impl Daemon {
         for d in [&paths.runtime, &paths.dir, &paths.state, &paths.spill] {
             fs::create_dir_all(d).map_err(|e| DaemonError::StateDir(d.clone(), e))?;
         }
-        for d in [&paths.runtime, &paths.dir] {
-            let _ = fs::set_permissions(d, fs::Permissions::from_mode(0o700));
+        // Never a symlink or someone else's directory; the runtime directory lets the
+        // sockets' groups through (search only) when there are any.
+        let runtime_mode = if cfg.nbd_socket.gid.is_some() || cfg.ctl_socket.gid.is_some() {
+            0o710
+        } else {
+            0o700
+        };
+        for (d, mode) in [(&paths.runtime, runtime_mode), (&paths.dir, 0o700)] {
+            crate::secure::own_dir(d, mode).map_err(DaemonError::Insecure)?;
+        }
+        if let Some(g) = cfg.nbd_socket.gid.or(cfg.ctl_socket.gid) {
+            crate::secure::set_owner_and_mode(&paths.runtime, Some(g), runtime_mode)
+                .map_err(DaemonError::Insecure)?;
         }
         // Both directories are locked: two daemons can share neither sockets nor spill files.
         let dir_lock = DirLock::acquire(&paths.runtime).map_err(DaemonError::Lock)?;
@@ -303,10 +317,13 @@ impl Daemon {
         let nbd = ServerHandle::start(daemon.exports.clone(), ServerConfig::default(), &listen)
             .map_err(DaemonError::Nbd)?;
         *lock(&daemon.nbd) = Some(nbd);
+        crate::secure::set_owner_and_mode(&paths.nbd, cfg.nbd_socket.gid, cfg.nbd_socket.mode)
+            .map_err(DaemonError::Insecure)?;
         let handlers = api(&daemon);
         let ctl = HttpServer::unix(bind_unix(&paths.ctl)?, handlers.ctl, tmem_api::MAX_BODY)
             .map_err(|e| DaemonError::Listen(paths.ctl.display().to_string(), e))?;
-        let _ = fs::set_permissions(&paths.ctl, fs::Permissions::from_mode(0o600));
+        crate::secure::set_owner_and_mode(&paths.ctl, cfg.ctl_socket.gid, cfg.ctl_socket.mode)
+            .map_err(DaemonError::Insecure)?;
         let metrics = match cfg.metrics_addr {
             Some(a) => {
                 let l = std::net::TcpListener::bind(a)

@@ -135,6 +135,7 @@ pub mod memory;
 pub mod metrics;
 pub mod persist;
 pub mod ratelimit;
+pub mod secure;
 pub mod state;
 
 use config::{Args, Config, ConfigError};

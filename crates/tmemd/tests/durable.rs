@@ -207,12 +207,14 @@ fn fio_verify_finds_every_acknowledged_write_after_20_kills() {
         d.kill9();
         let _ = writer.join();
         d = Tmemd::start(&dir, &args);
+        // A write in flight at the kill whose page the pool had refused (the refused put
+        // drops the old copy; the new one was on its way to the spill file) is poisoned:
+        // it answers EIO, never zeros or stale data, until written again — QEMU resends its
+        // in-flight writes after reconnecting, so a guest never reads it. At most one per
+        // request in flight (fio's queue depth: 8).
         let st = status(&d);
-        assert!(
-            st.damaged_exports.is_empty(),
-            "kill {kill}: {:?}",
-            st.damaged_exports
-        );
+        let poisoned: u64 = st.damaged_exports.iter().map(|e| e.poisoned_pages).sum();
+        assert!(poisoned <= 8, "kill {kill}: {:?}", st.damaged_exports);
         recovered += export(&d, "s").backend.pool_pages;
         // Every write fio saw acknowledged reads back intact (fio skips the ones in flight).
         let seed = format!("--randseed={}", x % 100_000);
@@ -222,32 +224,36 @@ fn fio_verify_finds_every_acknowledged_write_after_20_kills() {
             &[
                 "--verify_state_load=1",
                 "--verify_only=1",
-                "--continue_on_error=verify",
+                "--continue_on_error=all",
                 &seed,
             ],
         );
         // fio counts the writes that failed when the daemon died (at most one per slot of
         // its queue, 8) as done, although they were never acknowledged: those may read as
-        // never written (all zeros: "bad magic header 0"). Anything else — other data, a
-        // checksum mismatch, an I/O error, or more zero blocks than writes in flight — fails.
+        // never written (all zeros: "bad magic header 0") or, poisoned (above), fail with
+        // EIO. Anything else — other data, a checksum mismatch, more such blocks than
+        // writes in flight, an EIO beyond the poisoned pages — fails.
         let bad: Vec<&str> = text.lines().filter(|l| l.starts_with("verify:")).collect();
         let unwritten = bad
             .iter()
             .filter(|l| l.contains("bad magic header 0,"))
             .count();
+        let eio = text
+            .lines()
+            .filter(|l| l.contains("Input/output error") && l.contains("offset="))
+            .count();
         assert!(
-            unwritten == bad.len() && unwritten <= 8,
+            unwritten == bad.len() && unwritten + eio <= 8 && eio as u64 <= poisoned,
             "kill {kill} after {delay:?}: verify failed:\n{text}"
         );
         assert!(
-            ok || unwritten > 0,
+            ok || unwritten + eio > 0,
             "kill {kill} after {delay:?}: fio failed:\n{text}"
         );
-        assert!(!text.contains("Input/output error"), "kill {kill}: {text}");
-        in_flight_losses += unwritten;
+        in_flight_losses += unwritten + eio;
     }
     eprintln!(
-        "20 kills, {recovered} pool pages recovered in all; {in_flight_losses} writes in flight at a kill read as never written"
+        "20 kills, {recovered} pool pages recovered in all; {in_flight_losses} writes in flight at a kill read as never written or EIO"
     );
     assert!(recovered > 0);
     assert!(d.terminate().success());
