@@ -996,6 +996,25 @@ impl Engine {
     /// (persistent) or until flushed or evicted (ephemeral). On any error the key holds
     /// nothing afterwards: a failed replace flushes the old content.
     pub fn put(&self, client: ClientId, key: PageKey, data: &[u8]) -> Result<()> {
+        self.put_or(client, key, data, true)
+    }
+
+    /// Like [`Engine::put`], except that a put that fails leaves the key as it was: its
+    /// old content stays readable (and charged) until the caller flushes it. For a
+    /// frontend that must keep the old copy until the new one is safe elsewhere (a swap
+    /// export writing a refused page to its spill file: old or new content after a crash,
+    /// never neither).
+    pub fn try_put(&self, client: ClientId, key: PageKey, data: &[u8]) -> Result<()> {
+        self.put_or(client, key, data, false)
+    }
+
+    fn put_or(
+        &self,
+        client: ClientId,
+        key: PageKey,
+        data: &[u8],
+        flush_on_error: bool,
+    ) -> Result<()> {
         let pools = self.pools.load();
         let p = self.access(&pools, client, key.pool)?;
         let s = self.shard_idx(&key);
@@ -1011,7 +1030,9 @@ impl Engine {
                 self.ops.at(s).puts_refused.fetch_add(1, Relaxed);
                 p.ops.at(s).puts_refused.fetch_add(1, Relaxed);
                 c.ops.at(s).puts_refused.fetch_add(1, Relaxed);
-                self.flush_in(p, key, s);
+                if flush_on_error {
+                    self.flush_in(p, key, s);
+                }
             }
         }
         Self::log_touch(&p.owner, key);

@@ -784,3 +784,27 @@ fn shrink_compacts_instead_of_evicting_more_than_asked() {
     );
     assert!(s.resident_bytes <= s.held_bytes);
 }
+
+#[test]
+fn try_put_keeps_the_old_content_when_refused() {
+    let e = Engine::new(EngineConfig::with_budget(256 << 10));
+    e.add_client(A, ClientConfig::default()).unwrap();
+    let p = e
+        .create_pool(A, PoolSpec::private_persistent().with_codec(Codec::None))
+        .unwrap();
+    // Fill the budget with incompressible persistent pages.
+    let mut n = 0;
+    while e.put(A, key(p, n), &random_page(u64::from(n))).is_ok() {
+        n += 1;
+    }
+    let mut out = [0u8; PAGE_SIZE];
+    // The key n - 2 holds its page; a refused replacement with try_put keeps it.
+    let k = key(p, n - 2);
+    let refused = e.try_put(A, k, &random_page(999_999));
+    assert!(matches!(refused, Err(Error::NoSpace)), "{refused:?}");
+    assert!(e.get(A, k, &mut out).unwrap().is_some());
+    assert_eq!(out, random_page(u64::from(n - 2)));
+    // put drops it (never stale content after a failed replace).
+    assert!(e.put(A, k, &random_page(999_999)).is_err());
+    assert_eq!(e.get(A, k, &mut out).unwrap(), None);
+}

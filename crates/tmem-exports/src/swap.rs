@@ -980,8 +980,10 @@ impl SwapExport {
         Ok(())
     }
 
-    /// Stores a full page. A zero page is discarded instead. A refused put (the engine has
-    /// already flushed the key) sends the page to the spill file.
+    /// Stores a full page. A zero page is discarded instead. A refused put sends the page to
+    /// the spill file; the old pool copy (the engine keeps it on a refused `try_put`) goes
+    /// only once the spill copy is recorded, so a crash in between leaves the old content
+    /// or the new, never neither.
     fn store(&self, st: &mut Stripe, page: u32, data: &[u8]) -> Result<Stored, ExportError> {
         if sys::is_zero(data) {
             self.discard(st, page)?;
@@ -990,7 +992,7 @@ impl SwapExport {
         let was = st.loc.get(&page).copied();
         // A whole-page write replaces whatever was lost.
         let was_poisoned = self.poison.remove(u64::from(page));
-        match self.engine.put(self.cfg.client, self.key(page), data) {
+        match self.engine.try_put(self.cfg.client, self.key(page), data) {
             Ok(()) => {
                 let seq = self.seq.fetch_add(1, Relaxed);
                 self.set_loc(st, page, Some(Loc::Pool(seq)));
@@ -1010,24 +1012,31 @@ impl SwapExport {
             ) => {
                 let frozen = matches!(e, tmem_core::Error::Frozen(_));
                 self.c.put_refusals.fetch_add(1, Relaxed);
-                // The failed put flushed any pool copy; the spill copy is now the only one.
+                // The refused put left any pool copy in place: it goes once the spill copy
+                // is written and recorded (a pool copy wins over a spill copy at recovery, so
+                // a crash before the flush serves the old content).
                 match self.spill_write(page, data) {
                     Ok(entry) => {
                         self.record(page, entry);
                         self.set_loc(st, page, Some(Loc::Spill));
+                        if matches!(was, Some(Loc::Pool(_))) {
+                            self.engine
+                                .flush_page(self.cfg.client, self.key(page))
+                                .map_err(ExportError::Engine)?;
+                        }
                         Ok(Stored::Spilled(frozen))
                     }
                     Err(SpillFailed { error, touched }) => {
                         // The request fails. What the page held before survives if it was
-                        // zero or an untouched spill copy; a pool copy went with the refused
-                        // put, a spill copy with a failed write: then it is poisoned, never
-                        // read back as zeros.
+                        // zero, an untouched spill copy or a pool copy (kept by the refused
+                        // put); a spill copy a failed write touched is poisoned, never read
+                        // back as zeros.
                         let kept = !was_poisoned
                             && match was {
                                 // Zero before: drop what the failed write may have left.
                                 None => !touched || self.free_spill(page).is_ok(),
                                 Some(Loc::Spill) => !touched,
-                                Some(Loc::Pool(_)) => false,
+                                Some(Loc::Pool(_)) => true,
                             };
                         if !kept {
                             let loc = (touched || was == Some(Loc::Spill)).then_some(Loc::Spill);
