@@ -116,6 +116,7 @@ mod tests {
             own_dir(&link, 0o700),
             Err(SecureError::Symlink(_))
         ));
+        // Another user's directory needs root to make; as root, always checked.
         if euid() == 0 {
             let theirs = t.path().join("theirs");
             fs::create_dir(&theirs).unwrap();

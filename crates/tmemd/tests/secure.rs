@@ -18,9 +18,14 @@ fn tmp() -> tempfile::TempDir {
     t
 }
 
+/// Root (to chown and to switch users): fails under `TMEM_REQUIRE_VM=1` without it.
 fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
+    let root = unsafe { libc::geteuid() == 0 };
+    if !root {
+        tmem_vm::missing_prerequisite("root", "the test switches users with setpriv");
+    }
+    root
 }
 
 /// Runs `nbdinfo --list` on the socket as uid:gid with no supplementary groups.
