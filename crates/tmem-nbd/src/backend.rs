@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use crate::peer::Peer;
 use crate::proto;
 
 /// What a backend supports; turned into NBD transmission flags.
@@ -202,8 +203,15 @@ pub struct ExportInfo {
 pub trait ExportTable: Send + Sync {
     /// Backend for `name`, or `None` if unknown. The empty name selects the default export, if any.
     fn lookup(&self, name: &str) -> Option<Arc<dyn BlockBackend>>;
-    /// All exports, for `NBD_OPT_LIST`.
+    /// All exports, for `NBD_OPT_LIST` (filtered by [`ExportTable::permits`] per peer).
     fn list(&self) -> Vec<ExportInfo>;
+    /// Whether `peer` may open (and see in `NBD_OPT_LIST`) the export `name`. Checked on
+    /// every `LIST`, `INFO`, `GO`, `EXPORT_NAME` and meta-context query. The default serves
+    /// every export to every peer: a table that holds anyone's data overrides it.
+    fn permits(&self, name: &str, peer: &Peer) -> bool {
+        let _ = (name, peer);
+        true
+    }
 }
 
 /// A fixed [`ExportTable`] built from named backends.

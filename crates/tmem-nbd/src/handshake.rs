@@ -4,6 +4,7 @@ use std::io::{self, Read, Write};
 use std::sync::Arc;
 
 use crate::backend::{BlockBackend, ExportTable};
+use crate::peer::Peer;
 use crate::proto::*;
 use crate::rl_event;
 
@@ -66,6 +67,66 @@ pub enum HandshakeError {
     /// The client sent `NBD_OPT_ABORT`.
     #[error("Client aborted the handshake")]
     Aborted,
+    /// `NBD_OPT_EXPORT_NAME` named an export this peer may not open (the protocol can only hang up).
+    #[error("Export {0:?} refused to this peer with EXPORT_NAME")]
+    Refused(String),
+    /// The TLS handshake after `NBD_OPT_STARTTLS` failed.
+    #[error("TLS handshake failed: {0}")]
+    Tls(String),
+}
+
+/// The handshake's security policy for one connection.
+#[derive(Debug, Clone, Default)]
+pub struct Policy {
+    /// The server answers `NBD_OPT_STARTTLS` (it has a TLS acceptor).
+    pub tls_offered: bool,
+    /// Every option but `STARTTLS` and `ABORT` is refused with `NBD_REP_ERR_TLS_REQD`
+    /// until TLS is up (plain TCP when the operator did not allow it).
+    pub tls_required: bool,
+}
+
+/// Where a connection's handshake stands; kept across the switch to TLS.
+#[derive(Debug, Clone)]
+pub struct HandshakeCtx {
+    /// Who is on the other end (TLS identity filled in once TLS is up).
+    pub peer: Peer,
+    /// What this connection must do before it may see exports.
+    pub policy: Policy,
+    greeted: bool,
+    no_zeroes: bool,
+    options: u32,
+}
+
+impl HandshakeCtx {
+    /// A fresh handshake with `peer` under `policy`.
+    pub fn new(peer: Peer, policy: Policy) -> Self {
+        Self {
+            peer,
+            policy,
+            greeted: false,
+            no_zeroes: false,
+            options: 0,
+        }
+    }
+
+    /// Records that TLS is up with the PSK identity `identity`.
+    pub fn tls_established(&mut self, identity: String) {
+        self.peer.tls_identity = Some(identity);
+    }
+
+    fn tls_active(&self) -> bool {
+        self.peer.tls_identity.is_some()
+    }
+}
+
+/// How an option haggling round ended.
+#[derive(Debug)]
+pub enum Outcome {
+    /// The client entered transmission on this session.
+    Go(Session),
+    /// The client asked for TLS and was acknowledged: run the TLS handshake on the socket,
+    /// then call [`negotiate_with`] again over the TLS stream.
+    StartTls,
 }
 
 impl From<io::Error> for HandshakeError {
@@ -152,13 +213,15 @@ fn send_err<W: Write>(w: &mut W, opt: u32, typ: u32, msg: &str) -> io::Result<()
 
 struct State<'a> {
     exports: &'a dyn ExportTable,
+    ctx: &'a mut HandshakeCtx,
     structured: bool,
     no_zeroes: bool,
     /// Export name for which `base:allocation` was selected by the last SET_META_CONTEXT.
     meta_for: Option<String>,
 }
 
-/// Run the server side of the handshake on `stream`.
+/// Run the server side of the handshake on `stream` for a local peer with no TLS on offer
+/// (every export the table permits to [`Peer::local`]).
 ///
 /// Returns the [`Session`] when the client enters transmission (`GO` or `EXPORT_NAME`).
 /// Every error means the connection must be closed; nothing from the wire can panic here.
@@ -166,23 +229,49 @@ pub fn negotiate<S: Read + Write>(
     stream: &mut S,
     exports: &dyn ExportTable,
 ) -> Result<Session, HandshakeError> {
-    let mut greet = [0u8; 18];
-    greet[..8].copy_from_slice(&NBDMAGIC.to_be_bytes());
-    greet[8..16].copy_from_slice(&IHAVEOPT.to_be_bytes());
-    greet[16..].copy_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
-    stream.write_all(&greet)?;
-    stream.flush()?;
-    let cflags = read_u32(stream)?;
-    if cflags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
-        return Err(HandshakeError::BadClientFlags(cflags));
+    let mut ctx = HandshakeCtx::new(Peer::local(), Policy::default());
+    match negotiate_with(stream, exports, &mut ctx)? {
+        Outcome::Go(s) => Ok(s),
+        // STARTTLS is refused when TLS is not offered, so this cannot happen; treat it as
+        // a broken handshake rather than trusting that.
+        Outcome::StartTls => Err(HandshakeError::Tls("TLS not offered".into())),
+    }
+}
+
+/// Run (or, after STARTTLS, continue) the server side of the handshake under `ctx`'s policy.
+///
+/// The first call sends the greeting. When it returns [`Outcome::StartTls`] the caller runs the
+/// TLS handshake, calls [`HandshakeCtx::tls_established`] and calls this again over the TLS
+/// stream; option state (structured replies, meta contexts) starts afresh there, as the
+/// protocol requires. Every error means the connection must be closed.
+pub fn negotiate_with<S: Read + Write>(
+    stream: &mut S,
+    exports: &dyn ExportTable,
+    ctx: &mut HandshakeCtx,
+) -> Result<Outcome, HandshakeError> {
+    if !ctx.greeted {
+        let mut greet = [0u8; 18];
+        greet[..8].copy_from_slice(&NBDMAGIC.to_be_bytes());
+        greet[8..16].copy_from_slice(&IHAVEOPT.to_be_bytes());
+        greet[16..].copy_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+        stream.write_all(&greet)?;
+        stream.flush()?;
+        let cflags = read_u32(stream)?;
+        if cflags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
+            return Err(HandshakeError::BadClientFlags(cflags));
+        }
+        ctx.greeted = true;
+        ctx.no_zeroes = cflags & FLAG_C_NO_ZEROES != 0;
     }
     let mut st = State {
         exports,
         structured: false,
-        no_zeroes: cflags & FLAG_C_NO_ZEROES != 0,
+        no_zeroes: ctx.no_zeroes,
         meta_for: None,
+        ctx,
     };
-    for _ in 0..MAX_OPTIONS {
+    while st.ctx.options < MAX_OPTIONS {
+        st.ctx.options += 1;
         let mut hdr = [0u8; 16];
         stream.read_exact(&mut hdr)?;
         let magic = u64::from_be_bytes([
@@ -207,11 +296,47 @@ pub fn negotiate<S: Read + Write>(
         stream.read_exact(&mut data)?;
         let done = handle_option(stream, &mut st, opt, &data)?;
         stream.flush()?;
-        if let Some(s) = done {
-            return Ok(s);
+        if let Some(o) = done {
+            return Ok(o);
         }
     }
     Err(HandshakeError::TooManyOptions)
+}
+
+/// Why an export is not served to this peer, if it is not.
+enum Denial {
+    /// Unknown name.
+    Unknown,
+    /// The peer must switch to TLS first (it may be allowed then).
+    TlsRequired,
+    /// Not this peer's export.
+    Policy,
+}
+
+impl Denial {
+    fn reply(&self) -> (u32, &'static str) {
+        match self {
+            Denial::Unknown => (REP_ERR_UNKNOWN, "unknown export"),
+            Denial::TlsRequired => (REP_ERR_TLS_REQD, "TLS required for this export"),
+            Denial::Policy => (REP_ERR_POLICY, "export not permitted to this client"),
+        }
+    }
+}
+
+/// The export `name` if this peer may open it.
+fn open_export(st: &State<'_>, name: &str) -> Result<Arc<dyn BlockBackend>, Denial> {
+    let Some(backend) = st.exports.lookup(name) else {
+        return Err(Denial::Unknown);
+    };
+    if st.exports.permits(name, &st.ctx.peer) {
+        return Ok(backend);
+    }
+    if st.ctx.policy.tls_offered && !st.ctx.tls_active() {
+        Err(Denial::TlsRequired)
+    } else {
+        rl_event!(info, export = name, peer = %st.ctx.peer, "NBD export refused to this peer");
+        Err(Denial::Policy)
+    }
 }
 
 fn handle_option<S: Write>(
@@ -219,12 +344,42 @@ fn handle_option<S: Write>(
     st: &mut State<'_>,
     opt: u32,
     data: &[u8],
-) -> Result<Option<Session>, HandshakeError> {
+) -> Result<Option<Outcome>, HandshakeError> {
+    if st.ctx.policy.tls_required && !st.ctx.tls_active() {
+        match opt {
+            OPT_STARTTLS | OPT_ABORT => {}
+            OPT_EXPORT_NAME => {
+                rl_event!(info, peer = %st.ctx.peer, "NBD: EXPORT_NAME without the required TLS");
+                return Err(HandshakeError::Refused(
+                    String::from_utf8_lossy(data).into_owned(),
+                ));
+            }
+            _ => {
+                send_err(w, opt, REP_ERR_TLS_REQD, "TLS required")?;
+                return Ok(None);
+            }
+        }
+    }
     match opt {
+        OPT_STARTTLS => {
+            if !st.ctx.policy.tls_offered {
+                send_err(w, opt, REP_ERR_UNSUP, "TLS not configured on this server")?;
+            } else if st.ctx.tls_active() {
+                send_err(w, opt, REP_ERR_INVALID, "TLS already active")?;
+            } else if !data.is_empty() {
+                send_err(w, opt, REP_ERR_INVALID, "STARTTLS takes no data")?;
+            } else {
+                send_rep(w, opt, REP_ACK, &[])?;
+                return Ok(Some(Outcome::StartTls));
+            }
+            Ok(None)
+        }
         OPT_EXPORT_NAME => {
             let name = String::from_utf8_lossy(data).into_owned();
-            let Some(backend) = st.exports.lookup(&name) else {
-                return Err(HandshakeError::UnknownExport(name));
+            let backend = match open_export(st, &name) {
+                Ok(b) => b,
+                Err(Denial::Unknown) => return Err(HandshakeError::UnknownExport(name)),
+                Err(_) => return Err(HandshakeError::Refused(name)),
             };
             let s = make_session(st, name, backend);
             let mut b = Vec::with_capacity(10 + 124);
@@ -234,7 +389,7 @@ fn handle_option<S: Write>(
                 b.extend_from_slice(&[0u8; 124]);
             }
             w.write_all(&b)?;
-            Ok(Some(s))
+            Ok(Some(Outcome::Go(s)))
         }
         OPT_ABORT => {
             // The client may already have closed; the ACK is best effort.
@@ -247,6 +402,9 @@ fn handle_option<S: Write>(
                 return Ok(None);
             }
             for e in st.exports.list() {
+                if !st.exports.permits(&e.name, &st.ctx.peer) {
+                    continue;
+                }
                 let mut b = Vec::with_capacity(4 + e.name.len() + e.description.len());
                 b.extend_from_slice(&(e.name.len() as u32).to_be_bytes());
                 b.extend_from_slice(e.name.as_bytes());
@@ -298,7 +456,7 @@ fn info_or_go<S: Write>(
     st: &mut State<'_>,
     opt: u32,
     data: &[u8],
-) -> Result<Option<Session>, HandshakeError> {
+) -> Result<Option<Outcome>, HandshakeError> {
     let mut c = Cur(data);
     let parsed = (|| {
         let name = c.string()?;
@@ -316,10 +474,14 @@ fn info_or_go<S: Write>(
         send_err(w, opt, REP_ERR_INVALID, "malformed INFO/GO request")?;
         return Ok(None);
     };
-    let Some(backend) = st.exports.lookup(name) else {
-        rl_event!(debug, export = name, "unknown export requested");
-        send_err(w, opt, REP_ERR_UNKNOWN, "unknown export")?;
-        return Ok(None);
+    let backend = match open_export(st, name) {
+        Ok(b) => b,
+        Err(d) => {
+            rl_event!(debug, export = name, "export not opened");
+            let (typ, msg) = d.reply();
+            send_err(w, opt, typ, msg)?;
+            return Ok(None);
+        }
     };
     let s = make_session(st, name.to_owned(), backend);
     let mut b = Vec::with_capacity(12);
@@ -364,7 +526,11 @@ fn info_or_go<S: Write>(
         }
     }
     send_rep(w, opt, REP_ACK, &[])?;
-    Ok(if opt == OPT_GO { Some(s) } else { None })
+    Ok(if opt == OPT_GO {
+        Some(Outcome::Go(s))
+    } else {
+        None
+    })
 }
 
 fn meta_context<S: Write>(
@@ -402,9 +568,13 @@ fn meta_context<S: Write>(
         send_err(w, opt, REP_ERR_INVALID, "malformed meta context request")?;
         return Ok(());
     };
-    let Some(backend) = st.exports.lookup(name) else {
-        send_err(w, opt, REP_ERR_UNKNOWN, "unknown export")?;
-        return Ok(());
+    let backend = match open_export(st, name) {
+        Ok(b) => b,
+        Err(d) => {
+            let (typ, msg) = d.reply();
+            send_err(w, opt, typ, msg)?;
+            return Ok(());
+        }
     };
     let available = backend.caps().can_block_status;
     let selected = available

@@ -42,21 +42,27 @@
 pub mod backend;
 pub mod handshake;
 pub mod mem;
+pub mod peer;
 pub mod proto;
 #[doc(hidden)]
 pub mod ratelimit;
 pub mod server;
 pub mod stats;
+pub mod tls;
 pub mod transmission;
 
 pub use backend::{
     BackendCaps, BackendError, BlockBackend, ExportInfo, ExportTable, Extent, StaticExports,
     ZeroRanges,
 };
-pub use handshake::{negotiate, HandshakeError, Session};
+pub use handshake::{
+    negotiate, negotiate_with, HandshakeCtx, HandshakeError, Outcome, Policy, Session,
+};
 pub use mem::MemBackend;
+pub use peer::{Peer, Transport, UnixCred};
 pub use server::{ListenAddr, ServerConfig, ServerError, ServerHandle};
 pub use stats::{ExportStats, StatsSnapshot};
+pub use tls::{PskFile, PskStore, TlsServer};
 pub use transmission::{
     serve_transmission, validate, Request, TransmissionConfig, TransmissionError,
 };

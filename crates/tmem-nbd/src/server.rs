@@ -12,9 +12,11 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::backend::ExportTable;
-use crate::handshake::{negotiate, HandshakeError};
+use crate::handshake::{negotiate_with, HandshakeCtx, HandshakeError, Outcome, Policy, Session};
+use crate::peer::{unix_peer_cred, Peer, Transport};
 use crate::rl_event;
 use crate::stats::{ExportStats, StatsSnapshot};
+use crate::tls::{TlsServer, TlsShared};
 use crate::transmission::{serve_transmission, TransmissionConfig, TransmissionError};
 
 /// Where to listen.
@@ -37,6 +39,13 @@ pub struct ServerConfig {
     pub handshake_timeout: Option<Duration>,
     /// Connections served at once; further ones are closed immediately. Default: 1024.
     pub max_connections: usize,
+    /// TLS with pre-shared keys, offered to every client through `NBD_OPT_STARTTLS` when set.
+    /// Default: none (STARTTLS answered with `NBD_REP_ERR_UNSUP`).
+    pub tls: Option<TlsServer>,
+    /// Serve TCP clients that did not start TLS. Default: false — a TCP client gets
+    /// `NBD_REP_ERR_TLS_REQD` for everything but `STARTTLS` (and without a TLS setup, nothing).
+    /// Unix-socket clients may always go without TLS; the export table decides what they open.
+    pub allow_plain_tcp: bool,
 }
 
 impl Default for ServerConfig {
@@ -45,6 +54,8 @@ impl Default for ServerConfig {
             transmission: TransmissionConfig::default(),
             handshake_timeout: Some(Duration::from_secs(10)),
             max_connections: 1024,
+            tls: None,
+            allow_plain_tcp: false,
         }
     }
 }
@@ -106,15 +117,41 @@ impl Stream {
     }
 }
 
-/// The stream during the handshake: every read may wait only until the handshake's
-/// deadline (a per-read timeout alone would let a client that sends a byte now and then
-/// hold its connection slot for ever).
-struct HandshakeStream<'a> {
-    s: &'a mut Stream,
+impl Stream {
+    /// The peer as the access check sees it (no TLS identity yet).
+    fn peer(&self) -> Peer {
+        let transport = match self {
+            Stream::Unix(s) => Transport::Unix(unix_peer_cred(s.as_raw_fd())),
+            Stream::Tcp(s) => match s.peer_addr() {
+                Ok(a) => Transport::Tcp(a),
+                Err(_) => Transport::Tcp(SocketAddr::from(([0, 0, 0, 0], 0))),
+            },
+        };
+        Peer {
+            transport,
+            tls_identity: None,
+        }
+    }
+}
+
+impl AsRawFd for Stream {
+    fn as_raw_fd(&self) -> RawFd {
+        match self {
+            Stream::Unix(s) => s.as_raw_fd(),
+            Stream::Tcp(s) => s.as_raw_fd(),
+        }
+    }
+}
+
+/// The socket during the handshake (plain, then possibly under TLS): every read may wait
+/// only until the handshake's deadline (a per-read timeout alone would let a client that
+/// sends a byte now and then hold its connection slot for ever).
+struct DeadlineSock {
+    s: Stream,
     deadline: Option<Instant>,
 }
 
-impl Read for HandshakeStream<'_> {
+impl Read for DeadlineSock {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         if let Some(d) = self.deadline {
             let left = d.saturating_duration_since(Instant::now());
@@ -130,12 +167,27 @@ impl Read for HandshakeStream<'_> {
     }
 }
 
-impl Write for HandshakeStream<'_> {
+impl Write for DeadlineSock {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         self.s.write(buf)
     }
     fn flush(&mut self) -> io::Result<()> {
         self.s.flush()
+    }
+}
+
+impl AsRawFd for DeadlineSock {
+    fn as_raw_fd(&self) -> RawFd {
+        self.s.as_raw_fd()
+    }
+}
+
+impl DeadlineSock {
+    /// Ends the handshake's deadline: transmission reads and writes block as long as needed.
+    fn into_transmission(&mut self) {
+        self.deadline = None;
+        let _ = self.s.set_write_timeout(None);
+        let _ = self.s.set_read_timeout(None);
     }
 }
 
@@ -510,37 +562,81 @@ fn spawn_conn(shared: &Arc<Shared>, stream: Stream) {
     }
 }
 
-fn serve_conn(shared: &Shared, mut stream: Stream) {
+fn serve_conn(shared: &Shared, stream: Stream) {
     if shared.stopping.load(Ordering::SeqCst) {
         return;
     }
+    let peer = stream.peer();
+    let policy = Policy {
+        tls_offered: shared.cfg.tls.is_some(),
+        tls_required: peer.is_tcp() && !shared.cfg.allow_plain_tcp,
+    };
+    let mut ctx = HandshakeCtx::new(peer, policy);
     let deadline = shared.cfg.handshake_timeout.map(|t| Instant::now() + t);
     let _ = stream.set_write_timeout(shared.cfg.handshake_timeout);
-    let negotiated = negotiate(
-        &mut HandshakeStream {
-            s: &mut stream,
-            deadline,
-        },
-        &*shared.exports,
-    );
-    let _ = stream.set_write_timeout(None);
-    let session = match negotiated {
-        Ok(s) => s,
-        Err(HandshakeError::Aborted) => return,
-        Err(HandshakeError::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof => return,
-        Err(e) => {
-            rl_event!(info, error = %e, "NBD handshake failed");
+    let mut sock = DeadlineSock {
+        s: stream,
+        deadline,
+    };
+    let negotiated = negotiate_with(&mut sock, &*shared.exports, &mut ctx);
+    match negotiated {
+        Ok(Outcome::Go(session)) => {
+            sock.into_transmission();
+            let writer = match sock.s.try_clone() {
+                Ok(w) => w,
+                Err(e) => {
+                    rl_event!(warn, error = %e, "NBD: cannot clone socket");
+                    return;
+                }
+            };
+            run_transmission(shared, session, sock.s, writer);
+        }
+        Ok(Outcome::StartTls) => serve_tls(shared, sock, ctx),
+        Err(e) => handshake_failed(&ctx.peer, e),
+    }
+}
+
+fn handshake_failed(peer: &Peer, e: HandshakeError) {
+    match e {
+        HandshakeError::Aborted => {}
+        HandshakeError::Io(e) if e.kind() == io::ErrorKind::UnexpectedEof => {}
+        e => rl_event!(info, error = %e, %peer, "NBD handshake failed"),
+    }
+}
+
+/// After `STARTTLS`: the TLS handshake, the rest of the option haggling under TLS, then
+/// transmission over TLS.
+fn serve_tls(shared: &Shared, sock: DeadlineSock, mut ctx: HandshakeCtx) {
+    let Some(tls) = shared.cfg.tls.as_ref() else {
+        return;
+    };
+    let (mut ssl, identity) = match tls.accept(sock) {
+        Ok(x) => x,
+        Err(why) => {
+            handshake_failed(&ctx.peer, HandshakeError::Tls(why));
             return;
         }
     };
-    let _ = stream.set_read_timeout(None);
-    let writer = match stream.try_clone() {
-        Ok(w) => w,
-        Err(e) => {
-            rl_event!(warn, error = %e, "NBD: cannot clone socket");
-            return;
+    ctx.tls_established(identity);
+    match negotiate_with(&mut ssl, &*shared.exports, &mut ctx) {
+        Ok(Outcome::Go(session)) => {
+            ssl.get_mut().into_transmission();
+            let (r, w) = TlsShared::split(ssl);
+            run_transmission(shared, session, r, w);
         }
-    };
+        Ok(Outcome::StartTls) => {
+            handshake_failed(&ctx.peer, HandshakeError::Tls("STARTTLS twice".into()))
+        }
+        Err(e) => handshake_failed(&ctx.peer, e),
+    }
+}
+
+fn run_transmission<R: Read, W: Write + Send + 'static>(
+    shared: &Shared,
+    session: Session,
+    reader: R,
+    writer: W,
+) {
     let stats = shared.stats_for(&session.name);
     ExportStats::inc(&stats.connections, 1);
     // Counts this connection as open until it ends, however it ends.
@@ -553,7 +649,7 @@ fn serve_conn(shared: &Shared, mut stream: Stream) {
     stats.live.fetch_add(1, Ordering::Relaxed);
     let _live = Live(stats.clone());
     tracing::debug!(export = %session.name, structured = session.structured, "NBD client entered transmission");
-    match serve_transmission(stream, writer, session, stats, &shared.cfg.transmission) {
+    match serve_transmission(reader, writer, session, stats, &shared.cfg.transmission) {
         Ok(()) => {}
         Err(TransmissionError::Io(e)) if shared.stopping.load(Ordering::SeqCst) => {
             tracing::trace!(error = %e, "NBD connection closed by shutdown");

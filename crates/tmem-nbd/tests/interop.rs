@@ -220,7 +220,10 @@ fn tcp_listener_with_qemu_io() {
     );
     let h = ServerHandle::start(
         Arc::new(t),
-        ServerConfig::default(),
+        ServerConfig {
+            allow_plain_tcp: true,
+            ..ServerConfig::default()
+        },
         &[ListenAddr::Tcp(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))],
     )
     .unwrap();
