@@ -184,7 +184,7 @@ impl AsRawFd for DeadlineSock {
 
 impl DeadlineSock {
     /// Ends the handshake's deadline: transmission reads and writes block as long as needed.
-    fn into_transmission(&mut self) {
+    fn enter_transmission(&mut self) {
         self.deadline = None;
         let _ = self.s.set_write_timeout(None);
         let _ = self.s.set_read_timeout(None);
@@ -581,7 +581,7 @@ fn serve_conn(shared: &Shared, stream: Stream) {
     let negotiated = negotiate_with(&mut sock, &*shared.exports, &mut ctx);
     match negotiated {
         Ok(Outcome::Go(session)) => {
-            sock.into_transmission();
+            sock.enter_transmission();
             let writer = match sock.s.try_clone() {
                 Ok(w) => w,
                 Err(e) => {
@@ -620,7 +620,7 @@ fn serve_tls(shared: &Shared, sock: DeadlineSock, mut ctx: HandshakeCtx) {
     ctx.tls_established(identity);
     match negotiate_with(&mut ssl, &*shared.exports, &mut ctx) {
         Ok(Outcome::Go(session)) => {
-            ssl.get_mut().into_transmission();
+            ssl.get_mut().enter_transmission();
             let (r, w) = TlsShared::split(ssl);
             run_transmission(shared, session, r, w);
         }

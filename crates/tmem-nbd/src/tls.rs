@@ -110,12 +110,15 @@ pub fn generate_key(len: usize) -> Result<Vec<u8>, ErrorStack> {
     Ok(k)
 }
 
+/// What a [`PskFile`] last read: the file's (mtime, length) and its keys.
+type PskCache = (Option<(SystemTime, u64)>, HashMap<String, Vec<u8>>);
+
 /// A PSK file in psktool/nbdkit format, re-read whenever it changes on disk (so keys added by
 /// the operator or the daemon take effect for the next handshake without a restart).
 #[derive(Debug)]
 pub struct PskFile {
     path: PathBuf,
-    cache: Mutex<(Option<(SystemTime, u64)>, HashMap<String, Vec<u8>>)>,
+    cache: Mutex<PskCache>,
 }
 
 impl PskFile {
