@@ -536,6 +536,13 @@ pub struct ExportInfo {
     pub image: Option<PathBuf>,
     /// NBD URI to reach it.
     pub uri: String,
+    /// Who may open it.
+    #[serde(default)]
+    pub access: ExportAccess,
+    /// Tenant exports: the directory holding the tenant's `keys.psk` for QEMU
+    /// (`tls-creds-psk,dir=...`) and libnbd (`tls-psk-file=.../keys.psk`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_dir: Option<PathBuf>,
     /// Backend counters.
     pub backend: BackendCounters,
     /// NBD counters.
@@ -640,6 +647,43 @@ pub struct CreateClient {
     pub persistent_cap: Option<Size>,
 }
 
+/// Who may open an export over NBD. Empty (the default): any client that can connect to the
+/// Unix socket without TLS (and plain TCP clients only where the operator allowed plain TCP);
+/// no TLS tenant sees it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportAccess {
+    /// The tenant owning the export: its TLS-PSK identity (QEMU `tls-creds-psk` `username`).
+    /// Set: the export is served only to connections that proved this identity's key, or
+    /// whose Unix credentials are listed below.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    /// Unix-socket peers with one of these user ids (`SO_PEERCRED`) may open it without TLS.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_uids: Vec<u32>,
+    /// Unix-socket peers with one of these primary group ids may open it without TLS.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_gids: Vec<u32>,
+}
+
+impl ExportAccess {
+    /// True when nothing restricts the export (the pre-tenancy behaviour).
+    pub fn is_open(&self) -> bool {
+        self.tenant.is_none() && self.allow_uids.is_empty() && self.allow_gids.is_empty()
+    }
+}
+
+/// Checks a tenant name (a TLS-PSK identity and a directory name): 1..=64 bytes of
+/// `[A-Za-z0-9._-]`, not starting with `.`.
+pub fn valid_tenant(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
 /// `POST /exports`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -666,6 +710,14 @@ pub struct CreateExport {
     /// Cached: open the image with O_DIRECT. Default false.
     #[serde(default)]
     pub direct_io: Option<bool>,
+    /// Who may open the export (default: open to Unix-socket clients without TLS).
+    #[serde(default)]
+    pub access: ExportAccess,
+    /// The tenant's TLS key (hex) when the caller brings its own; without it a tenant with
+    /// no key yet gets a fresh random one. A tenant that has a key keeps it (a different one
+    /// here is refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant_key: Option<String>,
 }
 
 /// `PUT /budget`.

@@ -212,6 +212,8 @@ fn run_mode(
                     codec: None,
                     dedup: None,
                     direct_io: None,
+                    access: Default::default(),
+                    tenant_key: None,
                 },
             )?;
             Drive::nbd(d.nbd_socket(), format!("{gname}-swap"))

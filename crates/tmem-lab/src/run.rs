@@ -352,6 +352,8 @@ pub fn run_once(
                     codec: None,
                     dedup: None,
                     direct_io: None,
+                    access: Default::default(),
+                    tenant_key: None,
                 },
             )?;
             d.api().post(
@@ -365,6 +367,8 @@ pub fn run_once(
                     codec: None,
                     dedup: None,
                     direct_io: Some(true),
+                    access: Default::default(),
+                    tenant_key: None,
                 },
             )?;
             (
@@ -834,6 +838,8 @@ mod tests {
             pool: None,
             image: None,
             uri: String::new(),
+            access: Default::default(),
+            tls_dir: None,
             backend: tmem_api::BackendCounters {
                 sectors_read: r,
                 sectors_written: w,

@@ -10,6 +10,7 @@
 //! plain text.
 
 pub mod client;
+pub mod snippet;
 pub mod top;
 
 use std::path::PathBuf;
@@ -167,6 +168,21 @@ pub enum ExportCmd {
         /// Cached: open the image with O_DIRECT.
         #[arg(long)]
         direct_io: bool,
+        /// The tenant owning the export: only NBD connections that prove this TLS-PSK
+        /// identity (or match --allow-uid/--allow-gid) may open it. Gets a key if it has
+        /// none; prints the QEMU and libvirt settings that use it.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Take the tenant's key from this psktool/nbdkit file (`TENANT:hexkey` line)
+        /// instead of generating one.
+        #[arg(long, requires = "tenant")]
+        psk_file: Option<PathBuf>,
+        /// Unix-socket peers with this uid may open it without TLS (repeatable).
+        #[arg(long = "allow-uid")]
+        allow_uids: Vec<u32>,
+        /// Unix-socket peers with this primary gid may open it without TLS (repeatable).
+        #[arg(long = "allow-gid")]
+        allow_gids: Vec<u32>,
     },
     /// Remove an export (its pages are dropped). Refused while NBD clients have it open.
     Rm {
@@ -331,7 +347,15 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                 codec,
                 dedup,
                 direct_io,
+                tenant,
+                psk_file,
+                allow_uids,
+                allow_gids,
             } => {
+                let tenant_key = match (&tenant, &psk_file) {
+                    (Some(t), Some(f)) => Some(snippet::key_from_file(f, t)?),
+                    _ => None,
+                };
                 let req = CreateExport {
                     name,
                     kind,
@@ -341,6 +365,12 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                     codec,
                     dedup,
                     direct_io: direct_io.then_some(true),
+                    access: tmem_api::ExportAccess {
+                        tenant,
+                        allow_uids,
+                        allow_gids,
+                    },
+                    tenant_key,
                 };
                 let e: ExportInfo = c.call("POST", &v1("/exports"), Some(&req))?;
                 println!(
@@ -351,6 +381,9 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                     e.client,
                     e.uri
                 );
+                if let Some(text) = snippet::for_export(&e) {
+                    print!("{text}");
+                }
             }
             ExportCmd::Rm { name, force } => {
                 let q = if force { "?force=true" } else { "" };

@@ -379,6 +379,8 @@ mod tests {
             pool: Some(1),
             image: None,
             uri: String::new(),
+            access: Default::default(),
+            tls_dir: None,
             backend: Default::default(),
             nbd: Default::default(),
         });

@@ -106,6 +106,13 @@ pub struct FileConfig {
     pub ctl_socket_group: Option<String>,
     /// Mode of `ctl.sock` (octal). Default "0600", "0660" with `ctl_socket_group`.
     pub ctl_socket_mode: Option<String>,
+    /// The tenants' TLS pre-shared keys (psktool/nbdkit format, `identity:hexkey` per line),
+    /// re-read when it changes. Default `<state_dir>/tls/keys.psk`; `tmemctl export add
+    /// --tenant` adds keys to it.
+    pub nbd_psk_file: Option<PathBuf>,
+    /// Serve NBD TCP clients that did not start TLS (they reach only exports without a
+    /// tenant or credential list). Default false: on TCP, TLS is required.
+    pub nbd_tcp_allow_plain: Option<bool>,
 }
 
 /// Command-line overrides (all optional; see `tmemd --help`).
@@ -177,6 +184,10 @@ pub struct Config {
     pub nbd_socket: SocketAccess,
     /// `ctl.sock`: group allowed to connect (gid) and mode.
     pub ctl_socket: SocketAccess,
+    /// The tenants' TLS keys.
+    pub nbd_psk_file: PathBuf,
+    /// NBD TCP clients may go without TLS.
+    pub nbd_tcp_allow_plain: bool,
 }
 
 /// Default fraction of the budget below which compression runs in the background.
@@ -303,6 +314,10 @@ impl Config {
                 tmem_api::default_state_dir(),
             ),
         };
+        let nbd_psk_file = file
+            .nbd_psk_file
+            .clone()
+            .unwrap_or_else(|| state_dir.join("tls").join("keys.psk"));
         Ok(Config {
             budget,
             state_dir,
@@ -335,6 +350,8 @@ impl Config {
                 file.ctl_socket_group.as_deref(),
                 file.ctl_socket_mode.as_deref(),
             )?,
+            nbd_psk_file,
+            nbd_tcp_allow_plain: file.nbd_tcp_allow_plain.unwrap_or(false),
         })
     }
 }

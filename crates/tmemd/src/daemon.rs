@@ -16,7 +16,7 @@ use tmem_api::{
 use tmem_balloon::manager::ProcHost;
 use tmem_core::{ClientConfig, ClientId, Engine, EngineConfig};
 use tmem_exports::{CachedConfig, CachedExport, ExportError, SwapConfig, SwapExport};
-use tmem_nbd::{ListenAddr, ServerConfig, ServerHandle};
+use tmem_nbd::{ListenAddr, ServerConfig, ServerHandle, TlsServer};
 
 use crate::balloon::{EnginePool, GuestError, GuestRuntime};
 use crate::config::{parse_codec, parse_dedup, Config, ConfigError};
@@ -24,6 +24,7 @@ use crate::exports::{valid_name, Backend, Export, ExportSet};
 use crate::http::{Handler, HttpServer};
 use crate::lock::{DirLock, LockError};
 use crate::state::StateError;
+use crate::tenants::TenantKeys;
 
 /// Errors of control operations (each maps to an HTTP status in `api`).
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +82,9 @@ pub enum DaemonError {
     /// The NBD server did not start.
     #[error("Cannot start NBD server")]
     Nbd(#[source] tmem_nbd::ServerError),
+    /// The TLS server could not be set up.
+    #[error(transparent)]
+    Tls(#[from] tmem_nbd::tls::TlsSetupError),
     /// A control or metrics socket could not be bound.
     #[error("Cannot listen on {0}")]
     Listen(String, #[source] io::Error),
@@ -148,6 +152,8 @@ pub struct Daemon {
     pub(crate) engine: Arc<Engine>,
     pub(crate) pool: Arc<EnginePool>,
     pub(crate) exports: Arc<ExportSet>,
+    /// The tenants' TLS keys.
+    pub(crate) keys: TenantKeys,
     pub(crate) guests: GuestRuntime,
     pub(crate) nbd: Mutex<Option<ServerHandle>>,
     control: Mutex<()>,
@@ -294,6 +300,11 @@ impl Daemon {
             engine,
             pool,
             exports: Arc::new(ExportSet::default()),
+            keys: TenantKeys::new(
+                cfg.nbd_psk_file.clone(),
+                paths.runtime.join("tenants"),
+                cfg.nbd_socket.gid,
+            ),
             guests,
             nbd: Mutex::new(None),
             control: Mutex::new(()),
@@ -314,7 +325,23 @@ impl Daemon {
             listen.push(ListenAddr::Tcp(a));
         }
         let _ = fs::remove_file(&paths.nbd);
-        let nbd = ServerHandle::start(daemon.exports.clone(), ServerConfig::default(), &listen)
+        daemon.exports.set_allow_plain_tcp(cfg.nbd_tcp_allow_plain);
+        let tenants: Vec<String> = daemon
+            .exports
+            .all()
+            .iter()
+            .filter_map(|e| e.access.tenant.clone())
+            .collect();
+        if let Err(e) = daemon.keys.publish_all(tenants.iter().map(String::as_str)) {
+            daemon.warn(format!("Tenant TLS keys not published: {e}"));
+        }
+        let tls = TlsServer::new(daemon.keys.store()).map_err(DaemonError::Tls)?;
+        let nbd_cfg = ServerConfig {
+            tls: Some(tls),
+            allow_plain_tcp: cfg.nbd_tcp_allow_plain,
+            ..ServerConfig::default()
+        };
+        let nbd = ServerHandle::start(daemon.exports.clone(), nbd_cfg, &listen)
             .map_err(DaemonError::Nbd)?;
         *lock(&daemon.nbd) = Some(nbd);
         crate::secure::set_owner_and_mode(&paths.nbd, cfg.nbd_socket.gid, cfg.nbd_socket.mode)
@@ -446,6 +473,8 @@ impl Daemon {
             pool: e.backend.pool().map(|p| p.0),
             image: e.image.clone(),
             uri: format!("nbd+unix:///{}?socket={}", e.name, self.paths.nbd.display()),
+            access: e.access.clone(),
+            tls_dir: e.access.tenant.as_deref().map(|t| self.keys.client_dir(t)),
             backend: e.backend.counters(&self.engine, e.client),
             nbd: NbdStats {
                 connections: n.connections,
@@ -682,6 +711,22 @@ impl Daemon {
                 (id, true)
             }
         };
+        let access = req.access.clone();
+        if let Some(t) = &access.tenant {
+            if !tmem_api::valid_tenant(t) {
+                return Err(OpError::Invalid(format!(
+                    "tenant {t:?} must be 1-64 characters of A-Z a-z 0-9 . _ - (not starting with .)"
+                )));
+            }
+        } else if req.tenant_key.is_some() {
+            return Err(OpError::Invalid("a tenant key needs a tenant".into()));
+        }
+        if let Some(t) = &access.tenant {
+            // The key first: an export nobody can open is no use.
+            self.keys
+                .ensure(t, req.tenant_key.as_deref())
+                .map_err(|e| OpError::Invalid(e.to_string()))?;
+        }
         let made = match req.kind {
             ExportKind::Swap => SwapExport::create(
                 self.engine.clone(),
@@ -728,6 +773,7 @@ impl Daemon {
             codec,
             dedup,
             direct_io: req.direct_io.unwrap_or(false),
+            access,
             backend,
         });
         self.exports.insert(export.clone());

@@ -5,10 +5,10 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 
-use tmem_api::{BackendCounters, ExportKind};
+use tmem_api::{BackendCounters, ExportAccess, ExportKind};
 use tmem_core::{ClientId, Codec, DedupScope, Engine, PoolId};
 use tmem_exports::{CachedExport, ExportError, SwapExport};
-use tmem_nbd::{BlockBackend, ExportInfo, ExportTable};
+use tmem_nbd::{BlockBackend, ExportInfo, ExportTable, Peer};
 
 /// The store behind an export.
 #[derive(Debug, Clone)]
@@ -103,17 +103,44 @@ pub struct Export {
     pub dedup: DedupScope,
     /// Cached: O_DIRECT.
     pub direct_io: bool,
+    /// Who may open it over NBD.
+    pub access: ExportAccess,
     /// The store.
     pub backend: Backend,
+}
+
+/// Whether `peer` may open an export with `access` (`allow_plain_tcp`: the operator lets
+/// TCP clients without TLS reach open exports).
+pub fn permits(access: &ExportAccess, peer: &Peer, allow_plain_tcp: bool) -> bool {
+    if access.is_open() {
+        // Open exports are for clients that did not prove a tenant identity: a tenant's
+        // connection sees only its own exports.
+        return peer.tls_identity.is_none() && (!peer.is_tcp() || allow_plain_tcp);
+    }
+    if let (Some(t), Some(id)) = (&access.tenant, &peer.tls_identity) {
+        if t == id {
+            return true;
+        }
+    }
+    peer.unix_cred()
+        .is_some_and(|c| access.allow_uids.contains(&c.uid) || access.allow_gids.contains(&c.gid))
 }
 
 /// Name → export, read by every NBD `GO`/`LIST` and changed by the control API.
 #[derive(Debug, Default)]
 pub struct ExportSet {
     map: RwLock<BTreeMap<String, Arc<Export>>>,
+    /// TCP clients without TLS may open open exports (`nbd_tcp_allow_plain`).
+    allow_plain_tcp: std::sync::atomic::AtomicBool,
 }
 
 impl ExportSet {
+    /// Lets TCP clients without TLS open exports that have no access restriction.
+    pub fn set_allow_plain_tcp(&self, allow: bool) {
+        self.allow_plain_tcp
+            .store(allow, std::sync::atomic::Ordering::Relaxed);
+    }
+
     fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Arc<Export>>> {
         self.map.read().unwrap_or_else(|e| e.into_inner())
     }
@@ -171,6 +198,15 @@ impl ExportTable for ExportSet {
             })
             .collect()
     }
+
+    fn permits(&self, name: &str, peer: &Peer) -> bool {
+        let plain_tcp = self
+            .allow_plain_tcp
+            .load(std::sync::atomic::Ordering::Relaxed);
+        self.read()
+            .get(name)
+            .is_some_and(|e| permits(&e.access, peer, plain_tcp))
+    }
 }
 
 /// Checks an export name: 1..=64 bytes of `[A-Za-z0-9._-]`, not starting with `.`.
@@ -186,6 +222,55 @@ pub fn valid_name(name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn access_rules() {
+        use tmem_nbd::{Transport, UnixCred};
+        let unix = |uid, gid| Peer {
+            transport: Transport::Unix(Some(UnixCred { pid: 1, uid, gid })),
+            tls_identity: None,
+        };
+        let tls = |id: &str, tcp: bool| Peer {
+            transport: if tcp {
+                Transport::Tcp(([127, 0, 0, 1], 9).into())
+            } else {
+                Transport::Unix(Some(UnixCred {
+                    pid: 1,
+                    uid: 0,
+                    gid: 0,
+                }))
+            },
+            tls_identity: Some(id.into()),
+        };
+        let tcp_plain = Peer {
+            transport: Transport::Tcp(([127, 0, 0, 1], 9).into()),
+            tls_identity: None,
+        };
+        let open = ExportAccess::default();
+        assert!(permits(&open, &unix(0, 0), false));
+        assert!(
+            !permits(&open, &tls("a", false), false),
+            "a tenant sees only its own"
+        );
+        assert!(!permits(&open, &tcp_plain, false));
+        assert!(permits(&open, &tcp_plain, true));
+        let a = ExportAccess {
+            tenant: Some("a".into()),
+            allow_uids: vec![107],
+            allow_gids: vec![200],
+        };
+        assert!(permits(&a, &tls("a", true), false));
+        assert!(permits(&a, &tls("a", false), false));
+        assert!(!permits(&a, &tls("b", true), false));
+        assert!(
+            !permits(&a, &unix(0, 0), false),
+            "root without TLS is not the tenant"
+        );
+        assert!(!permits(&a, &tcp_plain, true));
+        assert!(permits(&a, &unix(107, 5), false));
+        assert!(permits(&a, &unix(5, 200), false));
+        assert!(!permits(&a, &unix(5, 5), false));
+    }
 
     #[test]
     fn names() {

@@ -137,6 +137,7 @@ pub mod persist;
 pub mod ratelimit;
 pub mod secure;
 pub mod state;
+pub mod tenants;
 
 use config::{Args, Config, ConfigError};
 use daemon::{Daemon, DaemonError};

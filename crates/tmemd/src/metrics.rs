@@ -512,6 +512,8 @@ mod tests {
             pool: Some(0),
             image: None,
             uri: String::new(),
+            access: Default::default(),
+            tls_dir: None,
             backend: Default::default(),
             nbd: Default::default(),
         });

@@ -376,6 +376,7 @@ impl Daemon {
             codec,
             dedup,
             direct_io: e.direct_io,
+            access: e.access.clone(),
             backend,
         }));
     }
@@ -408,6 +409,7 @@ impl Daemon {
                 codec: codec_name(e.codec),
                 dedup: dedup_name(e.dedup).into(),
                 direct_io: e.direct_io,
+                access: e.access.clone(),
             })
             .collect();
         Manifest {

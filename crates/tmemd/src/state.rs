@@ -77,6 +77,9 @@ pub struct ExportEntry {
     pub dedup: String,
     /// Cached: O_DIRECT.
     pub direct_io: bool,
+    /// Who may open it (absent in manifests from before tenancy: open).
+    #[serde(default)]
+    pub access: tmem_api::ExportAccess,
 }
 
 /// The manifest.
@@ -208,6 +211,11 @@ mod tests {
                 codec: "lz4".into(),
                 dedup: "client".into(),
                 direct_io: false,
+                access: tmem_api::ExportAccess {
+                    tenant: Some("t1".into()),
+                    allow_uids: vec![107],
+                    allow_gids: vec![],
+                },
             }],
             ..Default::default()
         };

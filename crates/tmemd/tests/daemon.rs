@@ -640,7 +640,7 @@ fn config_file_and_metrics_tcp() {
     let cfg = t.path().join("tmemd.toml");
     std::fs::write(
         &cfg,
-        format!("budget = \"96M\"\ncodec = \"zstd:3\"\nmetrics_addr = \"127.0.0.1:{port}\"\n[balloon]\ninterval_ms = 500\n"),
+        format!("budget = \"96M\"\ncodec = \"zstd:3\"\nmetrics_addr = \"127.0.0.1:{port}\"\nnbd_tcp_allow_plain = true\n[balloon]\ninterval_ms = 500\n"),
     )
     .unwrap();
     let nbd_tcp = format!("127.0.0.1:{nbd_port}");
