@@ -115,6 +115,12 @@ impl Stream {
             Stream::Tcp(s) => s.set_write_timeout(t),
         }
     }
+    fn set_nonblocking(&self, on: bool) -> io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.set_nonblocking(on),
+            Stream::Tcp(s) => s.set_nonblocking(on),
+        }
+    }
 }
 
 impl Stream {
@@ -621,6 +627,10 @@ fn serve_tls(shared: &Shared, sock: DeadlineSock, mut ctx: HandshakeCtx) {
     match negotiate_with(&mut ssl, &*shared.exports, &mut ctx) {
         Ok(Outcome::Go(session)) => {
             ssl.get_mut().enter_transmission();
+            if let Err(e) = ssl.get_ref().s.set_nonblocking(true) {
+                rl_event!(warn, error = %e, "NBD: cannot make a TLS socket non-blocking");
+                return;
+            }
             let (r, w) = TlsShared::split(ssl);
             run_transmission(shared, session, r, w);
         }

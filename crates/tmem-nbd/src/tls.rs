@@ -217,6 +217,11 @@ impl TlsServer {
         b.set_num_tickets(0)?;
         b.set_session_cache_mode(openssl::ssl::SslSessionCacheMode::OFF);
         b.set_mode(SslMode::ACCEPT_MOVING_WRITE_BUFFER | SslMode::ENABLE_PARTIAL_WRITE);
+        // One read(2) takes in every record already sent (pipelined requests).
+        b.set_read_ahead(true);
+        // AES-GCM first (hardware AES); every TLS 1.3 suite a PSK can use hashes with SHA-256.
+        b.set_ciphersuites("TLS_AES_128_GCM_SHA256:TLS_CHACHA20_POLY1305_SHA256")?;
+        b.set_options(SslOptions::CIPHER_SERVER_PREFERENCE);
         b.set_psk_server_callback(move |ssl, identity, out| {
             let Some(id) = identity.and_then(|i| std::str::from_utf8(i).ok()) else {
                 return Ok(0);
@@ -253,22 +258,31 @@ impl TlsServer {
             .ex_data(self.idx)
             .cloned()
             .ok_or_else(|| "no PSK identity negotiated".to_owned())?;
+        tracing::debug!(
+            identity = %id,
+            version = s.ssl().version_str(),
+            cipher = s.ssl().current_cipher().map_or("?", |c| c.name()),
+            "NBD TLS session established"
+        );
         Ok((s, id))
     }
 }
 
-/// A TLS connection in transmission, shared by the reader and the reply writers.
+/// A TLS connection in transmission, shared by the reader and the reply writer.
 ///
 /// One TLS object cannot be read and written from two threads at once, so both go through
-/// a mutex; the reader waits for the socket to become readable *before* taking it, so a
-/// reader waiting for the next request does not hold up replies.
+/// a mutex. The socket is non-blocking: neither side ever holds the mutex while waiting for
+/// the peer (a reader waiting for the next request does not hold up replies, and a reply
+/// waiting for socket space does not hold up reading). With read-ahead on, one `read(2)`
+/// takes in every record the client has sent.
 pub struct TlsShared<S> {
     inner: Mutex<SslStream<S>>,
     fd: RawFd,
 }
 
 impl<S: Read + Write + AsRawFd> TlsShared<S> {
-    /// Shares `s` between a [`TlsReader`] and [`TlsWriter`]s.
+    /// Shares `s` between a [`TlsReader`] and a [`TlsWriter`]; the caller has made the
+    /// socket non-blocking.
     pub fn split(s: SslStream<S>) -> (TlsReader<S>, TlsWriter<S>) {
         let fd = s.get_ref().as_raw_fd();
         let sh = Arc::new(TlsShared {
@@ -287,23 +301,42 @@ impl<S> TlsShared<S> {
 
 /// The reading half of a [`TlsShared`] stream.
 pub struct TlsReader<S>(Arc<TlsShared<S>>);
-/// The writing half of a [`TlsShared`] stream.
+/// The writing half of a [`TlsShared`] stream (one writer at a time: the transmission
+/// phase writes each reply whole under its own lock).
 pub struct TlsWriter<S>(Arc<TlsShared<S>>);
 
-fn ssl_io_error(e: openssl::ssl::Error) -> io::Error {
-    match e.into_io_error() {
-        Ok(io) => io,
-        Err(e) if e.code() == openssl::ssl::ErrorCode::ZERO_RETURN => {
-            io::Error::new(io::ErrorKind::UnexpectedEof, "TLS session closed")
-        }
-        Err(e) => io::Error::other(e.to_string()),
+/// What a non-blocking TLS call needs before it can go on.
+enum Wait {
+    Readable,
+    Writable,
+}
+
+/// Sorts an OpenSSL error into "wait for the socket, then retry" or a final I/O error.
+fn classify(e: openssl::ssl::Error) -> Result<Wait, io::Error> {
+    use openssl::ssl::ErrorCode;
+    match e.code() {
+        ErrorCode::WANT_READ => Ok(Wait::Readable),
+        ErrorCode::WANT_WRITE => Ok(Wait::Writable),
+        ErrorCode::ZERO_RETURN => Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "TLS session closed",
+        )),
+        _ => match e.into_io_error() {
+            Ok(io) if io.kind() == io::ErrorKind::WouldBlock => Ok(Wait::Readable),
+            Ok(io) => Err(io),
+            Err(e) => Err(io::Error::other(e.to_string())),
+        },
     }
 }
 
-fn wait_readable(fd: RawFd) -> io::Result<()> {
+fn wait_for(fd: RawFd, w: Wait) -> io::Result<()> {
+    let events = match w {
+        Wait::Readable => libc::POLLIN,
+        Wait::Writable => libc::POLLOUT,
+    };
     let mut p = libc::pollfd {
         fd,
-        events: libc::POLLIN,
+        events,
         revents: 0,
     };
     loop {
@@ -322,20 +355,11 @@ fn wait_readable(fd: RawFd) -> io::Result<()> {
 impl<S: Read + Write> Read for TlsReader<S> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
-            {
-                let mut s = self.0.lock();
-                if s.ssl().pending() > 0 {
-                    return s.ssl_read(buf).map_err(ssl_io_error);
-                }
-            }
-            wait_readable(self.0.fd)?;
-            let mut s = self.0.lock();
-            match s.ssl_read(buf) {
+            let r = self.0.lock().ssl_read(buf);
+            match r {
                 Ok(n) => return Ok(n),
                 Err(e) if e.code() == openssl::ssl::ErrorCode::ZERO_RETURN => return Ok(0),
-                // A record that carried no application data (e.g. a key update).
-                Err(e) if e.code() == openssl::ssl::ErrorCode::WANT_READ => continue,
-                Err(e) => return Err(ssl_io_error(e)),
+                Err(e) => wait_for(self.0.fd, classify(e)?)?,
             }
         }
     }
@@ -343,24 +367,16 @@ impl<S: Read + Write> Read for TlsReader<S> {
 
 impl<S: Read + Write> Write for TlsWriter<S> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.lock().ssl_write(buf).map_err(ssl_io_error)
-    }
-    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
-        let mut s = self.0.lock();
-        let mut off = 0;
-        while off < buf.len() {
-            off += s.ssl_write(&buf[off..]).map_err(ssl_io_error)?;
+        loop {
+            let r = self.0.lock().ssl_write(buf);
+            match r {
+                Ok(n) => return Ok(n),
+                Err(e) => wait_for(self.0.fd, classify(e)?)?,
+            }
         }
-        Ok(())
     }
     fn flush(&mut self) -> io::Result<()> {
-        self.0.lock().flush()
-    }
-}
-
-impl<S> Clone for TlsWriter<S> {
-    fn clone(&self) -> Self {
-        Self(Arc::clone(&self.0))
+        Ok(())
     }
 }
 
