@@ -397,16 +397,17 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                 print_json(&v);
             } else {
                 println!(
-                    "{:<20} {:<6} {:>8} {:>6}  URI",
-                    "NAME", "KIND", "SIZE", "CLIENT"
+                    "{:<20} {:<6} {:>8} {:>6}  {:<16} URI",
+                    "NAME", "KIND", "SIZE", "CLIENT", "ACCESS"
                 );
                 for e in v {
                     println!(
-                        "{:<20} {:<6} {:>8} {:>6}  {}",
+                        "{:<20} {:<6} {:>8} {:>6}  {:<16} {}",
                         e.name,
                         e.kind.to_string(),
                         format_size(e.size),
                         e.client,
+                        top::access_text(&e.access),
                         e.uri
                     );
                 }

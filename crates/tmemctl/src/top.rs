@@ -6,7 +6,7 @@
 use std::io;
 use std::time::{Duration, Instant};
 
-use tmem_api::{format_size, Stats};
+use tmem_api::{format_size, ExportAccess, ExportKind, Stats};
 
 /// One table of the view.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,6 +26,36 @@ pub struct Frame {
     pub header: Vec<String>,
     /// Tables.
     pub tables: Vec<Table>,
+}
+
+/// A counter's value, or "n/a" where it does not apply to this export kind (a cached
+/// export never spills; a swap export has no backing image to read sectors from).
+fn applies(applicable: bool, v: u64) -> String {
+    if applicable {
+        v.to_string()
+    } else {
+        "n/a".into()
+    }
+}
+
+/// Who may open an export, in a few characters: `tenant:NAME`, `uid:1,2`, `gid:3`, `open`.
+pub fn access_text(a: &ExportAccess) -> String {
+    let mut parts = Vec::new();
+    if let Some(t) = &a.tenant {
+        parts.push(format!("tenant:{t}"));
+    }
+    let ids = |v: &[u32]| v.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+    if !a.allow_uids.is_empty() {
+        parts.push(format!("uid:{}", ids(&a.allow_uids)));
+    }
+    if !a.allow_gids.is_empty() {
+        parts.push(format!("gid:{}", ids(&a.allow_gids)));
+    }
+    if parts.is_empty() {
+        "open".into()
+    } else {
+        parts.join(" ")
+    }
 }
 
 fn rate(cur: u64, prev: Option<u64>, dt: Option<f64>) -> String {
@@ -138,6 +168,7 @@ impl Frame {
                 "SECT WR",
                 "NBD OPS/s",
                 "NBD LIVE/ALL",
+                "ACCESS",
             ],
             rows: cur
                 .exports
@@ -150,11 +181,12 @@ impl Frame {
                         format_size(e.size),
                         e.client.to_string(),
                         e.backend.pool_pages.to_string(),
-                        e.backend.spilled_pages.to_string(),
-                        e.backend.sectors_read.to_string(),
-                        e.backend.sectors_written.to_string(),
+                        applies(e.kind == ExportKind::Swap, e.backend.spilled_pages),
+                        applies(e.kind == ExportKind::Cached, e.backend.sectors_read),
+                        applies(e.kind == ExportKind::Cached, e.backend.sectors_written),
                         rate(e.nbd.ops(), pe.map(|x| x.nbd.ops()), dt),
                         format!("{}/{}", e.nbd.live_connections, e.nbd.connections),
+                        access_text(&e.access),
                     ]
                 })
                 .collect(),
@@ -394,5 +426,20 @@ mod tests {
         // 100 puts in 2 s.
         let row = t.lines().find(|l| l.starts_with("7 ")).unwrap();
         assert!(row.contains(" 50 "), "{row}");
+        // A swap export has no image sectors: those columns say so instead of 0.
+        let row = t.lines().find(|l| l.starts_with("swap0")).unwrap();
+        assert_eq!(row.matches("n/a").count(), 2, "{row}");
+        assert!(row.contains("open"), "{row}");
+    }
+
+    #[test]
+    fn access_is_summarised() {
+        let a = ExportAccess {
+            tenant: Some("vm1".into()),
+            allow_uids: vec![107, 108],
+            allow_gids: vec![],
+        };
+        assert_eq!(access_text(&a), "tenant:vm1 uid:107,108");
+        assert_eq!(access_text(&ExportAccess::default()), "open");
     }
 }
