@@ -96,8 +96,30 @@
 //! (`none|lz4|zstd|zstd:N`, default lz4), `dedup` (`off|pool|client|global`, default
 //! client), `defer_compression` (0), `compact_threshold` (0.10: background compaction when
 //! that share of the pool is reclaimable), `[balloon]` (`interval_ms` 2000, `host_reserve`
-//! 1 GiB, `host_total`). Flags: `--config --budget --runtime-dir --state-dir --spill-reserve
+//! 1 GiB, `host_total`), `durable_pool` (true), `nbd_socket_group`/`nbd_socket_mode`,
+//! `ctl_socket_group`/`ctl_socket_mode`, `nbd_psk_file`, `nbd_tcp_allow_plain` (false; see
+//! tenancy below). Flags: `--config --budget --runtime-dir --state-dir --spill-reserve
 //! --metrics-addr --nbd-tcp --codec --dedup`.
+//!
+//! ## Who may open an export (tenancy)
+//! Deny by default. An export made with a **tenant** (`tmemctl export add ... --tenant T`,
+//! `access.tenant` in `POST /exports`) is served only to NBD connections that switched to
+//! TLS (`NBD_OPT_STARTTLS`) and proved T's pre-shared key — QEMU `tls-creds-psk` with
+//! `username=T`, libnbd `nbds+unix://T@/...&tls-psk-file=` — or, on the Unix socket, whose
+//! kernel-reported credentials (`SO_PEERCRED`) match `--allow-uid`/`--allow-gid`. An export
+//! with none of these is *open*: served to Unix-socket clients without TLS (the socket's
+//! mode and group decide who can connect) and never to a TLS tenant. `NBD_OPT_LIST` shows a
+//! client only what it may open; a refusal is `NBD_REP_ERR_TLS_REQD` (TLS would be needed)
+//! or `NBD_REP_ERR_POLICY` (not yours). On TCP (`nbd_tcp`) TLS is required for everything
+//! unless `nbd_tcp_allow_plain = true` (then open exports are served in clear text too).
+//!
+//! Keys: `nbd_psk_file` (default `STATE_DIR/tls/keys.psk`, mode 0600) holds every tenant's
+//! key in psktool/nbdkit format (`T:hexkey`), re-read when it changes; `tmemctl export add
+//! --tenant T` adds a 256-bit random key for a new tenant (or takes one from `--psk-file`)
+//! and the daemon publishes each tenant's own key as `RUNTIME_DIR/tenants/T/keys.psk`
+//! (directory 0750/file 0640 with `nbd_socket_group`, else 0700/0600) for the tenant's QEMU;
+//! `tmemctl` prints the QEMU, qemu-io, libnbd and libvirt settings. TLS is OpenSSL's
+//! (TLS 1.3 with the PSK, or TLS 1.2 PSK suites), no session resumption. See SECURITY.md.
 //!
 //! ## Budget and the balloon manager
 //! The operator's budget (`--budget`, `PUT /budget`) is a ceiling. With guests under
@@ -121,7 +143,8 @@
 //! durable memory after an unclean stop), [`exports`] (dynamic NBD export table), [`state`]
 //! (manifest and atomic files), [`metrics`] (Prometheus text), [`balloon`] (pool control
 //! and guest runtime), [`lock`] (directory locks), [`memory`] (RSS, heap trimming,
-//! background compaction).
+//! background compaction), [`secure`] (directory and socket ownership), [`tenants`]
+//! (tenants' TLS keys).
 
 pub mod api;
 pub mod balloon;
