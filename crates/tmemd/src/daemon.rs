@@ -314,7 +314,15 @@ impl Daemon {
             listen.push(ListenAddr::Tcp(a));
         }
         let _ = fs::remove_file(&paths.nbd);
-        let nbd = ServerHandle::start(daemon.exports.clone(), ServerConfig::default(), &listen)
+        let lim = cfg.nbd_limits;
+        let nbd_cfg = ServerConfig {
+            max_connections: lim.max_connections,
+            max_handshakes: lim.max_handshakes,
+            max_handshakes_per_peer: lim.max_handshakes_per_peer,
+            buffer_limit: lim.buffer_limit,
+            ..ServerConfig::default()
+        };
+        let nbd = ServerHandle::start(daemon.exports.clone(), nbd_cfg, &listen)
             .map_err(DaemonError::Nbd)?;
         *lock(&daemon.nbd) = Some(nbd);
         crate::secure::set_owner_and_mode(&paths.nbd, cfg.nbd_socket.gid, cfg.nbd_socket.mode)
@@ -512,6 +520,7 @@ impl Daemon {
             ops: ops(&s.ops),
             resident_bytes: s.resident_bytes,
             process_rss_bytes: crate::memory::process_rss(),
+            nbd_buffer_bytes: lock(&self.nbd).as_ref().map_or(0, |n| n.buffer_bytes()),
             compactable_bytes: s.alloc.compactable_bytes,
             compaction: tmem_api::CompactionSummary {
                 runs: s.compaction.runs,
