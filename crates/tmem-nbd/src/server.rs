@@ -55,8 +55,9 @@ pub struct ServerConfig {
     /// payloads, READ replies; see [`BufferBudget`]), bytes; at least
     /// [`crate::MIN_BUFFER_LIMIT`]. A connection that needs more waits. With it, the
     /// server's memory is bounded by `buffer_limit` + about 2 MiB per connection in
-    /// transmission (its fixed buffers with the default [`TransmissionConfig`]) + a few KiB
-    /// per connection in the handshake, plus the thread stacks. [`ServerHandle::start`]
+    /// transmission (its fixed buffers with the default [`TransmissionConfig`]) + at most
+    /// 64 KiB per connection in the handshake (one option's data, at most
+    /// `max_handshakes` of them), plus the thread stacks. [`ServerHandle::start`]
     /// installs a budget of this size as `transmission.budget` (replacing any set there).
     /// Default: 256 MiB.
     pub buffer_limit: u64,

@@ -136,8 +136,8 @@
 //! * **The memory bound** this gives: the daemon's RSS stays within its baseline + the
 //!   pool budget + `nbd_buffer_limit` + about 2 MiB per NBD connection in transmission
 //!   (its fixed buffers: 128 KiB read buffer, reply batch, small write and read buffers per
-//!   thread) + a few KiB per connection in the handshake and the thread stacks actually
-//!   touched. Tested with 16 clients writing 32 MiB requests without reading replies
+//!   thread) + at most 64 KiB per connection in the handshake (one option's data; at most
+//!   256 such) and the thread stacks actually touched. Tested with 16 clients writing 32 MiB requests without reading replies
 //!   (`tests/limits.rs`: under pool + buffer limit + 128 MiB; 1.6 GiB without the budget).
 //! * Refusals and evictions are logged once per peer and reason per minute (and rate
 //!   limited overall), not per connection.
