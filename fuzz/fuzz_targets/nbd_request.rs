@@ -64,6 +64,7 @@ fuzz_target!(|data: &[u8]| {
         inline_max: 4096,
         queue: 4,
         max_batch: if mode & 0x20 != 0 { 1 } else { 4 },
+        ..Default::default()
     };
     let stats = Arc::new(tmem_nbd::ExportStats::default());
     let _ = serve_transmission(rest, out.clone(), session, stats, &cfg);

@@ -379,6 +379,10 @@ pub struct PoolSummary {
     /// What compaction has done since the daemon started.
     #[serde(default)]
     pub compaction: CompactionSummary,
+    /// NBD request buffer bytes reserved now (large WRITE payloads and READ replies in
+    /// flight), out of the `nbd_buffer_limit`.
+    #[serde(default)]
+    pub nbd_buffer_bytes: u64,
 }
 
 /// Compaction counters.

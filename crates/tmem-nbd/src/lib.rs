@@ -19,6 +19,11 @@
 //! * [`ServerHandle`] owns everything it starts; shutdown closes every connection, joins every
 //!   thread and unlinks Unix socket files.
 //! * Peer-triggerable log lines are rate limited per callsite.
+//! * Limits against hostile or broken clients: a deadline for the whole handshake, caps on
+//!   connections in the handshake (in total and per peer: TCP address or Unix uid) that
+//!   close the connection waiting longest in the handshake rather than the newcomer, a cap
+//!   on all connections, and a server-wide budget for request buffers ([`BufferBudget`];
+//!   see [`ServerConfig`] for the defaults and the memory bound they give).
 //!
 //! ## Example
 //! ```no_run
@@ -40,6 +45,7 @@
 //! ```
 
 pub mod backend;
+pub mod budget;
 pub mod handshake;
 pub mod mem;
 pub mod peer;
@@ -55,6 +61,7 @@ pub use backend::{
     BackendCaps, BackendError, BlockBackend, ExportInfo, ExportTable, Extent, StaticExports,
     ZeroRanges,
 };
+pub use budget::{BufferBudget, BufferPermit, MIN_BUFFER_LIMIT};
 pub use handshake::{
     negotiate, negotiate_with, HandshakeCtx, HandshakeError, Outcome, Policy, Session,
 };

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -12,6 +12,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::backend::ExportTable;
+use crate::budget::BufferBudget;
 use crate::handshake::{negotiate_with, HandshakeCtx, HandshakeError, Outcome, Policy, Session};
 use crate::peer::{unix_peer_cred, Peer, Transport};
 use crate::rl_event;
@@ -37,7 +38,9 @@ pub struct ServerConfig {
     /// the client trickles its bytes: a client that has not entered transmission by then
     /// is dropped and its connection slot freed. Default: 10 s.
     pub handshake_timeout: Option<Duration>,
-    /// Connections served at once; further ones are closed immediately. Default: 1024.
+    /// Connections open at once (handshake and transmission). At the limit, a new
+    /// connection closes the one waiting longest in the handshake; only when every
+    /// connection is in transmission is the newcomer closed instead. Default: 1024.
     pub max_connections: usize,
     /// TLS with pre-shared keys, offered to every client through `NBD_OPT_STARTTLS` when set.
     /// Default: none (STARTTLS answered with `NBD_REP_ERR_UNSUP`).
@@ -46,14 +49,47 @@ pub struct ServerConfig {
     /// `NBD_REP_ERR_TLS_REQD` for everything but `STARTTLS` (and without a TLS setup, nothing).
     /// Unix-socket clients may always go without TLS; the export table decides what they open.
     pub allow_plain_tcp: bool,
+    /// Connections in the handshake at once, from all peers. At the limit, a new connection
+    /// closes the one that has been in the handshake longest (clients stalled or trickling
+    /// bytes cannot lock others out; a real client's handshake takes milliseconds).
+    /// Connections in transmission are never closed for a newcomer. Default: 256.
+    pub max_handshakes: usize,
+    /// Connections in the handshake at once from one peer: a TCP client address (IPv6 by
+    /// its /64 prefix) or a Unix socket peer's uid (root included: local VMs usually share
+    /// one uid, so the per-peer cap on a Unix socket mostly limits how many of its handshake
+    /// slots one local user can take from the others). At the limit, the peer's own oldest
+    /// handshake is closed. Default: 64.
+    pub max_handshakes_per_peer: usize,
+    /// Server-wide budget for request buffers larger than `transmission.inline_max` (WRITE
+    /// payloads, READ replies; see [`BufferBudget`]), bytes; at least
+    /// [`crate::MIN_BUFFER_LIMIT`]. A connection that needs more waits. With it, the
+    /// server's memory is bounded by `buffer_limit` + about 2 MiB per connection in
+    /// transmission (its fixed buffers with the default [`TransmissionConfig`]) + at most
+    /// 64 KiB per connection in the handshake (one option's data, at most
+    /// `max_handshakes` of them), plus the thread stacks. [`ServerHandle::start`]
+    /// installs a budget of this size as `transmission.budget` (replacing any set there).
+    /// Default: 256 MiB.
+    pub buffer_limit: u64,
 }
+
+/// Default [`ServerConfig::max_connections`].
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// Default [`ServerConfig::max_handshakes`].
+pub const DEFAULT_MAX_HANDSHAKES: usize = 256;
+/// Default [`ServerConfig::max_handshakes_per_peer`].
+pub const DEFAULT_MAX_HANDSHAKES_PER_PEER: usize = 64;
+/// Default [`ServerConfig::buffer_limit`] (256 MiB).
+pub const DEFAULT_BUFFER_LIMIT: u64 = 256 << 20;
 
 impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             transmission: TransmissionConfig::default(),
             handshake_timeout: Some(Duration::from_secs(10)),
-            max_connections: 1024,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_handshakes: DEFAULT_MAX_HANDSHAKES,
+            max_handshakes_per_peer: DEFAULT_MAX_HANDSHAKES_PER_PEER,
+            buffer_limit: DEFAULT_BUFFER_LIMIT,
             tls: None,
             allow_plain_tcp: false,
         }
@@ -230,16 +266,96 @@ impl Listener {
             Listener::Tcp(l) => l.as_raw_fd(),
         }
     }
-    fn accept(&self) -> io::Result<Stream> {
+    fn accept(&self) -> io::Result<(Stream, PeerKey)> {
         match self {
-            Listener::Unix(l, _) => l.accept().map(|(s, _)| Stream::Unix(s)),
-            Listener::Tcp(l) => l.accept().map(|(s, _)| {
+            Listener::Unix(l, _) => l.accept().map(|(s, _)| {
+                let peer = peer_uid(s.as_raw_fd()).map_or(PeerKey::Unknown, PeerKey::Uid);
+                (Stream::Unix(s), peer)
+            }),
+            Listener::Tcp(l) => l.accept().map(|(s, a)| {
                 // Latency matters more than packet count for NBD replies.
                 let _ = s.set_nodelay(true);
-                Stream::Tcp(s)
+                (Stream::Tcp(s), PeerKey::of_ip(a.ip()))
             }),
         }
     }
+}
+
+/// Who is connecting, for the per-peer handshake cap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum PeerKey {
+    /// A TCP client: its IPv4 address, or its IPv6 /64 prefix (one host's share).
+    Ip(IpAddr),
+    /// A Unix socket client: its uid (`SO_PEERCRED`).
+    Uid(u32),
+    /// The credentials could not be read.
+    Unknown,
+}
+
+impl PeerKey {
+    fn of_ip(ip: IpAddr) -> PeerKey {
+        match ip {
+            IpAddr::V4(_) => PeerKey::Ip(ip),
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => PeerKey::Ip(IpAddr::V4(v4)),
+                None => PeerKey::Ip(IpAddr::V6((u128::from(v6) & (!0u128 << 64)).into())),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for PeerKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PeerKey::Ip(IpAddr::V6(a)) => write!(f, "{a}/64"),
+            PeerKey::Ip(a) => write!(f, "{a}"),
+            PeerKey::Uid(u) => write!(f, "uid {u}"),
+            PeerKey::Unknown => write!(f, "unknown peer"),
+        }
+    }
+}
+
+/// The uid of a Unix socket's peer.
+fn peer_uid(fd: RawFd) -> Option<u32> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` and `len` are valid for writes of the sizes given for the whole call.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    (r == 0).then_some(cred.uid)
+}
+
+/// One open connection, as the accept path sees it.
+struct Conn {
+    /// A clone of the socket, to close it from another thread.
+    stream: Stream,
+    peer: PeerKey,
+    /// Since when it is in the handshake (`None`: in transmission).
+    handshake_since: Option<Instant>,
+}
+
+/// Why the accept path closed a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Closed {
+    /// Its peer had `max_handshakes_per_peer` handshakes open; its oldest was closed.
+    PeerHandshakes,
+    /// `max_handshakes` or `max_connections` was reached; the oldest handshake was closed.
+    Handshakes,
+    /// Every connection is in transmission: the newcomer was refused.
+    Full,
+    /// Out of file descriptors; the oldest handshake was closed.
+    NoFds,
 }
 
 struct Shared {
@@ -247,16 +363,134 @@ struct Shared {
     cfg: ServerConfig,
     stopping: AtomicBool,
     next_id: AtomicU64,
-    conns: Mutex<HashMap<u64, Stream>>,
+    conns: Mutex<HashMap<u64, Conn>>,
     conn_threads: Mutex<Vec<JoinHandle<()>>>,
     stats: Mutex<HashMap<String, Arc<ExportStats>>>,
+    /// When each peer was last named in a warning (one line per peer per minute).
+    warned: Mutex<HashMap<(PeerKey, u8), Instant>>,
 }
+
+/// A peer is named in a refusal or eviction warning at most once per this period.
+const WARN_PERIOD: Duration = Duration::from_secs(60);
+/// Peers remembered for [`WARN_PERIOD`]; beyond it the oldest are forgotten early.
+const WARN_PEERS: usize = 1024;
 
 impl Shared {
     fn stats_for(&self, name: &str) -> Arc<ExportStats> {
         let mut m = self.stats.lock().unwrap_or_else(|e| e.into_inner());
         Arc::clone(m.entry(name.to_owned()).or_default())
     }
+
+    fn conns(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Conn>> {
+        self.conns.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The connection finished its handshake: it no longer counts against the handshake
+    /// caps and is never closed to make room.
+    fn entered_transmission(&self, id: u64) {
+        if let Some(c) = self.conns().get_mut(&id) {
+            c.handshake_since = None;
+        }
+    }
+
+    /// Logs that the accept path closed a connection of `peer`: once per peer and reason
+    /// per [`WARN_PERIOD`], and rate limited overall.
+    fn warn_closed(&self, peer: PeerKey, why: Closed) {
+        let now = Instant::now();
+        {
+            let mut w = self.warned.lock().unwrap_or_else(|e| e.into_inner());
+            let key = (peer, why as u8);
+            if w.get(&key)
+                .is_some_and(|&t| now.duration_since(t) < WARN_PERIOD)
+            {
+                return;
+            }
+            if w.len() >= WARN_PEERS {
+                w.retain(|_, t| now.duration_since(*t) < WARN_PERIOD);
+                if w.len() >= WARN_PEERS {
+                    w.clear();
+                }
+            }
+            w.insert(key, now);
+        }
+        match why {
+            Closed::PeerHandshakes => rl_event!(
+                warn,
+                %peer,
+                limit = self.cfg.max_handshakes_per_peer,
+                "NBD: too many connections in the handshake from one peer, closing its oldest"
+            ),
+            Closed::Handshakes => rl_event!(
+                warn,
+                %peer,
+                handshakes = self.cfg.max_handshakes,
+                connections = self.cfg.max_connections,
+                "NBD: handshake or connection limit reached, closing the oldest handshake"
+            ),
+            Closed::Full => rl_event!(
+                warn,
+                %peer,
+                limit = self.cfg.max_connections,
+                "NBD connection limit reached, every connection in transmission: refusing client"
+            ),
+            Closed::NoFds => rl_event!(
+                warn,
+                %peer,
+                "NBD: out of file descriptors, closing the oldest handshake"
+            ),
+        }
+    }
+}
+
+/// Removes the connection longest in the handshake (of `peer` only, if given).
+fn take_oldest_handshake(conns: &mut HashMap<u64, Conn>, peer: Option<PeerKey>) -> Option<Conn> {
+    let id = conns
+        .iter()
+        .filter(|(_, c)| peer.is_none_or(|p| c.peer == p))
+        .filter_map(|(&id, c)| c.handshake_since.map(|t| (t, id)))
+        .min()?
+        .1;
+    conns.remove(&id)
+}
+
+/// Makes room for a new connection from `peer`: the connections to close for it, or
+/// `Err` if the newcomer must be refused (every connection is in transmission).
+fn make_room(
+    conns: &mut HashMap<u64, Conn>,
+    peer: PeerKey,
+    cfg: &ServerConfig,
+) -> Result<Vec<(Conn, Closed)>, ()> {
+    let mut out = Vec::new();
+    let handshaking = |conns: &HashMap<u64, Conn>, p: Option<PeerKey>| {
+        conns
+            .values()
+            .filter(|c| c.handshake_since.is_some() && p.is_none_or(|p| c.peer == p))
+            .count()
+    };
+    while handshaking(conns, Some(peer)) >= cfg.max_handshakes_per_peer.max(1) {
+        match take_oldest_handshake(conns, Some(peer)) {
+            Some(c) => out.push((c, Closed::PeerHandshakes)),
+            None => break,
+        }
+    }
+    while handshaking(conns, None) >= cfg.max_handshakes.max(1) {
+        match take_oldest_handshake(conns, None) {
+            Some(c) => out.push((c, Closed::Handshakes)),
+            None => break,
+        }
+    }
+    while conns.len() >= cfg.max_connections {
+        match take_oldest_handshake(conns, None) {
+            Some(c) => out.push((c, Closed::Handshakes)),
+            None => {
+                for (c, _) in &out {
+                    c.stream.shutdown();
+                }
+                return Err(());
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// A running NBD server. Dropping it shuts it down (see [`ServerHandle::shutdown`]).
@@ -340,6 +574,8 @@ impl ServerHandle {
                 return Err(ServerError::Start(e));
             }
         };
+        let mut cfg = cfg;
+        cfg.transmission.budget = BufferBudget::new(cfg.buffer_limit);
         let shared = Arc::new(Shared {
             exports,
             cfg,
@@ -348,6 +584,7 @@ impl ServerHandle {
             conns: Mutex::new(HashMap::new()),
             conn_threads: Mutex::new(Vec::new()),
             stats: Mutex::new(HashMap::new()),
+            warned: Mutex::new(HashMap::new()),
         });
         let wake_rx = Arc::new(wake_rx);
         let mut handle = ServerHandle {
@@ -398,11 +635,21 @@ impl ServerHandle {
 
     /// Connections currently open (handshake or transmission).
     pub fn active_connections(&self) -> usize {
-        self.shared
-            .conns
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .len()
+        self.shared.conns().len()
+    }
+
+    /// Connections currently in the handshake.
+    pub fn handshaking_connections(&self) -> usize {
+        let conns = self.shared.conns();
+        conns
+            .values()
+            .filter(|c| c.handshake_since.is_some())
+            .count()
+    }
+
+    /// Request buffer bytes reserved now (see [`ServerConfig::buffer_limit`]).
+    pub fn buffer_bytes(&self) -> u64 {
+        self.shared.cfg.transmission.budget.in_use()
     }
 
     /// Stop accepting, disconnect every client, join every thread and unlink socket files.
@@ -423,8 +670,8 @@ impl ServerHandle {
         }
         {
             let conns = self.shared.conns.lock().unwrap_or_else(|e| e.into_inner());
-            for s in conns.values() {
-                s.shutdown();
+            for c in conns.values() {
+                c.stream.shutdown();
             }
         }
         let threads = std::mem::take(
@@ -487,9 +734,21 @@ fn accept_loop(shared: &Arc<Shared>, l: &Listener, wake: RawFd) {
         if shared.stopping.load(Ordering::SeqCst) {
             break;
         }
-        let stream = match l.accept() {
+        let (stream, peer) = match l.accept() {
             Ok(s) => s,
             Err(e) => {
+                // Out of descriptors: a connection stalled in the handshake gives its back.
+                if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) {
+                    let oldest = take_oldest_handshake(&mut shared.conns(), None);
+                    if let Some(c) = oldest {
+                        c.stream.shutdown();
+                        shared.warn_closed(c.peer, Closed::NoFds);
+                        drop(c);
+                        // Its thread closes its own descriptor once it sees the shutdown.
+                        std::thread::sleep(Duration::from_millis(1));
+                        continue;
+                    }
+                }
                 rl_event!(warn, error = %e, "NBD accept failed");
                 // Back off briefly on e.g. EMFILE so we do not spin.
                 std::thread::sleep(Duration::from_millis(10));
@@ -497,7 +756,7 @@ fn accept_loop(shared: &Arc<Shared>, l: &Listener, wake: RawFd) {
             }
         };
         reap(shared);
-        spawn_conn(shared, stream);
+        spawn_conn(shared, stream, peer);
     }
     if let Listener::Unix(_, p) = l {
         tracing::debug!(path = %p.display(), "NBD unix listener stopped");
@@ -519,30 +778,45 @@ fn reap(shared: &Shared) {
     }
 }
 
-fn spawn_conn(shared: &Arc<Shared>, stream: Stream) {
+fn spawn_conn(shared: &Arc<Shared>, stream: Stream, peer: PeerKey) {
     let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
-    {
-        let mut conns = shared.conns.lock().unwrap_or_else(|e| e.into_inner());
-        if conns.len() >= shared.cfg.max_connections {
-            rl_event!(warn, "NBD connection limit reached, refusing client");
-            stream.shutdown();
-            return;
-        }
+    let closed = {
+        let mut conns = shared.conns();
+        let closed = match make_room(&mut conns, peer, &shared.cfg) {
+            Ok(c) => c,
+            Err(()) => {
+                drop(conns);
+                stream.shutdown();
+                shared.warn_closed(peer, Closed::Full);
+                return;
+            }
+        };
         match stream.try_clone() {
             Ok(c) => {
-                conns.insert(id, c);
+                let conn = Conn {
+                    stream: c,
+                    peer,
+                    handshake_since: Some(Instant::now()),
+                };
+                conns.insert(id, conn);
             }
             Err(e) => {
                 rl_event!(warn, error = %e, "NBD: cannot clone socket");
                 return;
             }
         }
+        closed
+    };
+    // Their threads see the shutdown and end; their entries are already gone.
+    for (c, why) in closed {
+        c.stream.shutdown();
+        shared.warn_closed(c.peer, why);
     }
     let sh = Arc::clone(shared);
     let r = std::thread::Builder::new()
         .name(format!("nbd-conn-{id}"))
         .spawn(move || {
-            serve_conn(&sh, stream);
+            serve_conn(&sh, id, stream);
             sh.conns
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -562,13 +836,13 @@ fn spawn_conn(shared: &Arc<Shared>, stream: Stream) {
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(&id)
             {
-                s.shutdown();
+                s.stream.shutdown();
             }
         }
     }
 }
 
-fn serve_conn(shared: &Shared, stream: Stream) {
+fn serve_conn(shared: &Shared, id: u64, stream: Stream) {
     if shared.stopping.load(Ordering::SeqCst) {
         return;
     }
@@ -595,9 +869,9 @@ fn serve_conn(shared: &Shared, stream: Stream) {
                     return;
                 }
             };
-            run_transmission(shared, session, sock.s, writer);
+            run_transmission(shared, id, session, sock.s, writer);
         }
-        Ok(Outcome::StartTls) => serve_tls(shared, sock, ctx),
+        Ok(Outcome::StartTls) => serve_tls(shared, id, sock, ctx),
         Err(e) => handshake_failed(&ctx.peer, e),
     }
 }
@@ -612,7 +886,7 @@ fn handshake_failed(peer: &Peer, e: HandshakeError) {
 
 /// After `STARTTLS`: the TLS handshake, the rest of the option haggling under TLS, then
 /// transmission over TLS.
-fn serve_tls(shared: &Shared, sock: DeadlineSock, mut ctx: HandshakeCtx) {
+fn serve_tls(shared: &Shared, id: u64, sock: DeadlineSock, mut ctx: HandshakeCtx) {
     let Some(tls) = shared.cfg.tls.as_ref() else {
         return;
     };
@@ -632,7 +906,7 @@ fn serve_tls(shared: &Shared, sock: DeadlineSock, mut ctx: HandshakeCtx) {
                 return;
             }
             let (r, w) = TlsShared::split(ssl);
-            run_transmission(shared, session, r, w);
+            run_transmission(shared, id, session, r, w);
         }
         Ok(Outcome::StartTls) => {
             handshake_failed(&ctx.peer, HandshakeError::Tls("STARTTLS twice".into()))
@@ -643,10 +917,13 @@ fn serve_tls(shared: &Shared, sock: DeadlineSock, mut ctx: HandshakeCtx) {
 
 fn run_transmission<R: Read, W: Write + Send + 'static>(
     shared: &Shared,
+    id: u64,
     session: Session,
     reader: R,
     writer: W,
 ) {
+    // From here on the connection serves a guest: caps never close it for a newcomer.
+    shared.entered_transmission(id);
     let stats = shared.stats_for(&session.name);
     ExportStats::inc(&stats.connections, 1);
     // Counts this connection as open until it ends, however it ends.
@@ -665,5 +942,73 @@ fn run_transmission<R: Read, W: Write + Send + 'static>(
             tracing::trace!(error = %e, "NBD connection closed by shutdown");
         }
         Err(e) => rl_event!(info, error = %e, "NBD connection closed on error"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peers_by_address_v6_by_prefix() {
+        let p = |s: &str| PeerKey::of_ip(s.parse().unwrap());
+        assert_eq!(p("10.0.0.1"), p("::ffff:10.0.0.1"));
+        assert_ne!(p("10.0.0.1"), p("10.0.0.2"));
+        assert_eq!(p("2001:db8:1:2::1"), p("2001:db8:1:2:ffff::9"));
+        assert_ne!(p("2001:db8:1:2::1"), p("2001:db8:1:3::1"));
+        assert_eq!(p("2001:db8:1:2::1").to_string(), "2001:db8:1:2::/64");
+    }
+
+    #[test]
+    fn room_is_made_from_the_oldest_handshakes_never_from_transmission() {
+        let cfg = ServerConfig {
+            max_connections: 6,
+            max_handshakes: 4,
+            max_handshakes_per_peer: 2,
+            ..Default::default()
+        };
+        let a = PeerKey::of_ip("10.0.0.1".parse().unwrap());
+        let b = PeerKey::of_ip("10.0.0.2".parse().unwrap());
+        let t0 = Instant::now();
+        let mut keep = Vec::new();
+        let mut conns = HashMap::new();
+        let mut add = |conns: &mut HashMap<u64, Conn>, id: u64, peer, since: Option<u64>| {
+            let (x, y) = UnixStream::pair().unwrap();
+            keep.push(y);
+            let handshake_since = since.map(|ms| t0 + Duration::from_millis(ms));
+            let conn = Conn {
+                stream: Stream::Unix(x),
+                peer,
+                handshake_since,
+            };
+            conns.insert(id, conn);
+        };
+        // PeerKey a has two handshakes: its oldest (id 1) goes, b's are untouched.
+        add(&mut conns, 1, a, Some(1));
+        add(&mut conns, 2, a, Some(2));
+        add(&mut conns, 3, b, Some(0));
+        let ids = |v: Vec<(Conn, Closed)>| {
+            let mut ids: Vec<_> = v.iter().map(|(c, why)| (c.handshake_since, *why)).collect();
+            ids.sort_by_key(|x| x.0);
+            ids
+        };
+        let out = make_room(&mut conns, a, &cfg).unwrap();
+        assert_eq!(
+            ids(out),
+            [(Some(t0 + Duration::from_millis(1)), Closed::PeerHandshakes)]
+        );
+        assert!(!conns.contains_key(&1));
+        // Four handshakes in all: the oldest of anyone's (b's, id 3) goes.
+        add(&mut conns, 4, b, Some(4));
+        add(&mut conns, 5, a, Some(5));
+        let out = make_room(&mut conns, PeerKey::Unknown, &cfg).unwrap();
+        assert_eq!(ids(out), [(Some(t0), Closed::Handshakes)]);
+        // Full of connections in transmission: the newcomer is refused.
+        conns.clear();
+        for id in 0..6 {
+            add(&mut conns, id, a, None);
+        }
+        assert!(make_room(&mut conns, b, &cfg).is_err());
+        assert_eq!(conns.len(), 6);
     }
 }

@@ -6,6 +6,16 @@
 //! or be overtaken by later requests. Every reply is written whole under the writer lock. Inline
 //! replies are batched while further complete requests are already buffered and sent together
 //! (one syscall per pipelined batch); they are flushed before the reader could block.
+//!
+//! ## Memory a connection can pin
+//! Buffers sized by a request beyond [`TransmissionConfig::inline_max`] (WRITE payloads,
+//! READ replies, large BLOCK_STATUS replies) are reserved from the server-wide
+//! [`TransmissionConfig::budget`] before they are allocated and freed after the request;
+//! when the budget is used up the connection waits (it stops reading its socket). What a
+//! connection keeps outside the budget is bounded by the configuration: the 128 KiB read
+//! buffer, the reply batch (< 2 × 256 KiB), one retained write buffer and one read buffer
+//! per thread (reader and each worker), each at most `inline_max` (+ 28 bytes), and a
+//! transient copy of a small structured READ reply: about 2 MiB with the defaults.
 
 use std::io::{self, BufReader, Read, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -14,6 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use crate::backend::BackendError;
+use crate::budget::{BufferBudget, BufferPermit};
 use crate::handshake::Session;
 use crate::proto::*;
 use crate::rl_event;
@@ -178,6 +189,10 @@ pub struct TransmissionConfig {
     /// Most inline replies collected before they are written together (1 = write each reply at
     /// once). Batching saves syscalls; small batches keep the client's pipeline busy. Default: 4.
     pub max_batch: usize,
+    /// Where buffers larger than `inline_max` are reserved; shared by every connection of a
+    /// server ([`crate::ServerHandle::start`] installs one of `ServerConfig::buffer_limit`).
+    /// Default: unlimited.
+    pub budget: BufferBudget,
 }
 
 impl Default for TransmissionConfig {
@@ -187,6 +202,7 @@ impl Default for TransmissionConfig {
             inline_max: 256 << 10,
             queue: 32,
             max_batch: 4,
+            budget: BufferBudget::unlimited(),
         }
     }
 }
@@ -198,6 +214,9 @@ struct Ctx<W> {
     broken: AtomicBool,
     /// Write payload bytes sitting in the worker queue.
     queued_bytes: AtomicU64,
+    /// Buffers above `inline_max` are reserved here.
+    budget: BufferBudget,
+    inline_max: u32,
 }
 
 /// Most write payload bytes queued for the workers of one connection.
@@ -206,6 +225,8 @@ const MAX_QUEUED_BYTES: u64 = 64 << 20;
 struct Job {
     req: Request,
     data: Vec<u8>,
+    /// The budget reservation for `data`, given back when the job is done.
+    _permit: Option<BufferPermit>,
 }
 
 struct Pool {
@@ -253,6 +274,8 @@ pub fn serve_transmission<R: Read, W: Write + Send + 'static>(
         stats,
         broken: AtomicBool::new(false),
         queued_bytes: AtomicU64::new(0),
+        budget: cfg.budget.clone(),
+        inline_max: cfg.inline_max,
     });
     let mut pool: Option<Pool> = None;
     let res = reader_loop(reader, &ctx, cfg, &mut pool);
@@ -344,6 +367,7 @@ fn reader_loop_inner<R: Read, W: Write + Send + 'static>(
             heavy = false;
         }
         let mut data = Vec::new();
+        let mut permit = None;
         if req.typ == CMD_WRITE {
             if req.len > MAX_PAYLOAD {
                 rl_event!(
@@ -353,9 +377,20 @@ fn reader_loop_inner<R: Read, W: Write + Send + 'static>(
                 );
                 return Err(TransmissionError::PayloadTooLarge(req.len));
             }
-            let buf = if heavy { &mut data } else { &mut wbuf };
-            // Grow with the data actually received, so a peer that only announces a large
-            // payload cannot make us allocate it.
+            // A payload above the inline size gets its own buffer, reserved from the budget
+            // (waiting for it is the back-pressure) and freed after the request; `wbuf`
+            // stays small.
+            let large = req.len > cfg.inline_max;
+            if large {
+                permit = Some(ctx.budget.acquire(u64::from(req.len)));
+            }
+            let buf = if heavy || large { &mut data } else { &mut wbuf };
+            if large {
+                // Already reserved: one exact allocation (its pages become resident only as
+                // data arrives), returned to the system when dropped.
+                buf.reserve_exact(req.len as usize);
+            }
+            // A small buffer grows with the data actually received.
             buf.clear();
             let got = (&mut r).take(u64::from(req.len)).read_to_end(buf)?;
             if got != req.len as usize {
@@ -375,7 +410,11 @@ fn reader_loop_inner<R: Read, W: Write + Send + 'static>(
             continue;
         }
         if !heavy {
-            let payload: &[u8] = if req.typ == CMD_WRITE { &wbuf } else { &[] };
+            let payload: &[u8] = match (req.typ, permit.is_some()) {
+                (CMD_WRITE, true) => &data,
+                (CMD_WRITE, false) => &wbuf,
+                _ => &[],
+            };
             execute(ctx, &mut Out::Batch(pending), &req, payload, &mut scratch)?;
             continue;
         }
@@ -387,7 +426,12 @@ fn reader_loop_inner<R: Read, W: Write + Send + 'static>(
         match pool {
             Some(p) => {
                 ctx.queued_bytes.fetch_add(queued, Ordering::Relaxed);
-                if let Err(e) = p.tx.send(Job { req, data }) {
+                let job = Job {
+                    req,
+                    data,
+                    _permit: permit,
+                };
+                if let Err(e) = p.tx.send(job) {
                     ctx.queued_bytes.fetch_sub(queued, Ordering::Relaxed);
                     let job = e.0;
                     execute(ctx, &mut Out::Direct, &job.req, &job.data, &mut scratch)?;
@@ -465,6 +509,11 @@ enum Out<'a> {
 fn emit<W: Write>(ctx: &Ctx<W>, out: &mut Out<'_>, bytes: &[u8]) -> io::Result<()> {
     match out {
         Out::Direct => send(ctx, bytes),
+        // A large reply goes out directly (after what is batched), not copied into the batch.
+        Out::Batch(v) if bytes.len() > FLUSH_AT => {
+            flush_pending(ctx, v)?;
+            send(ctx, bytes)
+        }
         Out::Batch(v) => {
             v.extend_from_slice(bytes);
             Ok(())
@@ -591,10 +640,20 @@ fn read<W: Write>(
     let structured = ctx.s.structured;
     let pre = if structured { 28 } else { 16 };
     let len = req.len as usize;
-    if scratch.len() < pre + len {
-        scratch.resize(pre + len, 0);
-    }
-    let buf = &mut scratch[..pre + len];
+    // Above the inline size: a buffer of its own, reserved from the budget and freed after
+    // the reply; `scratch` stays small.
+    let large = req.len > ctx.inline_max;
+    let _permit = large.then(|| ctx.budget.acquire((pre + len) as u64));
+    let mut own;
+    let buf = if large {
+        own = vec![0u8; pre + len];
+        &mut own[..]
+    } else {
+        if scratch.len() < pre + len {
+            scratch.resize(pre + len, 0);
+        }
+        &mut scratch[..pre + len]
+    };
     let zeros = match ctx.s.backend.read(req.offset, &mut buf[pre..]) {
         Ok(z) => z,
         Err(e) => {
@@ -621,8 +680,17 @@ fn read<W: Write>(
         simple_header(buf, 0, req.cookie);
         return emit(ctx, out, buf);
     }
-    let df = req.flags & CMD_FLAG_DF != 0;
     let hole_bytes: usize = holes.iter().map(|h| h.1).sum();
+    // Mixed data and holes are sent from a second buffer; if the budget cannot cover it at
+    // once, the holes go out as zero data instead (always allowed), without waiting while
+    // holding the first reservation.
+    let mixed_cap = (len - hole_bytes.min(len)) + (holes.len() * 2 + 1) * 32;
+    let mixed_permit = if large && !holes.is_empty() && hole_bytes < len {
+        ctx.budget.try_acquire(mixed_cap as u64).map(Some)
+    } else {
+        Some(None)
+    };
+    let df = req.flags & CMD_FLAG_DF != 0 || mixed_permit.is_none();
     if len > 0 && hole_bytes == len {
         ExportStats::inc(&ctx.stats.hole_bytes_read, len as u64);
         let mut b = Vec::with_capacity(32);
@@ -667,7 +735,7 @@ fn read<W: Write>(
     if pos < len {
         runs.push((pos, len - pos, false));
     }
-    let mut chunks = Vec::with_capacity(len - hole_bytes + runs.len() * 32);
+    let mut chunks = Vec::with_capacity(mixed_cap);
     let last = runs.len() - 1;
     for (i, &(s, l, hole)) in runs.iter().enumerate() {
         let flags = if i == last { REPLY_FLAG_DONE } else { 0 };
@@ -719,6 +787,9 @@ fn block_status<W: Write>(ctx: &Ctx<W>, out: &mut Out<'_>, req: &Request) -> io:
         desc.push((req.len, 0));
     }
     let plen = 4 + desc.len() * 8;
+    // Up to 8 MiB for a whole-disk answer: reserved like other large buffers (the
+    // descriptor list is already built, but this caps how many such replies exist at once).
+    let _permit = (plen > ctx.inline_max as usize).then(|| ctx.budget.acquire(2 * plen as u64));
     let mut b = Vec::with_capacity(20 + plen);
     chunk_header(
         &mut b,

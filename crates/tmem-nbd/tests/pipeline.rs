@@ -369,3 +369,100 @@ fn a_client_trickling_its_handshake_is_dropped_at_the_deadline() {
     // (A write to a connection the server closed fails; one it keeps open never does.)
     assert!(closed, "the trickling client was never dropped");
 }
+
+#[test]
+fn stalled_handshakes_make_room_for_new_clients() {
+    let cfg = ServerConfig {
+        handshake_timeout: None,
+        max_connections: 8,
+        max_handshakes: 4,
+        max_handshakes_per_peer: 3,
+        ..Default::default()
+    };
+    let srv = TestServer::start_with(
+        vec![(
+            "a",
+            Arc::new(MemBackend::new(SIZE)) as Arc<dyn BlockBackend>,
+        )],
+        cfg,
+    );
+    // Clients that read the greeting and stall: each newcomer closes the oldest of this
+    // peer's (this uid's) handshakes beyond the cap, not itself.
+    let mut stalled: Vec<RawClient> = (0..20).map(|_| RawClient::connect(&srv.sock)).collect();
+    assert!(srv.handle().handshaking_connections() <= 3);
+    assert!(
+        stalled[0].is_closed(),
+        "the oldest stalled client is closed"
+    );
+    // Real clients get through; at the connection limit the stalled ones make room, and
+    // clients in transmission are never closed for a newcomer.
+    let mut open: Vec<RawClient> = (0..8)
+        .map(|i| RawClient::open(&srv.sock, "a", i % 2 == 0))
+        .collect();
+    // (A client sees the end of its handshake just before the server counts it as done.)
+    let t0 = std::time::Instant::now();
+    while srv.handle().handshaking_connections() > 0 && t0.elapsed().as_secs() < 30 {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert_eq!(srv.handle().handshaking_connections(), 0);
+    assert_eq!(srv.handle().active_connections(), 8);
+    assert!(stalled[19].is_closed());
+    // Every connection is in transmission: the newcomer is refused.
+    let s = std::os::unix::net::UnixStream::connect(&srv.sock).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    let mut b = [0u8; 1];
+    assert!(matches!(
+        std::io::Read::read(&mut &s, &mut b),
+        Ok(0) | Err(_)
+    ));
+    for (i, c) in open.iter_mut().enumerate() {
+        c.check_alive(10 * i as u64 + 1);
+    }
+}
+
+#[test]
+fn large_requests_wait_for_the_buffer_budget_and_all_complete() {
+    // The smallest budget: one maximum-size request at a time, server-wide.
+    let cfg = ServerConfig {
+        buffer_limit: 0,
+        transmission: TransmissionConfig {
+            workers: 2,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let srv = TestServer::start_with(
+        vec![(
+            "a",
+            Arc::new(MemBackend::new(SIZE)) as Arc<dyn BlockBackend>,
+        )],
+        cfg,
+    );
+    let len = (SIZE / 4).min(u64::from(MAX_PAYLOAD)) as u32;
+    let threads: Vec<_> = (0..4u64)
+        .map(|i| {
+            let sock = srv.sock.clone();
+            std::thread::spawn(move || {
+                let mut c = RawClient::open(&sock, "a", true);
+                let off = i * u64::from(len);
+                let data = vec![i as u8 + 1; len as usize];
+                // Writes and reads pipelined before any reply is read.
+                c.request(CMD_WRITE, 0, 1, off, len, &data);
+                c.request(CMD_WRITE, 0, 2, off, len, &data);
+                c.request(CMD_READ, 0, 3, 0, len, &[]);
+                let mut got: Vec<_> = (0..3).map(|_| c.reply(u64::MAX)).collect();
+                got.sort_by_key(|r| r.1);
+                assert_eq!((got[0].0, got[1].0, got[2].0), (0, 0, 0));
+                c.request(CMD_READ, 0, 4, off, len, &[]);
+                let (e, cookie, d) = c.reply(off);
+                assert_eq!((e, cookie), (0, 4));
+                assert!(d == data, "read back what was written");
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(srv.handle().buffer_bytes(), 0);
+}

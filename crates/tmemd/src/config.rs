@@ -30,6 +30,9 @@ pub enum ConfigError {
     /// A socket group or mode is invalid.
     #[error("Invalid socket setting")]
     Socket(#[source] crate::secure::SecureError),
+    /// An NBD limit is out of range.
+    #[error("Invalid {0}: {1} (must be at least {2})")]
+    NbdLimit(&'static str, u64, u64),
 }
 
 /// Who may connect to a socket: its group and mode.
@@ -113,6 +116,23 @@ pub struct FileConfig {
     /// Serve NBD TCP clients that did not start TLS (they reach only exports without a
     /// tenant or credential list). Default false: on TCP, TLS is required.
     pub nbd_tcp_allow_plain: Option<bool>,
+    /// NBD connections open at once (handshake and transmission). At the limit a new
+    /// client closes the connection waiting longest in the handshake; only when all are in
+    /// transmission is it refused. Default 1024.
+    pub nbd_max_connections: Option<usize>,
+    /// NBD connections in the handshake at once, from all peers; at the limit a new client
+    /// closes the one longest in the handshake. Default 256.
+    pub nbd_max_handshakes: Option<usize>,
+    /// NBD connections in the handshake at once from one peer (TCP: client address, IPv6 by
+    /// /64; Unix socket: the client's uid, root included); at the limit the peer's oldest
+    /// handshake is closed. Default 64.
+    pub nbd_max_handshakes_per_peer: Option<usize>,
+    /// Budget for NBD request buffers above 256 KiB (WRITE payloads, READ replies), bytes
+    /// or `"256M"`; at least 32 MiB + 4 KiB (one maximum-size request). A client whose
+    /// request needs more waits. Default 256 MiB. The daemon's memory stays within its
+    /// baseline + the pool budget + this limit + about 2 MiB per NBD connection in
+    /// transmission (see `tmem_nbd::ServerConfig::buffer_limit`).
+    pub nbd_buffer_limit: Option<Size>,
 }
 
 /// Command-line overrides (all optional; see `tmemd --help`).
@@ -188,6 +208,32 @@ pub struct Config {
     pub nbd_psk_file: PathBuf,
     /// NBD TCP clients may go without TLS.
     pub nbd_tcp_allow_plain: bool,
+    /// NBD connection caps and request buffer budget.
+    pub nbd_limits: NbdLimits,
+}
+
+/// NBD limits against hostile or broken clients (see [`FileConfig`] for the keys).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NbdLimits {
+    /// Connections open at once.
+    pub max_connections: usize,
+    /// Connections in the handshake at once.
+    pub max_handshakes: usize,
+    /// Connections in the handshake at once from one peer.
+    pub max_handshakes_per_peer: usize,
+    /// Request buffer budget, bytes.
+    pub buffer_limit: u64,
+}
+
+impl Default for NbdLimits {
+    fn default() -> Self {
+        NbdLimits {
+            max_connections: tmem_nbd::server::DEFAULT_MAX_CONNECTIONS,
+            max_handshakes: tmem_nbd::server::DEFAULT_MAX_HANDSHAKES,
+            max_handshakes_per_peer: tmem_nbd::server::DEFAULT_MAX_HANDSHAKES_PER_PEER,
+            buffer_limit: tmem_nbd::server::DEFAULT_BUFFER_LIMIT,
+        }
+    }
 }
 
 /// Default fraction of the budget below which compression runs in the background.
@@ -281,6 +327,7 @@ impl Config {
         file: FileConfig,
         mem_total: Option<u64>,
     ) -> Result<Config, ConfigError> {
+        let nbd_limits = nbd_limits(&file)?;
         let fraction = file.budget_fraction.unwrap_or(DEFAULT_BUDGET_FRACTION);
         if !(fraction > 0.0 && fraction <= 1.0) {
             return Err(ConfigError::Fraction(fraction));
@@ -352,8 +399,44 @@ impl Config {
             )?,
             nbd_psk_file,
             nbd_tcp_allow_plain: file.nbd_tcp_allow_plain.unwrap_or(false),
+            nbd_limits,
         })
     }
+}
+
+fn nbd_limits(file: &FileConfig) -> Result<NbdLimits, ConfigError> {
+    let d = NbdLimits::default();
+    let at_least = |key: &'static str, v: Option<u64>, min: u64, default: u64| match v {
+        Some(v) if v < min => Err(ConfigError::NbdLimit(key, v, min)),
+        Some(v) => Ok(v),
+        None => Ok(default),
+    };
+    let count = |key, v: Option<usize>, default: usize| {
+        at_least(key, v.map(|v| v as u64), 1, default as u64).map(|v| v as usize)
+    };
+    Ok(NbdLimits {
+        max_connections: count(
+            "nbd_max_connections",
+            file.nbd_max_connections,
+            d.max_connections,
+        )?,
+        max_handshakes: count(
+            "nbd_max_handshakes",
+            file.nbd_max_handshakes,
+            d.max_handshakes,
+        )?,
+        max_handshakes_per_peer: count(
+            "nbd_max_handshakes_per_peer",
+            file.nbd_max_handshakes_per_peer,
+            d.max_handshakes_per_peer,
+        )?,
+        buffer_limit: at_least(
+            "nbd_buffer_limit",
+            file.nbd_buffer_limit.map(|s| s.0),
+            tmem_nbd::MIN_BUFFER_LIMIT,
+            d.buffer_limit,
+        )?,
+    })
 }
 
 fn read_file(p: &Path) -> Result<FileConfig, ConfigError> {
@@ -377,6 +460,33 @@ mod tests {
         assert_eq!(c.spill_reserve, DEFAULT_SPILL_RESERVE);
         let c = Config::resolve(&Args::default(), FileConfig::default(), None).unwrap();
         assert_eq!(c.budget, FALLBACK_BUDGET);
+        assert_eq!(c.nbd_limits, NbdLimits::default());
+        assert_eq!(c.nbd_limits.buffer_limit, 256 << 20);
+    }
+
+    #[test]
+    fn nbd_limits() {
+        let file: FileConfig = toml::from_str(
+            "nbd_buffer_limit = \"64M\"\nnbd_max_handshakes = 8\nnbd_max_handshakes_per_peer = 2\nnbd_max_connections = 100\n",
+        )
+        .unwrap();
+        let c = Config::resolve(&Args::default(), file, None).unwrap();
+        assert_eq!(
+            c.nbd_limits,
+            NbdLimits {
+                max_connections: 100,
+                max_handshakes: 8,
+                max_handshakes_per_peer: 2,
+                buffer_limit: 64 << 20,
+            }
+        );
+        for bad in ["nbd_buffer_limit = \"1M\"", "nbd_max_handshakes = 0"] {
+            let file: FileConfig = toml::from_str(bad).unwrap();
+            assert!(
+                Config::resolve(&Args::default(), file, None).is_err(),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -336,9 +336,14 @@ impl Daemon {
             daemon.warn(format!("Tenant TLS keys not published: {e}"));
         }
         let tls = TlsServer::new(daemon.keys.store()).map_err(DaemonError::Tls)?;
+        let lim = cfg.nbd_limits;
         let nbd_cfg = ServerConfig {
             tls: Some(tls),
             allow_plain_tcp: cfg.nbd_tcp_allow_plain,
+            max_connections: lim.max_connections,
+            max_handshakes: lim.max_handshakes,
+            max_handshakes_per_peer: lim.max_handshakes_per_peer,
+            buffer_limit: lim.buffer_limit,
             ..ServerConfig::default()
         };
         let nbd = ServerHandle::start(daemon.exports.clone(), nbd_cfg, &listen)
@@ -541,6 +546,7 @@ impl Daemon {
             ops: ops(&s.ops),
             resident_bytes: s.resident_bytes,
             process_rss_bytes: crate::memory::process_rss(),
+            nbd_buffer_bytes: lock(&self.nbd).as_ref().map_or(0, |n| n.buffer_bytes()),
             compactable_bytes: s.alloc.compactable_bytes,
             compaction: tmem_api::CompactionSummary {
                 runs: s.compaction.runs,

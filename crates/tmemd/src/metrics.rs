@@ -138,6 +138,11 @@ pub fn render(st: &Stats) -> String {
         p.process_rss_bytes as f64,
     );
     o.gauge(
+        "tmem_nbd_buffer_bytes",
+        "NBD request buffer bytes reserved now (large payloads and replies in flight).",
+        p.nbd_buffer_bytes as f64,
+    );
+    o.gauge(
         "tmem_compactable_bytes",
         "Bytes compaction could give back now.",
         p.compactable_bytes as f64,
