@@ -38,7 +38,20 @@ struct Inner {
 
 /// A shared byte budget for request buffers (cheap to clone: clones share the budget).
 #[derive(Debug, Clone)]
-pub struct BufferBudget(Arc<Inner>);
+pub struct BufferBudget(Arc<Inner>, Option<HeldBytes>);
+
+/// What one connection holds of a shared [`BufferBudget`] right now (see
+/// [`BufferBudget::scoped`]): lets the server tell a client that stalls while holding budget
+/// from one that is merely idle.
+#[derive(Debug, Clone, Default)]
+pub struct HeldBytes(Arc<AtomicU64>);
+
+impl HeldBytes {
+    /// Bytes currently reserved through the scoped budget.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
 
 impl Default for BufferBudget {
     /// An unlimited budget (it still counts the bytes in use).
@@ -50,12 +63,33 @@ impl Default for BufferBudget {
 impl BufferBudget {
     /// A budget of `limit` bytes (raised to [`MIN_BUFFER_LIMIT`] if smaller).
     pub fn new(limit: u64) -> Self {
-        Self(Arc::new(Inner {
-            limit: limit.max(MIN_BUFFER_LIMIT),
-            state: Mutex::new(State::default()),
-            cv: Condvar::new(),
-            in_use: AtomicU64::new(0),
-        }))
+        Self(
+            Arc::new(Inner {
+                limit: limit.max(MIN_BUFFER_LIMIT),
+                state: Mutex::new(State::default()),
+                cv: Condvar::new(),
+                in_use: AtomicU64::new(0),
+            }),
+            None,
+        )
+    }
+
+    /// The same budget, for one connection: what is reserved through the returned handle is
+    /// also counted in the returned [`HeldBytes`].
+    pub fn scoped(&self) -> (BufferBudget, HeldBytes) {
+        let held = HeldBytes::default();
+        (BufferBudget(Arc::clone(&self.0), Some(held.clone())), held)
+    }
+
+    fn permit(&self, n: u64) -> BufferPermit {
+        if let Some(h) = &self.1 {
+            h.0.fetch_add(n, Ordering::Relaxed);
+        }
+        BufferPermit {
+            budget: Arc::clone(&self.0),
+            held: self.1.clone(),
+            n,
+        }
     }
 
     /// A budget that never makes anyone wait.
@@ -92,10 +126,7 @@ impl BufferBudget {
         drop(st);
         // The next in line may fit too.
         self.0.cv.notify_all();
-        BufferPermit {
-            budget: Arc::clone(&self.0),
-            n,
-        }
+        self.permit(n)
     }
 
     /// Reserve `n` bytes only if they are free now and nobody is waiting.
@@ -106,10 +137,8 @@ impl BufferBudget {
         }
         st.used += n;
         self.0.in_use.store(st.used, Ordering::Relaxed);
-        Some(BufferPermit {
-            budget: Arc::clone(&self.0),
-            n,
-        })
+        drop(st);
+        Some(self.permit(n))
     }
 }
 
@@ -117,6 +146,7 @@ impl BufferBudget {
 #[derive(Debug)]
 pub struct BufferPermit {
     budget: Arc<Inner>,
+    held: Option<HeldBytes>,
     n: u64,
 }
 
@@ -129,6 +159,9 @@ impl BufferPermit {
 
 impl Drop for BufferPermit {
     fn drop(&mut self) {
+        if let Some(h) = &self.held {
+            h.0.fetch_sub(self.n, Ordering::Relaxed);
+        }
         let mut st = self.budget.state.lock().unwrap_or_else(|e| e.into_inner());
         st.used -= self.n;
         self.budget.in_use.store(st.used, Ordering::Relaxed);
@@ -161,5 +194,19 @@ mod tests {
         drop(p);
         assert_eq!(t.join().unwrap(), MIN_BUFFER_LIMIT);
         assert_eq!(b.in_use(), 0);
+    }
+
+    #[test]
+    fn scoped_budgets_count_what_their_connection_holds() {
+        let b = BufferBudget::new(0);
+        let (c1, h1) = b.scoped();
+        let (_c2, h2) = b.scoped();
+        let p = c1.acquire(1000);
+        let q = c1.try_acquire(24).expect("fits");
+        assert_eq!((h1.get(), h2.get(), b.in_use()), (1024, 0, 1024));
+        drop(p);
+        assert_eq!(h1.get(), 24);
+        drop(q);
+        assert_eq!((h1.get(), b.in_use()), (0, 0));
     }
 }

@@ -61,7 +61,7 @@ pub use backend::{
     BackendCaps, BackendError, BlockBackend, ExportInfo, ExportTable, Extent, StaticExports,
     ZeroRanges,
 };
-pub use budget::{BufferBudget, BufferPermit, MIN_BUFFER_LIMIT};
+pub use budget::{BufferBudget, BufferPermit, HeldBytes, MIN_BUFFER_LIMIT};
 pub use handshake::{
     negotiate, negotiate_with, HandshakeCtx, HandshakeError, Outcome, Policy, Session,
 };

@@ -12,7 +12,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::backend::ExportTable;
-use crate::budget::BufferBudget;
+use crate::budget::{BufferBudget, HeldBytes};
 use crate::handshake::{negotiate_with, HandshakeCtx, HandshakeError, Outcome, Policy, Session};
 use crate::peer::{unix_peer_cred, Peer, Transport};
 use crate::rl_event;
@@ -70,6 +70,12 @@ pub struct ServerConfig {
     /// installs a budget of this size as `transmission.budget` (replacing any set there).
     /// Default: 256 MiB.
     pub buffer_limit: u64,
+    /// A connection in transmission that holds request buffers from that budget and receives
+    /// nothing for this long (a client that announced a large WRITE and stalled), or whose
+    /// reply cannot be written for this long (a client that stopped reading), is closed, so
+    /// it cannot hold the shared budget for ever. An idle client holding nothing is never
+    /// closed. Default: 60 s.
+    pub stall_timeout: Duration,
 }
 
 /// Default [`ServerConfig::max_connections`].
@@ -90,6 +96,7 @@ impl Default for ServerConfig {
             max_handshakes: DEFAULT_MAX_HANDSHAKES,
             max_handshakes_per_peer: DEFAULT_MAX_HANDSHAKES_PER_PEER,
             buffer_limit: DEFAULT_BUFFER_LIMIT,
+            stall_timeout: Duration::from_secs(60),
             tls: None,
             allow_plain_tcp: false,
         }
@@ -862,6 +869,10 @@ fn serve_conn(shared: &Shared, id: u64, stream: Stream) {
     match negotiated {
         Ok(Outcome::Go(session)) => {
             sock.enter_transmission();
+            // Reads wake up now and then to check for a stall; replies may wait for socket
+            // space only so long (SO_RCVTIMEO/SO_SNDTIMEO, shared by the writer's clone).
+            let _ = sock.s.set_read_timeout(Some(STALL_CHECK));
+            let _ = sock.s.set_write_timeout(Some(shared.cfg.stall_timeout));
             let writer = match sock.s.try_clone() {
                 Ok(w) => w,
                 Err(e) => {
@@ -873,6 +884,57 @@ fn serve_conn(shared: &Shared, id: u64, stream: Stream) {
         }
         Ok(Outcome::StartTls) => serve_tls(shared, id, sock, ctx),
         Err(e) => handshake_failed(&ctx.peer, e),
+    }
+}
+
+/// How often a transmission-phase read wakes up to check whether its client stalls.
+const STALL_CHECK: Duration = Duration::from_secs(1);
+
+/// The reader of a connection in transmission. Its socket reads time out every
+/// [`STALL_CHECK`]; a timeout is retried, unless the connection holds request buffers from
+/// the shared budget and has received nothing for `timeout` — then the read fails and the
+/// connection closes, giving the buffers back.
+struct StallGuard<R> {
+    r: R,
+    held: HeldBytes,
+    timeout: Duration,
+    since: Option<Instant>,
+}
+
+impl<R: Read> Read for StallGuard<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            match self.r.read(buf) {
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    if self.held.get() == 0 {
+                        self.since = None;
+                        continue;
+                    }
+                    let since = *self.since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= self.timeout {
+                        rl_event!(
+                            warn,
+                            held = self.held.get(),
+                            "NBD client stalled while holding request buffers, disconnecting"
+                        );
+                        return Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "client stalled while holding request buffers",
+                        ));
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                other => {
+                    self.since = None;
+                    return other;
+                }
+            }
+        }
     }
 }
 
@@ -905,7 +967,7 @@ fn serve_tls(shared: &Shared, id: u64, sock: DeadlineSock, mut ctx: HandshakeCtx
                 rl_event!(warn, error = %e, "NBD: cannot make a TLS socket non-blocking");
                 return;
             }
-            let (r, w) = TlsShared::split(ssl);
+            let (r, w) = TlsShared::split(ssl, Some(STALL_CHECK), Some(shared.cfg.stall_timeout));
             run_transmission(shared, id, session, r, w);
         }
         Ok(Outcome::StartTls) => {
@@ -924,6 +986,17 @@ fn run_transmission<R: Read, W: Write + Send + 'static>(
 ) {
     // From here on the connection serves a guest: caps never close it for a newcomer.
     shared.entered_transmission(id);
+    let (budget, held) = shared.cfg.transmission.budget.scoped();
+    let tcfg = TransmissionConfig {
+        budget,
+        ..shared.cfg.transmission.clone()
+    };
+    let reader = StallGuard {
+        r: reader,
+        held,
+        timeout: shared.cfg.stall_timeout,
+        since: None,
+    };
     let stats = shared.stats_for(&session.name);
     ExportStats::inc(&stats.connections, 1);
     // Counts this connection as open until it ends, however it ends.
@@ -936,7 +1009,7 @@ fn run_transmission<R: Read, W: Write + Send + 'static>(
     stats.live.fetch_add(1, Ordering::Relaxed);
     let _live = Live(stats.clone());
     tracing::debug!(export = %session.name, structured = session.structured, "NBD client entered transmission");
-    match serve_transmission(reader, writer, session, stats, &shared.cfg.transmission) {
+    match serve_transmission(reader, writer, session, stats, &tcfg) {
         Ok(()) => {}
         Err(TransmissionError::Io(e)) if shared.stopping.load(Ordering::SeqCst) => {
             tracing::trace!(error = %e, "NBD connection closed by shutdown");

@@ -12,7 +12,7 @@ use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use openssl::error::ErrorStack;
 use openssl::ex_data::Index;
@@ -278,16 +278,29 @@ impl TlsServer {
 pub struct TlsShared<S> {
     inner: Mutex<SslStream<S>>,
     fd: RawFd,
+    /// How long a read waits before it returns `TimedOut` (the caller decides whether that
+    /// is a stall or just an idle client).
+    read_wait: Option<Duration>,
+    /// How long a reply may wait for socket space before the connection is given up.
+    write_wait: Option<Duration>,
 }
 
 impl<S: Read + Write + AsRawFd> TlsShared<S> {
     /// Shares `s` between a [`TlsReader`] and a [`TlsWriter`]; the caller has made the
-    /// socket non-blocking.
-    pub fn split(s: SslStream<S>) -> (TlsReader<S>, TlsWriter<S>) {
+    /// socket non-blocking. A read waiting longer than `read_wait` for the client returns
+    /// `TimedOut` (and may be retried); a write waiting longer than `write_wait` for socket
+    /// space fails with `TimedOut`. `None`: wait for ever.
+    pub fn split(
+        s: SslStream<S>,
+        read_wait: Option<Duration>,
+        write_wait: Option<Duration>,
+    ) -> (TlsReader<S>, TlsWriter<S>) {
         let fd = s.get_ref().as_raw_fd();
         let sh = Arc::new(TlsShared {
             inner: Mutex::new(s),
             fd,
+            read_wait,
+            write_wait,
         });
         (TlsReader(Arc::clone(&sh)), TlsWriter(sh))
     }
@@ -329,7 +342,8 @@ fn classify(e: openssl::ssl::Error) -> Result<Wait, io::Error> {
     }
 }
 
-fn wait_for(fd: RawFd, w: Wait) -> io::Result<()> {
+fn wait_for(fd: RawFd, w: Wait, limit: Option<Duration>) -> io::Result<()> {
+    let timeout = limit.map_or(-1, |d| i32::try_from(d.as_millis()).unwrap_or(i32::MAX));
     let events = match w {
         Wait::Readable => libc::POLLIN,
         Wait::Writable => libc::POLLOUT,
@@ -341,8 +355,14 @@ fn wait_for(fd: RawFd, w: Wait) -> io::Result<()> {
     };
     loop {
         // SAFETY: one valid pollfd for the duration of the call.
-        let r = unsafe { libc::poll(&mut p, 1, -1) };
-        if r >= 0 {
+        let r = unsafe { libc::poll(&mut p, 1, timeout) };
+        if r == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "NBD TLS connection made no progress",
+            ));
+        }
+        if r > 0 {
             return Ok(());
         }
         let e = io::Error::last_os_error();
@@ -359,7 +379,7 @@ impl<S: Read + Write> Read for TlsReader<S> {
             match r {
                 Ok(n) => return Ok(n),
                 Err(e) if e.code() == openssl::ssl::ErrorCode::ZERO_RETURN => return Ok(0),
-                Err(e) => wait_for(self.0.fd, classify(e)?)?,
+                Err(e) => wait_for(self.0.fd, classify(e)?, self.0.read_wait)?,
             }
         }
     }
@@ -371,7 +391,7 @@ impl<S: Read + Write> Write for TlsWriter<S> {
             let r = self.0.lock().ssl_write(buf);
             match r {
                 Ok(n) => return Ok(n),
-                Err(e) => wait_for(self.0.fd, classify(e)?)?,
+                Err(e) => wait_for(self.0.fd, classify(e)?, self.0.write_wait)?,
             }
         }
     }

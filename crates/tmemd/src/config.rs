@@ -133,6 +133,10 @@ pub struct FileConfig {
     /// baseline + the pool budget + this limit + about 2 MiB per NBD connection in
     /// transmission (see `tmem_nbd::ServerConfig::buffer_limit`).
     pub nbd_buffer_limit: Option<Size>,
+    /// Seconds an NBD connection holding request buffers may receive nothing, or a reply
+    /// may wait for the client to read, before the connection is closed (an idle client
+    /// holding nothing is never closed). Default 60.
+    pub nbd_stall_timeout_secs: Option<u64>,
 }
 
 /// Command-line overrides (all optional; see `tmemd --help`).
@@ -223,6 +227,8 @@ pub struct NbdLimits {
     pub max_handshakes_per_peer: usize,
     /// Request buffer budget, bytes.
     pub buffer_limit: u64,
+    /// Seconds a connection holding buffers may stall.
+    pub stall_timeout_secs: u64,
 }
 
 impl Default for NbdLimits {
@@ -232,6 +238,7 @@ impl Default for NbdLimits {
             max_handshakes: tmem_nbd::server::DEFAULT_MAX_HANDSHAKES,
             max_handshakes_per_peer: tmem_nbd::server::DEFAULT_MAX_HANDSHAKES_PER_PEER,
             buffer_limit: tmem_nbd::server::DEFAULT_BUFFER_LIMIT,
+            stall_timeout_secs: 60,
         }
     }
 }
@@ -436,6 +443,12 @@ fn nbd_limits(file: &FileConfig) -> Result<NbdLimits, ConfigError> {
             tmem_nbd::MIN_BUFFER_LIMIT,
             d.buffer_limit,
         )?,
+        stall_timeout_secs: at_least(
+            "nbd_stall_timeout_secs",
+            file.nbd_stall_timeout_secs,
+            1,
+            d.stall_timeout_secs,
+        )?,
     })
 }
 
@@ -467,7 +480,7 @@ mod tests {
     #[test]
     fn nbd_limits() {
         let file: FileConfig = toml::from_str(
-            "nbd_buffer_limit = \"64M\"\nnbd_max_handshakes = 8\nnbd_max_handshakes_per_peer = 2\nnbd_max_connections = 100\n",
+            "nbd_buffer_limit = \"64M\"\nnbd_max_handshakes = 8\nnbd_max_handshakes_per_peer = 2\nnbd_max_connections = 100\nnbd_stall_timeout_secs = 5\n",
         )
         .unwrap();
         let c = Config::resolve(&Args::default(), file, None).unwrap();
@@ -478,9 +491,14 @@ mod tests {
                 max_handshakes: 8,
                 max_handshakes_per_peer: 2,
                 buffer_limit: 64 << 20,
+                stall_timeout_secs: 5,
             }
         );
-        for bad in ["nbd_buffer_limit = \"1M\"", "nbd_max_handshakes = 0"] {
+        for bad in [
+            "nbd_buffer_limit = \"1M\"",
+            "nbd_max_handshakes = 0",
+            "nbd_stall_timeout_secs = 0",
+        ] {
             let file: FileConfig = toml::from_str(bad).unwrap();
             assert!(
                 Config::resolve(&Args::default(), file, None).is_err(),

@@ -344,6 +344,7 @@ impl Daemon {
             max_handshakes: lim.max_handshakes,
             max_handshakes_per_peer: lim.max_handshakes_per_peer,
             buffer_limit: lim.buffer_limit,
+            stall_timeout: std::time::Duration::from_secs(lim.stall_timeout_secs),
             ..ServerConfig::default()
         };
         let nbd = ServerHandle::start(daemon.exports.clone(), nbd_cfg, &listen)

@@ -277,3 +277,79 @@ fn maximum_size_writes_from_many_clients_stay_within_the_buffer_limit() {
     let v: Vec<tmem_api::ExportInfo> = serde_json::from_str(&stdout(&o)).unwrap();
     assert_eq!(v[0].nbd.writes, CLIENTS * WRITES);
 }
+
+/// A 28-byte NBD WRITE request header.
+fn write_header(cookie: u64, offset: u64, len: u32) -> Vec<u8> {
+    let mut h = Vec::with_capacity(28);
+    h.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+    h.extend_from_slice(&0u16.to_be_bytes());
+    h.extend_from_slice(&1u16.to_be_bytes()); // CMD_WRITE
+    h.extend_from_slice(&cookie.to_be_bytes());
+    h.extend_from_slice(&offset.to_be_bytes());
+    h.extend_from_slice(&len.to_be_bytes());
+    h
+}
+
+#[test]
+fn a_client_stalling_mid_payload_does_not_hold_the_buffer_budget_for_ever() {
+    // Room for exactly one maximum-size request: while the staller holds it, nobody else's
+    // large write can start.
+    let limit = tmem_nbd::MIN_BUFFER_LIMIT;
+    let t = tmp();
+    let dir = t.path().join("state");
+    let cfg = t.path().join("tmemd.toml");
+    std::fs::write(
+        &cfg,
+        format!("budget = \"256M\"\nnbd_buffer_limit = {limit}\nnbd_stall_timeout_secs = 2\n"),
+    )
+    .unwrap();
+    let d = Tmemd::start(&dir, &["--config", cfg.to_str().unwrap()]);
+    let size = 2 * u64::from(MAX_PAYLOAD);
+    let o = d.ctl(&[
+        "export",
+        "add",
+        "s",
+        "--kind",
+        "swap",
+        "--size",
+        &size.to_string(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let sock: PathBuf = d.run.join("nbd.sock");
+
+    // The staller announces a maximum-size write, sends 1 MiB of it and stops.
+    let mut staller = open_export(&sock, "s");
+    staller.write_all(&write_header(1, 0, MAX_PAYLOAD)).unwrap();
+    staller.write_all(&vec![7u8; 1 << 20]).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    // A well-behaved client's maximum-size write: it must complete (a reply with error 0)
+    // once the staller's reservation is reclaimed. The read timeout is only a hang guard.
+    let mut good = open_export(&sock, "s");
+    good.set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    good.write_all(&write_header(2, u64::from(MAX_PAYLOAD), MAX_PAYLOAD))
+        .unwrap();
+    good.write_all(&pattern(MAX_PAYLOAD as usize, 3)).unwrap();
+    let mut reply = [0u8; 16];
+    good.read_exact(&mut reply)
+        .expect("the good client's write never completed: the staller kept the buffer budget");
+    assert_eq!(
+        u32::from_be_bytes(reply[0..4].try_into().unwrap()),
+        0x6744_6698
+    );
+    assert_eq!(
+        u32::from_be_bytes(reply[4..8].try_into().unwrap()),
+        0,
+        "write error"
+    );
+    assert_eq!(u64::from_be_bytes(reply[8..16].try_into().unwrap()), 2);
+    // The staller was disconnected (EOF or reset), not answered.
+    staller
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut b = [0u8; 16];
+    match staller.read(&mut b) {
+        Ok(0) | Err(_) => {}
+        Ok(n) => panic!("the staller got {n} bytes of a reply"),
+    }
+}
