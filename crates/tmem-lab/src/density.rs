@@ -212,6 +212,7 @@ fn run_mode(
                     codec: None,
                     dedup: None,
                     direct_io: None,
+                    writable: None,
                 },
             )?;
             Drive::nbd(d.nbd_socket(), format!("{gname}-swap"))

@@ -352,6 +352,7 @@ pub fn run_once(
                     codec: None,
                     dedup: None,
                     direct_io: None,
+                    writable: None,
                 },
             )?;
             d.api().post(
@@ -365,6 +366,7 @@ pub fn run_once(
                     codec: None,
                     dedup: None,
                     direct_io: Some(true),
+                    writable: None,
                 },
             )?;
             (
@@ -833,6 +835,7 @@ mod tests {
             client: 1,
             pool: None,
             image: None,
+            writable: false,
             uri: String::new(),
             backend: tmem_api::BackendCounters {
                 sectors_read: r,

@@ -19,8 +19,8 @@ use clap::{Parser, Subcommand};
 use client::{Client, ClientError};
 use tmem_api::{
     format_size, BudgetReply, ClientInfo, CreateClient, CreateExport, CreateGuest, ExportInfo,
-    ExportKind, GuestInfo, PolicyName, SetBudget, ShrinkReply, ShrinkRequest, Size, Stats, Status,
-    API_PREFIX,
+    ExportKind, GuestInfo, InvalidateReply, PolicyName, SetBudget, ShrinkReply, ShrinkRequest,
+    Size, Stats, Status, API_PREFIX,
 };
 
 /// Command line.
@@ -167,6 +167,16 @@ pub enum ExportCmd {
         /// Cached: open the image with O_DIRECT.
         #[arg(long)]
         direct_io: bool,
+        /// Cached: let the client write the image (default: read-only; NBD clients are
+        /// told so and writes fail with EPERM).
+        #[arg(long)]
+        writable: bool,
+    },
+    /// Cached: drop every cached page of the export's image from the shared pool (after
+    /// changing the image by means the daemon cannot notice). Prints the pages dropped.
+    Invalidate {
+        /// Export name.
+        name: String,
     },
     /// Remove an export (its pages are dropped). Refused while NBD clients have it open.
     Rm {
@@ -331,6 +341,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                 codec,
                 dedup,
                 direct_io,
+                writable,
             } => {
                 let req = CreateExport {
                     name,
@@ -341,16 +352,33 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                     codec,
                     dedup,
                     direct_io: direct_io.then_some(true),
+                    writable: writable.then_some(true),
                 };
                 let e: ExportInfo = c.call("POST", &v1("/exports"), Some(&req))?;
                 println!(
-                    "export {} ({}, {}, client {}): {}",
+                    "export {} ({}, {}, client {}, {}): {}",
                     e.name,
                     e.kind,
                     format_size(e.size),
                     e.client,
+                    if e.writable { "writable" } else { "read-only" },
                     e.uri
                 );
+            }
+            ExportCmd::Invalidate { name } => {
+                let r: InvalidateReply =
+                    c.call::<(), _>("POST", &v1(&format!("/exports/{name}/invalidate")), None)?;
+                println!(
+                    "export {}: {} cached pages dropped",
+                    r.name, r.pages_dropped
+                );
+                if r.path_replaced {
+                    println!(
+                        "warning: the image path of {} now names another file; the export keeps \
+                         serving the file it opened (re-create the export to serve the new one)",
+                        r.name
+                    );
+                }
             }
             ExportCmd::Rm { name, force } => {
                 let q = if force { "?force=true" } else { "" };

@@ -378,6 +378,7 @@ mod tests {
             client: 7,
             pool: Some(1),
             image: None,
+            writable: false,
             uri: String::new(),
             backend: Default::default(),
             nbd: Default::default(),

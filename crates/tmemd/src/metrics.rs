@@ -511,6 +511,7 @@ mod tests {
             client: 1,
             pool: Some(0),
             image: None,
+            writable: false,
             uri: String::new(),
             backend: Default::default(),
             nbd: Default::default(),

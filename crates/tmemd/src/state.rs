@@ -77,6 +77,13 @@ pub struct ExportEntry {
     pub dedup: String,
     /// Cached: O_DIRECT.
     pub direct_io: bool,
+    /// Cached: whether clients may write the image. Absent in manifests written before
+    /// cached exports became read-only by default (`None`): such an export is restored as
+    /// it behaved then — writable when the image can be opened for writing, else
+    /// read-only — with a warning, and saved with the value it got. New exports are
+    /// read-only unless created writable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub writable: Option<bool>,
 }
 
 /// The manifest.
@@ -208,6 +215,7 @@ mod tests {
                 codec: "lz4".into(),
                 dedup: "client".into(),
                 direct_io: false,
+                writable: Some(true),
             }],
             ..Default::default()
         };
