@@ -364,6 +364,10 @@ mod tests {
             201
         );
         assert_eq!(status("GET", "/api/v1/exports/x", ""), 200);
+        // Invalidation is for cached exports only.
+        assert_eq!(status("POST", "/api/v1/exports/x/invalidate", ""), 409);
+        assert_eq!(status("POST", "/api/v1/exports/nope/invalidate", ""), 404);
+        assert_eq!(status("GET", "/api/v1/exports/x/invalidate", ""), 405);
         assert_eq!(status("DELETE", "/api/v1/clients/1", ""), 409);
         assert_eq!(
             status(
