@@ -20,6 +20,7 @@
 //! | GET | `/exports/{name}` | | [`ExportInfo`] |
 //! | POST | `/exports` | [`CreateExport`] | [`ExportInfo`] (201) |
 //! | DELETE | `/exports/{name}` | | 204 |
+//! | POST | `/exports/{name}/invalidate` | | [`InvalidateReply`] (cached exports; 409 for others) |
 //! | PUT | `/budget` | [`SetBudget`] | [`BudgetReply`] |
 //! | POST | `/shrink` | [`ShrinkRequest`] | [`ShrinkReply`] |
 //! | POST | `/compact` | [`CompactRequest`] (optional) | [`CompactReply`] |
@@ -538,6 +539,10 @@ pub struct ExportInfo {
     pub pool: Option<u32>,
     /// Cached: the image.
     pub image: Option<PathBuf>,
+    /// Whether clients may write. Swap exports always; cached exports only when created
+    /// `writable` (they are read-only by default). Absent from older daemons: `false`.
+    #[serde(default)]
+    pub writable: bool,
     /// NBD URI to reach it.
     pub uri: String,
     /// Who may open it.
@@ -722,6 +727,25 @@ pub struct CreateExport {
     /// here is refused).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tenant_key: Option<String>,
+    /// Cached: open the image read-write and let the client write it. Default false: the
+    /// export is read-only (the image is usually a base shared by several guests). Swap
+    /// exports are always writable (`false` is refused for them).
+    #[serde(default)]
+    pub writable: Option<bool>,
+}
+
+/// Reply to `POST /exports/{name}/invalidate`: every cached page of the export's image
+/// was dropped from the shared pool (for every export sharing it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InvalidateReply {
+    /// The export.
+    pub name: String,
+    /// Pages dropped from the pool.
+    pub pages_dropped: u64,
+    /// The image's path names another file (or none) now: the export keeps serving the
+    /// file it opened; re-create the export to serve the new one.
+    #[serde(default)]
+    pub path_replaced: bool,
 }
 
 /// `PUT /budget`.

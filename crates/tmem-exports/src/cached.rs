@@ -9,13 +9,14 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
-use parking_lot::{Mutex, MutexGuard};
+use parking_lot::{Mutex, MutexGuard, RwLock};
 use tmem_core::{
     ClientId, Codec, DedupScope, Engine, ObjectId, PageKey, PageState, PoolId, PoolSpec, PoolUuid,
     PAGE_SIZE,
 };
 use tmem_nbd::{BackendCaps, BackendError, BlockBackend, Extent, ZeroRanges};
 
+use crate::identity::{self, ImageCheck, ImageIdentity, PathState};
 use crate::sys::{self, rl_log, AlignedBuf};
 use crate::{check_range, ExportError, MAX_EXPORT_BYTES};
 
@@ -49,6 +50,12 @@ pub struct CachedConfig {
     /// Where the pool looks for duplicates (must match other members; `Global` on both
     /// pools lets identical blocks of different images share payloads).
     pub dedup: DedupScope,
+    /// Open the image read-write and let clients write, trim and zero it. Default
+    /// `false`: the image is opened `O_RDONLY`, the export is advertised read-only to NBD
+    /// clients and writes fail with `EPERM` — a shared base image is never changed by one
+    /// of the guests using it. A writable export whose image cannot be opened for writing
+    /// fails to open (it is never silently downgraded).
+    pub writable: bool,
 }
 
 /// Counters of a cached export (this export's requests only).
@@ -74,8 +81,13 @@ pub struct CachedStats {
     pub writes: u64,
     /// Whether the image is really open with `O_DIRECT`.
     pub direct_io: bool,
-    /// Whether the image was opened read-only (no write permission).
+    /// Whether the export is read-only (not [`CachedConfig::writable`]).
     pub read_only: bool,
+    /// Times the image was found changed underneath the export (or invalidated by hand)
+    /// and every cached page of it was dropped.
+    pub image_invalidations: u64,
+    /// Pages dropped by those invalidations.
+    pub pages_dropped: u64,
 }
 
 /// Locks and generation counters shared by every export of one image in one engine.
@@ -86,17 +98,29 @@ pub struct CachedStats {
 /// generation *before* reading the image and inserts the page only if, under the stripe
 /// lock, the generation is even and unchanged. So a page read before or during a write is
 /// never inserted after that write invalidated the cache.
+///
+/// `ident` is the image's identity as last recorded (at the first open, after a writable
+/// export's own writes, after an invalidation); every export of the image checks against
+/// it, so one change underneath is acted on once. Writes hold `writing` shared until
+/// they re-recorded the identity, a check holds it exclusively while it compares: a
+/// check never mistakes a write of ours in progress for a change underneath.
 struct ImageShared {
     uuid: PoolUuid,
     locks: Box<[Mutex<()>]>,
     gens: Box<[AtomicU64]>,
+    ident: Mutex<ImageIdentity>,
+    writing: RwLock<()>,
 }
 
 type RegistryKey = (usize, u64, u64);
 static REGISTRY: std::sync::Mutex<Vec<(RegistryKey, Weak<ImageShared>)>> =
     std::sync::Mutex::new(Vec::new());
 
-fn shared_for(key: RegistryKey, uuid: PoolUuid) -> Result<Arc<ImageShared>, ExportError> {
+fn shared_for(
+    key: RegistryKey,
+    uuid: PoolUuid,
+    ident: ImageIdentity,
+) -> Result<Arc<ImageShared>, ExportError> {
     let mut reg = REGISTRY.lock().unwrap_or_else(|p| p.into_inner());
     reg.retain(|(_, w)| w.strong_count() > 0);
     if let Some(s) = reg
@@ -115,6 +139,8 @@ fn shared_for(key: RegistryKey, uuid: PoolUuid) -> Result<Arc<ImageShared>, Expo
         uuid,
         locks: (0..STRIPES).map(|_| Mutex::new(())).collect(),
         gens: (0..STRIPES).map(|_| AtomicU64::new(0)).collect(),
+        ident: Mutex::new(ident),
+        writing: RwLock::new(()),
     });
     reg.push((key, Arc::downgrade(&s)));
     Ok(s)
@@ -137,6 +163,8 @@ struct Counters {
     insert_races: AtomicU64,
     reads: AtomicU64,
     writes: AtomicU64,
+    image_invalidations: AtomicU64,
+    pages_dropped: AtomicU64,
 }
 
 type MissHook = Arc<dyn Fn(u64) + Send + Sync>;
@@ -156,6 +184,8 @@ pub struct CachedExport {
     read_only: bool,
     can_punch: AtomicBool,
     shared: Arc<ImageShared>,
+    /// The image's path named another file (or none) at the last check.
+    path_replaced: AtomicBool,
     closed: AtomicBool,
     c: Counters,
     miss_hook: Mutex<Option<MissHook>>,
@@ -184,43 +214,35 @@ fn open_image(path: &Path, direct: bool, write: bool) -> io::Result<File> {
     o.open(path)
 }
 
-/// Opens the image: read-write if allowed (else read-only), `O_DIRECT` if asked and
-/// possible. Returns `(file, direct, read_only)`.
-fn open_best(path: &Path, want_direct: bool) -> io::Result<(File, bool, bool)> {
-    let mut write = true;
-    let mut direct = want_direct;
-    loop {
-        match open_image(path, direct, write) {
-            Ok(f) => return Ok((f, direct, !write)),
-            Err(e) if direct && e.raw_os_error() == Some(libc::EINVAL) => {
+/// Opens the image (read-write only when `write`), `O_DIRECT` if asked and possible.
+/// Returns `(file, direct)`.
+fn open_best(path: &Path, want_direct: bool, write: bool) -> io::Result<(File, bool)> {
+    if want_direct {
+        match open_image(path, true, write) {
+            Ok(f) => return Ok((f, true)),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                 tracing::info!(image = %path.display(), "filesystem refuses O_DIRECT; using buffered I/O");
-                direct = false;
-            }
-            Err(e)
-                if write
-                    && matches!(
-                        e.raw_os_error(),
-                        Some(libc::EACCES) | Some(libc::EROFS) | Some(libc::EPERM)
-                    ) =>
-            {
-                tracing::info!(image = %path.display(), "image not writable; exporting read-only");
-                write = false;
             }
             Err(e) => return Err(e),
         }
     }
+    Ok((open_image(path, false, write)?, false))
 }
 
 impl CachedExport {
-    /// Opens the image, authorizes `cfg.client` for the pool UUID and joins the shared
-    /// ephemeral pool (creating it if this is the first export of the image).
+    /// Opens the image (read-only unless [`CachedConfig::writable`]), authorizes
+    /// `cfg.client` for the pool UUID and joins the shared ephemeral pool (creating it if
+    /// this is the first export of the image). When other exports of the image already
+    /// share the pool and the image changed since they recorded it, the cached pages are
+    /// dropped (see [`CachedExport::check_image`]).
     pub fn open(engine: Arc<Engine>, cfg: CachedConfig) -> Result<Arc<Self>, ExportError> {
         let img_err = |source| ExportError::ImageOpen {
             path: cfg.image.clone(),
             source,
         };
-        let (file, direct, read_only) = open_best(&cfg.image, cfg.direct_io).map_err(img_err)?;
-        let buffered = open_image(&cfg.image, false, !read_only).map_err(img_err)?;
+        let read_only = !cfg.writable;
+        let (file, direct) = open_best(&cfg.image, cfg.direct_io, cfg.writable).map_err(img_err)?;
+        let buffered = open_image(&cfg.image, false, cfg.writable).map_err(img_err)?;
         let meta = file.metadata().map_err(img_err)?;
         let size = (&file).seek(SeekFrom::End(0)).map_err(img_err)?;
         if size == 0 {
@@ -233,7 +255,11 @@ impl CachedExport {
             .uuid
             .unwrap_or_else(|| image_uuid(meta.dev(), meta.ino()));
         let engine_key = Arc::as_ptr(&engine) as usize;
-        let shared = shared_for((engine_key, meta.dev(), meta.ino()), uuid)?;
+        let shared = shared_for(
+            (engine_key, meta.dev(), meta.ino()),
+            uuid,
+            ImageIdentity::of(&meta),
+        )?;
         engine.authorize_shared(uuid, cfg.client);
         let spec = PoolSpec::shared_ephemeral(uuid)
             .with_codec(cfg.codec)
@@ -243,7 +269,7 @@ impl CachedExport {
             .create_pool(cfg.client, spec)
             .map_err(ExportError::JoinPool)?;
         tracing::info!(name = %cfg.name, image = %cfg.image.display(), size, ?uuid, ?pool, direct, read_only, "cached export opened");
-        Ok(Arc::new(CachedExport {
+        let ex = Arc::new(CachedExport {
             engine,
             cfg,
             uuid,
@@ -255,10 +281,14 @@ impl CachedExport {
             read_only,
             can_punch: AtomicBool::new(true),
             shared,
+            path_replaced: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             c: Counters::default(),
             miss_hook: Mutex::new(None),
-        }))
+        });
+        // Other exports may have cached the image before it changed.
+        ex.check_image()?;
+        Ok(ex)
     }
 
     /// The shared pool's UUID.
@@ -291,7 +321,14 @@ impl CachedExport {
             writes: c.writes.load(Relaxed),
             direct_io: self.direct,
             read_only: self.read_only,
+            image_invalidations: c.image_invalidations.load(Relaxed),
+            pages_dropped: c.pages_dropped.load(Relaxed),
         }
+    }
+
+    /// Whether clients may write (the export was opened [`CachedConfig::writable`]).
+    pub fn writable(&self) -> bool {
+        !self.read_only
     }
 
     /// Leaves the shared pool (the pool goes when its last member leaves). Further I/O
@@ -311,6 +348,99 @@ impl CachedExport {
     #[doc(hidden)]
     pub fn set_miss_hook(&self, hook: Option<Box<dyn Fn(u64) + Send + Sync>>) {
         *self.miss_hook.lock() = hook.map(Arc::from);
+    }
+
+    /// Checks that the image still is what the cache holds (run on every FLUSH and by the
+    /// daemon when a client connects; cheap: one `fstat`, one `stat`).
+    ///
+    /// * The open image's identity ([`ImageIdentity`]: device, inode, size, mtime with
+    ///   nanoseconds) is compared with the one recorded for the image (shared by every
+    ///   export of it in this engine). If it differs, someone rewrote the image underneath:
+    ///   every cached page of it is dropped from the shared pool (as
+    ///   [`CachedExport::invalidate_image`]), the new identity is recorded and one warning
+    ///   is logged. A writable export's own writes re-record the identity after they
+    ///   complete, so they do not count as changes; an outside write racing with them may
+    ///   go unnoticed.
+    /// * The image's path is compared with the open file. If it names another file (a
+    ///   `mv new.img base.img`) or none, one warning is logged and the export keeps serving
+    ///   the file it opened — the cache still matches that file, so nothing is dropped.
+    ///   Re-create the export (or restart the daemon) to serve the new file.
+    pub fn check_image(&self) -> Result<ImageCheck, ExportError> {
+        self.check_open()?;
+        let (before, now) = {
+            let _w = self.shared.writing.write();
+            let now = ImageIdentity::of(&self.file.metadata().map_err(ExportError::ImageIo)?);
+            let mut id = self.shared.ident.lock();
+            let before = *id;
+            *id = now;
+            (before, now)
+        };
+        let mut check = ImageCheck::default();
+        let replaced = match identity::path_state(&self.cfg.image, &now) {
+            PathState::Same => false,
+            PathState::Replaced => true,
+            PathState::Unknown => self.path_replaced.load(Relaxed),
+        };
+        check.path_replaced = replaced;
+        if replaced && !self.path_replaced.swap(true, Relaxed) {
+            tracing::warn!(name = %self.cfg.name, image = %self.cfg.image.display(),
+                "image path now names another file (or none); the export keeps serving the file it opened — re-create the export to serve the new one");
+        } else if !replaced {
+            self.path_replaced.store(false, Relaxed);
+        }
+        if before != now {
+            check.changed = true;
+            check.pages_dropped = self.drop_cached()?;
+            tracing::warn!(name = %self.cfg.name, image = %self.cfg.image.display(),
+                old_size = before.size, new_size = now.size,
+                old_mtime = %format_args!("{}.{:09}", before.mtime_sec, before.mtime_nsec),
+                new_mtime = %format_args!("{}.{:09}", now.mtime_sec, now.mtime_nsec),
+                pages_dropped = check.pages_dropped,
+                "image changed underneath the cached export; cached pages dropped");
+        }
+        Ok(check)
+    }
+
+    /// Drops every cached page of the image from the shared pool (for every export that
+    /// shares it) and re-records the image's identity. Returns how many pages were
+    /// dropped. Reads in flight cannot put pages they read before the call back into
+    /// the cache (the generation protocol). Use after changing the image by means the
+    /// export cannot notice.
+    pub fn invalidate_image(&self) -> Result<u64, ExportError> {
+        self.check_open()?;
+        {
+            let _w = self.shared.writing.write();
+            let now = ImageIdentity::of(&self.file.metadata().map_err(ExportError::ImageIo)?);
+            *self.shared.ident.lock() = now;
+        }
+        let n = self.drop_cached()?;
+        tracing::info!(name = %self.cfg.name, image = %self.cfg.image.display(), pages_dropped = n, "cached pages of the image dropped");
+        Ok(n)
+    }
+
+    /// Flushes object 0 of the pool with every stripe "write in progress", so that no
+    /// reader puts a page it read before.
+    fn drop_cached(&self) -> Result<u64, ExportError> {
+        let w = self.lock_for_write(0, STRIPES as u64);
+        let r = self
+            .engine
+            .flush_object(self.cfg.client, self.pool, ObjectId::from_u64(0));
+        drop(w);
+        let n = r.map_err(ExportError::Engine)?;
+        self.c.image_invalidations.fetch_add(1, Relaxed);
+        self.c.pages_dropped.fetch_add(n, Relaxed);
+        Ok(n)
+    }
+
+    /// Runs one of this export's own changes of the image, then records the image's
+    /// identity (its mtime moved), with `writing` held shared throughout.
+    fn own_write(&self, f: impl FnOnce() -> Result<(), ExportError>) -> Result<(), ExportError> {
+        let _g = self.shared.writing.read();
+        let r = f();
+        if let Ok(m) = self.file.metadata() {
+            *self.shared.ident.lock() = ImageIdentity::of(&m);
+        }
+        r
     }
 
     // ----- helpers -------------------------------------------------------------------------
@@ -498,7 +628,7 @@ impl CachedExport {
     fn do_write(&self, offset: u64, len: u64, data: Option<&[u8]>) -> Result<(), ExportError> {
         self.check_open()?;
         if self.read_only {
-            return Err(ExportError::InvalidConfig("image is read-only"));
+            return Err(ExportError::ReadOnly);
         }
         if len == 0 {
             return Ok(());
@@ -559,7 +689,7 @@ impl CachedExport {
     fn do_zero(&self, offset: u64, len: u64) -> Result<(), ExportError> {
         self.check_open()?;
         if self.read_only {
-            return Err(ExportError::InvalidConfig("image is read-only"));
+            return Err(ExportError::ReadOnly);
         }
         let end = offset + len;
         let full_lo = offset.div_ceil(PAGE);
@@ -603,7 +733,9 @@ impl CachedExport {
 
     fn do_flush(&self) -> Result<(), ExportError> {
         self.check_open()?;
-        self.file.sync_data().map_err(ExportError::ImageIo)
+        self.file.sync_data().map_err(ExportError::ImageIo)?;
+        self.check_image()?;
+        Ok(())
     }
 
     fn do_block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, ExportError> {
@@ -698,7 +830,7 @@ impl BlockBackend for CachedExport {
             return Err(BackendError::ReadOnly);
         }
         self.c.writes.fetch_add(1, Relaxed);
-        self.do_write(offset, data.len() as u64, Some(data))?;
+        self.own_write(|| self.do_write(offset, data.len() as u64, Some(data)))?;
         if fua {
             self.do_flush()?;
         }
@@ -710,7 +842,7 @@ impl BlockBackend for CachedExport {
         if self.read_only {
             return Err(BackendError::ReadOnly);
         }
-        Ok(self.do_zero(offset, len)?)
+        Ok(self.own_write(|| self.do_zero(offset, len))?)
     }
 
     fn write_zeroes(
@@ -727,7 +859,7 @@ impl BlockBackend for CachedExport {
         if fast_only {
             return Err(BackendError::NotFast);
         }
-        Ok(self.do_zero(offset, len)?)
+        Ok(self.own_write(|| self.do_zero(offset, len))?)
     }
 
     fn flush(&self) -> Result<(), BackendError> {

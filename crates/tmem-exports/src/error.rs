@@ -82,6 +82,10 @@ pub enum ExportError {
     /// Reading, writing or syncing the backing image failed.
     #[error("Image I/O failed")]
     ImageIo(#[source] io::Error),
+    /// The export is read-only (a cached export not opened `writable`): writes, trims and
+    /// zeroing are refused (NBD `EPERM`).
+    #[error("Export is read-only")]
+    ReadOnly,
     /// The export was destroyed or closed; no further I/O is served.
     #[error("Export is closed")]
     Closed,
@@ -155,6 +159,7 @@ impl From<ExportError> for BackendError {
             ExportError::Engine(e) => engine_to_backend(e),
             ExportError::SpillIo(e) | ExportError::ImageIo(e) => io_to_backend(e),
             ExportError::Closed => BackendError::ShuttingDown,
+            ExportError::ReadOnly => BackendError::ReadOnly,
             e @ ExportError::Poisoned { .. } => BackendError::Io(io::Error::other(e)),
             e @ (ExportError::CreatePool(_)
             | ExportError::SpillSpace { .. }
@@ -199,5 +204,6 @@ mod tests {
         );
         assert_eq!(m(ExportError::InvalidConfig("x")), tmem_nbd::proto::EINVAL);
         assert_eq!(m(ExportError::Poisoned { page: 3 }), tmem_nbd::proto::EIO);
+        assert_eq!(m(ExportError::ReadOnly), tmem_nbd::proto::EPERM);
     }
 }

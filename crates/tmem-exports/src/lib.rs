@@ -81,7 +81,20 @@
 //! under the stripe lock, it is even and unchanged. The reader holds no lock during I/O.
 //! Opening an image that is already cached in the same engine under another UUID is
 //! refused ([`ExportError::InvalidConfig`]): two pools for one file could not be kept
-//! coherent. The image size is read once, at open; nothing else may write the image.
+//! coherent. The image size is read once, at open.
+//!
+//! **Read-only by default.** A cached export opens its image `O_RDONLY` and tells NBD
+//! clients it is read-only (writes, trims and zeroing fail with `EPERM`) unless its
+//! [`CachedConfig::writable`] is set: the image is usually a base shared by many guests.
+//!
+//! **The image changing underneath.** The image's [`ImageIdentity`] (device, inode, size,
+//! mtime with nanoseconds) is recorded at open and compared on every FLUSH and on
+//! [`CachedExport::check_image`] (tmemd calls it when a client connects). A change other
+//! than the export's own writes (which re-record it) drops every cached page of the image
+//! from the shared pool, with the stripe generations bumped so no read in flight puts an
+//! older page back, and logs one warning. A path that now names another file (the image
+//! was replaced by `mv`) is logged once; the export keeps serving the file it opened,
+//! whose cache is still right. [`CachedExport::invalidate_image`] drops the cache by hand.
 //!
 //! ## Errors
 //! [`ExportError`] maps into [`tmem_nbd::BackendError`] with an exhaustive match.
@@ -89,6 +102,7 @@
 
 mod cached;
 mod error;
+mod identity;
 mod pagemap;
 mod poison;
 pub mod swap;
@@ -96,6 +110,7 @@ mod sys;
 
 pub use cached::{image_uuid, CachedConfig, CachedExport, CachedStats};
 pub use error::ExportError;
+pub use identity::{ImageCheck, ImageIdentity};
 pub use poison::Poison;
 pub use swap::{ReopenReport, SwapConfig, SwapExport, SwapStats};
 

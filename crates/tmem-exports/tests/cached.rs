@@ -318,3 +318,200 @@ fn direct_io_tail_page_writes_keep_the_size() {
     assert_eq!(&on_disk[..size], &model[..]);
     eprintln!("{:?}", a.stats());
 }
+
+#[test]
+fn read_only_by_default_refuses_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (img, data) = image(dir.path(), "ro.img", 64 << 10, 9);
+    let e = engine(8 << 20, &[1]);
+    let mut cfg = cached_cfg(&img, "ro", 1);
+    cfg.writable = false;
+    let a = CachedExport::open(e, cfg).unwrap();
+    assert!(!a.writable());
+    assert!(a.caps().read_only && !a.caps().can_trim && !a.caps().can_write_zeroes);
+    assert!(a.stats().read_only);
+    let w = a.write(0, &[0x55; 4096], false);
+    assert!(matches!(w, Err(tmem_nbd::BackendError::ReadOnly)), "{w:?}");
+    assert_eq!(
+        w.unwrap_err().nbd_errno(),
+        tmem_nbd::proto::EPERM,
+        "clients get EPERM"
+    );
+    assert!(matches!(
+        a.trim(0, 4096),
+        Err(tmem_nbd::BackendError::ReadOnly)
+    ));
+    assert!(matches!(
+        a.write_zeroes(0, 4096, true, false),
+        Err(tmem_nbd::BackendError::ReadOnly)
+    ));
+    assert_eq!(read(&*a, 0, data.len()), data);
+    assert_eq!(std::fs::read(&img).unwrap(), data, "image untouched");
+    assert_eq!(a.stats().sectors_written, 0);
+    a.flush().unwrap();
+    a.close().unwrap();
+}
+
+#[test]
+fn read_only_export_of_an_unwritable_image_opens_writable_one_does_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let (img, data) = image(dir.path(), "perm.img", 16 << 10, 10);
+    // A read-only open needs no write permission: the image is opened O_RDONLY.
+    let f = std::fs::File::open(&img).unwrap();
+    let mut perm = f.metadata().unwrap().permissions();
+    perm.set_readonly(true);
+    std::fs::set_permissions(&img, perm).unwrap();
+    let e = engine(8 << 20, &[1, 2]);
+    let mut cfg = cached_cfg(&img, "p", 1);
+    cfg.writable = false;
+    let a = CachedExport::open(e.clone(), cfg).unwrap();
+    assert_eq!(read(&*a, 0, data.len()), data);
+    // Asking for writable on an image we cannot write fails (never a silent downgrade);
+    // root may write anything, so only check without it.
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        let r = CachedExport::open(e, cached_cfg(&img, "w", 2));
+        assert!(matches!(r, Err(ExportError::ImageOpen { .. })), "{r:?}");
+    }
+}
+
+/// Sets the image's mtime to a fixed, distinct time (no dependence on the filesystem's
+/// timestamp granularity).
+fn set_mtime(path: &Path, secs: u64) {
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs))
+        .unwrap();
+}
+
+#[test]
+fn image_rewritten_underneath_is_seen_fresh_after_flush() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 256 << 10;
+    let (img, old) = image(dir.path(), "base.img", size, 11);
+    set_mtime(&img, 1_000_000);
+    let e = engine(16 << 20, &[1, 2]);
+    let mut cfg = cached_cfg(&img, "ro1", 1);
+    cfg.writable = false;
+    let a = CachedExport::open(e.clone(), cfg.clone()).unwrap();
+    cfg.name = "ro2".into();
+    cfg.client = tmem_core::ClientId(2);
+    let b = CachedExport::open(e.clone(), cfg).unwrap();
+    // Both read everything: the shared pool holds the old content.
+    assert_eq!(read(&*a, 0, size), old);
+    assert_eq!(read(&*b, 0, size), old);
+    let before = b.stats();
+    assert_eq!(read(&*b, 0, size), old);
+    assert_eq!(
+        b.stats().sectors_read,
+        before.sectors_read,
+        "served from the pool"
+    );
+    // Someone rewrites the image in place (same size) behind the exports' backs.
+    let mut new = old.clone();
+    for (i, x) in new.iter_mut().enumerate() {
+        *x = !*x ^ (i as u8);
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&img)
+        .unwrap()
+        .write_all_at(&new, 0)
+        .unwrap();
+    set_mtime(&img, 2_000_000);
+    // Before any check the cache may still answer with the old bytes: that is what the
+    // FLUSH is for.
+    assert_eq!(read(&*a, 0, 4096), old[..4096]);
+    a.flush().unwrap();
+    let st = a.stats();
+    assert_eq!(st.image_invalidations, 1, "{st:?}");
+    assert!(st.pages_dropped >= (size / 4096) as u64, "{st:?}");
+    // Every export of the image now reads the new content, not the stale cache.
+    assert_eq!(read(&*a, 0, size), new);
+    assert_eq!(read(&*b, 0, size), new);
+    // b shares the recorded identity: its flush finds nothing new to drop.
+    b.flush().unwrap();
+    assert_eq!(b.stats().image_invalidations, 0);
+    assert_eq!(read(&*b, 0, size), new);
+    // A size change counts too (and an explicit check finds it).
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&img)
+        .unwrap()
+        .write_all_at(&[1u8; 4096], size as u64)
+        .unwrap();
+    set_mtime(&img, 2_000_000);
+    let c = b.check_image().unwrap();
+    assert!(c.changed && !c.path_replaced, "{c:?}");
+    assert_eq!(b.check_image().unwrap(), Default::default());
+}
+
+#[test]
+fn writable_exports_own_writes_are_not_changes_underneath() {
+    let dir = tempfile::tempdir().unwrap();
+    let (img, mut model) = image(dir.path(), "w.img", 64 << 10, 12);
+    let e = engine(8 << 20, &[1]);
+    let a = cached(&e, &img, "w", 1);
+    assert!(a.writable() && !a.caps().read_only);
+    assert_eq!(read(&*a, 0, model.len()), model);
+    for i in 0..8u64 {
+        let d = vec![i as u8 + 1; 4096];
+        a.write(i * 4096, &d, false).unwrap();
+        model[(i * 4096) as usize..((i + 1) * 4096) as usize].copy_from_slice(&d);
+        a.flush().unwrap();
+    }
+    a.trim(8 * 4096, 4096).unwrap();
+    model[8 * 4096..9 * 4096].fill(0);
+    a.flush().unwrap();
+    assert_eq!(a.stats().image_invalidations, 0, "{:?}", a.stats());
+    assert_eq!(read(&*a, 0, model.len()), model);
+    // An outside change is still noticed.
+    let outside = vec![0xa5u8; 4096];
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&img)
+        .unwrap()
+        .write_all_at(&outside, 0)
+        .unwrap();
+    set_mtime(&img, 3_000_000);
+    a.flush().unwrap();
+    assert_eq!(a.stats().image_invalidations, 1);
+    model[..4096].copy_from_slice(&outside);
+    assert_eq!(read(&*a, 0, model.len()), model);
+}
+
+#[test]
+fn replaced_path_keeps_serving_the_open_file_and_invalidate_drops_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 64 << 10;
+    let (img, old) = image(dir.path(), "base.img", size, 13);
+    let e = engine(8 << 20, &[1]);
+    let mut cfg = cached_cfg(&img, "r", 1);
+    cfg.writable = false;
+    let a = CachedExport::open(e.clone(), cfg).unwrap();
+    assert_eq!(read(&*a, 0, size), old);
+    // mv new.img base.img: the path names a new inode; the open file is unchanged.
+    let (newp, new) = image(dir.path(), "new.img", size, 14);
+    std::fs::rename(&newp, &img).unwrap();
+    let c = a.check_image().unwrap();
+    assert!(c.path_replaced && !c.changed, "{c:?}");
+    assert_eq!(read(&*a, 0, size), old, "the open file is still served");
+    assert_ne!(old, new);
+    // Invalidating by hand drops every cached page (the pool held all 16).
+    let held = e
+        .pool_stats(tmem_core::ClientId(1), a.pool())
+        .unwrap()
+        .held
+        .pages;
+    assert_eq!(held, (size / 4096) as u64);
+    assert_eq!(a.invalidate_image().unwrap(), held);
+    assert_eq!(
+        e.pool_stats(tmem_core::ClientId(1), a.pool())
+            .unwrap()
+            .held
+            .pages,
+        0
+    );
+    let before = a.stats().sectors_read;
+    assert_eq!(read(&*a, 0, size), old);
+    assert!(a.stats().sectors_read > before, "read from the image again");
+}

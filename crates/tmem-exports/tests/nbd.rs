@@ -171,3 +171,46 @@ fn cached_export_through_nbd() {
     assert!(x.stats().sectors_written > 0);
     x.close().unwrap();
 }
+
+#[test]
+fn read_only_cached_export_refuses_qemu_io_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = engine(16 << 20, &[1]);
+    let image = dir.path().join("base.img");
+    std::fs::write(&image, vec![0x3cu8; 1 << 20]).unwrap();
+    let mut cfg = cached_cfg(&image, "base", 1);
+    cfg.writable = false;
+    let x = tmem_exports::CachedExport::open(e, cfg).unwrap();
+    let srv = Server::start(dir.path(), "base", x.clone());
+    let uri = srv.uri("base");
+    // Reads are served.
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "raw", "-r", "-c", "read -P 0x3c 0 64k"])
+        .arg(&uri);
+    run(c);
+    // A write is refused: qemu-io either fails to open the read-only export for writing
+    // or reports the EPERM of the write.
+    let out = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0x11 0 4k"])
+        .arg(&uri)
+        .output()
+        .expect("spawn qemu-io");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!(
+        "qemu-io write on a read-only export: {}: {text}",
+        out.status
+    );
+    let refused = !out.status.success()
+        || text.contains("Operation not permitted")
+        || text.contains("read-only")
+        || text.contains("Read-only");
+    assert!(refused, "write was not refused: {text}");
+    assert!(!text.contains("wrote 4096/4096"), "{text}");
+    drop(srv);
+    assert_eq!(std::fs::read(&image).unwrap(), vec![0x3cu8; 1 << 20]);
+    assert_eq!(x.stats().writes, 0);
+}

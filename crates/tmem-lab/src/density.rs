@@ -214,6 +214,7 @@ fn run_mode(
                     direct_io: None,
                     access: Default::default(),
                     tenant_key: None,
+                    writable: None,
                 },
             )?;
             Drive::nbd(d.nbd_socket(), format!("{gname}-swap"))

@@ -354,6 +354,7 @@ pub fn run_once(
                     direct_io: None,
                     access: Default::default(),
                     tenant_key: None,
+                    writable: None,
                 },
             )?;
             d.api().post(
@@ -369,6 +370,7 @@ pub fn run_once(
                     direct_io: Some(true),
                     access: Default::default(),
                     tenant_key: None,
+                    writable: None,
                 },
             )?;
             (
@@ -837,6 +839,7 @@ mod tests {
             client: 1,
             pool: None,
             image: None,
+            writable: false,
             uri: String::new(),
             access: Default::default(),
             tls_dir: None,

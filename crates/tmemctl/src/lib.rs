@@ -20,8 +20,8 @@ use clap::{Parser, Subcommand};
 use client::{Client, ClientError};
 use tmem_api::{
     format_size, BudgetReply, ClientInfo, CreateClient, CreateExport, CreateGuest, ExportInfo,
-    ExportKind, GuestInfo, PolicyName, SetBudget, ShrinkReply, ShrinkRequest, Size, Stats, Status,
-    API_PREFIX,
+    ExportKind, GuestInfo, InvalidateReply, PolicyName, SetBudget, ShrinkReply, ShrinkRequest,
+    Size, Stats, Status, API_PREFIX,
 };
 
 /// Command line.
@@ -183,6 +183,16 @@ pub enum ExportCmd {
         /// Unix-socket peers with this primary gid may open it without TLS (repeatable).
         #[arg(long = "allow-gid")]
         allow_gids: Vec<u32>,
+        /// Cached: let the client write the image (default: read-only; NBD clients are
+        /// told so and writes fail with EPERM).
+        #[arg(long)]
+        writable: bool,
+    },
+    /// Cached: drop every cached page of the export's image from the shared pool (after
+    /// changing the image by means the daemon cannot notice). Prints the pages dropped.
+    Invalidate {
+        /// Export name.
+        name: String,
     },
     /// Remove an export (its pages are dropped). Refused while NBD clients have it open.
     Rm {
@@ -351,6 +361,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                 psk_file,
                 allow_uids,
                 allow_gids,
+                writable,
             } => {
                 let tenant_key = match (&tenant, &psk_file) {
                     (Some(t), Some(f)) => Some(snippet::key_from_file(f, t)?),
@@ -371,18 +382,35 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                         allow_gids,
                     },
                     tenant_key,
+                    writable: writable.then_some(true),
                 };
                 let e: ExportInfo = c.call("POST", &v1("/exports"), Some(&req))?;
                 println!(
-                    "export {} ({}, {}, client {}): {}",
+                    "export {} ({}, {}, client {}, {}): {}",
                     e.name,
                     e.kind,
                     format_size(e.size),
                     e.client,
+                    if e.writable { "writable" } else { "read-only" },
                     e.uri
                 );
                 if let Some(text) = snippet::for_export(&e) {
                     print!("{text}");
+                }
+            }
+            ExportCmd::Invalidate { name } => {
+                let r: InvalidateReply =
+                    c.call::<(), _>("POST", &v1(&format!("/exports/{name}/invalidate")), None)?;
+                println!(
+                    "export {}: {} cached pages dropped",
+                    r.name, r.pages_dropped
+                );
+                if r.path_replaced {
+                    println!(
+                        "warning: the image path of {} now names another file; the export keeps \
+                         serving the file it opened (re-create the export to serve the new one)",
+                        r.name
+                    );
                 }
             }
             ExportCmd::Rm { name, force } => {

@@ -36,8 +36,10 @@ pub fn for_export(e: &ExportInfo) -> Option<String> {
     let id = format!("tmem-tls-{tenant}");
     let node = format!("tmem-{}", e.name);
     let object = format!("tls-creds-psk,id={id},endpoint=client,dir={dir},username={tenant}");
+    // A read-only export (a cached base image) must be opened read-only, or QEMU fails.
+    let read_only = if e.writable { "" } else { ",read-only=on" };
     let blockdev = format!(
-        "driver=nbd,node-name={node},server.type=unix,server.path={sock},export={},tls-creds={id}",
+        "driver=nbd,node-name={node},server.type=unix,server.path={sock},export={},tls-creds={id}{read_only}",
         e.name
     );
     let device = format!("virtio-blk-pci,drive={node}");
@@ -95,6 +97,7 @@ mod tests {
             client: 1,
             pool: None,
             image: None,
+            writable: true,
             uri: "nbd+unix:///vm1-swap?socket=/run/tmem/nbd.sock".into(),
             access: tmem_api::ExportAccess {
                 tenant: Some("vm1".into()),
@@ -116,6 +119,14 @@ mod tests {
             "{s}"
         );
         assert!(s.contains("<qemu:arg value='-blockdev'/>"), "{s}");
+        assert!(!s.contains("read-only=on"), "{s}");
+        let base = ExportInfo {
+            kind: tmem_api::ExportKind::Cached,
+            writable: false,
+            ..e.clone()
+        };
+        let s = for_export(&base).unwrap_or_default();
+        assert!(s.contains("tls-creds=tmem-tls-vm1,read-only=on"), "{s}");
         let open = ExportInfo {
             access: Default::default(),
             tls_dir: None,

@@ -410,6 +410,7 @@ mod tests {
             client: 7,
             pool: Some(1),
             image: None,
+            writable: false,
             uri: String::new(),
             access: Default::default(),
             tls_dir: None,

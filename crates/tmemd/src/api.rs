@@ -51,7 +51,8 @@ fn op_status(e: &OpError) -> u16 {
     match e {
         OpError::Invalid(_) | OpError::Option(_) => 400,
         OpError::UnknownClient(_) | OpError::UnknownExport(_) => 404,
-        OpError::ClientExists(_)
+        OpError::NotCached(_)
+        | OpError::ClientExists(_)
         | OpError::ExportExists(_)
         | OpError::ClientBusy(..)
         | OpError::ExportBusy(..) => 409,
@@ -95,7 +96,7 @@ fn export_status(e: &tmem_exports::ExportError) -> u16 {
         X::SpillIo(_) | X::ImageIo(_) | X::SpillRemove { .. } | X::PageMap { .. } => 500,
         X::SpillSpace { .. } => 507,
         X::Poisoned { .. } => 500,
-        X::Closed => 409,
+        X::Closed | X::ReadOnly => 409,
     }
 }
 
@@ -200,6 +201,9 @@ impl Api {
                     .is_some_and(|q| q.split('&').any(|kv| kv == "force=true" || kv == "force=1"));
                 op_empty("Delete export", d.delete_export(name, force))
             }
+            ("POST", ["exports", name, "invalidate"]) => {
+                op("Invalidate export", 200, d.invalidate_export(name))
+            }
             ("PUT", ["budget"]) => op(
                 "Set budget",
                 200,
@@ -251,6 +255,7 @@ fn known(segs: &[&str]) -> bool {
             | ["clients", _, "freeze" | "thaw"]
             | ["exports"]
             | ["exports", _]
+            | ["exports", _, "invalidate"]
             | ["budget"]
             | ["shrink"]
             | ["compact"]
@@ -359,6 +364,10 @@ mod tests {
             201
         );
         assert_eq!(status("GET", "/api/v1/exports/x", ""), 200);
+        // Invalidation is for cached exports only.
+        assert_eq!(status("POST", "/api/v1/exports/x/invalidate", ""), 409);
+        assert_eq!(status("POST", "/api/v1/exports/nope/invalidate", ""), 404);
+        assert_eq!(status("GET", "/api/v1/exports/x/invalidate", ""), 405);
         assert_eq!(status("DELETE", "/api/v1/clients/1", ""), 409);
         assert_eq!(
             status(

@@ -11,7 +11,8 @@ use std::time::Instant;
 
 use tmem_api::{
     BudgetReply, ClientInfo, CreateClient, CreateExport, CreateGuest, DamagedExport, ExportInfo,
-    ExportKind, GuestInfo, Held, NbdStats, Ops, PoolInfo, PoolSummary, ShrinkReply, Stats, Status,
+    ExportKind, GuestInfo, Held, InvalidateReply, NbdStats, Ops, PoolInfo, PoolSummary,
+    ShrinkReply, Stats, Status,
 };
 use tmem_balloon::manager::ProcHost;
 use tmem_core::{ClientConfig, ClientId, Engine, EngineConfig};
@@ -50,6 +51,9 @@ pub enum OpError {
     /// No such export.
     #[error("Unknown export {0:?}")]
     UnknownExport(String),
+    /// The operation applies to cached exports only.
+    #[error("Export {0:?} is not a cached export")]
+    NotCached(String),
     /// The export exists.
     #[error("Export {0:?} already exists")]
     ExportExists(String),
@@ -478,6 +482,7 @@ impl Daemon {
             client: e.client.0,
             pool: e.backend.pool().map(|p| p.0),
             image: e.image.clone(),
+            writable: e.writable,
             uri: format!("nbd+unix:///{}?socket={}", e.name, self.paths.nbd.display()),
             access: e.access.clone(),
             tls_dir: e.access.tenant.as_deref().map(|t| self.keys.client_dir(t)),
@@ -679,6 +684,9 @@ impl Daemon {
                 if req.image.is_some() {
                     return Err(OpError::Invalid("a swap export takes no image".into()));
                 }
+                if req.writable == Some(false) {
+                    return Err(OpError::Invalid("a swap export is always writable".into()));
+                }
                 match req.size {
                     None => return Err(OpError::Invalid("a swap export needs a size".into())),
                     Some(s) if s.0 == 0 || s.0 % 4096 != 0 => {
@@ -758,6 +766,7 @@ impl Daemon {
                     direct_io: req.direct_io.unwrap_or(false),
                     codec,
                     dedup,
+                    writable: req.writable.unwrap_or(false),
                 },
             )
             .map(Backend::Cached),
@@ -781,11 +790,12 @@ impl Daemon {
             dedup,
             direct_io: req.direct_io.unwrap_or(false),
             access,
+            writable: !backend.block().caps().read_only,
             backend,
         });
         self.exports.insert(export.clone());
         self.manifest_changed();
-        tracing::info!(name = %export.name, kind = %export.kind, size = export.size, client = client.0, "export added");
+        tracing::info!(name = %export.name, kind = %export.kind, size = export.size, client = client.0, writable = export.writable, "export added");
         let nbd = lock(&self.nbd);
         Ok(self.export_info(&export, nbd.as_ref()))
     }
@@ -812,6 +822,30 @@ impl Daemon {
         e.backend
             .release()
             .map_err(|x| OpError::Export(name.to_owned(), x))
+    }
+
+    /// `POST /exports/{name}/invalidate`: drops every cached page of a cached export's
+    /// image from the shared pool (a maintenance operation: it does not take the control
+    /// lock, so it works while other changes are made).
+    pub fn invalidate_export(&self, name: &str) -> Result<InvalidateReply, OpError> {
+        if self.stopping.load(Ordering::Relaxed) {
+            return Err(OpError::ShuttingDown);
+        }
+        let e = self
+            .exports
+            .get(name)
+            .ok_or_else(|| OpError::UnknownExport(name.to_owned()))?;
+        let Backend::Cached(c) = &e.backend else {
+            return Err(OpError::NotCached(name.to_owned()));
+        };
+        let ex = |x| OpError::Export(name.to_owned(), x);
+        let check = c.check_image().map_err(ex)?;
+        let dropped = c.invalidate_image().map_err(ex)?;
+        Ok(InvalidateReply {
+            name: name.to_owned(),
+            pages_dropped: check.pages_dropped + dropped,
+            path_replaced: check.path_replaced,
+        })
     }
 
     /// `PUT /budget`.

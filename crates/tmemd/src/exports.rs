@@ -105,6 +105,8 @@ pub struct Export {
     pub direct_io: bool,
     /// Who may open it over NBD.
     pub access: ExportAccess,
+    /// Whether clients may write (swap: always; cached: only when created writable).
+    pub writable: bool,
     /// The store.
     pub backend: Backend,
 }
@@ -185,8 +187,16 @@ impl ExportSet {
 }
 
 impl ExportTable for ExportSet {
+    /// Called for each client selecting an export: a cached export first checks that its
+    /// image did not change underneath (dropping stale cached pages if it did).
     fn lookup(&self, name: &str) -> Option<Arc<dyn BlockBackend>> {
-        self.read().get(name).map(|e| e.backend.block())
+        let e = self.read().get(name).cloned()?;
+        if let Backend::Cached(c) = &e.backend {
+            if let Err(err) = c.check_image() {
+                tracing::warn!(name, error = %crate::daemon::chain(&err), "cannot check the cached export's image");
+            }
+        }
+        Some(e.backend.block())
     }
 
     fn list(&self) -> Vec<ExportInfo> {

@@ -88,6 +88,19 @@
 //! The same recovery (with a warning) reopens a swap export whose client's save failed at
 //! a clean stop.
 //!
+//! ## Cached exports
+//! Exports are created at runtime (`POST /exports`, `tmemctl export add`; the TOML file
+//! declares none) and saved in the manifest. A cached export is read-only unless created
+//! `writable` (`--writable`): the image is opened `O_RDONLY` and NBD clients get `EPERM`
+//! for writes. Each client connecting to a cached export, and every FLUSH, checks the
+//! image's identity (device, inode, size, mtime): an image rewritten underneath has its
+//! cached pages dropped from the shared pool (see `tmem_exports::CachedExport::check_image`).
+//! `POST /exports/{name}/invalidate` (`tmemctl export invalidate NAME`) drops them by hand
+//! and answers `tmem_api::InvalidateReply` (404 unknown export, 409 not a cached export).
+//! The manifest records `writable` for cached exports; an entry without it (written before
+//! the flag existed, when images were opened read-write whenever possible) is restored
+//! writable when the image allows, with a warning in `GET /status`.
+//!
 //! ## Configuration
 //! Runs with no configuration at all. `--config FILE` (TOML, unknown keys refused) and
 //! flags override, flags winning. Keys: `budget` (default: `budget_fraction` × MemTotal,

@@ -516,6 +516,7 @@ mod tests {
             client: 1,
             pool: Some(0),
             image: None,
+            writable: false,
             uri: String::new(),
             access: Default::default(),
             tls_dir: None,

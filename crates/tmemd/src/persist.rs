@@ -338,25 +338,54 @@ impl Daemon {
                     .image
                     .clone()
                     .ok_or_else(|| OpError::Invalid("cached export without image".into()))?;
-                Backend::Cached(
-                    CachedExport::open(
-                        self.engine.clone(),
-                        CachedConfig {
-                            name: e.name.clone(),
-                            image: image.clone(),
-                            client,
-                            uuid: None,
-                            direct_io: e.direct_io,
-                            codec,
-                            dedup,
-                        },
-                    )
-                    .map_err(|x| OpError::Export(e.name.clone(), x))?,
-                )
+                let cfg = CachedConfig {
+                    name: e.name.clone(),
+                    image,
+                    client,
+                    uuid: None,
+                    direct_io: e.direct_io,
+                    codec,
+                    dedup,
+                    writable: e.writable.unwrap_or(true),
+                };
+                Backend::Cached(self.open_cached(cfg, e.writable.is_none())?)
             }
         };
         self.insert_export(e, codec, dedup, backend);
         Ok(())
+    }
+
+    /// Opens a saved cached export. `legacy`: saved before exports had a `writable` flag,
+    /// when they were opened read-write whenever the image allowed: do the same (a guest
+    /// writing its disk keeps working across the upgrade) and say how to change it.
+    fn open_cached(
+        &self,
+        mut cfg: CachedConfig,
+        legacy: bool,
+    ) -> Result<Arc<CachedExport>, OpError> {
+        let name = cfg.name.clone();
+        let mut r = CachedExport::open(self.engine.clone(), cfg.clone());
+        if legacy {
+            if let Err(tmem_exports::ExportError::ImageOpen { source, .. }) = &r {
+                if matches!(
+                    source.raw_os_error(),
+                    Some(libc::EACCES) | Some(libc::EROFS) | Some(libc::EPERM)
+                ) {
+                    cfg.writable = false;
+                    r = CachedExport::open(self.engine.clone(), cfg);
+                }
+            }
+            if let Ok(c) = &r {
+                if c.writable() {
+                    self.warn(format!(
+                        "Cached export {name:?} was saved by an older tmemd, which opened images \
+                         read-write: it stays writable. Cached exports are read-only by default \
+                         now; re-create it without --writable to protect a shared image"
+                    ));
+                }
+            }
+        }
+        r.map_err(|x| OpError::Export(name, x))
     }
 
     fn insert_export(
@@ -367,6 +396,7 @@ impl Daemon {
         backend: Backend,
     ) {
         let size = backend.block().size();
+        let writable = !backend.block().caps().read_only;
         self.exports.insert(Arc::new(Export {
             name: e.name.clone(),
             kind: e.kind,
@@ -377,6 +407,7 @@ impl Daemon {
             dedup,
             direct_io: e.direct_io,
             access: e.access.clone(),
+            writable,
             backend,
         }));
     }
@@ -410,6 +441,7 @@ impl Daemon {
                 dedup: dedup_name(e.dedup).into(),
                 direct_io: e.direct_io,
                 access: e.access.clone(),
+                writable: (e.kind == ExportKind::Cached).then_some(e.writable),
             })
             .collect();
         Manifest {

@@ -80,6 +80,13 @@ pub struct ExportEntry {
     /// Who may open it (absent in manifests from before tenancy: open).
     #[serde(default)]
     pub access: tmem_api::ExportAccess,
+    /// Cached: whether clients may write the image. Absent in manifests written before
+    /// cached exports became read-only by default (`None`): such an export is restored as
+    /// it behaved then — writable when the image can be opened for writing, else
+    /// read-only — with a warning, and saved with the value it got. New exports are
+    /// read-only unless created writable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub writable: Option<bool>,
 }
 
 /// The manifest.
@@ -216,6 +223,7 @@ mod tests {
                     allow_uids: vec![107],
                     allow_gids: vec![],
                 },
+                writable: Some(true),
             }],
             ..Default::default()
         };

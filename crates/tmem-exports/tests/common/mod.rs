@@ -46,6 +46,8 @@ pub fn cached_cfg(image: &Path, name: &str, client: u32) -> CachedConfig {
         direct_io: true,
         codec: Codec::Lz4,
         dedup: DedupScope::Client,
+        // These tests write through the export; read-only ones clear it.
+        writable: true,
     }
 }
 
