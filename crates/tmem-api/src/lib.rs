@@ -682,9 +682,15 @@ impl ExportAccess {
     }
 }
 
-/// Checks a tenant name (a TLS-PSK identity and a directory name): 1..=64 bytes of
-/// `[A-Za-z0-9._-]`, not starting with `.`.
+/// Checks a tenant name (a TLS-PSK identity and a directory name): the rule of
+/// [`valid_name`].
 pub fn valid_tenant(name: &str) -> bool {
+    valid_name(name)
+}
+
+/// Checks an export, guest or tenant name: 1..=64 bytes of `[A-Za-z0-9._-]`, not starting
+/// with `.` (safe as a file name, a URI path and a PSK identity).
+pub fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
         && !name.starts_with('.')

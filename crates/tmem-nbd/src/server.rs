@@ -324,23 +324,7 @@ impl std::fmt::Display for PeerKey {
 
 /// The uid of a Unix socket's peer.
 fn peer_uid(fd: RawFd) -> Option<u32> {
-    let mut cred = libc::ucred {
-        pid: 0,
-        uid: 0,
-        gid: 0,
-    };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: `cred` and `len` are valid for writes of the sizes given for the whole call.
-    let r = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&mut cred as *mut libc::ucred).cast(),
-            &mut len,
-        )
-    };
-    (r == 0).then_some(cred.uid)
+    crate::peer::unix_peer_cred(fd).map(|c| c.uid)
 }
 
 /// One open connection, as the accept path sees it.

@@ -219,15 +219,7 @@ impl ExportTable for ExportSet {
     }
 }
 
-/// Checks an export name: 1..=64 bytes of `[A-Za-z0-9._-]`, not starting with `.`.
-pub fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 64
-        && !name.starts_with('.')
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-}
+pub use tmem_api::valid_name;
 
 #[cfg(test)]
 mod tests {
