@@ -375,7 +375,9 @@ pub struct ManagerConfig {
     pub interval_ms: u64,
     /// Host RAM kept out of both guests and pool, bytes. Default 1 GiB.
     pub host_reserve: u64,
-    /// Host RAM, bytes; `None` = host MemTotal from the probe.
+    /// Host RAM, bytes; `None` = host MemTotal from the probe. When stated (e.g. the
+    /// memory cgroup limit tmemd and the QEMUs run under), it is also a cap: guests grow
+    /// only while all of them together stay within `host_total − host_reserve`.
     pub host_total: Option<u64>,
 }
 
@@ -594,7 +596,7 @@ impl GuestLoop {
 
         // 4. Decide.
         let d = self.gov.step(&view, &host);
-        let target = d.decision.target;
+        let target = self.cap_growth(cfg, shared, actual, d.decision.target);
         self.status.stuck = d.stuck;
         if let Some(sp) = &d.spike {
             self.status.last_spike = Some(sp.clone());
@@ -660,6 +662,38 @@ impl GuestLoop {
             }
             std::thread::sleep(poll.min(end - now));
         }
+    }
+
+    /// With a stated host budget (`host_total`), a guest grows only into the room the
+    /// other guests and the reserve leave: all guests together stay within
+    /// `host_total − host_reserve` (the pool gets what is left, down to nothing). Without
+    /// it, host RAM is the limit and the policy's target stands. Never shrinks below
+    /// `actual` (the policies shrink; this only withholds growth).
+    fn cap_growth(&self, cfg: &ManagerConfig, shared: &Shared, actual: u64, target: u64) -> u64 {
+        let Some(total) = cfg.host_total else {
+            return target;
+        };
+        if target <= actual {
+            return target;
+        }
+        let others: u64 = lock(&shared.guests)
+            .iter()
+            .filter(|(name, _)| **name != self.spec.name)
+            .map(|(_, g)| g.committed)
+            .sum();
+        let room = total
+            .saturating_sub(cfg.host_reserve)
+            .saturating_sub(others);
+        let capped = target.min(room).max(actual);
+        if capped < target {
+            tracing::debug!(
+                guest = %self.spec.name,
+                target,
+                capped,
+                "growth held back by the host budget"
+            );
+        }
+        capped
     }
 
     fn set_committed(&self, shared: &Shared, bytes: u64) {
@@ -1068,6 +1102,68 @@ mod tests {
         gl.step(&cfg, &host, &pool, &shared);
         assert_eq!(gl.status().given_back_bytes, s.target - t2);
         assert_eq!(shared.status().len(), 1);
+    }
+
+    #[test]
+    fn a_stated_host_budget_holds_back_growth_beyond_it() {
+        // Two guests of 4 GiB on a stated 6 GiB host with 1 GiB reserved: the second one's
+        // spike may only grow it into the 5 GiB the first one leaves.
+        let log: Log = Arc::default();
+        let pool = FakePool {
+            log: log.clone(),
+            budget: Mutex::new(0),
+        };
+        let host = FixedHost(HostView {
+            total: 16 * GIB,
+            available: 8 * GIB,
+            psi: None,
+            share_target: None,
+        });
+        let cfg = ManagerConfig {
+            interval_ms: 1000,
+            host_reserve: GIB,
+            host_total: Some(6 * GIB),
+        };
+        let shared = Shared::default();
+        lock(&shared.guests)
+            .entry("other".into())
+            .or_default()
+            .committed = 3 * GIB;
+        let actual = Arc::new(Mutex::new(GIB));
+        let stats = Arc::new(Mutex::new(vec![st(0, GIB - 24 * MIB, 900 * MIB, GIB, 0)]));
+        let spec = GuestSpec {
+            name: "g1".into(),
+            max: 4 * GIB,
+            governor: sb(),
+            actuator: Box::new(FakeBalloon {
+                actual: actual.clone(),
+                log: log.clone(),
+            }),
+            sources: vec![Box::new(Script(stats.clone()))],
+        };
+        let mut gl = GuestLoop::new(spec, Instant::now());
+        gl.step(&cfg, &host, &pool, &shared);
+        lock(&log).clear();
+        // A fault spike asks for much more than the 2 GiB of room.
+        lock(&stats).push(st(1000, GIB - 24 * MIB, 10 * MIB, 3 * GIB, 100_000));
+        gl.step(&cfg, &host, &pool, &shared);
+        let t = gl.status().target;
+        assert_eq!(t, 2 * GIB, "{:?}", gl.status().last_decision);
+        assert_eq!(lock(&log).last(), Some(&Op::Set(2 * GIB)));
+        // The pool gets what is left: nothing.
+        assert!(lock(&log).contains(&Op::Budget(0)));
+        // Without a stated budget the same spike grows past it.
+        let free = ManagerConfig {
+            host_total: None,
+            ..cfg
+        };
+        lock(&stats).push(st(2000, GIB - 24 * MIB, 10 * MIB, 3 * GIB, 200_000));
+        gl.step(&free, &host, &pool, &shared);
+        assert!(
+            gl.status().target > 2 * GIB,
+            "{:?}",
+            gl.status().last_decision
+        );
     }
 
     #[test]

@@ -1,4 +1,6 @@
-//! The configurations of the talk (plus the labelled host-page-cache baseline).
+//! The configurations of the talk (plus the labelled host-page-cache baseline) and of the
+//! stack KVM operators run today (`modern`: free page reporting + host swap with zswap +
+//! KSM, and `modern-tmem`: that stack with tmem on top).
 
 use serde::{Deserialize, Serialize};
 
@@ -20,6 +22,14 @@ pub enum ConfigKind {
     TmemDedup,
     /// As `tmem`, with deduplication and compression (`--codec`, default zstd).
     TmemDedupComp,
+    /// What a 2026 host gives for free: no tmemd; guests with virtio-balloon free page
+    /// reporting; a host swap file with zswap (lz4, or lzo-rle where the kernel lacks
+    /// lz4) in front; KSM on. Plain disks
+    /// `cache=none`, guests at their full size (the host overcommits through swap).
+    Modern,
+    /// `tmem-dedup-comp` (self-ballooning, tmem swap and cached exports) on top of the
+    /// modern stack: free page reporting, host swap + zswap and KSM stay on.
+    ModernTmem,
 }
 
 impl ConfigKind {
@@ -33,13 +43,15 @@ impl ConfigKind {
     ];
 
     /// All configurations, in report order.
-    pub const ALL: [ConfigKind; 6] = [
+    pub const ALL: [ConfigKind; 8] = [
         ConfigKind::Unchanged,
         ConfigKind::HostCache,
         ConfigKind::Selfballoon,
         ConfigKind::Tmem,
         ConfigKind::TmemDedup,
         ConfigKind::TmemDedupComp,
+        ConfigKind::Modern,
+        ConfigKind::ModernTmem,
     ];
 
     /// The flag / JSON name.
@@ -51,6 +63,8 @@ impl ConfigKind {
             ConfigKind::Tmem => "tmem",
             ConfigKind::TmemDedup => "tmem-dedup",
             ConfigKind::TmemDedupComp => "tmem-dedup-comp",
+            ConfigKind::Modern => "modern",
+            ConfigKind::ModernTmem => "modern-tmem",
         }
     }
 
@@ -63,6 +77,8 @@ impl ConfigKind {
             ConfigKind::Tmem => "Tmem",
             ConfigKind::TmemDedup => "Tmem w/dedup",
             ConfigKind::TmemDedupComp => "Tmem w/dedup+comp",
+            ConfigKind::Modern => "Modern (FPR + zswap + KSM)",
+            ConfigKind::ModernTmem => "Modern + tmem w/dedup+comp",
         }
     }
 
@@ -73,14 +89,33 @@ impl ConfigKind {
 
     /// Whether guests are self-ballooned (tmemd's balloon manager).
     pub fn selfballoon(self) -> bool {
-        !matches!(self, ConfigKind::Unchanged | ConfigKind::HostCache)
+        !matches!(
+            self,
+            ConfigKind::Unchanged | ConfigKind::HostCache | ConfigKind::Modern
+        )
+    }
+
+    /// Whether the host's modern stack (host swap + zswap, KSM) is on and the guests
+    /// report free pages.
+    pub fn modern_stack(self) -> bool {
+        matches!(self, ConfigKind::Modern | ConfigKind::ModernTmem)
+    }
+
+    /// Whether guests are statically partitioned: nothing takes memory back from them and
+    /// nothing lets the host overcommit, so under the host budget each gets at most
+    /// `budget / guests` (less QEMU's own memory).
+    pub fn static_partition(self) -> bool {
+        matches!(self, ConfigKind::Unchanged | ConfigKind::HostCache)
     }
 
     /// Whether the disks go through tmemd exports.
     pub fn tmem(self) -> bool {
         matches!(
             self,
-            ConfigKind::Tmem | ConfigKind::TmemDedup | ConfigKind::TmemDedupComp
+            ConfigKind::Tmem
+                | ConfigKind::TmemDedup
+                | ConfigKind::TmemDedupComp
+                | ConfigKind::ModernTmem
         )
     }
 
@@ -92,7 +127,7 @@ impl ConfigKind {
     /// The daemon's codec: `comp` (e.g. `zstd`, `lz4`) with compression, else `none`.
     pub fn codec(self, comp: &str) -> String {
         match self {
-            ConfigKind::TmemDedupComp => comp.to_string(),
+            ConfigKind::TmemDedupComp | ConfigKind::ModernTmem => comp.to_string(),
             _ => "none".to_string(),
         }
     }
@@ -100,7 +135,7 @@ impl ConfigKind {
     /// The daemon's dedup scope.
     pub fn dedup(self) -> &'static str {
         match self {
-            ConfigKind::TmemDedup | ConfigKind::TmemDedupComp => "global",
+            ConfigKind::TmemDedup | ConfigKind::TmemDedupComp | ConfigKind::ModernTmem => "global",
             _ => "off",
         }
     }
@@ -115,7 +150,7 @@ impl ConfigKind {
 
     /// Whether this row is one of the talk's five.
     pub fn in_talk(self) -> bool {
-        self != ConfigKind::HostCache
+        ConfigKind::TALK.contains(&self)
     }
 }
 
@@ -139,5 +174,9 @@ mod tests {
         assert!(!ConfigKind::Selfballoon.tmem());
         assert!(ConfigKind::Selfballoon.selfballoon());
         assert!(!ConfigKind::HostCache.in_talk());
+        assert!(!ConfigKind::Modern.in_talk() && !ConfigKind::Modern.selfballoon());
+        assert!(ConfigKind::ModernTmem.tmem() && ConfigKind::ModernTmem.modern_stack());
+        assert_eq!(ConfigKind::ModernTmem.dedup(), "global");
+        assert!(ConfigKind::Unchanged.static_partition() && !ConfigKind::Modern.static_partition());
     }
 }

@@ -1,5 +1,6 @@
 //! The density experiment: how many idle guests start and stay healthy within a host
-//! memory budget, static partitioning versus self-ballooning + tmem.
+//! memory budget: static partitioning, the modern stack (free page reporting, host swap
+//! with zswap, KSM), self-ballooning + tmem, and both.
 //!
 //! The budget is a memory cgroup limit on the QEMU processes (and tmemd, whose pool is
 //! host memory too). Static partitioning = each guest's memory is allocated up front
@@ -20,10 +21,61 @@ use serde::{Deserialize, Serialize};
 use tmem_api::{CreateExport, CreateGuest, ExportKind, PolicyName, Size};
 use tmem_vm::{Drive, Guest, GuestConfig, GuestImage, MemCgroup};
 
+use crate::hoststack::ModernStack;
 use crate::image::{self, WorkParams, MARK_WAIT};
 use crate::procstat;
 use crate::tmemd::{Daemon, DaemonOpts};
 use crate::Params;
+
+/// How the guests of one density mode are run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DensityKind {
+    /// Guest RAM allocated up front (`-mem-prealloc`), file swap.
+    Static,
+    /// No preallocation; free page reporting; host swap file with zswap and KSM on.
+    Modern,
+    /// tmemd's selfballoon policy and a tmem swap export per guest.
+    SelfballoonTmem,
+    /// Both.
+    ModernTmem,
+}
+
+impl DensityKind {
+    /// Every mode, in table order.
+    pub const ALL: [DensityKind; 4] = [
+        DensityKind::Static,
+        DensityKind::Modern,
+        DensityKind::SelfballoonTmem,
+        DensityKind::ModernTmem,
+    ];
+
+    /// The name in tables and results.json.
+    pub fn name(self) -> &'static str {
+        match self {
+            DensityKind::Static => "static",
+            DensityKind::Modern => "modern",
+            DensityKind::SelfballoonTmem => "selfballoon+tmem",
+            DensityKind::ModernTmem => "modern+tmem",
+        }
+    }
+
+    fn tmem(self) -> bool {
+        matches!(self, DensityKind::SelfballoonTmem | DensityKind::ModernTmem)
+    }
+
+    fn modern(self) -> bool {
+        matches!(self, DensityKind::Modern | DensityKind::ModernTmem)
+    }
+
+    fn short(self) -> &'static str {
+        match self {
+            DensityKind::Static => "s",
+            DensityKind::Modern => "m",
+            DensityKind::SelfballoonTmem => "t",
+            DensityKind::ModernTmem => "mt",
+        }
+    }
+}
 
 /// One mode's outcome.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -59,8 +111,25 @@ pub struct DensityResult {
     pub static_mode: DensityMode,
     /// Self-ballooning + tmem.
     pub tmem_mode: DensityMode,
+    /// The modern stack (absent in results of older runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub modern_mode: Option<DensityMode>,
+    /// The modern stack + self-ballooning + tmem.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub modern_tmem_mode: Option<DensityMode>,
     /// tmem last stable count / static last stable count.
     pub ratio: f64,
+}
+
+impl DensityResult {
+    /// Every mode that ran, in table order.
+    pub fn modes(&self) -> Vec<&DensityMode> {
+        let mut v = vec![&self.static_mode];
+        v.extend(self.modern_mode.as_ref());
+        v.push(&self.tmem_mode);
+        v.extend(self.modern_tmem_mode.as_ref());
+        v
+    }
 }
 
 /// Markdown section.
@@ -76,7 +145,7 @@ pub fn markdown(d: &DensityResult) -> String {
         "| mode | launched | booted | last stable count | healthy at end | peak charged MiB | stopped because |"
     );
     let _ = writeln!(m, "|---|---|---|---|---|---|---|");
-    for x in [&d.static_mode, &d.tmem_mode] {
+    for x in d.modes() {
         let _ = writeln!(
             m,
             "| {} | {} | {} | **{}** | {} | {:.0} | {} |",
@@ -91,8 +160,15 @@ pub fn markdown(d: &DensityResult) -> String {
     }
     let _ = writeln!(
         m,
-        "\nDensity gain: **{:.1}×** static partitioning, from the last stable counts (the most guests that all ran together through a settle period; launching one more made the cgroup OOM killer kill some). \"Healthy at end\" counts the survivors after that last launch and the hold period.",
-        d.ratio
+        "\nDensity gain of self-ballooning + tmem: **{:.1}×** static partitioning{}, from the last stable counts (the most guests that all ran together through a settle period; launching one more made the cgroup OOM killer kill some). \"Healthy at end\" counts the survivors after that last launch and the hold period.",
+        d.ratio,
+        match &d.modern_mode {
+            Some(m) if m.last_stable > 0 => format!(
+                ", **{:.1}×** the modern stack",
+                f64::from(d.tmem_mode.last_stable) / f64::from(m.last_stable)
+            ),
+            _ => String::new(),
+        }
     );
     m
 }
@@ -118,18 +194,15 @@ fn run_mode(
     image: &GuestImage,
     tmemd: &Path,
     scratch: &Path,
-    tmem: bool,
+    kind: DensityKind,
 ) -> Result<(DensityMode, String)> {
     let budget = p.host_budget_mib << 20;
-    let name = if tmem { "selfballoon+tmem" } else { "static" };
-    let dir = scratch.join(if tmem { "dt" } else { "ds" });
+    let tmem = kind.tmem();
+    let name = kind.name();
+    let dir = scratch.join(format!("d{}", kind.short()));
     std::fs::create_dir_all(&dir)?;
     let cg = match MemCgroup::create(
-        &format!(
-            "tmem-lab-{}-{}",
-            std::process::id(),
-            if tmem { "t" } else { "s" }
-        ),
+        &format!("tmem-lab-{}-d{}", std::process::id(), kind.short()),
         Some(budget),
     ) {
         Ok(c) => Some(c),
@@ -144,11 +217,12 @@ fn run_mode(
         None => "sum of QEMU + tmemd RSS compared with the budget (no memory cgroup)".to_string(),
     };
     let b = Budget { cg };
-    // Field order = drop order: guests first, then the daemon.
+    // Field order = drop order: guests first, then the daemon, then the host stack.
     struct Live {
         guests: Vec<Guest>,
         gos: Vec<UnixStream>,
         daemon: Option<Daemon>,
+        stack: Option<ModernStack>,
     }
     impl Drop for Live {
         fn drop(&mut self) {
@@ -166,7 +240,15 @@ fn run_mode(
         guests: Vec::new(),
         gos: Vec::new(),
         daemon: None,
+        stack: None,
     };
+    if kind.modern() {
+        live.stack = Some(ModernStack::enable(
+            &p.swap_dir,
+            budget,
+            &crate::hoststack::ZSWAP_COMPRESSORS,
+        )?);
+    }
     if tmem {
         live.daemon = Some(Daemon::start(&DaemonOpts {
             bin: tmemd.to_path_buf(),
@@ -176,6 +258,10 @@ fn run_mode(
             dedup: "global".into(),
             balloon_interval_ms: p.balloon_interval_ms,
             cgroup: b.cg.as_ref().map(|c| c.path().to_path_buf()),
+            // As in the recorded runs: the balloon manager sizes the pool from host RAM
+            // (the cgroup limit bounds it); the main table passes the budget instead.
+            host_total: None,
+            host_reserve: None,
         })?);
     }
     let mut mode = DensityMode {
@@ -231,10 +317,11 @@ fn run_mode(
             .qmp_path(gdir.join("q.sock"))
             .run_dir(&gdir)
             .deflate_on_oom(tmem)
+            .free_page_reporting(kind.modern())
             .image(image.clone())
             .drive(swap)
             .serial_port(image::PORT_GO, &go);
-        if !tmem {
+        if kind == DensityKind::Static {
             cfg = cfg.extra_arg("-mem-prealloc");
         }
         if let Some(c) = &b.cg {
@@ -337,7 +424,7 @@ fn first_line(s: &str) -> String {
     s.lines().next().unwrap_or("").to_string()
 }
 
-/// Runs both modes.
+/// Runs every mode, one after another under the same budget.
 pub fn run_density(
     p: &Params,
     image: &GuestImage,
@@ -345,17 +432,26 @@ pub fn run_density(
     scratch: &Path,
 ) -> Result<DensityResult> {
     let scratch: PathBuf = scratch.join("dens");
-    let (s, enforcement) = run_mode(p, image, tmemd, &scratch, false)?;
-    eprintln!(
-        "tmem-lab: density static: {} healthy ({})",
-        s.healthy, s.stop_reason
-    );
-    let (t, _) = run_mode(p, image, tmemd, &scratch, true)?;
-    eprintln!(
-        "tmem-lab: density selfballoon+tmem: {} healthy ({})",
-        t.healthy, t.stop_reason
-    );
+    let mut out = Vec::new();
+    let mut enforcement = String::new();
+    for kind in DensityKind::ALL {
+        let (m, e) = run_mode(p, image, tmemd, &scratch, kind)?;
+        eprintln!(
+            "tmem-lab: density {}: {} stable, {} healthy ({})",
+            kind.name(),
+            m.last_stable,
+            m.healthy,
+            m.stop_reason
+        );
+        enforcement = e;
+        out.push(m);
+    }
     let _ = std::fs::remove_dir_all(&scratch);
+    let mut it = out.into_iter();
+    let (Some(s), Some(modern), Some(t), Some(mt)) = (it.next(), it.next(), it.next(), it.next())
+    else {
+        anyhow::bail!("density: a mode is missing");
+    };
     Ok(DensityResult {
         budget_mib: p.host_budget_mib,
         guest_mib: p.density_guest_mib,
@@ -367,5 +463,7 @@ pub fn run_density(
         },
         static_mode: s,
         tmem_mode: t,
+        modern_mode: Some(modern),
+        modern_tmem_mode: Some(mt),
     })
 }

@@ -3,10 +3,16 @@
 //! Reproduces "Self-ballooning + Tmem Performance Analysis" (Linux Plumbers 2010): N
 //! overcommitted guests start a compile-like workload together, under five
 //! configurations — unchanged, self-ballooning, tmem, tmem + dedup, tmem + dedup +
-//! compression — plus a labelled "host page cache" baseline row. Each configuration is
-//! repeated; per metric the highest and lowest runs are dropped and the rest averaged, as
-//! in the talk. A density experiment counts how many idle 512 MiB guests fit a host memory
-//! budget, static partitioning versus self-ballooning + tmem (the 2008 paper).
+//! compression — plus a labelled "host page cache" baseline row, and against the stack KVM
+//! operators run today: `modern` (virtio-balloon free page reporting, a host swap file with
+//! zswap, KSM; [`hoststack`] switches them on and restores the host's settings whatever
+//! happens) and `modern-tmem` (tmem on top of it). Every configuration runs under one host
+//! memory budget (`--budget-mib`: one memory cgroup limit on all QEMU processes and
+//! tmemd; statically partitioned rows get budget / guests) and idles as long before the
+//! workload (`--settle-secs`). Each configuration is repeated; per metric the highest and
+//! lowest runs are dropped and the rest averaged, as in the talk. A density experiment
+//! counts how many idle 512 MiB guests fit a host memory budget: static partitioning, the
+//! modern stack, self-ballooning + tmem and both (the 2008 paper's question).
 //!
 //! Pieces: [`image`] (guest initramfs + workload script, seeded data image), [`tmemd`]
 //! (spawns the real daemon, minimal control-API client), [`run`] (one run: launch,
@@ -15,6 +21,7 @@
 
 pub mod configs;
 pub mod density;
+pub mod hoststack;
 pub mod image;
 pub mod plot;
 pub mod procstat;
@@ -117,7 +124,8 @@ pub struct RunArgs {
     #[arg(long)]
     pub repeats: Option<u32>,
     /// Configurations, comma-separated (unchanged, host-cache, selfballoon, tmem,
-    /// tmem-dedup, tmem-dedup-comp; `none` for the density experiment only) [all].
+    /// tmem-dedup, tmem-dedup-comp, modern, modern-tmem; `none` for the density
+    /// experiment only) [all].
     #[arg(long, value_delimiter = ',')]
     pub configs: Option<Vec<String>>,
     /// Codec of the tmem+dedup+compression configuration: lz4, zstd or zstd:LEVEL [zstd].
@@ -130,6 +138,20 @@ pub struct RunArgs {
     /// balloon manager shrinks the guests meanwhile) [full 60, quick 30].
     #[arg(long)]
     pub settle_secs: Option<u64>,
+    /// One host memory budget for every configuration: a memory cgroup limit on all QEMU
+    /// processes and tmemd (and the page cache they cause), MiB; statically partitioned
+    /// configurations (unchanged, host-cache) get guests of budget / guests − 128 MiB
+    /// (QEMU's own) when that is less than --memory-mib; 0 = no limit
+    /// [guests × (¾ × memory + 128)].
+    #[arg(long)]
+    pub budget_mib: Option<u64>,
+    /// Where the `modern` rows make their host swap file (a disk filesystem) [/var/tmp].
+    #[arg(long)]
+    pub swap_dir: Option<PathBuf>,
+    /// Statically partitioned rows (unchanged, host-cache): allocate guest RAM up front
+    /// (`-mem-prealloc`, like a VM that has run long enough to touch all its RAM) [on].
+    #[arg(long)]
+    pub static_prealloc: Option<bool>,
     /// Balloon manager (selfballoon policy) interval, ms [1000].
     #[arg(long)]
     pub balloon_interval_ms: Option<u64>,
@@ -200,8 +222,17 @@ pub struct Params {
     pub codec: String,
     /// Pool budget, MiB.
     pub pool_mib: u64,
-    /// Settle seconds.
+    /// Settle seconds (every configuration).
     pub settle_secs: u64,
+    /// Host memory budget of every configuration of the main table, MiB (0: none).
+    #[serde(default)]
+    pub budget_mib: u64,
+    /// Where the modern rows' host swap file goes.
+    #[serde(default)]
+    pub swap_dir: PathBuf,
+    /// Statically partitioned rows preallocate guest RAM.
+    #[serde(default)]
+    pub static_prealloc: bool,
     /// Balloon manager interval, ms.
     pub balloon_interval_ms: u64,
     /// Timeout per run, seconds.
@@ -244,7 +275,7 @@ impl RunArgs {
                         continue;
                     }
                     let c = ConfigKind::parse(s).with_context(|| {
-                        format!("unknown configuration {s:?} (unchanged, host-cache, selfballoon, tmem, tmem-dedup, tmem-dedup-comp)")
+                        format!("unknown configuration {s:?} (unchanged, host-cache, selfballoon, tmem, tmem-dedup, tmem-dedup-comp, modern, modern-tmem)")
                     })?;
                     if !out.contains(&c) {
                         out.push(c);
@@ -284,6 +315,15 @@ impl RunArgs {
             ),
             codec: self.codec.clone().unwrap_or_else(|| "zstd".into()),
             settle_secs: pick(self.settle_secs, 60, 30),
+            budget_mib: self.budget_mib.unwrap_or(
+                u64::from(guests)
+                    * (u64::from(memory_mib) * 3 / 4 + u64::from(run::QEMU_OVERHEAD_MIB)),
+            ),
+            swap_dir: self
+                .swap_dir
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("/var/tmp")),
+            static_prealloc: self.static_prealloc.unwrap_or(true),
             balloon_interval_ms: self.balloon_interval_ms.unwrap_or(1000),
             timeout_secs: pick(self.timeout_secs, 3600, 900),
             accel: accel.name().to_string(),
@@ -379,6 +419,9 @@ pub fn run_experiment(a: &RunArgs, out: &std::path::Path) -> Result<Results> {
         codec: p.codec.clone(),
         pool_budget: p.pool_mib << 20,
         settle_secs: p.settle_secs,
+        host_budget: (p.budget_mib > 0).then_some(p.budget_mib << 20),
+        swap_dir: p.swap_dir.clone(),
+        static_prealloc: p.static_prealloc,
         balloon_interval_ms: p.balloon_interval_ms,
         timeout: Duration::from_secs(p.timeout_secs),
         sample: Duration::from_secs(1),

@@ -28,7 +28,7 @@ pub const FILES: &[(&str, &str)] = &[
     ),
     (
         "pool",
-        "tmem pool logical (apparent) and held (physical) size over time",
+        "tmem pool logical (apparent) and held (physical) size and its budget over time",
     ),
     (
         "density",
@@ -397,6 +397,13 @@ pub fn write_plots(r: &Results, out: &Path) -> Result<()> {
                     .map(|p| (p.t, p.held as f64 / 1048576.0))
                     .collect(),
             ));
+            pool_series.push((
+                format!("{} budget", short_label(*c)),
+                x.pool
+                    .iter()
+                    .map(|p| (p.t, p.budget as f64 / 1048576.0))
+                    .collect(),
+            ));
         }
     }
     both(
@@ -406,7 +413,7 @@ pub fn write_plots(r: &Results, out: &Path) -> Result<()> {
         &|a| {
             lines(
                 a,
-                "tmem pool: logical (apparent) vs held (physical)",
+                "tmem pool: logical (apparent), held (physical) and its budget",
                 "MiB",
                 &pool_series,
             )
@@ -414,31 +421,26 @@ pub fn write_plots(r: &Results, out: &Path) -> Result<()> {
         &|a| {
             lines(
                 a,
-                "tmem pool: logical (apparent) vs held (physical)",
+                "tmem pool: logical (apparent), held (physical) and its budget",
                 "MiB",
                 &pool_series,
             )
         },
     )?;
     if let Some(d) = &r.density {
-        let l = vec![
-            "static partitioning".to_string(),
-            "self-ballooning + tmem".to_string(),
-        ];
+        let modes = d.modes();
+        let l: Vec<String> = modes.iter().map(|m| m.mode.clone()).collect();
         let s = [
             (
                 "last stable count",
-                vec![
-                    f64::from(d.static_mode.last_stable),
-                    f64::from(d.tmem_mode.last_stable),
-                ],
+                modes.iter().map(|m| f64::from(m.last_stable)).collect(),
             ),
             (
                 "healthy at end",
-                vec![
-                    f64::from(d.static_mode.healthy),
-                    f64::from(d.tmem_mode.healthy),
-                ],
+                modes
+                    .iter()
+                    .map(|m| f64::from(m.healthy))
+                    .collect::<Vec<_>>(),
             ),
         ];
         let title = format!(
@@ -464,5 +466,7 @@ fn short_label(c: ConfigKind) -> &'static str {
         ConfigKind::Tmem => "tmem",
         ConfigKind::TmemDedup => "tmem+dedup",
         ConfigKind::TmemDedupComp => "tmem+dedup+comp",
+        ConfigKind::Modern => "modern",
+        ConfigKind::ModernTmem => "modern+tmem",
     }
 }

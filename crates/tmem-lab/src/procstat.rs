@@ -17,6 +17,15 @@ pub fn cpu_secs(pid: u32) -> Option<f64> {
     parse_stat_cpu(&s).map(|ticks| ticks as f64 / clk_tck())
 }
 
+/// Minor page faults of a process so far (`/proc/PID/stat` field 10): for QEMU, mostly
+/// the first touch of guest RAM pages the host has not backed yet.
+pub fn minor_faults(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &s[s.rfind(')')? + 1..];
+    // rest starts at field 3 (state): minflt is field 10 → index 7.
+    rest.split_whitespace().nth(7)?.parse().ok()
+}
+
 /// utime + stime (fields 14 and 15) from a `/proc/PID/stat` line.
 pub fn parse_stat_cpu(s: &str) -> Option<u64> {
     // The command name may contain spaces and parentheses: split after the last ')'.
@@ -49,6 +58,16 @@ pub fn rss_bytes(pid: u32) -> Option<u64> {
         .map(|kb| kb * 1024)
 }
 
+/// Proportional set size of a process (`/proc/PID/smaps_rollup` `Pss:`), bytes: its
+/// private pages plus its share of pages it shares (KSM-merged pages count once overall).
+pub fn pss_bytes(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    s.lines()
+        .find_map(|l| l.strip_prefix("Pss:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -61,5 +80,7 @@ mod tests {
         let me = std::process::id();
         assert!(cpu_secs(me).is_some());
         assert!(rss_bytes(me).unwrap_or(0) > 0);
+        assert!(pss_bytes(me).unwrap_or(0) > 0);
+        assert!(minor_faults(me).unwrap_or(0) > 0);
     }
 }

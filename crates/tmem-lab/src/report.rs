@@ -50,6 +50,10 @@ pub fn talk_figure(c: ConfigKind) -> &'static str {
         ConfigKind::TmemDedupComp => {
             "5–8% faster, up to 52% fewer reads; pool 984 MB real → 3723 MB apparent (3.8×)"
         }
+        ConfigKind::Modern => {
+            "— (2026's free stack; TMO: 20–32% memory saved, DAMON_RECLAIM ~40% at ~3% slowdown)"
+        }
+        ConfigKind::ModernTmem => "— (not in the talk: tmem on top of the modern stack)",
     }
 }
 
@@ -69,15 +73,100 @@ fn mib(b: f64) -> String {
     format!("{:.0}", b / 1048576.0)
 }
 
+/// The head-to-head of the best tmem row, the modern stack and both (markdown), with a
+/// plain sentence for every metric where tmem loses; empty without a `modern` row.
+pub fn head_to_head(r: &Results) -> String {
+    let mut t = String::new();
+    let Some(modern) = r.summary(ConfigKind::Modern) else {
+        return t;
+    };
+    let rows: Vec<&Summary> = [
+        ConfigKind::Modern,
+        ConfigKind::TmemDedupComp,
+        ConfigKind::ModernTmem,
+    ]
+    .iter()
+    .filter_map(|c| r.summary(*c))
+    .collect();
+    let _ = writeln!(
+        t,
+        "| configuration | wall s | vs modern | CPU s | vs modern | sectors read | vs modern | host peak MiB | host PSS at end MiB | vs modern | OOM kills (guest / host) | failed guests |"
+    );
+    let _ = writeln!(t, "|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for s in &rows {
+        let vs = |m: &str| {
+            if s.config == ConfigKind::Modern {
+                "—".to_string()
+            } else {
+                pct(get(s, m), get(modern, m))
+            }
+        };
+        let _ = writeln!(
+            t,
+            "| {} | {:.1} | {} | {:.1} | {} | {:.0} | {} | {} | {} | {} | {:.1} / {:.1} | {:.1} |",
+            s.config.label(),
+            get(s, "wall_secs"),
+            vs("wall_secs"),
+            get(s, "cpu_secs"),
+            vs("cpu_secs"),
+            get(s, "sectors_read"),
+            vs("sectors_read"),
+            mib(get(s, "host_peak_bytes")),
+            mib(get(s, "host_pss_bytes")),
+            vs("host_pss_bytes"),
+            get(s, "oom_kills"),
+            get(s, "host_oom_kills"),
+            get(s, "failed_guests"),
+        );
+    }
+    let _ = writeln!(t);
+    for s in rows.iter().filter(|s| s.config != ConfigKind::Modern) {
+        let mut losses = Vec::new();
+        for (m, what) in [
+            ("wall_secs", "wall time"),
+            ("cpu_secs", "CPU"),
+            ("sectors_read", "sectors read"),
+            ("host_pss_bytes", "host memory (PSS)"),
+            ("host_oom_kills", "OOM kills by the host budget"),
+            ("failed_guests", "failed guests"),
+        ] {
+            let (a, b) = (get(s, m), get(modern, m));
+            if a > b * 1.02 && a - b > 1e-9 {
+                losses.push(
+                    if b > 0.0 && !matches!(m, "host_oom_kills" | "failed_guests") {
+                        format!("{what} {}", pct(a, b))
+                    } else {
+                        format!("{what} {a:.1} vs {b:.1}")
+                    },
+                );
+            }
+        }
+        let _ = writeln!(
+            t,
+            "- **{}** loses to modern on: {}.",
+            s.config.label(),
+            if losses.is_empty() {
+                "nothing measured here".to_string()
+            } else {
+                losses.join(", ")
+            }
+        );
+    }
+    t
+}
+
 /// The main table (markdown), also printed at the end of a run.
 pub fn summary_table(r: &Results) -> String {
     let mut t = String::new();
     let base = r.summary(ConfigKind::Unchanged);
     let _ = writeln!(
         t,
-        "| configuration | runs | wall s | vs unchanged | CPU s | sectors read | vs unchanged | sectors written | swap in / out (pages) | OOM kills | failed guests | pool peak logical / held MiB | apparent × |"
+        "| configuration | runs | wall s | vs unchanged | CPU s | sectors read | vs unchanged | sectors written | swap in / out (pages) | OOM kills | failed guests | host peak / PSS MiB | pool peak logical / held MiB | apparent × |"
     );
-    let _ = writeln!(t, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(
+        t,
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    );
     for s in &r.summaries {
         let (bw, br) = base
             .map(|b| (get(b, "wall_secs"), get(b, "sectors_read")))
@@ -98,7 +187,7 @@ pub fn summary_table(r: &Results) -> String {
         };
         let _ = writeln!(
             t,
-            "| {} | {} | {:.1} | {} | {:.1} | {:.0} | {} | {:.0} | {:.0} / {:.0} | {:.1} | {:.1} | {} | {} |",
+            "| {} | {} | {:.1} | {} | {:.1} | {:.0} | {} | {:.0} | {:.0} / {:.0} | {:.1} | {:.1} | {} / {} | {} | {} |",
             s.config.label(),
             s.runs,
             get(s, "wall_secs"),
@@ -111,6 +200,8 @@ pub fn summary_table(r: &Results) -> String {
             get(s, "swap_out"),
             get(s, "oom_kills"),
             get(s, "failed_guests"),
+            mib(get(s, "host_peak_bytes")),
+            mib(get(s, "host_pss_bytes")),
             pool,
             ratio,
         );
@@ -131,8 +222,69 @@ pub fn markdown(r: &Results) -> String {
         if p.repeats >= 3 { " (highest and lowest dropped per metric, the rest averaged, as in the talk)" } else { "" },
         p.accel, r.kernel, r.host_cpus, p.pool_mib, p.codec, r.total_secs
     );
+    if p.budget_mib > 0 {
+        let statics: Vec<String> = r
+            .runs
+            .iter()
+            .filter(|x| x.config.static_partition() && x.guest_memory_mib < p.memory_mib)
+            .map(|x| format!("{} {} MiB", x.config.label(), x.guest_memory_mib))
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let _ = writeln!(
+            m,
+            "**One host budget for every row: {} MiB** — one memory cgroup limit on all QEMU processes and tmemd, the page cache they cause included (`memory.limit_in_bytes` on this host's cgroup v1 memory controller). The balloon manager sizes the pool from the same budget (budget − {} MiB per QEMU − {} MiB tmemd − the guests' memory). Statically partitioned rows cannot overcommit, so their guests are sized as an operator would: budget / guests − {} MiB for QEMU{}.\n",
+            p.budget_mib,
+            crate::run::QEMU_OVERHEAD_MIB,
+            crate::run::TMEMD_OVERHEAD_MIB,
+            crate::run::QEMU_OVERHEAD_MIB,
+            if statics.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", statics.join(", "))
+            }
+        );
+    } else {
+        let _ = writeln!(m, "No host budget (`--budget-mib 0`): guests and the host page cache may use all host memory.\n");
+    }
+    let settles: std::collections::BTreeSet<u64> = r.runs.iter().map(|x| x.settle_secs).collect();
+    let _ = writeln!(
+        m,
+        "Every run idled {} s between boot and the workload (per run in results.json).\n",
+        settles
+            .iter()
+            .map(u64::to_string)
+            .collect::<Vec<_>>()
+            .join(" / ")
+    );
     let _ = writeln!(m, "## Configurations\n");
     let _ = writeln!(m, "{}", summary_table(r));
+    let h2h = head_to_head(r);
+    if !h2h.is_empty() {
+        let _ = writeln!(m, "## tmem vs the modern stack vs both\n");
+        let stack = r
+            .runs
+            .iter()
+            .find_map(|x| x.stack.as_ref())
+            .map(|st| {
+                format!(
+                    "a {} MiB host swap file with zswap ({}{}, max_pool_percent {}), KSM scanning {}",
+                    st.swap_bytes >> 20,
+                    st.zswap_compressor,
+                    if st.zswap_unavailable.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; this kernel lacks {}", st.zswap_unavailable.join(", "))
+                    },
+                    st.zswap_max_pool_percent,
+                    st.ksm_scan
+                )
+            })
+            .unwrap_or_else(|| "host swap with zswap, KSM".to_string());
+        let _ = writeln!(m, "Modern = virtio-balloon free page reporting + {stack}; no tmemd. The tmem row is the best of the talk's (dedup + compression); modern + tmem runs that row with the modern stack on as well. Same guests, workload and host budget.\n");
+        let _ = writeln!(m, "{h2h}");
+        let _ = writeln!(m, "A row with a guest killed by the host budget's OOM killer measured fewer guests to the end: its wall, CPU and memory figures are not comparable.\n");
+    }
     let _ = writeln!(m, "## Beside the talk\n");
     let _ = writeln!(m, "| configuration | the talk (4 guests × 2 kernel compiles, 2 GB Xen host) | ours: wall vs unchanged | ours: sectors read vs unchanged |");
     let _ = writeln!(m, "|---|---|---|---|");
@@ -158,16 +310,28 @@ pub fn markdown(r: &Results) -> String {
     let _ = writeln!(m, "- **swap in / out**: the guests' final `/proc/vmstat` `pswpin`/`pswpout` (printed on the console at the end; the agent's last report if missing).");
     let _ = writeln!(m, "- **OOM kills**: the guests' `/proc/vmstat` `oom_kill`; **failed guests**: workloads that exited non-zero.");
     let _ = writeln!(m, "- **pool peak logical / held**: maxima over 1 s samples of tmemd `GET /api/v1/stats` `pool.logical_bytes` (pages × 4 KiB: the apparent size) and `pool.held_bytes` (real memory incl. metadata); **apparent ×** = peak logical / peak held.");
+    let _ = writeln!(m, "- **host peak**: the most memory charged to the host budget's cgroup (`memory.usage_in_bytes`, page cache included) in 1 s samples during the workload; **host PSS**: the sum of `/proc/PID/smaps_rollup` `Pss` of every QEMU and tmemd when the workload ended (KSM-merged pages count once); **OOM host**: processes the budget's OOM killer killed (`memory.oom_control` `oom_kill`).");
+    let _ = writeln!(m, "- **host swap / zswap / KSM saved** (modern rows): peaks of `/proc/meminfo` SwapTotal − SwapFree and `Zswap:` (the compressed pool), and `/sys/kernel/mm/ksm/pages_sharing` × 4 KiB at the end (host-wide).");
+    let _ = writeln!(m, "- **QEMU minor faults**: `/proc/PID/stat` minflt of every QEMU over the workload — mostly first touches of guest RAM the host had not backed yet (statically partitioned rows preallocate guest RAM with `-mem-prealloc` unless `--static-prealloc false`, as a VM that has run for a while has touched all of it).");
     let _ = writeln!(m, "- **balloon sizes**: QMP `query-balloon` `actual` of every guest each second (second QMP monitor, so tmemd's balloon manager keeps its own).\n");
     let _ = writeln!(m, "## Per run\n");
-    let _ = writeln!(m, "| configuration | repeat | wall s | CPU s (tmemd) | sectors read | sectors written | guest-visible read / written sectors | swap in / out | OOM | pool logical / held MiB | source of sectors |");
-    let _ = writeln!(m, "|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(m, "| configuration | repeat | settle s | guest MiB | wall s | CPU s (tmemd) | sectors read | sectors written | guest-visible read / written sectors | swap in / out | OOM guest / host | host peak / PSS MiB | pool logical / held MiB | pool budget at peak MiB | host swap / zswap / KSM saved MiB | QEMU minor faults | source of sectors |");
+    let _ = writeln!(
+        m,
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    );
     for x in &r.runs {
         let _ = writeln!(
             m,
-            "| {} | {} | {:.1} | {:.1} ({:.1}) | {} | {} | {} / {} | {} / {} | {} | {} / {} | {} |",
+            "| {} | {} | {} | {} | {:.1} | {:.1} ({:.1}) | {} | {} | {} / {} | {} / {} | {} / {} | {} / {} | {} / {} | {} | {} | {} | {} |",
             x.config.label(),
             x.repeat + 1,
+            x.settle_secs,
+            if x.prealloc {
+                format!("{} (prealloc)", x.guest_memory_mib)
+            } else {
+                x.guest_memory_mib.to_string()
+            },
             x.wall_secs,
             x.cpu_secs,
             x.cpu_tmemd_secs,
@@ -178,8 +342,26 @@ pub fn markdown(r: &Results) -> String {
             x.swap_in,
             x.swap_out,
             x.oom_kills,
+            x.host_oom_kills,
+            mib(x.host_peak_bytes as f64),
+            mib(x.host_pss_bytes as f64),
             mib(x.pool_peak_logical as f64),
             mib(x.pool_peak_held as f64),
+            x.pool
+                .iter()
+                .max_by_key(|p| p.logical)
+                .map_or("—".to_string(), |p| mib(p.budget as f64)),
+            if x.config.modern_stack() {
+                format!(
+                    "{} / {} / {}",
+                    mib(x.host_swap_peak_bytes as f64),
+                    mib(x.zswap_peak_bytes as f64),
+                    mib(x.ksm_saved_bytes as f64)
+                )
+            } else {
+                "—".to_string()
+            },
+            x.qemu_minor_faults,
             x.sectors_source
         );
     }

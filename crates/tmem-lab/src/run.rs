@@ -13,9 +13,10 @@ use serde::{Deserialize, Serialize};
 use tmem_api::{CreateExport, CreateGuest, ExportInfo, ExportKind, PolicyName, Size, Stats};
 use tmem_balloon::agent::AgentReport;
 use tmem_balloon::qmp::QmpClient;
-use tmem_vm::{Accel, Drive, Guest, GuestConfig, GuestImage};
+use tmem_vm::{Accel, Drive, Guest, GuestConfig, GuestImage, MemCgroup};
 
 use crate::configs::ConfigKind;
+use crate::hoststack::{self, ModernStack, StackInfo};
 use crate::image::{self, WorkParams, MARK_DONE, MARK_VMSTAT, MARK_WAIT};
 use crate::procstat;
 use crate::tmemd::{Daemon, DaemonOpts};
@@ -43,8 +44,17 @@ pub struct RunSetup {
     pub codec: String,
     /// tmem pool budget, bytes.
     pub pool_budget: u64,
-    /// Seconds between registering the balloon manager and starting the workload.
+    /// Seconds every configuration idles between boot (and registering the balloon
+    /// manager, where there is one) and starting the workload.
     pub settle_secs: u64,
+    /// One host memory budget for every configuration: a memory cgroup limit on all QEMU
+    /// processes and tmemd (and the page cache they cause), bytes. `None`: no limit.
+    pub host_budget: Option<u64>,
+    /// Where the `modern` rows make their host swap file (a disk filesystem).
+    pub swap_dir: PathBuf,
+    /// Statically partitioned rows allocate guest RAM up front (`-mem-prealloc`), as a
+    /// long-running VM has touched all of its RAM.
+    pub static_prealloc: bool,
     /// Balloon manager interval, ms.
     pub balloon_interval_ms: u64,
     /// Longest a run may take.
@@ -173,15 +183,78 @@ pub struct RunResult {
     pub exports: Vec<ExportDelta>,
     /// Per-guest outcomes.
     pub guests: Vec<GuestOutcome>,
+    /// Seconds this run idled between boot and the workload.
+    #[serde(default)]
+    pub settle_secs: u64,
+    /// Memory each guest booted with, MiB (less than asked for where the configuration is
+    /// statically partitioned under the host budget).
+    #[serde(default)]
+    pub guest_memory_mib: u32,
+    /// The host budget (cgroup limit on QEMU + tmemd) of this run, bytes (0: none).
+    #[serde(default)]
+    pub host_budget: u64,
+    /// Peak memory charged to the budget during the workload (cgroup usage, page cache
+    /// included; without a cgroup the sum of RSS), bytes.
+    #[serde(default)]
+    pub host_peak_bytes: u64,
+    /// Sum of QEMU and tmemd PSS when the workload ended, bytes.
+    #[serde(default)]
+    pub host_pss_bytes: u64,
+    /// Processes the budget's OOM killer killed during the run.
+    #[serde(default)]
+    pub host_oom_kills: u64,
+    /// Modern stack: host swap in use at the peak, bytes.
+    #[serde(default)]
+    pub host_swap_peak_bytes: u64,
+    /// Modern stack: zswap pool at the peak, bytes.
+    #[serde(default)]
+    pub zswap_peak_bytes: u64,
+    /// Modern stack: memory KSM saved when the workload ended (pages_sharing × 4 KiB).
+    #[serde(default)]
+    pub ksm_saved_bytes: u64,
+    /// Minor page faults of the QEMU processes during the workload (mostly first touches
+    /// of guest RAM the host had not backed yet).
+    #[serde(default)]
+    pub qemu_minor_faults: u64,
+    /// Whether guest RAM was allocated up front (`-mem-prealloc`).
+    #[serde(default)]
+    pub prealloc: bool,
+    /// Modern stack: what was on (swap size, zswap compressor, KSM scan rate).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stack: Option<StackInfo>,
+}
+
+/// QEMU's own memory per guest beside guest RAM, MiB: what static partitioning and the
+/// balloon manager's host reserve set aside per guest under the host budget. Measured
+/// here under TCG (`/proc/PID/smaps`): a ~53 MiB translation buffer, ~14 MiB of heap and
+/// ~7 MiB of libraries beside guest RAM, about 100 MiB in all once a workload ran (less
+/// under KVM, which has no translation buffer).
+pub const QEMU_OVERHEAD_MIB: u32 = 128;
+/// tmemd's own memory beside its pool, MiB (set aside in the host reserve).
+pub const TMEMD_OVERHEAD_MIB: u32 = 32;
+
+/// Static partitioning: the guest size that lets `guests` guests and their QEMUs fit
+/// `budget` bytes, MiB.
+pub fn static_share_mib(budget: u64, guests: u32) -> u32 {
+    let per = (budget >> 20) / u64::from(guests.max(1));
+    u32::try_from(per)
+        .unwrap_or(u32::MAX)
+        .saturating_sub(QEMU_OVERHEAD_MIB)
 }
 
 /// Tears everything down in order on every path: guests, then the daemon, then files.
+///
+/// Fields left after `drop` (the cgroup, then the host stack) go in declaration order:
+/// the cgroup is removed once its processes are gone, the host's swap, zswap and KSM
+/// settings are restored last.
 struct Env {
     guests: Vec<Guest>,
     daemon: Option<Daemon>,
     readers: Vec<std::thread::JoinHandle<()>>,
     stop: Arc<AtomicBool>,
     dir: PathBuf,
+    cgroup: Option<MemCgroup>,
+    stack: Option<ModernStack>,
 }
 
 impl Drop for Env {
@@ -316,7 +389,42 @@ pub fn run_once(
         readers: Vec::new(),
         stop: stop.clone(),
         dir: dir.clone(),
+        cgroup: None,
+        stack: None,
     };
+    let guest_mib = match s.host_budget {
+        Some(b) if config.static_partition() => {
+            let share = static_share_mib(b, s.guests);
+            if share < 96 {
+                bail!(
+                    "{config}: a {} MiB host budget leaves {share} MiB per guest for {} statically partitioned guests (need 96)",
+                    b >> 20,
+                    s.guests
+                );
+            }
+            share.min(s.memory_mib)
+        }
+        _ => s.memory_mib,
+    };
+    if let Some(b) = s.host_budget {
+        let cg = MemCgroup::create(
+            &format!("tmem-lab-{}-{}-{repeat}", std::process::id(), short(config)),
+            Some(b),
+        )
+        .context("the host budget needs a memory cgroup")?;
+        env.cgroup = Some(cg);
+    }
+    if config.modern_stack() {
+        progress("switching on host swap + zswap + KSM");
+        let swap = (u64::from(s.guests) * u64::from(s.memory_mib)) << 20;
+        env.stack = Some(ModernStack::enable(
+            &s.swap_dir,
+            swap,
+            &hoststack::ZSWAP_COMPRESSORS,
+        )?);
+    }
+    let cgroup_path = env.cgroup.as_ref().map(|c| c.path().to_path_buf());
+    let prealloc = s.static_prealloc && config.static_partition();
 
     if config.needs_daemon() {
         let d = Daemon::start(&DaemonOpts {
@@ -326,7 +434,14 @@ pub fn run_once(
             codec: config.codec(&s.codec),
             dedup: config.dedup().into(),
             balloon_interval_ms: s.balloon_interval_ms,
-            cgroup: None,
+            cgroup: cgroup_path.clone(),
+            // Under the host budget, the balloon manager sizes the pool from it: budget −
+            // (QEMU and tmemd overheads) − what the guests hold now.
+            host_total: s.host_budget,
+            host_reserve: s.host_budget.map(|_| {
+                (u64::from(s.guests) * u64::from(QEMU_OVERHEAD_MIB) + u64::from(TMEMD_OVERHEAD_MIB))
+                    << 20
+            }),
         })?;
         env.daemon = Some(d);
     }
@@ -394,18 +509,25 @@ pub fn run_once(
         let mut work = s.work.clone();
         work.seed = s.work.seed.wrapping_add(u64::from(i) * 7919);
         let mut cfg = GuestConfig::new(&name)
-            .memory_mib(s.memory_mib)
+            .memory_mib(guest_mib)
             .accel(s.accel)
             .agent_path(gdir.join("ag.sock"))
             .qmp_path(gdir.join("q.sock"))
             .run_dir(&gdir)
             .deflate_on_oom(config.selfballoon())
+            .free_page_reporting(config.modern_stack())
             .image(s.image.clone())
             .drive(swap)
             .drive(data)
             .extra_qmp(&lab_qmp)
             .serial_port(image::PORT_LAB, &lab_ag)
             .serial_port(image::PORT_GO, &go);
+        if let Some(c) = &cgroup_path {
+            cfg = cfg.cgroup(c);
+        }
+        if prealloc {
+            cfg = cfg.extra_arg("-mem-prealloc");
+        }
         for a in image::kernel_args(&work) {
             cfg = cfg.cmdline(&a);
         }
@@ -454,12 +576,9 @@ pub fn run_once(
     // Settle: let the balloon manager shrink idle guests before the workload (sampled).
     let mut balloon: Vec<Vec<BalloonPoint>> = vec![Vec::new(); env.guests.len()];
     let mut pool: Vec<PoolPoint> = Vec::new();
-    // Without a balloon manager there is nothing to settle.
-    let settle = Duration::from_secs(if config.selfballoon() {
-        s.settle_secs
-    } else {
-        1
-    });
+    // Every configuration idles as long: the guests finish booting and the balloon
+    // manager, free page reporting or KSM (where they run) act before the workload.
+    let settle = Duration::from_secs(s.settle_secs);
     let settle_start = Instant::now();
     progress("settling");
     while settle_start.elapsed() < settle {
@@ -477,6 +596,11 @@ pub fn run_once(
     let cpu0: Vec<f64> = pids
         .iter()
         .map(|p| procstat::cpu_secs(*p).unwrap_or(0.0))
+        .collect();
+    let faults0: Vec<u64> = env
+        .guests
+        .iter()
+        .map(|g| procstat::minor_faults(g.pid()).unwrap_or(0))
         .collect();
     let io0: Vec<(u64, u64)> = env
         .guests
@@ -502,9 +626,13 @@ pub fn run_once(
     let mut cpu_end: Vec<Option<f64>> = vec![None; pids.len()];
     let mut bs1: Vec<Option<(u64, u64)>> = vec![None; n];
     let mut io1: Vec<Option<(u64, u64)>> = vec![None; n];
+    let mut faults1: Vec<Option<u64>> = vec![None; n];
+    let mut host = HostPeaks::default();
+    let oom0 = env.cgroup.as_ref().map_or(0, MemCgroup::oom_kills);
     loop {
         let t = start.elapsed().as_secs_f64();
         sample(&mut qmps, env.daemon.as_ref(), t, &mut balloon, &mut pool);
+        host.sample(env.cgroup.as_ref(), &pids, config.modern_stack());
         for i in 0..n {
             if done_at[i].is_some() {
                 continue;
@@ -522,7 +650,19 @@ pub fn run_once(
                     }
                 };
                 io1[i] = procstat::io_bytes(g.pid());
+                faults1[i] = procstat::minor_faults(g.pid());
             } else if !g.is_running() {
+                let kills = env.cgroup.as_ref().map_or(0, MemCgroup::oom_kills) - oom0;
+                if kills > 0 {
+                    // The host budget's OOM killer took this guest's QEMU: the guest
+                    // failed (counted), the others go on.
+                    tracing::warn!(
+                        "{config}: guest {} was killed by the host budget's OOM killer",
+                        g.name()
+                    );
+                    done_at[i] = Some(start.elapsed().as_secs_f64());
+                    continue;
+                }
                 bail!(
                     "guest {} exited during the workload; console tail:\n{}",
                     g.name(),
@@ -539,6 +679,14 @@ pub fn run_once(
         std::thread::sleep(s.sample);
     }
     let wall = start.elapsed().as_secs_f64();
+    host.sample(env.cgroup.as_ref(), &pids, config.modern_stack());
+    let host_pss: u64 = pids.iter().filter_map(|p| procstat::pss_bytes(*p)).sum();
+    let ksm_saved = if config.modern_stack() {
+        hoststack::host_counters().3
+    } else {
+        0
+    };
+    let host_oom_kills = env.cgroup.as_ref().map_or(0, MemCgroup::oom_kills) - oom0;
     if let (Some(p), Some(slot)) = (dpid, cpu_end.last_mut()) {
         *slot = procstat::cpu_secs(p);
     }
@@ -692,7 +840,48 @@ pub fn run_once(
         pool: if config.tmem() { pool } else { Vec::new() },
         exports: export_deltas(&ex0, &ex1),
         guests: outcomes,
+        settle_secs: settle.as_secs(),
+        guest_memory_mib: guest_mib,
+        host_budget: s.host_budget.unwrap_or(0),
+        host_peak_bytes: host.peak,
+        host_pss_bytes: host_pss,
+        host_oom_kills,
+        host_swap_peak_bytes: host.swap,
+        zswap_peak_bytes: host.zswap,
+        ksm_saved_bytes: ksm_saved,
+        stack: env.stack.as_ref().map(|st| st.info().clone()),
+        qemu_minor_faults: faults0
+            .iter()
+            .zip(&faults1)
+            .map(|(a, b)| b.unwrap_or(*a).saturating_sub(*a))
+            .sum(),
+        prealloc,
     })
+}
+
+/// Peaks of what the host spends on a run, sampled during the workload.
+#[derive(Debug, Default)]
+struct HostPeaks {
+    /// Charged to the budget (cgroup usage, else the sum of RSS).
+    peak: u64,
+    /// Host swap in use.
+    swap: u64,
+    /// zswap pool.
+    zswap: u64,
+}
+
+impl HostPeaks {
+    fn sample(&mut self, cg: Option<&MemCgroup>, pids: &[u32], stack: bool) {
+        let used = cg
+            .and_then(|c| c.usage().ok())
+            .unwrap_or_else(|| pids.iter().filter_map(|p| procstat::rss_bytes(*p)).sum());
+        self.peak = self.peak.max(used);
+        if stack {
+            let (swap, zswap, _, _) = hoststack::host_counters();
+            self.swap = self.swap.max(swap);
+            self.zswap = self.zswap.max(zswap);
+        }
+    }
 }
 
 /// One sample of every guest's balloon and (with a daemon) the pool.
@@ -731,6 +920,8 @@ fn short(c: ConfigKind) -> &'static str {
         ConfigKind::Tmem => "t",
         ConfigKind::TmemDedup => "td",
         ConfigKind::TmemDedupComp => "tdc",
+        ConfigKind::Modern => "m",
+        ConfigKind::ModernTmem => "mt",
     }
 }
 
@@ -766,6 +957,11 @@ pub const METRICS: &[&str] = &[
     "pool_peak_logical",
     "pool_peak_held",
     "apparent_ratio",
+    "host_peak_bytes",
+    "host_pss_bytes",
+    "host_oom_kills",
+    "ksm_saved_bytes",
+    "qemu_minor_faults",
 ];
 
 /// The value of a metric in a run.
@@ -784,6 +980,11 @@ pub fn metric(r: &RunResult, name: &str) -> Option<f64> {
         "pool_peak_logical" => r.pool_peak_logical as f64,
         "pool_peak_held" => r.pool_peak_held as f64,
         "apparent_ratio" => r.apparent_ratio,
+        "host_peak_bytes" => r.host_peak_bytes as f64,
+        "host_pss_bytes" => r.host_pss_bytes as f64,
+        "host_oom_kills" => r.host_oom_kills as f64,
+        "ksm_saved_bytes" => r.ksm_saved_bytes as f64,
+        "qemu_minor_faults" => r.qemu_minor_faults as f64,
         _ => return None,
     })
 }

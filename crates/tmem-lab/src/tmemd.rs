@@ -88,6 +88,10 @@ pub struct DaemonOpts {
     pub balloon_interval_ms: u64,
     /// Put the daemon into this cgroup (its `cgroup.procs`) right after spawning.
     pub cgroup: Option<PathBuf>,
+    /// Balloon manager `host_total`, bytes (the host budget; `None`: host MemTotal).
+    pub host_total: Option<u64>,
+    /// Balloon manager `host_reserve`, bytes (`None`: tmemd's default, 1 GiB).
+    pub host_reserve: Option<u64>,
 }
 
 /// A running `tmemd`, stopped (SIGTERM, then SIGKILL) and cleaned up on drop.
@@ -109,14 +113,17 @@ impl Daemon {
         let log = std::fs::File::create(&stderr)
             .with_context(|| format!("creating {}", stderr.display()))?;
         let conf = o.state_dir.with_extension("toml");
-        std::fs::write(
-            &conf,
-            format!(
-                "[balloon]\ninterval_ms = {}\n",
-                o.balloon_interval_ms.max(100)
-            ),
-        )
-        .with_context(|| format!("writing {}", conf.display()))?;
+        let mut toml = format!(
+            "[balloon]\ninterval_ms = {}\n",
+            o.balloon_interval_ms.max(100)
+        );
+        if let Some(t) = o.host_total {
+            toml.push_str(&format!("host_total = {t}\n"));
+        }
+        if let Some(r) = o.host_reserve {
+            toml.push_str(&format!("host_reserve = {r}\n"));
+        }
+        std::fs::write(&conf, toml).with_context(|| format!("writing {}", conf.display()))?;
         let child = Command::new(&o.bin)
             .arg("--config")
             .arg(&conf)

@@ -1,5 +1,7 @@
-//! Runs `tmem-lab run --quick` with 2 small guests and one repeat, then checks that the
-//! report is complete and internally consistent. Numbers are not asserted.
+//! Runs `tmem-lab run --quick` with 2 small guests and one repeat of every configuration
+//! (the modern stack's included) under one host budget, then checks that the report is
+//! complete and internally consistent and that the host's swap, zswap and KSM settings are
+//! back. Numbers are not asserted.
 //!
 //! Needs QEMU and the guest kernel (`scripts/setup`); fails without them under
 //! `TMEM_REQUIRE_VM=1`, skipped with a message otherwise.
@@ -22,6 +24,7 @@ fn quick_run_report_is_complete_and_consistent() {
         return;
     }
     let out = std::env::temp_dir().join(format!("tmem-lab-test-{}", std::process::id()));
+    let host_before = host_settings();
     let _ = std::fs::remove_dir_all(&out);
     let status = Command::new(env!("CARGO_BIN_EXE_tmem-lab"))
         .args([
@@ -42,6 +45,8 @@ fn quick_run_report_is_complete_and_consistent() {
             "2",
             "--settle-secs",
             "15",
+            "--budget-mib",
+            BUDGET_MIB,
             "--timeout-secs",
             "600",
         ])
@@ -50,8 +55,30 @@ fn quick_run_report_is_complete_and_consistent() {
         .status()
         .expect("spawning tmem-lab");
     assert!(status.success(), "tmem-lab run failed: {status}");
+    assert_eq!(
+        host_settings(),
+        host_before,
+        "the modern rows left host settings changed"
+    );
     check(&out);
     let _ = std::fs::remove_dir_all(&out);
+}
+
+/// Under the statically partitioned share (budget / 2 − 128 MiB QEMU = 222 MiB < 256).
+const BUDGET_MIB: &str = "700";
+
+/// zswap, KSM and the swap devices, as text.
+fn host_settings() -> String {
+    let mut s = std::fs::read_to_string("/proc/swaps").unwrap_or_default();
+    for f in [
+        "/sys/module/zswap/parameters/enabled",
+        "/sys/module/zswap/parameters/compressor",
+        "/sys/kernel/mm/ksm/run",
+        "/sys/kernel/mm/ksm/pages_to_scan",
+    ] {
+        s.push_str(&std::fs::read_to_string(f).unwrap_or_default());
+    }
+    s
 }
 
 fn check(out: &Path) {
@@ -59,6 +86,7 @@ fn check(out: &Path) {
     let r: Results = serde_json::from_str(&text).expect("results.json parses");
     assert!(r.errors.is_empty(), "failed runs: {:?}", r.errors);
     assert_eq!(r.params.guests, 2);
+    assert_eq!(r.params.budget_mib, 700);
     // Every configuration, with every metric, finite.
     for c in ConfigKind::ALL {
         let s = r.summary(c).unwrap_or_else(|| panic!("no summary for {c}"));
@@ -78,6 +106,28 @@ fn check(out: &Path) {
             assert!(metric(run, m).is_some(), "{c}: {m}");
         }
         assert_eq!(run.failed_guests, 0, "{c}: a guest workload failed");
+        // Every configuration idles as long before the workload.
+        assert_eq!(run.settle_secs, 15, "{c}");
+        // One budget, enforced and measured for every row.
+        assert_eq!(run.host_budget, 700 << 20, "{c}");
+        assert!(
+            run.host_peak_bytes > 0 && run.host_peak_bytes <= run.host_budget,
+            "{c}: host peak {} of {}",
+            run.host_peak_bytes,
+            run.host_budget
+        );
+        assert!(run.host_pss_bytes > 0, "{c}: no PSS");
+        assert_eq!(run.prealloc, c.static_partition(), "{c}");
+        if c.static_partition() {
+            assert_eq!(run.guest_memory_mib, 222, "{c}: static share");
+        } else {
+            assert_eq!(run.guest_memory_mib, 256, "{c}");
+        }
+        assert_eq!(run.stack.is_some(), c.modern_stack(), "{c}");
+        if let Some(st) = &run.stack {
+            assert_eq!(st.swap_bytes, 512 << 20, "{c}");
+            assert!(!st.zswap_compressor.is_empty(), "{c}");
+        }
         assert!(run.wall_secs > 0.0, "{c}");
         assert!(run.cpu_secs > 0.0, "{c}");
         assert_eq!(run.guests.len(), 2, "{c}");
@@ -114,7 +164,10 @@ fn check(out: &Path) {
             assert!(run.pool.is_empty(), "{c}");
             assert_eq!(run.pool_peak_logical, 0, "{c}");
         }
-        if c == ConfigKind::Unchanged || c == ConfigKind::Selfballoon {
+        if matches!(
+            c,
+            ConfigKind::Unchanged | ConfigKind::Selfballoon | ConfigKind::Modern
+        ) {
             assert!(run.sectors_source.contains("query-blockstats"), "{c}");
             // cache=none: backing I/O is what the guests did.
             assert_eq!(run.sectors_read, run.guest_sectors_read, "{c}");
@@ -131,6 +184,11 @@ fn check(out: &Path) {
         md.contains("the talk"),
         "results.md lacks the talk's figures"
     );
+    assert!(
+        md.contains("tmem vs the modern stack vs both") && md.contains("loses to modern on"),
+        "results.md lacks the head-to-head"
+    );
+    assert!(md.contains("One host budget for every row: 700 MiB"));
     for f in ["temporal", "sectors", "balloon", "pool"] {
         for ext in ["png", "svg"] {
             let p = out.join(format!("{f}.{ext}"));

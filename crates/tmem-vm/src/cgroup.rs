@@ -96,6 +96,21 @@ impl MemCgroup {
             .map_err(|_| Error::Invalid(format!("{}: {s:?}", f.display())))
     }
 
+    /// Processes the cgroup's OOM killer has killed so far (`oom_kill` in
+    /// `memory.events` / `memory.oom_control`); 0 where the kernel does not count them.
+    pub fn oom_kills(&self) -> u64 {
+        let f = self.file("memory.events", "memory.oom_control");
+        std::fs::read_to_string(f)
+            .ok()
+            .and_then(|s| {
+                s.lines().find_map(|l| {
+                    l.strip_prefix("oom_kill ")
+                        .and_then(|v| v.trim().parse().ok())
+                })
+            })
+            .unwrap_or(0)
+    }
+
     /// The PIDs in the cgroup.
     pub fn pids(&self) -> Result<Vec<u32>> {
         let f = self.dir.join("cgroup.procs");
