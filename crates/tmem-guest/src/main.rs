@@ -151,8 +151,20 @@ fn open_port(a: &Args) -> Result<Sink, String> {
         .map_err(|e| format!("open {}: {e}", path.display()))
 }
 
-/// Wait until `fd` is writable or `ms` elapse; false on timeout.
-fn poll_out(fd: i32, ms: i32) -> bool {
+/// What waiting for a port to take more bytes found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PortState {
+    /// It takes bytes now.
+    Writable,
+    /// Nobody is reading on the host side (virtio-serial reports `POLLHUP` while the
+    /// host end is not connected): writing would block until someone connects.
+    HangUp,
+    /// Still full when the wait ended.
+    Timeout,
+}
+
+/// Waits until `fd` is writable, hung up, or `ms` elapse.
+fn poll_out(fd: i32, ms: i32) -> PortState {
     let mut p = libc::pollfd {
         fd,
         events: libc::POLLOUT,
@@ -160,7 +172,15 @@ fn poll_out(fd: i32, ms: i32) -> bool {
     };
     // SAFETY: `p` is a valid pollfd array of length 1 for the duration of the call.
     let r = unsafe { libc::poll(&mut p, 1, ms) };
-    r > 0 && (p.revents & libc::POLLOUT) != 0
+    if r <= 0 {
+        PortState::Timeout
+    } else if p.revents & libc::POLLOUT != 0 {
+        PortState::Writable
+    } else if p.revents & (libc::POLLHUP | libc::POLLERR) != 0 {
+        PortState::HangUp
+    } else {
+        PortState::Timeout
+    }
 }
 
 /// Write one whole line to a non-blocking port, waiting up to `budget`.
@@ -182,7 +202,14 @@ fn write_line(f: &mut File, mut buf: &[u8], budget: Duration) -> Result<(), Stri
                         Err("write stalled mid-line".into())
                     };
                 }
-                poll_out(f.as_raw_fd(), left.as_millis().min(1000) as i32);
+                match poll_out(f.as_raw_fd(), left.as_millis().min(1000) as i32) {
+                    PortState::Writable | PortState::Timeout => {}
+                    // No reader on the host: drop this report instead of spinning on
+                    // EAGAIN + POLLHUP (which took the guest's CPU from its workload
+                    // whenever no balloon manager read the port).
+                    PortState::HangUp if buf.len() == full => return Ok(()),
+                    PortState::HangUp => return Err("host went away mid-line".into()),
+                }
             }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {
                 if STOP.load(Ordering::Relaxed) {
@@ -305,6 +332,28 @@ mod tests {
         assert!(args(&["--interval", "nan"]).is_err());
         assert!(args(&["--bogus"]).is_err());
         assert!(args(&["--port"]).is_err());
+    }
+
+    #[test]
+    fn a_port_nobody_reads_is_reported_hung_up_not_waited_on() {
+        let mut fds = [0i32; 2];
+        // SAFETY: `fds` has room for the two descriptors pipe2 writes.
+        let made = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK) };
+        assert_eq!(made, 0);
+        let (r, w) = (fds[0], fds[1]);
+        assert_eq!(poll_out(w, 0), PortState::Writable);
+        // Fill it: full means a wait that times out.
+        let chunk = [0u8; 4096];
+        // SAFETY: `chunk` is valid for reads of its length; `w` is our pipe's write end.
+        while unsafe { libc::write(w, chunk.as_ptr().cast(), chunk.len()) } > 0 {}
+        assert_eq!(poll_out(w, 10), PortState::Timeout);
+        // The reader goes away: hung up, at once.
+        // SAFETY: `r` is ours and closed once.
+        unsafe { libc::close(r) };
+        // (A wait that ran out would say Timeout.)
+        assert_eq!(poll_out(w, 5000), PortState::HangUp);
+        // SAFETY: `w` is ours and closed once.
+        unsafe { libc::close(w) };
     }
 
     #[test]
