@@ -1027,13 +1027,15 @@ mod tests {
         }
     }
 
-    #[test]
-    fn shrink_raises_budget_and_spike_shrinks_pool_before_deflate() {
-        let log: Log = Arc::default();
-        let actual = Arc::new(Mutex::new(4 * GIB));
-        let stats = Arc::new(Mutex::new(vec![st(0, 4 * GIB - 24 * MIB, 3 * GIB, GIB, 0)]));
-        let spec = GuestSpec {
-            name: "g1".into(),
+    /// A selfballoon guest of 4 GiB whose balloon and stats the test drives.
+    fn sb_guest(
+        name: &str,
+        actual: &Arc<Mutex<u64>>,
+        stats: &Arc<Mutex<Vec<GuestStats>>>,
+        log: &Log,
+    ) -> GuestSpec {
+        GuestSpec {
+            name: name.into(),
             max: 4 * GIB,
             governor: sb(),
             actuator: Box::new(FakeBalloon {
@@ -1041,17 +1043,34 @@ mod tests {
                 log: log.clone(),
             }),
             sources: vec![Box::new(Script(stats.clone()))],
-        };
-        let pool = FakePool {
+        }
+    }
+
+    fn fake_pool(log: &Log) -> FakePool {
+        FakePool {
             log: log.clone(),
             budget: Mutex::new(0),
-        };
-        let host = FixedHost(HostView {
+        }
+    }
+
+    /// A 16 GiB host with 8 GiB available.
+    fn host_16g() -> FixedHost {
+        FixedHost(HostView {
             total: 16 * GIB,
             available: 8 * GIB,
             psi: None,
             share_target: None,
-        });
+        })
+    }
+
+    #[test]
+    fn shrink_raises_budget_and_spike_shrinks_pool_before_deflate() {
+        let log: Log = Arc::default();
+        let actual = Arc::new(Mutex::new(4 * GIB));
+        let stats = Arc::new(Mutex::new(vec![st(0, 4 * GIB - 24 * MIB, 3 * GIB, GIB, 0)]));
+        let spec = sb_guest("g1", &actual, &stats, &log);
+        let pool = fake_pool(&log);
+        let host = host_16g();
         let cfg = ManagerConfig {
             interval_ms: 1000,
             host_reserve: GIB,
@@ -1109,16 +1128,8 @@ mod tests {
         // Two guests of 4 GiB on a stated 6 GiB host with 1 GiB reserved: the second one's
         // spike may only grow it into the 5 GiB the first one leaves.
         let log: Log = Arc::default();
-        let pool = FakePool {
-            log: log.clone(),
-            budget: Mutex::new(0),
-        };
-        let host = FixedHost(HostView {
-            total: 16 * GIB,
-            available: 8 * GIB,
-            psi: None,
-            share_target: None,
-        });
+        let pool = fake_pool(&log);
+        let host = host_16g();
         let cfg = ManagerConfig {
             interval_ms: 1000,
             host_reserve: GIB,
@@ -1131,16 +1142,7 @@ mod tests {
             .committed = 3 * GIB;
         let actual = Arc::new(Mutex::new(GIB));
         let stats = Arc::new(Mutex::new(vec![st(0, GIB - 24 * MIB, 900 * MIB, GIB, 0)]));
-        let spec = GuestSpec {
-            name: "g1".into(),
-            max: 4 * GIB,
-            governor: sb(),
-            actuator: Box::new(FakeBalloon {
-                actual: actual.clone(),
-                log: log.clone(),
-            }),
-            sources: vec![Box::new(Script(stats.clone()))],
-        };
+        let spec = sb_guest("g1", &actual, &stats, &log);
         let mut gl = GuestLoop::new(spec, Instant::now());
         gl.step(&cfg, &host, &pool, &shared);
         lock(&log).clear();
@@ -1170,10 +1172,7 @@ mod tests {
     fn pressure_share_plan_across_guests() {
         // Two guests, host short by ~2 GiB: the plan splits the take by shares.
         let log: Log = Arc::default();
-        let pool = FakePool {
-            log: log.clone(),
-            budget: Mutex::new(0),
-        };
+        let pool = fake_pool(&log);
         let h0 = HostView {
             total: 16 * GIB,
             available: 0,

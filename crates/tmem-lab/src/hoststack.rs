@@ -259,38 +259,37 @@ fn make_swap_file(path: &Path, bytes: u64) -> Result<()> {
     Ok(())
 }
 
-/// Host-wide counters of the modern stack, bytes: (swap used, zswap pool, data held in
-/// zswap, KSM saved = pages_sharing × 4 KiB).
-pub fn host_counters() -> (u64, u64, u64, u64) {
+/// Host-wide counters of the modern stack, bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HostCounters {
+    /// Swap in use (SwapTotal − SwapFree).
+    pub swap_used: u64,
+    /// The zswap pool (`Zswap:`, compressed).
+    pub zswap: u64,
+    /// What KSM saves (pages_sharing × 4 KiB).
+    pub ksm_saved: u64,
+}
+
+/// Reads [`HostCounters`] from `/proc/meminfo` and KSM's sysfs.
+pub fn host_counters() -> HostCounters {
+    let mut c = HostCounters::default();
     let mut swap_total = 0;
     let mut swap_free = 0;
-    let mut zswap = 0;
-    let mut zswapped = 0;
-    if let Ok(m) = std::fs::read_to_string("/proc/meminfo") {
-        for l in m.lines() {
-            let mut it = l.split_whitespace();
-            let (Some(k), Some(v)) = (it.next(), it.next()) else {
-                continue;
-            };
-            let v: u64 = v.parse().unwrap_or(0) * 1024;
-            match k {
-                "SwapTotal:" => swap_total = v,
-                "SwapFree:" => swap_free = v,
-                "Zswap:" => zswap = v,
-                "Zswapped:" => zswapped = v,
-                _ => {}
-            }
+    let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    for (k, v) in tmem_balloon::stats::meminfo_pairs(&text) {
+        match k {
+            "SwapTotal" => swap_total = v,
+            "SwapFree" => swap_free = v,
+            "Zswap" => c.zswap = v,
+            _ => {}
         }
     }
+    c.swap_used = swap_total.saturating_sub(swap_free);
     let sharing: u64 = read(&format!("{KSM}/pages_sharing"))
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
-    (
-        swap_total.saturating_sub(swap_free),
-        zswap,
-        zswapped,
-        sharing * 4096,
-    )
+    c.ksm_saved = sharing * 4096;
+    c
 }
 
 #[cfg(test)]

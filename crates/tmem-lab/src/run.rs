@@ -682,7 +682,7 @@ pub fn run_once(
     host.sample(env.cgroup.as_ref(), &pids, config.modern_stack());
     let host_pss: u64 = pids.iter().filter_map(|p| procstat::pss_bytes(*p)).sum();
     let ksm_saved = if config.modern_stack() {
-        hoststack::host_counters().3
+        hoststack::host_counters().ksm_saved
     } else {
         0
     };
@@ -877,9 +877,9 @@ impl HostPeaks {
             .unwrap_or_else(|| pids.iter().filter_map(|p| procstat::rss_bytes(*p)).sum());
         self.peak = self.peak.max(used);
         if stack {
-            let (swap, zswap, _, _) = hoststack::host_counters();
-            self.swap = self.swap.max(swap);
-            self.zswap = self.zswap.max(zswap);
+            let c = hoststack::host_counters();
+            self.swap = self.swap.max(c.swap_used);
+            self.zswap = self.zswap.max(c.zswap);
         }
     }
 }

@@ -282,13 +282,7 @@ fn shutdown_closes_clients_joins_and_unlinks_socket() {
         },
         ..Default::default()
     };
-    let mut srv = TestServer::start_with(
-        vec![(
-            "a",
-            Arc::new(MemBackend::new(SIZE)) as Arc<dyn BlockBackend>,
-        )],
-        cfg,
-    );
+    let mut srv = TestServer::one_mem(SIZE, cfg);
     let mut c1 = RawClient::open(&srv.sock, "a", true);
     c1.check_alive(1);
     c1.request(CMD_FLUSH, 0, 3, 0, 0, &[]); // starts the worker pool
@@ -310,13 +304,7 @@ fn handshake_timeout_and_connection_limit() {
         max_connections: 2,
         ..Default::default()
     };
-    let srv = TestServer::start_with(
-        vec![(
-            "a",
-            Arc::new(MemBackend::new(SIZE)) as Arc<dyn BlockBackend>,
-        )],
-        cfg,
-    );
+    let srv = TestServer::one_mem(SIZE, cfg);
     // A client that never finishes the handshake is dropped by the server.
     let mut idle = RawClient::connect(&srv.sock);
     assert!(idle.is_closed(), "idle handshake must time out");
@@ -342,13 +330,7 @@ fn a_client_trickling_its_handshake_is_dropped_at_the_deadline() {
         handshake_timeout: Some(std::time::Duration::from_millis(300)),
         ..Default::default()
     };
-    let srv = TestServer::start_with(
-        vec![(
-            "a",
-            Arc::new(MemBackend::new(SIZE)) as Arc<dyn BlockBackend>,
-        )],
-        cfg,
-    );
+    let srv = TestServer::one_mem(SIZE, cfg);
     // A valid option header announcing 1000 bytes of data, then the data one byte every
     // 100 ms: every single read is quick, but the handshake never ends. Only a deadline for
     // the whole handshake drops this client (a per-read timeout never fires); it must be
@@ -379,13 +361,7 @@ fn stalled_handshakes_make_room_for_new_clients() {
         max_handshakes_per_peer: 3,
         ..Default::default()
     };
-    let srv = TestServer::start_with(
-        vec![(
-            "a",
-            Arc::new(MemBackend::new(SIZE)) as Arc<dyn BlockBackend>,
-        )],
-        cfg,
-    );
+    let srv = TestServer::one_mem(SIZE, cfg);
     // Clients that read the greeting and stall: each newcomer closes the oldest of this
     // peer's (this uid's) handshakes beyond the cap, not itself.
     let mut stalled: Vec<RawClient> = (0..20).map(|_| RawClient::connect(&srv.sock)).collect();
@@ -435,13 +411,7 @@ fn large_requests_wait_for_the_buffer_budget_and_all_complete() {
         },
         ..Default::default()
     };
-    let srv = TestServer::start_with(
-        vec![(
-            "a",
-            Arc::new(MemBackend::new(SIZE)) as Arc<dyn BlockBackend>,
-        )],
-        cfg,
-    );
+    let srv = TestServer::one_mem(SIZE, cfg);
     let len = (SIZE / 4).min(u64::from(MAX_PAYLOAD)) as u32;
     let threads: Vec<_> = (0..4u64)
         .map(|i| {

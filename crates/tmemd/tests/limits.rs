@@ -188,14 +188,10 @@ fn maximum_size_writes_from_many_clients_stay_within_the_buffer_limit() {
     // the swap export's own bookkeeping.
     const SLACK: u64 = 128 << 20;
     let t = tmp();
-    let dir = t.path().join("state");
-    let cfg = t.path().join("tmemd.toml");
-    std::fs::write(
-        &cfg,
-        format!("budget = {POOL}\nnbd_buffer_limit = {BUFFER_LIMIT}\n"),
-    )
-    .unwrap();
-    let d = Tmemd::start(&dir, &["--config", cfg.to_str().unwrap()]);
+    let d = Tmemd::start_config(
+        t.path(),
+        &format!("budget = {POOL}\nnbd_buffer_limit = {BUFFER_LIMIT}\n"),
+    );
     let size = CLIENTS * u64::from(MAX_PAYLOAD);
     let o = d.ctl(&[
         "export",
@@ -296,14 +292,10 @@ fn a_client_stalling_mid_payload_does_not_hold_the_buffer_budget_for_ever() {
     // large write can start.
     let limit = tmem_nbd::MIN_BUFFER_LIMIT;
     let t = tmp();
-    let dir = t.path().join("state");
-    let cfg = t.path().join("tmemd.toml");
-    std::fs::write(
-        &cfg,
-        format!("budget = \"256M\"\nnbd_buffer_limit = {limit}\nnbd_stall_timeout_secs = 2\n"),
-    )
-    .unwrap();
-    let d = Tmemd::start(&dir, &["--config", cfg.to_str().unwrap()]);
+    let d = Tmemd::start_config(
+        t.path(),
+        &format!("budget = \"256M\"\nnbd_buffer_limit = {limit}\nnbd_stall_timeout_secs = 2\n"),
+    );
     let size = 2 * u64::from(MAX_PAYLOAD);
     let o = d.ctl(&[
         "export",

@@ -223,11 +223,8 @@ fn a_unix_peer_listed_by_uid_opens_its_export_without_tls() {
         std::os::unix::fs::PermissionsExt::from_mode(0o755),
     )
     .unwrap();
-    let dir = t.path().join("state");
-    let cfg = t.path().join("tmemd.toml");
     // nogroup (65534) may connect to nbd.sock; exports decide who opens what.
-    std::fs::write(&cfg, "nbd_socket_group = \"nogroup\"\n").unwrap();
-    let d = Tmemd::start(&dir, &["--config", cfg.to_str().unwrap()]);
+    let d = Tmemd::start_config(t.path(), "nbd_socket_group = \"nogroup\"\n");
     for args in [
         &[
             "export",
@@ -260,7 +257,7 @@ fn a_unix_peer_listed_by_uid_opens_its_export_without_tls() {
         }
         c.arg(uri).output().expect("setpriv")
     };
-    let sock = dir.join("nbd.sock");
+    let sock = t.path().join("state").join("nbd.sock");
     let o = as_user(
         65534,
         &format!("nbd+unix:///?socket={}", sock.display()),

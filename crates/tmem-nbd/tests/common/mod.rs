@@ -36,6 +36,17 @@ impl TestServer {
         )
     }
 
+    /// One in-memory export `a` of `size` bytes under `cfg`.
+    pub fn one_mem(size: u64, cfg: ServerConfig) -> Self {
+        Self::start_with(
+            vec![(
+                "a",
+                Arc::new(MemBackend::new(size)) as Arc<dyn BlockBackend>,
+            )],
+            cfg,
+        )
+    }
+
     pub fn start_with(exports: Vec<(&str, Arc<dyn BlockBackend>)>, cfg: ServerConfig) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let sock = dir.path().join("nbd.sock");

@@ -68,6 +68,14 @@ impl Tmemd {
         Self::start_with(dir, extra, Launch::default())
     }
 
+    /// Writes `toml` to `base/tmemd.toml` and starts tmemd with it on `base/state`.
+    pub fn start_config(base: &Path, toml: &str) -> Tmemd {
+        let cfg = base.join("tmemd.toml");
+        std::fs::write(&cfg, toml).expect("writing tmemd.toml");
+        let cfg = cfg.to_str().expect("UTF-8 path").to_owned();
+        Self::start(&base.join("state"), &["--config", &cfg])
+    }
+
     /// Starts tmemd with separate runtime and state directories.
     pub fn start_split(runtime: &Path, dir: &Path, extra: &[&str]) -> Tmemd {
         Self::start_with(
