@@ -17,7 +17,8 @@
 //! Pieces: [`image`] (guest initramfs + workload script, seeded data image), [`tmemd`]
 //! (spawns the real daemon, minimal control-API client), [`run`] (one run: launch,
 //! measure, tear down), [`density`], [`report`] (results.md / results.json) and [`plot`]
-//! (PNG + SVG). `tmem-lab run --quick` is the few-minute version.
+//! (PNG + SVG). `tmem-lab run --quick` is the short version (2 small guests,
+//! one repeat; about a minute per configuration on 2 cores, plus the density modes).
 
 pub mod configs;
 pub mod density;
