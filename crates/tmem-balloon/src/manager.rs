@@ -377,8 +377,13 @@ pub struct ManagerConfig {
     pub host_reserve: u64,
     /// Host RAM, bytes; `None` = host MemTotal from the probe. When stated (e.g. the
     /// memory cgroup limit tmemd and the QEMUs run under), it is also a cap: guests grow
-    /// only while all of them together stay within `host_total − host_reserve`.
+    /// only while all of them together stay within `host_total − host_reserve − pool_min`.
     pub host_total: Option<u64>,
+    /// With a stated `host_total`: memory kept for the pool that guest growth does not
+    /// take, bytes. Default 0 (guests first, the pool gets what is left). A pool that
+    /// deduplicates and compresses what several guests read and swap can hold more in a
+    /// MiB than a guest's own page cache does; this is how an operator says so.
+    pub pool_min: u64,
 }
 
 impl Default for ManagerConfig {
@@ -387,6 +392,7 @@ impl Default for ManagerConfig {
             interval_ms: 2000,
             host_reserve: 1024 * MIB,
             host_total: None,
+            pool_min: 0,
         }
     }
 }
@@ -607,10 +613,21 @@ impl GuestLoop {
         self.status.last_decision = Some(d.decision.clone());
         self.status.target = target;
 
-        // 5. Actuate, pool first when growing.
+        // 5. Actuate, pool first when growing: the pool gives back at once what the
+        //    growth needs and the host does not have free. With a stated host budget,
+        //    the new pool budget below evicts what no longer fits; without one, the
+        //    shortfall is the growth beyond MemAvailable − reserve. A pool with room
+        //    keeps its pages (shrinking it by every growth emptied it while guests read
+        //    from disk).
         if target > actual {
             let grow = target - actual;
-            pool.shrink(grow);
+            let short = match cfg.host_total {
+                Some(_) => 0,
+                None => grow.saturating_sub(host.available.saturating_sub(cfg.host_reserve)),
+            };
+            if short > 0 {
+                pool.shrink(short);
+            }
             self.set_committed(shared, actual.max(target));
             self.update_budget(cfg, &host, pool, shared);
             if self.last_sent != Some(target) {
@@ -665,10 +682,11 @@ impl GuestLoop {
     }
 
     /// With a stated host budget (`host_total`), a guest grows only into the room the
-    /// other guests and the reserve leave: all guests together stay within
-    /// `host_total − host_reserve` (the pool gets what is left, down to nothing). Without
+    /// other guests, the reserve and the pool's minimum leave: all guests together stay
+    /// within `host_total − host_reserve − pool_min` (the pool gets what is left). Without
     /// it, host RAM is the limit and the policy's target stands. Never shrinks below
-    /// `actual` (the policies shrink; this only withholds growth).
+    /// `actual` (the policies shrink; this only withholds growth). The room is taken under
+    /// the same lock it is computed in, so two guests growing at once cannot both take it.
     fn cap_growth(&self, cfg: &ManagerConfig, shared: &Shared, actual: u64, target: u64) -> u64 {
         let Some(total) = cfg.host_total else {
             return target;
@@ -676,15 +694,19 @@ impl GuestLoop {
         if target <= actual {
             return target;
         }
-        let others: u64 = lock(&shared.guests)
+        let mut guests = lock(&shared.guests);
+        let others: u64 = guests
             .iter()
             .filter(|(name, _)| **name != self.spec.name)
             .map(|(_, g)| g.committed)
             .sum();
         let room = total
             .saturating_sub(cfg.host_reserve)
+            .saturating_sub(cfg.pool_min)
             .saturating_sub(others);
         let capped = target.min(room).max(actual);
+        guests.entry(self.spec.name.clone()).or_default().committed = capped;
+        drop(guests);
         if capped < target {
             tracing::debug!(
                 guest = %self.spec.name,
@@ -1075,6 +1097,7 @@ mod tests {
             interval_ms: 1000,
             host_reserve: GIB,
             host_total: None,
+            pool_min: 0,
         };
         let shared = Shared::default();
         let mut gl = GuestLoop::new(spec, Instant::now());
@@ -1097,17 +1120,22 @@ mod tests {
         assert_eq!(lock(&log).last(), Some(&Op::Budget(16 * GIB - GIB - t1)));
         lock(&log).clear();
 
-        // Interval 3: fault spike → pool shrinks first, budget drops, then deflate.
+        // Interval 3: fault spike on a host with 256 MiB available beyond the reserve →
+        // the pool gives back the rest of the growth first, budget drops, then deflate.
+        let tight = FixedHost(HostView {
+            available: GIB + 256 * MIB,
+            ..host.0
+        });
         lock(&stats).push(st(2000, t2 - 24 * MIB, 100 * MIB, GIB, 100_000));
-        gl.step(&cfg, &host, &pool, &shared);
+        gl.step(&cfg, &tight, &pool, &shared);
         let s = gl.status().clone();
         assert!(s.last_spike.is_some(), "{:?}", s.last_decision);
-        assert!(s.target > t2);
+        assert!(s.target > t2 + 256 * MIB);
         let ops = lock(&log).clone();
         assert_eq!(
             ops,
             vec![
-                Op::Shrink(s.target - t2),
+                Op::Shrink(s.target - t2 - 256 * MIB),
                 Op::Budget(16 * GIB - GIB - s.target),
                 Op::Set(s.target),
             ]
@@ -1124,6 +1152,40 @@ mod tests {
     }
 
     #[test]
+    fn growth_the_host_has_room_for_leaves_the_pool_alone() {
+        // 8 GiB available, 1 GiB reserve: a spike that grows the guest by less than 7 GiB
+        // evicts nothing from the pool; only the budget moves.
+        let log: Log = Arc::default();
+        let actual = Arc::new(Mutex::new(2 * GIB));
+        let stats = Arc::new(Mutex::new(vec![st(
+            0,
+            2 * GIB - 24 * MIB,
+            100 * MIB,
+            GIB,
+            0,
+        )]));
+        let spec = sb_guest("g1", &actual, &stats, &log);
+        let pool = fake_pool(&log);
+        let cfg = ManagerConfig {
+            interval_ms: 1000,
+            host_reserve: GIB,
+            host_total: None,
+            pool_min: 0,
+        };
+        let shared = Shared::default();
+        let mut gl = GuestLoop::new(spec, Instant::now());
+        gl.step(&cfg, &host_16g(), &pool, &shared);
+        lock(&log).clear();
+        lock(&stats).push(st(1000, 2 * GIB - 24 * MIB, 10 * MIB, 3 * GIB, 100_000));
+        gl.step(&cfg, &host_16g(), &pool, &shared);
+        let t = gl.status().target;
+        assert!(t > 2 * GIB, "{:?}", gl.status().last_decision);
+        let ops = lock(&log).clone();
+        assert!(!ops.iter().any(|o| matches!(o, Op::Shrink(_))), "{ops:?}");
+        assert_eq!(ops.last(), Some(&Op::Set(t)));
+    }
+
+    #[test]
     fn a_stated_host_budget_holds_back_growth_beyond_it() {
         // Two guests of 4 GiB on a stated 6 GiB host with 1 GiB reserved: the second one's
         // spike may only grow it into the 5 GiB the first one leaves.
@@ -1134,6 +1196,7 @@ mod tests {
             interval_ms: 1000,
             host_reserve: GIB,
             host_total: Some(6 * GIB),
+            pool_min: 0,
         };
         let shared = Shared::default();
         lock(&shared.guests)
@@ -1169,6 +1232,58 @@ mod tests {
     }
 
     #[test]
+    fn a_pool_minimum_is_left_to_the_pool_when_guests_grow() {
+        // 6 GiB stated, 1 GiB reserve, 1 GiB kept for the pool: two 1 GiB guests that
+        // both spike may together grow to 4 GiB: the first to ask takes the room
+        // the second leaves.
+        let log: Log = Arc::default();
+        let pool = fake_pool(&log);
+        let host = host_16g();
+        let cfg = ManagerConfig {
+            interval_ms: 1000,
+            host_reserve: GIB,
+            host_total: Some(6 * GIB),
+            pool_min: GIB,
+        };
+        let shared = Shared::default();
+        let mut loops = Vec::new();
+        for name in ["a", "b"] {
+            let actual = Arc::new(Mutex::new(GIB));
+            let stats = Arc::new(Mutex::new(vec![st(0, GIB - 24 * MIB, 900 * MIB, GIB, 0)]));
+            let gl = GuestLoop::new(sb_guest(name, &actual, &stats, &log), Instant::now());
+            loops.push((gl, stats));
+        }
+        for (gl, _) in &mut loops {
+            gl.step(&cfg, &host, &pool, &shared);
+        }
+        for (_, stats) in &loops {
+            lock(stats).push(st(1000, GIB - 24 * MIB, 10 * MIB, 4 * GIB, 100_000));
+        }
+        for (gl, _) in &mut loops {
+            gl.step(&cfg, &host, &pool, &shared);
+        }
+        let a = loops[0].0.status().target;
+        let b = loops[1].0.status().target;
+        // The first takes all the room the second's current size leaves; the second gets
+        // nothing more than it had.
+        assert!(
+            a > 2 * GIB && a < 4 * GIB,
+            "{:?}",
+            loops[0].0.status().last_decision
+        );
+        assert!(b < 2 * GIB, "{:?}", loops[1].0.status().last_decision);
+        assert_eq!(a + b, 4 * GIB);
+        // The pool keeps its minimum.
+        assert_eq!(
+            lock(&log).iter().rev().find_map(|o| match o {
+                Op::Budget(b) => Some(*b),
+                _ => None,
+            }),
+            Some(GIB)
+        );
+    }
+
+    #[test]
     fn pressure_share_plan_across_guests() {
         // Two guests, host short by ~2 GiB: the plan splits the take by shares.
         let log: Log = Arc::default();
@@ -1188,6 +1303,7 @@ mod tests {
             interval_ms: 1000,
             host_reserve: 0,
             host_total: None,
+            pool_min: 0,
         };
         let shared = Shared::default();
         let mk = |name: &str, shares: u32| {
@@ -1264,6 +1380,7 @@ mod tests {
             interval_ms: 5,
             host_reserve: 0,
             host_total: None,
+            pool_min: 0,
         };
         let m = Manager::start(cfg, vec![spec], pool.clone(), host).expect("start");
         let end = Instant::now() + Duration::from_secs(60);

@@ -213,6 +213,7 @@ fn manager_reports_stuck_guest_against_real_qemu() {
         interval_ms: 1000,
         host_reserve: 1 << 30,
         host_total: None,
+        pool_min: 0,
     };
     for _ in 0..6 {
         gl.step(&cfg, &Host, &pool, &shared);

@@ -262,6 +262,7 @@ fn run_mode(
             // (the cgroup limit bounds it); the main table passes the budget instead.
             host_total: None,
             host_reserve: None,
+            pool_min: 0,
         })?);
     }
     let mut mode = DensityMode {
@@ -313,6 +314,7 @@ fn run_mode(
         let mut cfg = GuestConfig::new(&gname)
             .memory_mib(p.density_guest_mib)
             .accel(tmem_vm::Accel::parse(&p.accel).unwrap_or(tmem_vm::Accel::Tcg))
+            .tcg_tb_mib((p.tcg_tb_mib > 0).then_some(p.tcg_tb_mib))
             .agent_path(gdir.join("ag.sock"))
             .qmp_path(gdir.join("q.sock"))
             .run_dir(&gdir)
@@ -336,6 +338,8 @@ fn run_mode(
             eat_mib: 1,
             eat_rounds: 1,
             eat_sleep_ms: 0,
+            res_shared_mib: 0,
+            res_private_mib: 0,
         };
         for a in image::kernel_args(&work) {
             cfg = cfg.cmdline(&a);

@@ -25,6 +25,7 @@ pub const MARK_DONE: &str = "LAB-DONE";
 /// cached image serves every guest; see [`kernel_args`].
 pub const SCRIPT: &str = r#"
 seed=1; work=build; jobs=2; rounds=2; wpass=1; eatmib=64; eatrounds=4; eatsleep=2000
+resshared=32; resprivate=32
 for a in $(cat /proc/cmdline); do
   case "$a" in
     lab.seed=*) seed="${a#lab.seed=}";;
@@ -35,6 +36,8 @@ for a in $(cat /proc/cmdline); do
     lab.eatmib=*) eatmib="${a#lab.eatmib=}";;
     lab.eatrounds=*) eatrounds="${a#lab.eatrounds=}";;
     lab.eatsleep=*) eatsleep="${a#lab.eatsleep=}";;
+    lab.resshared=*) resshared="${a#lab.resshared=}";;
+    lab.resprivate=*) resprivate="${a#lab.resprivate=}";;
   esac
 done
 port() {
@@ -60,6 +63,17 @@ mkdir -p /data
 if [ -b /dev/vdb ]; then
   mount -t ext4 -o ro,noload /dev/vdb /data || echo "LAB-WARN mount /dev/vdb failed"
 fi
+# What every guest of one distribution holds (the same files) and its own data, loaded
+# at boot like a guest's services, held through the workload and checked at the end.
+res=""
+case "$work" in
+  *resident*)
+    rm -f /tmp/resident.stop
+    tmem-work resident --src /data --until /tmp/resident.stop --shared-mib "$resshared" --private-mib "$resprivate" --seed "$seed" >/tmp/resident.log 2>&1 &
+    res=$!
+    i=0
+    while ! grep -q loaded /tmp/resident.log 2>/dev/null && [ $i -lt 3000 ]; do sleep 0.1; i=$((i+1)); done;;
+esac
 echo "LAB-WAIT work=$work seed=$seed"
 go=$(waitline)
 echo "LAB-GO $go"
@@ -82,6 +96,11 @@ if [ -n "$eat" ]; then
   wait "$eat" || rc=$((rc + 100))
   tail -n 1 /tmp/eatmem.log
 fi
+if [ -n "$res" ]; then
+  touch /tmp/resident.stop
+  wait "$res" || rc=$((rc + 1000))
+  tail -n 1 /tmp/resident.log
+fi
 rm -rf /tmp/out
 v=$(grep -E '^(pswpin|pswpout|oom_kill|pgmajfault) ' /proc/vmstat | tr '\n' ' ')
 echo "LAB-VMSTAT $v"
@@ -93,7 +112,7 @@ exit $rc
 /// Workload parameters passed on the kernel command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WorkParams {
-    /// `build`, `eatmem`, `build+eatmem` or `idle`.
+    /// `build`, `eatmem`, `resident` joined with `+` (e.g. `build+eatmem`), or `idle`.
     pub work: String,
     /// Seed (per guest).
     pub seed: u64,
@@ -109,6 +128,10 @@ pub struct WorkParams {
     pub eat_rounds: u32,
     /// eatmem: longest sleep between rounds, ms.
     pub eat_sleep_ms: u32,
+    /// resident: MiB of the data disk's files every guest holds (the same pages in all).
+    pub res_shared_mib: u32,
+    /// resident: MiB of the guest's own text-like data.
+    pub res_private_mib: u32,
 }
 
 /// The kernel command line arguments for a guest.
@@ -122,6 +145,8 @@ pub fn kernel_args(p: &WorkParams) -> Vec<String> {
         format!("lab.eatmib={}", p.eat_mib),
         format!("lab.eatrounds={}", p.eat_rounds),
         format!("lab.eatsleep={}", p.eat_sleep_ms),
+        format!("lab.resshared={}", p.res_shared_mib),
+        format!("lab.resprivate={}", p.res_private_mib),
     ]
 }
 

@@ -25,6 +25,7 @@ pub mod density;
 pub mod hoststack;
 pub mod image;
 pub mod plot;
+pub mod poolfit;
 pub mod procstat;
 pub mod report;
 pub mod run;
@@ -97,9 +98,18 @@ pub struct RunArgs {
     /// Shared data image size, MiB; ~60% of it is the source tree [full 1024, quick 160].
     #[arg(long)]
     pub data_mib: Option<u64>,
-    /// Workload mix: build, eatmem, build+eatmem [default build+eatmem].
+    /// Workload mix: build, eatmem and resident joined with `+` (e.g. build+eatmem, or
+    /// resident+build+eatmem: every guest also holds the same files of the data disk and
+    /// text of its own, as guests cloned from one image do) [build+eatmem].
     #[arg(long)]
     pub workload: Option<String>,
+    /// resident: MiB of the data disk's files each guest holds (the same pages in every
+    /// guest) [memory/8].
+    #[arg(long)]
+    pub resident_shared_mib: Option<u32>,
+    /// resident: MiB of text-like data of each guest's own [memory/8].
+    #[arg(long)]
+    pub resident_private_mib: Option<u32>,
     /// Parallel build jobs per guest [2].
     #[arg(long)]
     pub jobs: Option<u32>,
@@ -146,6 +156,10 @@ pub struct RunArgs {
     /// [guests × (¾ × memory + 128)].
     #[arg(long)]
     pub budget_mib: Option<u64>,
+    /// Under the host budget, memory the balloon manager keeps for the tmem pool (guests
+    /// grow only into the rest: tmemd's `[balloon] pool_min`), MiB [0].
+    #[arg(long)]
+    pub pool_min_mib: Option<u64>,
     /// Where the `modern` rows make their host swap file (a disk filesystem) [/var/tmp].
     #[arg(long)]
     pub swap_dir: Option<PathBuf>,
@@ -162,6 +176,10 @@ pub struct RunArgs {
     /// Accelerator: auto (probe), kvm or tcg [auto].
     #[arg(long)]
     pub accel: Option<String>,
+    /// Under TCG, QEMU's translated-code cache per guest, MiB; 0 = QEMU's default (1 GiB,
+    /// filled lazily, tens of MiB per guest that a KVM guest's QEMU does not have) [32].
+    #[arg(long)]
+    pub tcg_tb_mib: Option<u32>,
     /// The tmemd binary [beside tmem-lab, else built with cargo].
     #[arg(long)]
     pub tmemd: Option<PathBuf>,
@@ -212,6 +230,12 @@ pub struct Params {
     pub eat_rounds: u32,
     /// eatmem sleep ms.
     pub eat_sleep_ms: u32,
+    /// resident: shared MiB per guest.
+    #[serde(default)]
+    pub resident_shared_mib: u32,
+    /// resident: private MiB per guest.
+    #[serde(default)]
+    pub resident_private_mib: u32,
     /// Seed.
     pub seed: u64,
     /// Repeats.
@@ -228,6 +252,9 @@ pub struct Params {
     /// Host memory budget of every configuration of the main table, MiB (0: none).
     #[serde(default)]
     pub budget_mib: u64,
+    /// Memory kept for the pool under the host budget, MiB.
+    #[serde(default)]
+    pub pool_min_mib: u64,
     /// Where the modern rows' host swap file goes.
     #[serde(default)]
     pub swap_dir: PathBuf,
@@ -240,6 +267,9 @@ pub struct Params {
     pub timeout_secs: u64,
     /// Accelerator used.
     pub accel: String,
+    /// TCG translated-code cache per guest, MiB (0: QEMU's default).
+    #[serde(default)]
+    pub tcg_tb_mib: u32,
     /// Density experiment on.
     pub density: bool,
     /// Density budget, MiB.
@@ -250,6 +280,19 @@ pub struct Params {
     pub density_max: u32,
     /// Density hold seconds.
     pub density_hold_secs: u64,
+}
+
+/// Whether `w` is one or more of `build`, `eatmem`, `resident` joined with `+`, each once.
+pub fn valid_workload(w: &str) -> bool {
+    let parts: Vec<&str> = w.split('+').collect();
+    !parts.is_empty()
+        && parts
+            .iter()
+            .all(|p| matches!(*p, "build" | "eatmem" | "resident"))
+        && parts
+            .iter()
+            .enumerate()
+            .all(|(i, p)| !parts[..i].contains(p))
 }
 
 impl RunArgs {
@@ -264,8 +307,10 @@ impl RunArgs {
             .workload
             .clone()
             .unwrap_or_else(|| "build+eatmem".into());
-        if !matches!(workload.as_str(), "build" | "eatmem" | "build+eatmem") {
-            bail!("--workload {workload:?}: want build, eatmem or build+eatmem");
+        if !valid_workload(&workload) {
+            bail!(
+                "--workload {workload:?}: want build, eatmem and/or resident joined with '+' (e.g. build+eatmem)"
+            );
         }
         let configs = match &self.configs {
             None => ConfigKind::ALL.to_vec(),
@@ -306,6 +351,8 @@ impl RunArgs {
             eat_mib: self.eat_mib.unwrap_or(memory_mib / 3),
             eat_rounds: self.eat_rounds.unwrap_or(if q { 3 } else { 8 }),
             eat_sleep_ms: self.eat_sleep_ms.unwrap_or(2000),
+            resident_shared_mib: self.resident_shared_mib.unwrap_or(memory_mib / 8),
+            resident_private_mib: self.resident_private_mib.unwrap_or(memory_mib / 8),
             seed: self.seed.unwrap_or(42),
             repeats: self.repeats.unwrap_or(if q { 1 } else { 5 }).max(1),
             configs,
@@ -318,8 +365,9 @@ impl RunArgs {
             settle_secs: pick(self.settle_secs, 60, 30),
             budget_mib: self.budget_mib.unwrap_or(
                 u64::from(guests)
-                    * (u64::from(memory_mib) * 3 / 4 + u64::from(run::QEMU_OVERHEAD_MIB)),
+                    * (u64::from(memory_mib) * 3 / 4 + u64::from(run::DEFAULT_BUDGET_QEMU_MIB)),
             ),
+            pool_min_mib: self.pool_min_mib.unwrap_or(0),
             swap_dir: self
                 .swap_dir
                 .clone()
@@ -328,6 +376,7 @@ impl RunArgs {
             balloon_interval_ms: self.balloon_interval_ms.unwrap_or(1000),
             timeout_secs: pick(self.timeout_secs, 3600, 900),
             accel: accel.name().to_string(),
+            tcg_tb_mib: self.tcg_tb_mib.unwrap_or(32),
             density: !self.no_density,
             host_budget_mib: pick(self.host_budget_mib, 2048, 1024),
             density_guest_mib: self.density_guest_mib.unwrap_or(512),
@@ -406,6 +455,7 @@ pub fn run_experiment(a: &RunArgs, out: &std::path::Path) -> Result<Results> {
         data_image: data_image.clone(),
         image: image.clone(),
         accel,
+        tcg_tb_mib: (p.tcg_tb_mib > 0).then_some(p.tcg_tb_mib),
         work: image::WorkParams {
             work: p.workload.clone(),
             seed: p.seed,
@@ -415,12 +465,15 @@ pub fn run_experiment(a: &RunArgs, out: &std::path::Path) -> Result<Results> {
             eat_mib: p.eat_mib,
             eat_rounds: p.eat_rounds,
             eat_sleep_ms: p.eat_sleep_ms,
+            res_shared_mib: p.resident_shared_mib,
+            res_private_mib: p.resident_private_mib,
         },
         tmemd: tmemd_bin.clone(),
         codec: p.codec.clone(),
         pool_budget: p.pool_mib << 20,
         settle_secs: p.settle_secs,
         host_budget: (p.budget_mib > 0).then_some(p.budget_mib << 20),
+        pool_min: p.pool_min_mib << 20,
         swap_dir: p.swap_dir.clone(),
         static_prealloc: p.static_prealloc,
         balloon_interval_ms: p.balloon_interval_ms,
@@ -519,4 +572,19 @@ pub fn run_experiment(a: &RunArgs, out: &std::path::Path) -> Result<Results> {
     };
     report::write_all(&res, out)?;
     Ok(res)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workloads_are_known_parts_joined_with_plus_each_once() {
+        for ok in ["build", "build+eatmem", "resident+build+eatmem", "resident"] {
+            assert!(valid_workload(ok), "{ok}");
+        }
+        for bad in ["", "idle", "build+", "build+build", "resident+bogus"] {
+            assert!(!valid_workload(bad), "{bad}");
+        }
+    }
 }

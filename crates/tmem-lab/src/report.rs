@@ -220,9 +220,17 @@ pub fn markdown(r: &Results) -> String {
         p.guests, p.memory_mib, p.swap_mib, p.workload, p.jobs, p.rounds, p.data_mib, p.work_passes,
         p.eat_mib, p.eat_rounds, p.seed, p.repeats,
         if p.repeats >= 3 { " (highest and lowest dropped per metric, the rest averaged, as in the talk)" } else { "" },
-        p.accel, r.kernel, r.host_cpus, p.pool_mib, p.codec, r.total_secs
+        accel_text(p), r.kernel, r.host_cpus, p.pool_mib, p.codec, r.total_secs
     );
+    if p.workload.contains("resident") {
+        let _ = writeln!(
+            m,
+            "`resident`: every guest loads {} MiB of the data disk's files page-aligned (the same pages in every guest, as guests cloned from one image hold the same programs and libraries) and {} MiB of text-like data of its own at boot, holds them through the workload and checks every page at the end (a changed page fails the guest).\n",
+            p.resident_shared_mib, p.resident_private_mib
+        );
+    }
     if p.budget_mib > 0 {
+        let qemu_mib = crate::run::qemu_overhead_mib((p.tcg_tb_mib > 0).then_some(p.tcg_tb_mib));
         let statics: Vec<String> = r
             .runs
             .iter()
@@ -233,11 +241,16 @@ pub fn markdown(r: &Results) -> String {
             .collect();
         let _ = writeln!(
             m,
-            "**One host budget for every row: {} MiB** — one memory cgroup limit on all QEMU processes and tmemd, the page cache they cause included (`memory.limit_in_bytes` on this host's cgroup v1 memory controller). The balloon manager sizes the pool from the same budget (budget − {} MiB per QEMU − {} MiB tmemd − the guests' memory). Statically partitioned rows cannot overcommit, so their guests are sized as an operator would: budget / guests − {} MiB for QEMU{}.\n",
+            "**One host budget for every row: {} MiB** — one memory cgroup limit on all QEMU processes and tmemd, the page cache they cause included (`memory.limit_in_bytes` on this host's cgroup v1 memory controller). The balloon manager sizes the pool from the same budget (budget − {} MiB per QEMU − {} MiB tmemd − the guests' memory){}. Statically partitioned rows cannot overcommit, so their guests are sized as an operator would: budget / guests − {} MiB for QEMU{}.\n",
             p.budget_mib,
-            crate::run::QEMU_OVERHEAD_MIB,
+            qemu_mib,
             crate::run::TMEMD_OVERHEAD_MIB,
-            crate::run::QEMU_OVERHEAD_MIB,
+            if p.pool_min_mib > 0 {
+                format!(" and keeps at least {} MiB for the pool (guests grow only into the rest)", p.pool_min_mib)
+            } else {
+                String::new()
+            },
+            qemu_mib,
             if statics.is_empty() {
                 String::new()
             } else {
@@ -366,6 +379,7 @@ pub fn markdown(r: &Results) -> String {
         );
     }
     let _ = writeln!(m);
+    pool_fit_section(&mut m, r);
     if let Some(d) = &r.density {
         let _ = writeln!(m, "## Density\n");
         let _ = writeln!(m, "{}", crate::density::markdown(d));
@@ -381,6 +395,51 @@ pub fn markdown(r: &Results) -> String {
         }
     }
     m
+}
+
+fn accel_text(p: &crate::Params) -> String {
+    if p.accel == "tcg" && p.tcg_tb_mib > 0 {
+        format!(
+            "{} (translated-code cache {} MiB per guest)",
+            p.accel, p.tcg_tb_mib
+        )
+    } else {
+        p.accel.clone()
+    }
+}
+
+/// The pool against its budget during each tmem run's workload, and why it stayed small.
+fn pool_fit_section(m: &mut String, r: &Results) {
+    let runs: Vec<_> = r.runs.iter().filter(|x| x.config.tmem()).collect();
+    if runs.is_empty() {
+        return;
+    }
+    let _ = writeln!(m, "## The pool against its budget (workload)\n");
+    let _ = writeln!(m, "Sampled each second from the start signal to the end (`pool.png` draws the series). **No room** = budget < 8 MiB (the guests and the host reserve took the host budget); **full** = pool held ≥ 90 % of a budget of ≥ 8 MiB; puts refused and ephemeral evictions are counted over the workload; cached hits / misses are the guests' data-disk reads served by the pool / by the image.\n");
+    let _ = writeln!(m, "| configuration | repeat | budget min / median / max MiB | pool held / logical peak MiB | no room | full | puts refused | evictions | cached hits / misses | why the pool stayed small |");
+    let _ = writeln!(m, "|---|---|---|---|---|---|---|---|---|---|");
+    for x in runs {
+        let f = crate::poolfit::PoolFit::of(&x.pool, &x.exports);
+        let _ = writeln!(
+            m,
+            "| {} | {} | {} / {} / {} | {} / {} | {:.0}% | {:.0}% | {} | {} | {} / {} | {} |",
+            x.config.label(),
+            x.repeat + 1,
+            mib(f.budget_min as f64),
+            mib(f.budget_median as f64),
+            mib(f.budget_max as f64),
+            mib(f.held_max as f64),
+            mib(f.logical_max as f64),
+            f.no_room_share * 100.0,
+            f.full_share * 100.0,
+            f.puts_refused,
+            f.evictions,
+            f.cached_hits,
+            f.cached_misses,
+            f.verdict().text()
+        );
+    }
+    let _ = writeln!(m);
 }
 
 /// Writes results.json, results.md and the plots into `out`.

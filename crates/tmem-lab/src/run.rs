@@ -36,6 +36,10 @@ pub struct RunSetup {
     pub image: GuestImage,
     /// Accelerator.
     pub accel: Accel,
+    /// Under the host budget, memory guest growth leaves to the pool, bytes.
+    pub pool_min: u64,
+    /// TCG translated-code cache per guest, MiB (`None`: QEMU's default).
+    pub tcg_tb_mib: Option<u32>,
     /// Workload (the seed is offset per guest).
     pub work: WorkParams,
     /// tmemd binary.
@@ -224,22 +228,36 @@ pub struct RunResult {
     pub stack: Option<StackInfo>,
 }
 
-/// QEMU's own memory per guest beside guest RAM, MiB: what static partitioning and the
-/// balloon manager's host reserve set aside per guest under the host budget. Measured
-/// here under TCG (`/proc/PID/smaps`): a ~53 MiB translation buffer, ~14 MiB of heap and
-/// ~7 MiB of libraries beside guest RAM, about 100 MiB in all once a workload ran (less
-/// under KVM, which has no translation buffer).
-pub const QEMU_OVERHEAD_MIB: u32 = 128;
+/// QEMU's own memory per guest beside guest RAM and its translated-code cache, MiB:
+/// heap, device buffers and libraries, measured here (`/proc/PID/smaps`, ~14 MiB heap and
+/// ~7 MiB libraries at boot, growing with a workload's I/O) and rounded up.
+pub const QEMU_BASE_MIB: u32 = 64;
+
+/// What static partitioning and the balloon manager's host reserve set aside per guest
+/// for QEMU under the host budget, MiB: [`QEMU_BASE_MIB`] plus the TCG translated-code
+/// cache when it is capped (`--tcg-tb-mib`), else 128 in all (QEMU's default cache is
+/// 1 GiB, filled lazily: measured here ~53 MiB after a workload, ~100 MiB for all of
+/// QEMU). Under KVM there is no such cache, so this is an upper bound there.
+pub fn qemu_overhead_mib(tcg_tb_mib: Option<u32>) -> u32 {
+    match tcg_tb_mib {
+        Some(tb) => QEMU_BASE_MIB + tb,
+        None => 128,
+    }
+}
+
+/// Per guest in the default host budget (`guests × (¾ × memory + this)`), MiB: the
+/// default budget does not move with `--tcg-tb-mib`.
+pub const DEFAULT_BUDGET_QEMU_MIB: u32 = 128;
 /// tmemd's own memory beside its pool, MiB (set aside in the host reserve).
 pub const TMEMD_OVERHEAD_MIB: u32 = 32;
 
 /// Static partitioning: the guest size that lets `guests` guests and their QEMUs fit
 /// `budget` bytes, MiB.
-pub fn static_share_mib(budget: u64, guests: u32) -> u32 {
+pub fn static_share_mib(budget: u64, guests: u32, qemu_mib: u32) -> u32 {
     let per = (budget >> 20) / u64::from(guests.max(1));
     u32::try_from(per)
         .unwrap_or(u32::MAX)
-        .saturating_sub(QEMU_OVERHEAD_MIB)
+        .saturating_sub(qemu_mib)
 }
 
 /// Tears everything down in order on every path: guests, then the daemon, then files.
@@ -394,7 +412,7 @@ pub fn run_once(
     };
     let guest_mib = match s.host_budget {
         Some(b) if config.static_partition() => {
-            let share = static_share_mib(b, s.guests);
+            let share = static_share_mib(b, s.guests, qemu_overhead_mib(s.tcg_tb_mib));
             if share < 96 {
                 bail!(
                     "{config}: a {} MiB host budget leaves {share} MiB per guest for {} statically partitioned guests (need 96)",
@@ -438,8 +456,14 @@ pub fn run_once(
             // Under the host budget, the balloon manager sizes the pool from it: budget −
             // (QEMU and tmemd overheads) − what the guests hold now.
             host_total: s.host_budget,
+            pool_min: if s.host_budget.is_some() {
+                s.pool_min
+            } else {
+                0
+            },
             host_reserve: s.host_budget.map(|_| {
-                (u64::from(s.guests) * u64::from(QEMU_OVERHEAD_MIB) + u64::from(TMEMD_OVERHEAD_MIB))
+                (u64::from(s.guests) * u64::from(qemu_overhead_mib(s.tcg_tb_mib))
+                    + u64::from(TMEMD_OVERHEAD_MIB))
                     << 20
             }),
         })?;
@@ -511,6 +535,7 @@ pub fn run_once(
         let mut cfg = GuestConfig::new(&name)
             .memory_mib(guest_mib)
             .accel(s.accel)
+            .tcg_tb_mib(s.tcg_tb_mib)
             .agent_path(gdir.join("ag.sock"))
             .qmp_path(gdir.join("q.sock"))
             .run_dir(&gdir)

@@ -92,6 +92,8 @@ pub struct DaemonOpts {
     pub host_total: Option<u64>,
     /// Balloon manager `host_reserve`, bytes (`None`: tmemd's default, 1 GiB).
     pub host_reserve: Option<u64>,
+    /// Balloon manager `pool_min`, bytes (memory guest growth leaves to the pool).
+    pub pool_min: u64,
 }
 
 /// A running `tmemd`, stopped (SIGTERM, then SIGKILL) and cleaned up on drop.
@@ -122,6 +124,9 @@ impl Daemon {
         }
         if let Some(r) = o.host_reserve {
             toml.push_str(&format!("host_reserve = {r}\n"));
+        }
+        if o.pool_min > 0 {
+            toml.push_str(&format!("pool_min = {}\n", o.pool_min));
         }
         std::fs::write(&conf, toml).with_context(|| format!("writing {}", conf.display()))?;
         let child = Command::new(&o.bin)

@@ -111,6 +111,7 @@ pub struct GuestConfig {
     drives: Vec<Drive>,
     cmdline: Vec<String>,
     accel: Option<Accel>,
+    tcg_tb_mib: Option<u32>,
     cgroup: Option<PathBuf>,
     run_dir: Option<PathBuf>,
     keep_run_dir: bool,
@@ -137,6 +138,7 @@ impl GuestConfig {
             drives: Vec::new(),
             cmdline: Vec::new(),
             accel: None,
+            tcg_tb_mib: None,
             cgroup: None,
             run_dir: None,
             keep_run_dir: std::env::var_os("TMEM_VM_KEEP").is_some_and(|v| v == "1"),
@@ -224,6 +226,14 @@ impl GuestConfig {
     /// Forces an accelerator (default: [`probe_accel`]).
     pub fn accel(mut self, a: Accel) -> Self {
         self.accel = Some(a);
+        self
+    }
+
+    /// Under TCG, the size of QEMU's translated-code cache, MiB (`-accel tcg,tb-size=`).
+    /// QEMU's default is 1 GiB, filled lazily: the cache grows QEMU's RSS by tens of MiB
+    /// over a workload, memory a KVM guest's QEMU does not have. Ignored under KVM.
+    pub fn tcg_tb_mib(mut self, mib: Option<u32>) -> Self {
+        self.tcg_tb_mib = mib;
         self
     }
 
@@ -328,7 +338,10 @@ impl GuestConfig {
             "-name".into(),
             qemu_escape(&self.name),
             "-accel".into(),
-            accel.name().into(),
+            match (accel, self.tcg_tb_mib) {
+                (Accel::Tcg, Some(mib)) => format!("tcg,tb-size={mib}"),
+                _ => accel.name().into(),
+            },
             "-nodefaults".into(),
             "-no-user-config".into(),
             "-display".into(),

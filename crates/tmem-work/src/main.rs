@@ -9,11 +9,14 @@
 //!   chunk, write every page a random number of times, free, sleep, repeat).
 //! - `memcheck`: fill memory with a per-page checkable pattern, verify it.
 //! - `build`: a compile-like job over a source tree (read, CPU work, write).
+//! - `resident`: hold the same files as every guest of one image, plus private text,
+//!   until told to stop; then check every page.
 //! - `idle`: sleep until killed.
 
 use std::process::ExitCode;
 
 mod build;
+mod resident;
 mod rng;
 
 use rng::Rng;
@@ -35,6 +38,10 @@ commands:
   build    --src DIR --out DIR [--jobs J] [--rounds R] [--work W] [--seed X]
            compile-like job: read every file under DIR, W passes of CPU work per
            file, write an object file; J worker threads; R clean+build cycles
+  resident --src DIR --until FILE [--shared-mib N] [--private-mib M] [--seed X]
+           load files of DIR page-aligned (N MiB, the same pages in every guest) and
+           M MiB of seeded text (private), hold them until FILE exists, check them;
+           exits 1 on any changed page
   idle     sleep until killed
 ";
 
@@ -124,6 +131,7 @@ fn main() -> ExitCode {
         "eatmem" => eatmem(&opts),
         "memcheck" => memcheck(&opts),
         "build" => build::run(&opts),
+        "resident" => resident::run(&opts),
         "idle" => idle(&opts),
         other => Err(format!("unknown command {other:?}")),
     };

@@ -111,7 +111,8 @@
 //! that share of the pool is reclaimable), `[balloon]` (`interval_ms` 2000, `host_reserve`
 //! 1 GiB, `host_total`: host RAM, default MemTotal; set it to a memory cgroup's limit when
 //! tmemd and the QEMUs run under one, and guests then grow only while all of them fit
-//! `host_total − host_reserve`, the pool taking what is left), `durable_pool` (true), `nbd_socket_group`/`nbd_socket_mode`,
+//! `host_total − host_reserve − pool_min`, the pool taking what is left; `pool_min` 0),
+//! `durable_pool` (true), `nbd_socket_group`/`nbd_socket_mode`,
 //! `ctl_socket_group`/`ctl_socket_mode`, `nbd_psk_file`, `nbd_tcp_allow_plain` (false; see
 //! tenancy below), `nbd_max_connections` (1024), `nbd_max_handshakes` (256),
 //! `nbd_max_handshakes_per_peer` (64), `nbd_buffer_limit` (256 MiB; see the limits
