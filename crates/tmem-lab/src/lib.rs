@@ -157,7 +157,8 @@ pub struct RunArgs {
     #[arg(long)]
     pub budget_mib: Option<u64>,
     /// Under the host budget, memory the balloon manager keeps for the tmem pool (guests
-    /// grow only into the rest: tmemd's `[balloon] pool_min`), MiB [0].
+    /// grow only into the rest: tmemd's `[balloon] pool_min`), MiB; 0 = guests first, the
+    /// pool gets what is left [budget / 8].
     #[arg(long)]
     pub pool_min_mib: Option<u64>,
     /// Where the `modern` rows make their host swap file (a disk filesystem) [/var/tmp].
@@ -338,6 +339,10 @@ impl RunArgs {
             other => tmem_vm::Accel::parse(other)
                 .with_context(|| format!("--accel {other:?}: want auto, kvm or tcg"))?,
         };
+        let budget_mib = self.budget_mib.unwrap_or(
+            u64::from(guests)
+                * (u64::from(memory_mib) * 3 / 4 + u64::from(run::DEFAULT_BUDGET_QEMU_MIB)),
+        );
         Ok(Params {
             quick: q,
             guests,
@@ -363,11 +368,8 @@ impl RunArgs {
             ),
             codec: self.codec.clone().unwrap_or_else(|| "zstd".into()),
             settle_secs: pick(self.settle_secs, 60, 30),
-            budget_mib: self.budget_mib.unwrap_or(
-                u64::from(guests)
-                    * (u64::from(memory_mib) * 3 / 4 + u64::from(run::DEFAULT_BUDGET_QEMU_MIB)),
-            ),
-            pool_min_mib: self.pool_min_mib.unwrap_or(0),
+            budget_mib,
+            pool_min_mib: self.pool_min_mib.unwrap_or(budget_mib / 8),
             swap_dir: self
                 .swap_dir
                 .clone()

@@ -90,9 +90,12 @@ pub fn head_to_head(r: &Results) -> String {
     .collect();
     let _ = writeln!(
         t,
-        "| configuration | wall s | vs modern | CPU s | vs modern | sectors read | vs modern | host peak MiB | host PSS at end MiB | vs modern | OOM kills (guest / host) | failed guests |"
+        "| configuration | wall s | spread | vs modern | CPU s | vs modern | sectors read | spread | vs modern | host peak MiB | host PSS at end MiB | vs modern | OOM kills (guest / host) | failed guests |"
     );
-    let _ = writeln!(t, "|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(
+        t,
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    );
     for s in &rows {
         let vs = |m: &str| {
             if s.config == ConfigKind::Modern {
@@ -103,13 +106,15 @@ pub fn head_to_head(r: &Results) -> String {
         };
         let _ = writeln!(
             t,
-            "| {} | {:.1} | {} | {:.1} | {} | {:.0} | {} | {} | {} | {} | {:.1} / {:.1} | {:.1} |",
+            "| {} | {:.1} | {} | {} | {:.1} | {} | {:.0} | {} | {} | {} | {} | {} | {:.1} / {:.1} | {:.1} |",
             s.config.label(),
             get(s, "wall_secs"),
+            spread(r, s.config, "wall_secs", 1),
             vs("wall_secs"),
             get(s, "cpu_secs"),
             vs("cpu_secs"),
             get(s, "sectors_read"),
+            spread(r, s.config, "sectors_read", 0),
             vs("sectors_read"),
             mib(get(s, "host_peak_bytes")),
             mib(get(s, "host_pss_bytes")),
@@ -152,7 +157,42 @@ pub fn head_to_head(r: &Results) -> String {
             }
         );
     }
+    // The targets, for the tmem row that finished first.
+    let best = rows
+        .iter()
+        .filter(|s| s.config != ConfigKind::Modern)
+        .min_by(|a, b| get(a, "wall_secs").total_cmp(&get(b, "wall_secs")));
+    if let Some(b) = best {
+        let fewer = 1.0 - get(b, "sectors_read") / get(modern, "sectors_read").max(1.0);
+        let faster = 1.0 - get(b, "wall_secs") / get(modern, "wall_secs").max(1e-9);
+        let verdict = |ok: bool| if ok { "met" } else { "**not met**" };
+        let _ = writeln!(
+            t,
+            "- Targets for tmem's best row ({}): ≥ 50 % fewer sectors read than modern: {:.0} % fewer, {}; ≥ 5 % faster: {:.0} % faster, {}.",
+            b.config.label(),
+            fewer * 100.0,
+            verdict(fewer >= 0.5),
+            faster * 100.0,
+            verdict(faster >= 0.05)
+        );
+    }
     t
+}
+
+/// `min–max` of one metric over a configuration's runs (`—` with fewer than two).
+fn spread(r: &Results, c: ConfigKind, m: &str, decimals: usize) -> String {
+    let v: Vec<f64> = r
+        .runs
+        .iter()
+        .filter(|x| x.config == c)
+        .filter_map(|x| crate::run::metric(x, m))
+        .collect();
+    if v.len() < 2 {
+        return "—".to_string();
+    }
+    let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    format!("{lo:.decimals$}–{hi:.decimals$}")
 }
 
 /// The main table (markdown), also printed at the end of a run.
