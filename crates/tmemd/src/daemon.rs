@@ -447,6 +447,22 @@ impl Daemon {
         }
     }
 
+    /// The status line sent with `READY=1`: what is being served and any warnings.
+    pub fn ready_status(&self) -> String {
+        let warnings = lock(&self.warnings).len();
+        let mut s = format!(
+            "serving {} exports, {} guests; pool {} of {}",
+            self.exports.all().len(),
+            self.guests.len(),
+            tmem_api::format_size(self.engine.held_bytes()),
+            tmem_api::format_size(self.engine.budget()),
+        );
+        if warnings > 0 {
+            s.push_str(&format!("; {warnings} warnings (tmemctl status)"));
+        }
+        s
+    }
+
     fn client_info(&self, id: ClientId) -> Result<ClientInfo, OpError> {
         let c = self.engine.client_stats(id).map_err(|e| match e {
             tmem_core::Error::UnknownClient(c) => OpError::UnknownClient(c.0),
@@ -1015,6 +1031,7 @@ impl Running {
                 .exec();
             tracing::error!(error = %err, binary = %binary.display(), "upgrade failed: cannot run the new binary; saving and stopping");
         }
+        crate::notify::stopping("upgrade failed: saving state");
         d.finish_shutdown()
     }
 

@@ -103,21 +103,16 @@
 //!
 //! ## Configuration
 //! Runs with no configuration at all. `--config FILE` (TOML, unknown keys refused) and
-//! flags override, flags winning. Keys: `budget` (default: `budget_fraction` × MemTotal,
-//! `budget_fraction` default 0.25), `runtime_dir`, `state_dir`, `spill_reserve` (see
-//! above), `metrics_addr` (TCP `GET /metrics`), `nbd_tcp`, `codec`
-//! (`none|lz4|zstd|zstd:N`, default lz4), `dedup` (`off|pool|client|global`, default
-//! client), `defer_compression` (0), `compact_threshold` (0.10: background compaction when
-//! that share of the pool is reclaimable), `[balloon]` (`interval_ms` 2000, `host_reserve`
-//! 1 GiB, `host_total`: host RAM, default MemTotal; set it to a memory cgroup's limit when
-//! tmemd and the QEMUs run under one, and guests then grow only while all of them fit
-//! `host_total − host_reserve − pool_min`, the pool taking what is left; `pool_min` 0),
-//! `durable_pool` (true), `nbd_socket_group`/`nbd_socket_mode`,
-//! `ctl_socket_group`/`ctl_socket_mode`, `nbd_psk_file`, `nbd_tcp_allow_plain` (false; see
-//! tenancy below), `nbd_max_connections` (1024), `nbd_max_handshakes` (256),
-//! `nbd_max_handshakes_per_peer` (64), `nbd_buffer_limit` (256 MiB; see the limits
-//! below). Flags: `--config --budget --runtime-dir --state-dir --spill-reserve
-//! --metrics-addr --nbd-tcp --codec --dedup`.
+//! flags override the defaults, flags winning ([`config`]). Every key, its type, default
+//! and meaning: `docs/configuration.md` (kept in step with [`config::FileConfig`] by
+//! `tests/config_reference.rs`); a commented file with every key:
+//! `packaging/tmemd.toml`.
+//!
+//! ## Under systemd
+//! `packaging/tmemd.service` runs it as `Type=notify` ([`notify`]): `READY=1` once the
+//! restore is committed and the sockets listen, `STOPPING=1` on SIGTERM, `STATUS=`
+//! progress (extending the start/stop timeout) during a long restore or save. Without
+//! `NOTIFY_SOCKET` nothing is sent.
 //!
 //! ## Who may open an export (tenancy)
 //! Deny by default. An export made with a **tenant** (`tmemctl export add ... --tenant T`,
@@ -184,11 +179,11 @@
 //! [`config`] (defaults, TOML, flags), [`http`] (the small HTTP server), [`api`] (routes and
 //! error codes; handed to the daemon as handlers, so the daemon does not depend on it),
 //! [`daemon`] (lifecycle and operations), [`persist`] (manifest, save/restore, recovery of
-//! durable memory after an unclean stop), [`exports`] (dynamic NBD export table), [`state`]
-//! (manifest and atomic files), [`metrics`] (Prometheus text), [`balloon`] (pool control
-//! and guest runtime), [`lock`] (directory locks), [`memory`] (RSS, heap trimming,
-//! background compaction), [`secure`] (directory and socket ownership), [`tenants`]
-//! (tenants' TLS keys).
+//! durable memory after an unclean stop), [`notify`] (service manager notifications),
+//! [`exports`] (dynamic NBD export table), [`state`] (manifest and atomic files),
+//! [`metrics`] (Prometheus text), [`balloon`] (pool control and guest runtime), [`lock`]
+//! (directory locks), [`memory`] (RSS, heap trimming, background compaction), [`secure`]
+//! (directory and socket ownership), [`tenants`] (tenants' TLS keys).
 
 pub mod api;
 pub mod balloon;
@@ -200,6 +195,7 @@ pub mod http;
 pub mod lock;
 pub mod memory;
 pub mod metrics;
+pub mod notify;
 pub mod persist;
 pub mod ratelimit;
 pub mod secure;
@@ -242,13 +238,19 @@ pub fn run(args: &Args) -> Result<(), RunError> {
     // Register before starting so that an early signal is not lost.
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGUSR2])
         .map_err(RunError::Signals)?;
+    notify::status("starting: restoring saved state");
     let running = Daemon::start(cfg, api::handlers).map_err(RunError::Daemon)?;
+    // Restore committed, sockets listening: the service manager may start what needs us.
+    notify::ready(&running.daemon.ready_status());
     for sig in signals.forever() {
         if sig == SIGUSR2 {
             // An upgrade (`POST /upgrade`, `tmemctl upgrade`, or SIGUSR2 from the operator:
             // the binary this process was started from).
             match running.upgrade_target() {
-                Some(b) => return running.hand_over(&b).map_err(RunError::Daemon),
+                Some(b) => {
+                    notify::reloading(&format!("handing over to {}", b.display()));
+                    return running.hand_over(&b).map_err(RunError::Daemon);
+                }
                 None => {
                     tracing::error!("SIGUSR2: no binary to hand over to");
                     continue;
@@ -258,6 +260,7 @@ pub fn run(args: &Args) -> Result<(), RunError> {
         tracing::info!(signal = sig, "shutting down");
         break;
     }
+    notify::stopping("stopping: saving state");
     running.shutdown().map_err(RunError::Daemon)
 }
 

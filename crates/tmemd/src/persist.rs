@@ -59,7 +59,8 @@ impl Daemon {
         // dropped; the pool stays over budget until guests release pages).
         let budget = self.engine.budget();
         self.engine.set_budget(u64::MAX);
-        for c in &m.clients {
+        let n_clients = m.clients.len();
+        for (i, c) in m.clients.iter().enumerate() {
             let id = ClientId(c.id);
             let cc = ClientConfig {
                 weight: c.weight,
@@ -71,7 +72,9 @@ impl Daemon {
             }
             if let (true, Some(name)) = (m.clean, &c.stream) {
                 let path = self.paths.state.join(name);
-                match self.restore_stream(id, &path) {
+                let what = format!("restoring client {} ({}/{n_clients})", c.id, i + 1);
+                crate::notify::progress(&what);
+                match self.restore_stream(id, &path, what) {
                     Ok(pools) => {
                         for (p, label) in pools {
                             restored.insert((c.id, label), p);
@@ -110,6 +113,7 @@ impl Daemon {
                 "Restored pages hold {held} bytes, over the budget of {budget} bytes"
             ));
         }
+        crate::notify::progress(&format!("reopening {} exports", m.exports.len()));
         for e in &m.exports {
             let res = self.reopen_export(e, &restored, &recovered, m.clean);
             if let Err(err) = res {
@@ -122,6 +126,9 @@ impl Daemon {
         }
         // Guests the balloon manager managed come back under it (a guest whose QEMU is gone
         // meanwhile is reported and dropped).
+        if !m.guests.is_empty() {
+            crate::notify::progress(&format!("re-attaching {} guests", m.guests.len()));
+        }
         for g in &m.guests {
             match self.guests.add(g) {
                 Ok(_) => tracing::info!(guest = %g.name, "guest re-attached"),
@@ -155,16 +162,18 @@ impl Daemon {
         }
     }
 
+    /// Restores one client's saved stream; `what` names it in progress notifications.
     fn restore_stream(
         &self,
         client: ClientId,
         path: &Path,
+        what: String,
     ) -> Result<Vec<(tmem_core::PoolId, String)>, String> {
         let f = match fs::File::open(path) {
             Ok(f) => f,
             Err(e) => return Err(format!("cannot open: {e}")),
         };
-        let mut r = BufReader::new(f);
+        let mut r = BufReader::new(crate::notify::Progress::new(f, what));
         self.engine
             .restore(client, &mut r)
             .map(|rep| {
@@ -232,6 +241,10 @@ impl Daemon {
                     continue;
                 }
             };
+            crate::notify::progress(&format!(
+                "recovering persistent pages from {}",
+                dir.display()
+            ));
             let t0 = Instant::now();
             let rep = self.engine.recover(&mem, &|t| tags.get(&t).copied());
             tracing::info!(
@@ -473,10 +486,20 @@ impl Daemon {
     pub(crate) fn save_all(&self) -> Result<(), DaemonError> {
         let mut first_err = None;
         let mut failed = Vec::new();
-        for id in self.engine.clients() {
+        let clients = self.engine.clients();
+        let n_clients = clients.len();
+        for (i, id) in clients.into_iter().enumerate() {
             let path = self.paths.state.join(state::stream_name(id.0));
             let engine = &self.engine;
-            let r = state::write_atomic(&path, |w| engine.save(id, SaveOptions::default(), w));
+            let what = format!("saving client {} ({}/{n_clients})", id.0, i + 1);
+            crate::notify::progress(&what);
+            let r = state::write_atomic(&path, |w| {
+                engine.save(
+                    id,
+                    SaveOptions::default(),
+                    &mut crate::notify::Progress::new(w, what),
+                )
+            });
             let err = match r {
                 Ok(Ok(rep)) => {
                     tracing::info!(

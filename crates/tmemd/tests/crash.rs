@@ -313,6 +313,7 @@ fn start_on_small_tmpfs(run: &Path, state: &Path, size: &str, extra: &[&str]) ->
         Launch {
             runtime: Some(run),
             wrapper: &wrapper,
+            ..Default::default()
         },
     ))
 }

@@ -54,12 +54,14 @@ pub struct Tmemd {
     pub log: PathBuf,
 }
 
-/// How to launch tmemd: its runtime directory (`None`: the one-directory layout) and an
-/// optional wrapper command line that ends by exec'ing its arguments (e.g. `unshare`).
+/// How to launch tmemd: its runtime directory (`None`: the one-directory layout), an
+/// optional wrapper command line that ends by exec'ing its arguments (e.g. `unshare`) and
+/// extra environment variables.
 #[derive(Default)]
 pub struct Launch<'a> {
     pub runtime: Option<&'a Path>,
     pub wrapper: &'a [&'a str],
+    pub env: &'a [(&'a str, &'a std::ffi::OsStr)],
 }
 
 impl Tmemd {
@@ -135,6 +137,11 @@ impl Tmemd {
         };
         if let Some(r) = launch.runtime {
             cmd.arg("--runtime-dir").arg(r);
+        }
+        // A test run under a service manager must not notify it on tmemd's behalf.
+        cmd.env_remove("NOTIFY_SOCKET");
+        for (k, v) in launch.env {
+            cmd.env(k, v);
         }
         let child = cmd
             .arg("--state-dir")
