@@ -16,7 +16,7 @@ use crate::rng::mix;
 use crate::Opts;
 
 /// Recursively lists regular files under `dir`, sorted, as paths relative to `dir`.
-fn walk(dir: &Path) -> Result<Vec<PathBuf>, String> {
+pub(crate) fn walk(dir: &Path) -> Result<Vec<PathBuf>, String> {
     let mut out = Vec::new();
     let mut stack = vec![PathBuf::new()];
     while let Some(rel) = stack.pop() {

@@ -9,11 +9,14 @@
 //!   chunk, write every page a random number of times, free, sleep, repeat).
 //! - `memcheck`: fill memory with a per-page checkable pattern, verify it.
 //! - `build`: a compile-like job over a source tree (read, CPU work, write).
+//! - `light`: a light steady load (a seeded file subset read plus one allocation per
+//!   cycle), printing each cycle's duration.
 //! - `idle`: sleep until killed.
 
 use std::process::ExitCode;
 
 mod build;
+mod light;
 mod rng;
 
 use rng::Rng;
@@ -35,6 +38,10 @@ commands:
   build    --src DIR --out DIR [--jobs J] [--rounds R] [--work W] [--seed X]
            compile-like job: read every file under DIR, W passes of CPU work per
            file, write an object file; J worker threads; R clean+build cycles
+  light    --src DIR [--scan-mib N] [--alloc-mib M] [--sleep-ms S] [--cycles C (0 = forever)] [--seed X]
+           light steady load: pick files under DIR (seeded) totalling ~N MiB; each
+           cycle reads them all, writes every page of an M MiB allocation once, frees
+           it, prints `LAB-CYCLE n=<i> ms=<work time>`, sleeps S ms
   idle     sleep until killed
 ";
 
@@ -124,6 +131,7 @@ fn main() -> ExitCode {
         "eatmem" => eatmem(&opts),
         "memcheck" => memcheck(&opts),
         "build" => build::run(&opts),
+        "light" => light::run(&opts),
         "idle" => idle(&opts),
         other => Err(format!("unknown command {other:?}")),
     };
