@@ -116,6 +116,11 @@ pub fn restore_leftover() -> Result<()> {
     Ok(())
 }
 
+/// Whether some tmem-lab run's modern stack is on now (its settings record exists).
+pub fn stack_on() -> bool {
+    Path::new(RECORD).exists()
+}
+
 /// What the modern stack is made of in this run (for the report).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 pub struct StackInfo {

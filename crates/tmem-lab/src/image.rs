@@ -20,6 +20,10 @@ pub const MARK_GO: &str = "LAB-GO";
 pub const MARK_VMSTAT: &str = "LAB-VMSTAT";
 /// Printed with the workload's exit code.
 pub const MARK_DONE: &str = "LAB-DONE";
+/// Printed once per cycle by the `light` work mode (`tmem-work light`), with the
+/// cycle's number and work time: `LAB-CYCLE n=<i> ms=<duration>`; its scan size comes
+/// from `lab.scanmib=` (MiB), its allocation and sleep from `lab.eatmib=`/`lab.eatsleep=`.
+pub const MARK_CYCLE: &str = "LAB-CYCLE";
 
 /// The workload script. Parameters come from the kernel command line (`lab.*=`), so one
 /// cached image serves every guest; see [`kernel_args`].
@@ -83,6 +87,17 @@ case "$work" in
     tmem-work eatmem --max-mib "$eatmib" --rounds "$eatrounds" --sleep-ms "$eatsleep" --seed "$seed" >/tmp/eatmem.log 2>&1 &
     eat=$!;;
   *) eat="";;
+esac
+case "$work" in
+  light*)
+    scanmib=16
+    for a in $(cat /proc/cmdline); do
+      case "$a" in lab.scanmib=*) scanmib="${a#lab.scanmib=}";; esac
+    done
+    tmem-work light --src /data --scan-mib "$scanmib" --alloc-mib "$eatmib" --sleep-ms "$eatsleep" --seed "$seed" &
+    light=$!
+    waitline >/dev/null
+    kill "$light";;
 esac
 case "$work" in
   *build*)

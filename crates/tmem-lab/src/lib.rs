@@ -11,16 +11,20 @@
 //! tmemd; statically partitioned rows get budget / guests) and idles as long before the
 //! workload (`--settle-secs`). Each configuration is repeated; per metric the highest and
 //! lowest runs are dropped and the rest averaged, as in the talk. A density experiment
-//! counts how many idle 512 MiB guests fit a host memory budget: static partitioning, the
-//! modern stack, self-ballooning + tmem and both (the 2008 paper's question).
+//! counts how many 512 MiB guests fit a host memory budget: static partitioning, the
+//! modern stack, self-ballooning + tmem and both (the 2008 paper's question), with idle
+//! guests and with guests that each run a light steady workload (whose slowdown it
+//! reports).
 //!
 //! Pieces: [`image`] (guest initramfs + workload script, seeded data image), [`tmemd`]
 //! (spawns the real daemon, minimal control-API client), [`run`] (one run: launch,
-//! measure, tear down), [`density`], [`report`] (results.md / results.json) and [`plot`]
-//! (PNG + SVG). `tmem-lab run --quick` is the short version (2 small guests,
-//! one repeat; about a minute per configuration on 2 cores, plus the density modes).
+//! measure, tear down), [`density`] (with [`cycles`], the light workload's cycle
+//! times), [`report`] (results.md / results.json) and [`plot`] (PNG + SVG).
+//! `tmem-lab run --quick` is the short version (2 small guests, one repeat; about a
+//! minute per configuration on 2 cores, plus the density modes).
 
 pub mod configs;
+pub mod cycles;
 pub mod density;
 pub mod hoststack;
 pub mod image;
@@ -199,6 +203,26 @@ pub struct RunArgs {
     /// Density: seconds every guest must stay healthy at the end [full 30, quick 10].
     #[arg(long)]
     pub density_hold_secs: Option<u64>,
+    /// Density: what the guests run, comma-separated passes: idle, light (a steady
+    /// file scan of the data disk plus an allocation per cycle) [idle,light].
+    #[arg(long, value_delimiter = ',')]
+    pub density_workloads: Option<Vec<String>>,
+    /// Density, light guests: most guests tried per mode [full --density-max, quick 4].
+    #[arg(long)]
+    pub density_light_max: Option<u32>,
+    /// Density, light guests: files of the data disk read per cycle, MiB [16].
+    #[arg(long)]
+    pub density_light_scan_mib: Option<u32>,
+    /// Density, light guests: memory allocated and written once per cycle, MiB [32].
+    #[arg(long)]
+    pub density_light_alloc_mib: Option<u32>,
+    /// Density, light guests: sleep after each cycle, ms [1000].
+    #[arg(long)]
+    pub density_light_sleep_ms: Option<u32>,
+    /// Density, light guests: seconds each guest count is measured before the next
+    /// launch [full 20, quick 10].
+    #[arg(long)]
+    pub density_light_window_secs: Option<u64>,
     /// Results directory [tmem-lab-results].
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -281,6 +305,33 @@ pub struct Params {
     pub density_max: u32,
     /// Density hold seconds.
     pub density_hold_secs: u64,
+    /// Density passes (`idle` alone in results of older runs).
+    #[serde(default = "idle_only")]
+    pub density_workloads: Vec<density::DensityWorkload>,
+    /// Density: the light workload's parameters.
+    #[serde(default)]
+    pub density_light: density::LightParams,
+}
+
+fn idle_only() -> Vec<density::DensityWorkload> {
+    vec![density::DensityWorkload::Idle]
+}
+
+/// Parses `--density-workloads` (none given: both).
+fn density_workloads(v: Option<&[String]>) -> Result<Vec<density::DensityWorkload>> {
+    let Some(v) = v else {
+        return Ok(density::DensityWorkload::ALL.to_vec());
+    };
+    let mut out = Vec::new();
+    for s in v {
+        let w = density::DensityWorkload::parse(s).with_context(|| {
+            format!("--density-workloads: unknown workload {s:?} (idle, light)")
+        })?;
+        if !out.contains(&w) {
+            out.push(w);
+        }
+    }
+    Ok(out)
 }
 
 /// Whether `w` is one or more of `build`, `eatmem`, `resident` joined with `+`, each once.
@@ -343,6 +394,17 @@ impl RunArgs {
             u64::from(guests)
                 * (u64::from(memory_mib) * 3 / 4 + u64::from(run::DEFAULT_BUDGET_QEMU_MIB)),
         );
+        let density_max = self.density_max.unwrap_or(if q { 6 } else { 16 });
+        let density_light = density::LightParams {
+            max: self
+                .density_light_max
+                .unwrap_or(if q { 4 } else { density_max }),
+            scan_mib: self.density_light_scan_mib.unwrap_or(16),
+            alloc_mib: self.density_light_alloc_mib.unwrap_or(32),
+            sleep_ms: self.density_light_sleep_ms.unwrap_or(1000),
+            window_secs: pick(self.density_light_window_secs, 20, 10),
+            stall_secs: if q { 30 } else { 60 },
+        };
         Ok(Params {
             quick: q,
             guests,
@@ -382,8 +444,10 @@ impl RunArgs {
             density: !self.no_density,
             host_budget_mib: pick(self.host_budget_mib, 2048, 1024),
             density_guest_mib: self.density_guest_mib.unwrap_or(512),
-            density_max: self.density_max.unwrap_or(if q { 6 } else { 16 }),
+            density_max,
             density_hold_secs: pick(self.density_hold_secs, 30, 10),
+            density_workloads: density_workloads(self.density_workloads.as_deref())?,
+            density_light,
         })
     }
 }
@@ -539,22 +603,30 @@ pub fn run_experiment(a: &RunArgs, out: &std::path::Path) -> Result<Results> {
             done += 1;
         }
     }
-    let density = if p.density {
+    let (mut density, mut density_light) = (None, None);
+    let env = density::DensityEnv {
+        image: image.clone(),
+        data_image,
+        tmemd: tmemd_bin,
+        scratch: scratch.0.join("dens"),
+        logs: Some(out.join("logs")),
+    };
+    let workloads: &[density::DensityWorkload] = if p.density { &p.density_workloads } else { &[] };
+    for &w in workloads {
         eprintln!(
-            "tmem-lab: density experiment ({} MiB budget)",
+            "tmem-lab: density experiment, {} guests ({} MiB budget)",
+            w.name(),
             p.host_budget_mib
         );
-        match density::run_density(&p, &image, &tmemd_bin, &scratch.0) {
-            Ok(d) => Some(d),
+        match density::run_density(&p, &env, w) {
+            Ok(d) if w == density::DensityWorkload::Light => density_light = Some(d),
+            Ok(d) => density = Some(d),
             Err(e) => {
-                eprintln!("tmem-lab: density FAILED: {e:#}");
-                errors.push(format!("density: {e:#}"));
-                None
+                eprintln!("tmem-lab: density ({}) FAILED: {e:#}", w.name());
+                errors.push(format!("density ({}): {e:#}", w.name()));
             }
         }
-    } else {
-        None
-    };
+    }
     let summaries = p
         .configs
         .iter()
@@ -570,6 +642,7 @@ pub fn run_experiment(a: &RunArgs, out: &std::path::Path) -> Result<Results> {
         runs,
         summaries,
         density,
+        density_light,
         errors,
     };
     report::write_all(&res, out)?;

@@ -32,7 +32,7 @@ pub const FILES: &[(&str, &str)] = &[
     ),
     (
         "density",
-        "Density: healthy idle guests within the host budget",
+        "Density: healthy idle and light-workload guests within the host budget",
     ),
 ];
 
@@ -92,7 +92,8 @@ fn bars<DB: DrawingBackend>(
         .flat_map(|(_, v)| v.iter().copied())
         .fold(0.0f64, f64::max)
         .max(1e-9)
-        * 1.15;
+        // Headroom for the values and, with many series, the legend.
+        * (1.15 + 0.12 * series.len().saturating_sub(2) as f64);
     let mut chart = ChartBuilder::on(root)
         .caption(title, ("sans-serif", 22))
         .margin(12)
@@ -427,30 +428,34 @@ pub fn write_plots(r: &Results, out: &Path) -> Result<()> {
             )
         },
     )?;
-    if let Some(d) = &r.density {
-        let modes = d.modes();
-        let l: Vec<String> = modes.iter().map(|m| m.mode.clone()).collect();
-        let s = [
-            (
-                "last stable count",
+    let passes = r.density_passes();
+    if let Some(first) = passes.first() {
+        let l: Vec<String> = first.modes().iter().map(|m| m.mode.clone()).collect();
+        let mut s: Vec<(String, Vec<f64>)> = Vec::new();
+        for d in &passes {
+            let modes = d.modes();
+            let w = d.workload.name();
+            s.push((
+                format!("{w}: last stable count"),
                 modes.iter().map(|m| f64::from(m.last_stable)).collect(),
-            ),
-            (
-                "healthy at end",
-                modes
-                    .iter()
-                    .map(|m| f64::from(m.healthy))
-                    .collect::<Vec<_>>(),
-            ),
-        ];
+            ));
+            s.push((
+                format!("{w}: healthy at end"),
+                modes.iter().map(|m| f64::from(m.healthy)).collect(),
+            ));
+        }
+        let s: Vec<(&str, Vec<f64>)> = s.iter().map(|(n, v)| (n.as_str(), v.clone())).collect();
+        let workloads: Vec<&str> = passes.iter().map(|d| d.workload.name()).collect();
         let title = format!(
-            "Idle {} MiB guests in a {} MiB budget",
-            d.guest_mib, d.budget_mib
+            "{} MiB guests ({}) in a {} MiB budget",
+            first.guest_mib,
+            workloads.join(", "),
+            first.budget_mib
         );
         both(
             out,
             "density",
-            (700, 460),
+            (800, 480),
             &|a| bars(a, &title, "guests", &l, &s),
             &|a| bars(a, &title, "guests", &l, &s),
         )?;

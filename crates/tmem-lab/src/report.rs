@@ -26,8 +26,11 @@ pub struct Results {
     pub runs: Vec<RunResult>,
     /// Per-configuration trimmed means.
     pub summaries: Vec<Summary>,
-    /// The density experiment, if run.
+    /// The density experiment with idle guests, if run.
     pub density: Option<DensityResult>,
+    /// The density experiment with light-workload guests, if run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub density_light: Option<DensityResult>,
     /// Runs that failed (with the error chain).
     pub errors: Vec<String>,
 }
@@ -36,6 +39,11 @@ impl Results {
     /// The summary of a configuration.
     pub fn summary(&self, c: ConfigKind) -> Option<&Summary> {
         self.summaries.iter().find(|s| s.config == c)
+    }
+
+    /// The density passes that ran: idle, then light.
+    pub fn density_passes(&self) -> Vec<&DensityResult> {
+        self.density.iter().chain(&self.density_light).collect()
     }
 }
 
@@ -420,9 +428,10 @@ pub fn markdown(r: &Results) -> String {
     }
     let _ = writeln!(m);
     pool_fit_section(&mut m, r);
-    if let Some(d) = &r.density {
+    let passes = r.density_passes();
+    if !passes.is_empty() {
         let _ = writeln!(m, "## Density\n");
-        let _ = writeln!(m, "{}", crate::density::markdown(d));
+        let _ = writeln!(m, "{}", crate::density::markdown(&passes));
     }
     let _ = writeln!(m, "## Plots\n");
     for (f, what) in crate::plot::FILES {
@@ -492,4 +501,34 @@ pub fn write_all(r: &Results, out: &Path) -> Result<()> {
         eprintln!("tmem-lab: plots failed: {e:#}");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The recorded results under `results-run/` (written by older versions) still load
+    /// and render; their density passes are idle ones.
+    #[test]
+    fn recorded_results_still_parse() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("results-run");
+        let mut found = 0;
+        for f in [
+            dir.join("results.json"),
+            dir.join("2026-12-03-quick/results.json"),
+        ] {
+            let Ok(text) = std::fs::read_to_string(&f) else {
+                continue;
+            };
+            let r: Results =
+                serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+            assert!(r.density_light.is_none());
+            for d in r.density_passes() {
+                assert_eq!(d.workload, crate::density::DensityWorkload::Idle);
+            }
+            assert!(markdown(&r).contains("# tmem-lab results"));
+            found += 1;
+        }
+        assert!(found > 0, "no recorded results under {}", dir.display());
+    }
 }

@@ -1,7 +1,8 @@
 //! Runs `tmem-lab run --quick` with 2 small guests and one repeat of every configuration
-//! (the modern stack's included) under one host budget, then checks that the report is
-//! complete and internally consistent and that the host's swap, zswap and KSM settings are
-//! back. Numbers are not asserted.
+//! (the modern stack's included) under one host budget, plus the density experiment's
+//! light-workload pass kept short (at most 2 guests per mode), then checks that the report
+//! is complete and internally consistent and that the host's swap, zswap and KSM settings
+//! are back. Numbers are not asserted.
 //!
 //! Needs QEMU and the guest kernel (`scripts/setup`); fails without them under
 //! `TMEM_REQUIRE_VM=1`, skipped with a message otherwise.
@@ -9,6 +10,7 @@
 use std::path::Path;
 use std::process::Command;
 
+use tmem_lab::density::DensityWorkload;
 use tmem_lab::run::{metric, METRICS};
 use tmem_lab::{ConfigKind, Results};
 
@@ -30,7 +32,14 @@ fn quick_run_report_is_complete_and_consistent() {
         .args([
             "run",
             "--quick",
-            "--no-density",
+            "--density-workloads",
+            "light",
+            "--density-light-max",
+            "2",
+            "--density-light-window-secs",
+            "10",
+            "--density-hold-secs",
+            "5",
             "--guests",
             "2",
             "--repeats",
@@ -218,11 +227,47 @@ fn check(out: &Path) {
         ConfigKind::ALL.iter().filter(|c| c.tmem()).count(),
         "{section}"
     );
-    for f in ["temporal", "sectors", "balloon", "pool"] {
+    check_density_light(&r, &md);
+    for f in ["temporal", "sectors", "balloon", "pool", "density"] {
         for ext in ["png", "svg"] {
             let p = out.join(format!("{f}.{ext}"));
             let len = std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
             assert!(len > 1000, "{} missing or empty", p.display());
         }
     }
+}
+
+/// The light density pass: every mode measured a slowdown, and the table shows it.
+fn check_density_light(r: &Results, md: &str) {
+    assert!(r.density.is_none(), "only the light pass was asked for");
+    let d = r.density_light.as_ref().expect("no light density pass");
+    assert_eq!(d.workload, DensityWorkload::Light);
+    let l = d.light.as_ref().expect("no light parameters");
+    assert_eq!((l.max, l.window_secs), (2, 10));
+    let modes = d.modes();
+    assert_eq!(modes.len(), 4);
+    for m in modes {
+        let name = &m.mode;
+        assert!(
+            (1..=2).contains(&m.last_stable),
+            "{name}: {} stable",
+            m.last_stable
+        );
+        let c = m
+            .cycles
+            .as_ref()
+            .unwrap_or_else(|| panic!("{name}: no cycles"));
+        let s = c
+            .slowdown
+            .unwrap_or_else(|| panic!("{name}: no slowdown ({c:?})"));
+        assert!(s.is_finite() && s > 0.0, "{name}: slowdown {s}");
+        assert!(c.alone_ms.is_some() && c.stable_ms.is_some(), "{name}");
+        let row = md
+            .lines()
+            .find(|line| line.starts_with(&format!("| light | {name} |")))
+            .unwrap_or_else(|| panic!("results.md has no light row for {name}"));
+        assert!(row.contains('×'), "{name}: no slowdown in {row:?}");
+    }
+    assert!(md.contains("Density gain of self-ballooning + tmem, light guests"));
+    assert!(md.contains("**Slowdown** = the median cycle time"));
 }

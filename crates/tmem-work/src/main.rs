@@ -11,11 +11,14 @@
 //! - `build`: a compile-like job over a source tree (read, CPU work, write).
 //! - `resident`: hold the same files as every guest of one image, plus private text,
 //!   until told to stop; then check every page.
+//! - `light`: a light steady load (a seeded file subset read plus one allocation per
+//!   cycle), printing each cycle's duration.
 //! - `idle`: sleep until killed.
 
 use std::process::ExitCode;
 
 mod build;
+mod light;
 mod resident;
 mod rng;
 
@@ -42,6 +45,10 @@ commands:
            load files of DIR page-aligned (N MiB, the same pages in every guest) and
            M MiB of seeded text (private), hold them until FILE exists, check them;
            exits 1 on any changed page
+  light    --src DIR [--scan-mib N] [--alloc-mib M] [--sleep-ms S] [--cycles C (0 = forever)] [--seed X]
+           light steady load: pick files under DIR (seeded) totalling ~N MiB; each
+           cycle reads them all, writes every page of an M MiB allocation once, frees
+           it, prints `LAB-CYCLE n=<i> ms=<work time>`, sleeps S ms
   idle     sleep until killed
 ";
 
@@ -132,6 +139,7 @@ fn main() -> ExitCode {
         "memcheck" => memcheck(&opts),
         "build" => build::run(&opts),
         "resident" => resident::run(&opts),
+        "light" => light::run(&opts),
         "idle" => idle(&opts),
         other => Err(format!("unknown command {other:?}")),
     };
