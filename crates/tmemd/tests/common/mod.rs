@@ -55,11 +55,12 @@ pub struct Tmemd {
 }
 
 /// How to launch tmemd: its runtime directory (`None`: the one-directory layout), an
-/// optional wrapper command line that ends by exec'ing its arguments (e.g. `unshare`) and
-/// extra environment variables.
+/// optional wrapper command line that ends by exec'ing its arguments (e.g. `unshare`),
+/// extra environment variables and the binary (`None`: [`tmemd_bin`]).
 #[derive(Default)]
 pub struct Launch<'a> {
     pub runtime: Option<&'a Path>,
+    pub bin: Option<&'a Path>,
     pub wrapper: &'a [&'a str],
     pub env: &'a [(&'a str, &'a std::ffi::OsStr)],
 }
@@ -127,13 +128,14 @@ impl Tmemd {
                 .as_nanos()
         ));
         let f = std::fs::File::create(&log).unwrap();
+        let bin = launch.bin.map_or_else(tmemd_bin, Path::to_owned);
         let mut cmd = match launch.wrapper.split_first() {
             Some((w, rest)) => {
                 let mut c = Command::new(w);
-                c.args(rest).arg(tmemd_bin());
+                c.args(rest).arg(bin);
                 c
             }
-            None => Command::new(tmemd_bin()),
+            None => Command::new(bin),
         };
         if let Some(r) = launch.runtime {
             cmd.arg("--runtime-dir").arg(r);
