@@ -1075,6 +1075,16 @@ mod tests {
         }
     }
 
+    /// A stated 6 GiB host budget with 1 GiB reserved and `pool_min` kept for the pool.
+    fn stated_6g(pool_min: u64) -> ManagerConfig {
+        ManagerConfig {
+            interval_ms: 1000,
+            host_reserve: GIB,
+            host_total: Some(6 * GIB),
+            pool_min,
+        }
+    }
+
     /// A 16 GiB host with 8 GiB available.
     fn host_16g() -> FixedHost {
         FixedHost(HostView {
@@ -1192,12 +1202,7 @@ mod tests {
         let log: Log = Arc::default();
         let pool = fake_pool(&log);
         let host = host_16g();
-        let cfg = ManagerConfig {
-            interval_ms: 1000,
-            host_reserve: GIB,
-            host_total: Some(6 * GIB),
-            pool_min: 0,
-        };
+        let cfg = stated_6g(0);
         let shared = Shared::default();
         lock(&shared.guests)
             .entry("other".into())
@@ -1239,12 +1244,7 @@ mod tests {
         let log: Log = Arc::default();
         let pool = fake_pool(&log);
         let host = host_16g();
-        let cfg = ManagerConfig {
-            interval_ms: 1000,
-            host_reserve: GIB,
-            host_total: Some(6 * GIB),
-            pool_min: GIB,
-        };
+        let cfg = stated_6g(GIB);
         let shared = Shared::default();
         let mut loops = Vec::new();
         for name in ["a", "b"] {

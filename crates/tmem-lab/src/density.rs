@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
-use tmem_api::{CreateExport, CreateGuest, ExportKind, PolicyName, Size};
+use tmem_api::{CreateExport, ExportKind, Size};
 use tmem_vm::{Drive, Guest, GuestConfig, GuestImage, MemCgroup};
 
 use crate::cycles::{cycle_stats, CycleStats, CycleWatch};
@@ -674,17 +674,7 @@ fn launch_one(
     }
     if let Some(d) = &live.daemon {
         let g = live.guests.last().context("no guest")?;
-        d.api().post(
-            "/guests",
-            &CreateGuest {
-                name: gname,
-                qmp: g.qmp_path().map(Path::to_path_buf).unwrap_or_default(),
-                agent: g.agent_path().map(Path::to_path_buf),
-                policy: Some(PolicyName::Selfballoon),
-                min: None,
-                max: None,
-            },
-        )?;
+        d.add_selfballoon_guest(&gname, g)?;
     }
     Ok(Ok(()))
 }

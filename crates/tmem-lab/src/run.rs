@@ -3,14 +3,14 @@
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
-use tmem_api::{CreateExport, CreateGuest, ExportInfo, ExportKind, PolicyName, Size, Stats};
+use tmem_api::{CreateExport, ExportInfo, ExportKind, Size, Stats};
 use tmem_balloon::agent::AgentReport;
 use tmem_balloon::qmp::QmpClient;
 use tmem_vm::{Accel, Drive, Guest, GuestConfig, GuestImage, MemCgroup};
@@ -585,17 +585,7 @@ pub fn run_once(
     if config.selfballoon() {
         let d = env.daemon.as_ref().ok_or_else(|| anyhow!("no daemon"))?;
         for g in &env.guests {
-            d.api().post(
-                "/guests",
-                &CreateGuest {
-                    name: g.name().to_string(),
-                    qmp: g.qmp_path().map(Path::to_path_buf).unwrap_or_default(),
-                    agent: g.agent_path().map(Path::to_path_buf),
-                    policy: Some(PolicyName::Selfballoon),
-                    min: None,
-                    max: None,
-                },
-            )?;
+            d.add_selfballoon_guest(g.name(), g)?;
         }
     }
     // Settle: let the balloon manager shrink idle guests before the workload (sampled).

@@ -190,6 +190,21 @@ impl Daemon {
         &self.api
     }
 
+    /// Hands `guest` to the balloon manager under the selfballoon policy (`POST /guests`).
+    pub fn add_selfballoon_guest(&self, name: &str, guest: &tmem_vm::Guest) -> Result<()> {
+        self.api.post(
+            "/guests",
+            &tmem_api::CreateGuest {
+                name: name.to_string(),
+                qmp: guest.qmp_path().map(Path::to_path_buf).unwrap_or_default(),
+                agent: guest.agent_path().map(Path::to_path_buf),
+                policy: Some(tmem_api::PolicyName::Selfballoon),
+                min: None,
+                max: None,
+            },
+        )
+    }
+
     /// The NBD socket.
     pub fn nbd_socket(&self) -> PathBuf {
         self.state_dir.join(tmem_api::NBD_SOCKET)
