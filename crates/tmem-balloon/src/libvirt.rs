@@ -328,16 +328,13 @@ impl Conn {
     fn sample(&mut self) -> Result<&DomainSample, ActuatorError> {
         let s = self.dom.sample()?;
         let name = &self.dom.domain;
-        let Some(id) = s.id else {
+        // While libvirt stops a domain, the id can still be there and the state not yet.
+        let (Some(id), false) = (s.id, matches!(s.state, Some(STATE_SHUTOFF | STATE_CRASHED)))
+        else {
             return Err(ActuatorError::Gone(format!(
-                "libvirt domain {name:?} is not running"
+                "libvirt domain {name:?} no longer runs"
             )));
         };
-        if matches!(s.state, Some(STATE_SHUTOFF | STATE_CRASHED)) {
-            return Err(ActuatorError::Gone(format!(
-                "libvirt domain {name:?} is shut off or crashed"
-            )));
-        }
         match self.id {
             Some(prev) if prev != id => {
                 return Err(ActuatorError::Gone(format!(
@@ -562,7 +559,7 @@ esac
         );
         for (st, what) in [
             ("restarted", "restarted"),
-            ("off", "not running"),
+            ("off", "no longer runs"),
             ("gone", "no longer exists"),
         ] {
             std::fs::write(&state, st).unwrap();

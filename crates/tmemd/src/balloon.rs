@@ -135,6 +135,8 @@ struct Managed {
     req: CreateGuest,
     /// Its policy's name.
     policy: String,
+    /// Its maximum, bytes (shown before the first interval publishes a status).
+    max: u64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -280,6 +282,7 @@ impl GuestRuntime {
         let m = Managed {
             req: req.clone(),
             policy: policy_name.into(),
+            max,
         };
         let info = self.info_of(&req.name, &m);
         guests.insert(req.name.clone(), m);
@@ -324,7 +327,7 @@ impl GuestRuntime {
             } else {
                 "qmp".into()
             },
-            max: st.max,
+            max: if st.max == 0 { m.max } else { st.max },
             actual: st.actual,
             target: st.target,
             stuck: st.stuck,
