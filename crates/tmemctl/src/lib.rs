@@ -252,7 +252,7 @@ pub enum GuestCmd {
         #[arg(long, value_name = "DOMAIN")]
         libvirt: Option<String>,
         /// The libvirt connection URI (default: libvirt's default, qemu:///system as root).
-        #[arg(long, value_name = "URI", requires = "libvirt")]
+        #[arg(long, value_name = "URI", requires = "libvirt", conflicts_with = "qmp")]
         libvirt_uri: Option<String>,
         /// Agent (virtio-serial) socket.
         #[arg(long)]
@@ -696,6 +696,52 @@ pub fn print_error(e: &CliError) {
                 cur = c.source();
                 i += 1;
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn guest_add(args: &[&str]) -> Result<GuestCmd, clap::Error> {
+        let mut argv = vec!["tmemctl", "guest", "add", "g"];
+        argv.extend_from_slice(args);
+        match Cli::try_parse_from(argv)?.cmd {
+            Cmd::Guest { cmd } => Ok(cmd),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn guest_add_takes_qmp_or_libvirt() {
+        match guest_add(&["--libvirt", "vm1", "--libvirt-uri", "qemu:///system"]).unwrap() {
+            GuestCmd::Add {
+                qmp,
+                libvirt,
+                libvirt_uri,
+                ..
+            } => {
+                assert_eq!(qmp, None);
+                assert_eq!(libvirt.as_deref(), Some("vm1"));
+                assert_eq!(libvirt_uri.as_deref(), Some("qemu:///system"));
+            }
+            other => panic!("{other:?}"),
+        }
+        match guest_add(&["--qmp", "/run/q.sock"]).unwrap() {
+            GuestCmd::Add { qmp, libvirt, .. } => {
+                assert_eq!(qmp, Some(PathBuf::from("/run/q.sock")));
+                assert_eq!(libvirt, None);
+            }
+            other => panic!("{other:?}"),
+        }
+        for bad in [
+            &[][..],
+            &["--qmp", "/q", "--libvirt", "vm1"],
+            &["--qmp", "/q", "--libvirt-uri", "qemu:///system"],
+            &["--libvirt-uri", "qemu:///system"],
+        ] {
+            assert!(guest_add(bad).is_err(), "{bad:?}");
         }
     }
 }
