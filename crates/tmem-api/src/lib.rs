@@ -563,8 +563,15 @@ pub struct ExportInfo {
 pub struct GuestInfo {
     /// Name.
     pub name: String,
-    /// QMP socket.
+    /// QMP socket (empty for a libvirt domain).
+    #[serde(default)]
     pub qmp: PathBuf,
+    /// The libvirt domain, if the guest is one.
+    #[serde(default)]
+    pub libvirt: Option<LibvirtTarget>,
+    /// The guest is gone (its libvirt domain no longer runs); the daemon drops it.
+    #[serde(default)]
+    pub gone: bool,
     /// Agent socket, if any.
     pub agent: Option<PathBuf>,
     /// Policy name.
@@ -857,14 +864,37 @@ impl std::str::FromStr for PolicyName {
     }
 }
 
-/// `POST /guests`.
+/// A libvirt domain whose balloon the manager drives through libvirt (never through the
+/// QMP monitor libvirt owns).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LibvirtTarget {
+    /// Domain name.
+    pub domain: String,
+    /// Connection URI (`qemu:///system`, ...); default: libvirt's default
+    /// (`LIBVIRT_DEFAULT_URI` in tmemd's environment, else `qemu:///system` as root).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uri: Option<String>,
+}
+
+fn path_is_empty(p: &std::path::Path) -> bool {
+    p.as_os_str().is_empty()
+}
+
+/// `POST /guests`: a QEMU guest (`qmp`) or a libvirt domain (`libvirt`), exactly one.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreateGuest {
     /// Unique name.
     pub name: String,
-    /// QEMU QMP socket.
+    /// QEMU QMP socket (empty with `libvirt`).
+    #[serde(default, skip_serializing_if = "path_is_empty")]
     pub qmp: PathBuf,
+    /// The libvirt domain (instead of `qmp`): its balloon is set and its balloon statistics
+    /// are read through libvirt. When the domain is destroyed, undefined or restarted, the
+    /// daemon drops the guest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub libvirt: Option<LibvirtTarget>,
     /// Agent (virtio-serial) socket.
     #[serde(default)]
     pub agent: Option<PathBuf>,
@@ -928,5 +958,45 @@ mod tests {
         assert_eq!(r.size, Some(Size(1 << 30)));
         let back: CreateExport = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
         assert_eq!(back, r);
+    }
+
+    #[test]
+    fn guest_requests_old_and_libvirt() {
+        // A request (and a saved manifest entry) from before libvirt guests still reads.
+        let old: CreateGuest =
+            serde_json::from_str(r#"{"name":"g","qmp":"/run/g.qmp","policy":"static"}"#).unwrap();
+        assert_eq!(old.qmp, PathBuf::from("/run/g.qmp"));
+        assert_eq!(old.libvirt, None);
+        assert_eq!(
+            serde_json::to_value(&old).unwrap()["qmp"],
+            serde_json::json!("/run/g.qmp")
+        );
+        let lv: CreateGuest =
+            serde_json::from_str(r#"{"name":"g","libvirt":{"domain":"vm1"}}"#).unwrap();
+        assert!(lv.qmp.as_os_str().is_empty());
+        assert_eq!(
+            lv.libvirt,
+            Some(LibvirtTarget {
+                domain: "vm1".into(),
+                uri: None
+            })
+        );
+        let v = serde_json::to_value(&lv).unwrap();
+        assert!(v.get("qmp").is_none(), "{v}");
+        assert_eq!(v["libvirt"], serde_json::json!({"domain": "vm1"}));
+        let back: CreateGuest = serde_json::from_value(v).unwrap();
+        assert_eq!(back, lv);
+        assert!(serde_json::from_str::<CreateGuest>(
+            r#"{"name":"g","libvirt":{"domain":"vm1","socket":"x"}}"#
+        )
+        .is_err());
+        // A GuestInfo from an older daemon (no libvirt, no gone) still reads.
+        let gi: GuestInfo = serde_json::from_str(
+            r#"{"name":"g","qmp":"/q","agent":null,"policy":"static","actuator":"qmp","max":1,
+                "actual":1,"target":1,"stuck":false,"reclaimed_bytes":0,"given_back_bytes":0,
+                "intervals":0,"errors":0,"last_error":null}"#,
+        )
+        .unwrap();
+        assert!(!gi.gone && gi.libvirt.is_none());
     }
 }

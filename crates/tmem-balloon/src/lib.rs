@@ -19,8 +19,9 @@
 //! * **Simulation** ([`sim`]): a deterministic scripted guest for tests/lab.
 //! * **Manager** ([`manager`], feature `host`): one thread per guest; polls
 //!   collectors, runs the governor, actuates through [`manager::BalloonActuator`]
-//!   (QMP `balloon`, or cgroup v2 `memory.high` + `memory.reclaim` for
-//!   containers, [`cgroup`]) and keeps the pool budget in step through
+//!   (QMP `balloon`; libvirt's `virDomainSetMemory` through `virsh` for
+//!   libvirt domains, [`libvirt`]; or cgroup v2 `memory.high` + `memory.reclaim`
+//!   for containers, [`cgroup`]) and keeps the pool budget in step through
 //!   [`manager::PoolControl`].
 //!
 //! ## Quick start (daemon side)
@@ -73,6 +74,8 @@ pub mod stats;
 
 #[cfg(feature = "host")]
 pub mod cgroup;
+#[cfg(feature = "host")]
+pub mod libvirt;
 #[cfg(feature = "host")]
 pub mod manager;
 #[cfg(feature = "host")]

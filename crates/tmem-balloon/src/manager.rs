@@ -71,6 +71,13 @@ pub enum ActuatorError {
     /// A value could not be parsed.
     #[error("Cannot parse {0}")]
     Parse(String),
+    /// A libvirt operation (a `virsh` run) failed.
+    #[error("libvirt operation failed: {0}")]
+    Libvirt(String),
+    /// The guest no longer exists or runs (its libvirt domain was destroyed, undefined or
+    /// restarted): its loop ends and the manager's gone hook is told.
+    #[error("The guest is gone: {0}")]
+    Gone(String),
 }
 
 /// Sets a guest's size.
@@ -329,6 +336,8 @@ pub struct GuestStatus {
     pub errors: u64,
     /// Last error message (full chain).
     pub last_error: Option<String>,
+    /// The actuator reported the guest gone ([`ActuatorError::Gone`]): its loop has ended.
+    pub gone: bool,
 }
 
 fn chain(e: &dyn std::error::Error) -> String {
@@ -490,6 +499,14 @@ impl GuestLoop {
         &self.status
     }
 
+    /// Records an actuator or stats source error; [`ActuatorError::Gone`] marks the guest gone.
+    fn fail(&mut self, e: &ActuatorError) {
+        if matches!(e, ActuatorError::Gone(_)) {
+            self.status.gone = true;
+        }
+        self.error(e);
+    }
+
     fn error(&mut self, e: &dyn std::error::Error) {
         self.status.errors += 1;
         let msg = chain(e);
@@ -514,7 +531,7 @@ impl GuestLoop {
         let actual = match self.spec.actuator.actual() {
             Ok(a) => a,
             Err(e) => {
-                self.error(&e);
+                self.fail(&e);
                 self.publish(shared);
                 return;
             }
@@ -558,7 +575,7 @@ impl GuestLoop {
                     });
                 }
                 Ok(None) => {}
-                Err(e) => self.error(&e),
+                Err(e) => self.fail(&e),
             }
         }
         self.status.live_sources = live;
@@ -633,7 +650,7 @@ impl GuestLoop {
             if self.last_sent != Some(target) {
                 match self.spec.actuator.set_target(target) {
                     Ok(()) => self.last_sent = Some(target),
-                    Err(e) => self.error(&e),
+                    Err(e) => self.fail(&e),
                 }
             }
         } else {
@@ -643,7 +660,7 @@ impl GuestLoop {
             if (target < actual || cancel) && self.last_sent != Some(target) {
                 match self.spec.actuator.set_target(target) {
                     Ok(()) => self.last_sent = Some(target),
-                    Err(e) => self.error(&e),
+                    Err(e) => self.fail(&e),
                 }
             }
             self.set_committed(shared, actual);
@@ -669,7 +686,7 @@ impl GuestLoop {
                 }
                 Ok(_) => {}
                 Err(e) => {
-                    self.error(&e);
+                    self.fail(&e);
                     return;
                 }
             }
@@ -773,6 +790,12 @@ impl Worker {
     }
 }
 
+/// Told the name of a guest whose actuator reported it gone ([`ActuatorError::Gone`]), on
+/// that guest's own thread, once its loop has ended. It must not block on anything that
+/// [`Manager::remove_guest`] of the same guest could hold: hand the name to another thread
+/// (e.g. over a channel) and remove the guest there.
+pub type GoneHook = Arc<dyn Fn(&str) + Send + Sync>;
+
 /// The running manager: one thread per guest; guests can be added and
 /// removed while it runs.
 pub struct Manager {
@@ -782,6 +805,7 @@ pub struct Manager {
     epoch: Instant,
     shared: Arc<Shared>,
     workers: Mutex<BTreeMap<String, Worker>>,
+    gone_hook: Arc<Mutex<Option<GoneHook>>>,
 }
 
 impl std::fmt::Debug for Manager {
@@ -802,7 +826,15 @@ impl Manager {
             epoch: Instant::now(),
             shared: Arc::new(Shared::default()),
             workers: Mutex::new(BTreeMap::new()),
+            gone_hook: Arc::new(Mutex::new(None)),
         }
+    }
+
+    /// Sets the hook told about guests that are gone (see [`GoneHook`]). A gone guest's
+    /// loop ends either way; it stays listed, with [`GuestStatus::gone`], until
+    /// [`Manager::remove_guest`].
+    pub fn set_gone_hook(&self, hook: GoneHook) {
+        *lock(&self.gone_hook) = Some(hook);
     }
 
     /// A manager running `guests`.
@@ -841,12 +873,13 @@ impl Manager {
             return Err(ManagerError::Duplicate(name));
         }
         let stop = Arc::new(AtomicBool::new(false));
-        let (shared, stop2, pool, host, cfg) = (
+        let (shared, stop2, pool, host, cfg, gone_hook) = (
             self.shared.clone(),
             stop.clone(),
             self.pool.clone(),
             self.host.clone(),
             self.cfg.clone(),
+            self.gone_hook.clone(),
         );
         let thread = std::thread::Builder::new()
             .name(format!("tmem-bl-{name}"))
@@ -855,6 +888,9 @@ impl Manager {
                 let mut next = Instant::now();
                 while !stop2.load(Ordering::Relaxed) {
                     gl.step(&cfg, host.as_ref(), pool.as_ref(), &shared);
+                    if gl.status.gone {
+                        break;
+                    }
                     next += interval;
                     gl.settle(
                         next.saturating_duration_since(Instant::now()),
@@ -867,6 +903,20 @@ impl Manager {
                     }
                     while !stop2.load(Ordering::Relaxed) && Instant::now() < next {
                         std::thread::sleep((next - Instant::now()).min(Duration::from_millis(50)));
+                    }
+                }
+                if gl.status.gone {
+                    tracing::info!(
+                        guest = %gl.spec.name,
+                        reason = gl.status.last_error.as_deref().unwrap_or(""),
+                        "guest gone; its balloon loop ended"
+                    );
+                    // It no longer takes host memory: out of the pool budget and the share
+                    // plan at once (its status stays until it is removed).
+                    lock(&shared.guests).remove(&gl.spec.name);
+                    let hook = lock(&gone_hook).clone();
+                    if let Some(h) = hook {
+                        h(&gl.spec.name);
                     }
                 }
             })
@@ -948,6 +998,41 @@ impl GuestSpec {
             max,
             governor,
             actuator: Box::new(qh),
+            sources,
+        })
+    }
+}
+
+impl GuestSpec {
+    /// A libvirt domain (see [`crate::libvirt`]): the balloon set through libvirt, stats
+    /// from the agent socket (if given, first; a `<channel type='unix'>` of the domain) and
+    /// libvirt's balloon statistics. `max` defaults to the domain's maximum memory.
+    pub fn libvirt(
+        name: impl Into<String>,
+        max: Option<u64>,
+        governor: GovernorConfig,
+        domain: crate::libvirt::LibvirtDomain,
+        agent_socket: Option<PathBuf>,
+    ) -> Result<Self, ActuatorError> {
+        let period = domain.stats_period_secs;
+        let h = crate::libvirt::LibvirtHandle::new(domain);
+        let max = match max {
+            Some(m) => m,
+            None => h.maximum()?,
+        };
+        let mut sources: Vec<Box<dyn StatsSource>> = Vec::new();
+        if let Some(a) = agent_socket {
+            let max_age = Duration::from_secs(u64::from(period.max(1)) * 3);
+            let s = AgentStats::spawn(&a, max_age)
+                .map_err(|e| ActuatorError::Libvirt(format!("agent {}: {e}", a.display())))?;
+            sources.push(Box::new(s));
+        }
+        sources.push(Box::new(h.stats_source()));
+        Ok(Self {
+            name: name.into(),
+            max,
+            governor,
+            actuator: Box::new(h),
             sources,
         })
     }
@@ -1351,6 +1436,66 @@ mod tests {
             .as_ref()
             .is_some_and(|d| d.reason.contains("shared plan")));
         assert_eq!(a.status().policy, "pressure");
+    }
+
+    /// A balloon whose guest goes away after `left` reads.
+    struct Vanishing {
+        left: u32,
+    }
+    impl BalloonActuator for Vanishing {
+        fn name(&self) -> &'static str {
+            "vanishing"
+        }
+        fn actual(&mut self) -> Result<u64, ActuatorError> {
+            if self.left == 0 {
+                return Err(ActuatorError::Gone("domain destroyed".into()));
+            }
+            self.left -= 1;
+            Ok(GIB)
+        }
+        fn set_target(&mut self, _: u64) -> Result<(), ActuatorError> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_gone_guest_ends_its_loop_and_tells_the_hook() {
+        let pool: Arc<dyn PoolControl> = Arc::new(NoPool::default());
+        let host: Arc<dyn HostProbe> = Arc::new(host_16g());
+        let cfg = ManagerConfig {
+            interval_ms: 5,
+            host_reserve: 0,
+            host_total: None,
+            pool_min: 0,
+        };
+        let m = Manager::new(cfg, pool, host);
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        let tx = Mutex::new(tx);
+        m.set_gone_hook(Arc::new(move |n: &str| {
+            let _ = lock(&tx).send(n.to_owned());
+        }));
+        let spec = GuestSpec {
+            name: "v".into(),
+            max: GIB,
+            governor: sb(),
+            actuator: Box::new(Vanishing { left: 3 }),
+            sources: vec![],
+        };
+        m.add_guest(spec).expect("add");
+        let name = rx.recv_timeout(Duration::from_secs(60)).expect("hook");
+        assert_eq!(name, "v");
+        let st = m.status();
+        assert!(st[0].gone, "{st:?}");
+        assert!(st[0]
+            .last_error
+            .as_deref()
+            .unwrap_or("")
+            .contains("destroyed"));
+        assert_eq!(st[0].intervals, 4);
+        assert!(lock(&m.shared.guests).is_empty());
+        // Its thread has ended: removing it does not wait.
+        assert!(m.remove_guest("v"));
+        assert!(m.status().is_empty());
     }
 
     #[test]

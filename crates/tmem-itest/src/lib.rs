@@ -14,6 +14,12 @@
 //!   while tmemd is SIGKILLed twice and restarted on the same directories;
 //!   memcheck must find every page intact, with no I/O error or OOM kill in
 //!   the guest. Prints swap traffic, restart times and recovery figures.
+//! * `tests/libvirt_guest.rs` — issue 12's libvirt test: a domain of a private
+//!   libvirtd whose swap disk is a tmemd export, its balloon managed by tmemd
+//!   through libvirt (`tmemctl guest add --libvirt`); idle it is ballooned down,
+//!   a memory spike swaps through the export and gets memory back without an
+//!   OOM kill, and `virsh destroy` (also right before `virsh start`) leaves
+//!   tmemd without a stale guest.
 //!
 //! The helpers:
 //!
@@ -31,12 +37,16 @@
 //! * [`vm`] — guest image and launch helpers on top of `tmem-vm`: an extra
 //!   QMP monitor, an observer agent port and a control port to start
 //!   workloads inside a running guest.
+//! * [`libvirt`] — a private, test-only `libvirtd` (its own mount namespace and
+//!   sockets) and libvirt domains (direct kernel boot, TCG, NBD disks) that are
+//!   destroyed and undefined on drop.
 //!
 //! Nothing here kills a process it did not start: every child is killed by
 //! its own PID from a `Drop` guard.
 
 pub mod daemon;
 pub mod figures;
+pub mod libvirt;
 pub mod observe;
 pub mod vm;
 

@@ -197,6 +197,7 @@ impl Daemon {
             &tmem_api::CreateGuest {
                 name: name.to_string(),
                 qmp: guest.qmp_path().map(Path::to_path_buf).unwrap_or_default(),
+                libvirt: None,
                 agent: guest.agent_path().map(Path::to_path_buf),
                 policy: Some(tmem_api::PolicyName::Selfballoon),
                 min: None,

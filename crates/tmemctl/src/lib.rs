@@ -20,8 +20,8 @@ use clap::{Parser, Subcommand};
 use client::{Client, ClientError};
 use tmem_api::{
     format_size, BudgetReply, ClientInfo, CreateClient, CreateExport, CreateGuest, ExportInfo,
-    ExportKind, GuestInfo, InvalidateReply, PolicyName, SetBudget, ShrinkReply, ShrinkRequest,
-    Size, Stats, Status, API_PREFIX,
+    ExportKind, GuestInfo, InvalidateReply, LibvirtTarget, PolicyName, SetBudget, ShrinkReply,
+    ShrinkRequest, Size, Stats, Status, API_PREFIX,
 };
 
 /// Command line.
@@ -239,13 +239,21 @@ pub enum BudgetCmd {
 /// `guest` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum GuestCmd {
-    /// Manage a guest's balloon.
+    /// Manage a guest's balloon: a QEMU guest (`--qmp`) or a libvirt domain (`--libvirt`).
     Add {
         /// Guest name.
         name: String,
         /// QEMU QMP socket.
-        #[arg(long)]
-        qmp: PathBuf,
+        #[arg(long, required_unless_present = "libvirt", conflicts_with = "libvirt")]
+        qmp: Option<PathBuf>,
+        /// A running libvirt domain: its balloon is set (virsh setmem --live) and its balloon
+        /// statistics read through libvirt, never its QMP monitor; tmemd drops the guest when
+        /// the domain is destroyed, undefined or restarted.
+        #[arg(long, value_name = "DOMAIN")]
+        libvirt: Option<String>,
+        /// The libvirt connection URI (default: libvirt's default, qemu:///system as root).
+        #[arg(long, value_name = "URI", requires = "libvirt", conflicts_with = "qmp")]
+        libvirt_uri: Option<String>,
         /// Agent (virtio-serial) socket.
         #[arg(long)]
         agent: Option<PathBuf>,
@@ -255,7 +263,8 @@ pub enum GuestCmd {
         /// Never shrink below this.
         #[arg(long)]
         min: Option<Size>,
-        /// Never grow above this (default: boot size from QMP).
+        /// Never grow above this (default: the boot size from QMP; a libvirt domain's maximum
+        /// memory).
         #[arg(long)]
         max: Option<Size>,
     },
@@ -563,6 +572,8 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             GuestCmd::Add {
                 name,
                 qmp,
+                libvirt,
+                libvirt_uri,
                 agent,
                 policy,
                 min,
@@ -570,7 +581,13 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             } => {
                 let req = CreateGuest {
                     name,
-                    qmp: std::path::absolute(&qmp).unwrap_or(qmp),
+                    qmp: qmp
+                        .map(|q| std::path::absolute(&q).unwrap_or(q))
+                        .unwrap_or_default(),
+                    libvirt: libvirt.map(|domain| LibvirtTarget {
+                        domain,
+                        uri: libvirt_uri,
+                    }),
                     agent: agent.map(|a| std::path::absolute(&a).unwrap_or(a)),
                     policy,
                     min,
@@ -614,6 +631,16 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                         g.give_back_mib_s,
                         g.last_spike_to_deflate_ms.map_or("-".to_owned(), |v| format!("{v} ms")),
                     );
+                    if let Some(lv) = &g.libvirt {
+                        println!(
+                            "  libvirt domain {}{}{}",
+                            lv.domain,
+                            lv.uri
+                                .as_deref()
+                                .map_or(String::new(), |u| format!(" on {u}")),
+                            if g.gone { " (gone)" } else { "" }
+                        );
+                    }
                     if let Some(r) = &g.decision_reason {
                         println!("  last decision: {} ({r})", opt(g.decision_target));
                     }
@@ -669,6 +696,52 @@ pub fn print_error(e: &CliError) {
                 cur = c.source();
                 i += 1;
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn guest_add(args: &[&str]) -> Result<GuestCmd, clap::Error> {
+        let mut argv = vec!["tmemctl", "guest", "add", "g"];
+        argv.extend_from_slice(args);
+        match Cli::try_parse_from(argv)?.cmd {
+            Cmd::Guest { cmd } => Ok(cmd),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn guest_add_takes_qmp_or_libvirt() {
+        match guest_add(&["--libvirt", "vm1", "--libvirt-uri", "qemu:///system"]).unwrap() {
+            GuestCmd::Add {
+                qmp,
+                libvirt,
+                libvirt_uri,
+                ..
+            } => {
+                assert_eq!(qmp, None);
+                assert_eq!(libvirt.as_deref(), Some("vm1"));
+                assert_eq!(libvirt_uri.as_deref(), Some("qemu:///system"));
+            }
+            other => panic!("{other:?}"),
+        }
+        match guest_add(&["--qmp", "/run/q.sock"]).unwrap() {
+            GuestCmd::Add { qmp, libvirt, .. } => {
+                assert_eq!(qmp, Some(PathBuf::from("/run/q.sock")));
+                assert_eq!(libvirt, None);
+            }
+            other => panic!("{other:?}"),
+        }
+        for bad in [
+            &[][..],
+            &["--qmp", "/q", "--libvirt", "vm1"],
+            &["--qmp", "/q", "--libvirt-uri", "qemu:///system"],
+            &["--libvirt-uri", "qemu:///system"],
+        ] {
+            assert!(guest_add(bad).is_err(), "{bad:?}");
         }
     }
 }

@@ -61,8 +61,8 @@ fn op_status(e: &OpError) -> u16 {
         OpError::Guest(e) => match e {
             GuestError::Exists(_) => 409,
             GuestError::Unknown(_) => 404,
-            GuestError::BadName(_) | GuestError::Bounds(..) => 400,
-            GuestError::Qmp(..) | GuestError::Agent(..) => 502,
+            GuestError::BadName(_) | GuestError::Bounds(..) | GuestError::Target => 400,
+            GuestError::Qmp(..) | GuestError::Libvirt(..) | GuestError::Agent(..) => 502,
             GuestError::Thread(_) => 500,
         },
         OpError::ShuttingDown => 503,

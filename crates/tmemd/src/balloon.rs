@@ -6,10 +6,12 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tmem_api::{CreateGuest, GuestInfo, PolicyName};
+use tmem_balloon::libvirt::{LibvirtDomain, LibvirtHandle};
 use tmem_balloon::manager::{
     AgentStats, BalloonActuator, GuestSpec, HostProbe, Manager, ManagerConfig, ManagerError,
     PoolControl, QmpHandle, StatsSource,
@@ -107,9 +109,15 @@ pub enum GuestError {
     /// The name is not valid.
     #[error("Invalid guest name {0:?}")]
     BadName(String),
+    /// Neither or both of a QMP socket and a libvirt domain were given.
+    #[error("Give a guest either a QMP socket or a libvirt domain")]
+    Target,
     /// The guest's size could not be read over QMP.
     #[error("Cannot query guest {0:?} over QMP")]
     Qmp(String, #[source] tmem_balloon::manager::ActuatorError),
+    /// The libvirt domain could not be reached, or it does not run.
+    #[error("Cannot query libvirt domain {0:?}")]
+    Libvirt(String, #[source] tmem_balloon::manager::ActuatorError),
     /// The agent channel could not be opened.
     #[error("Cannot open agent channel {0}")]
     Agent(PathBuf, #[source] std::io::Error),
@@ -127,6 +135,8 @@ struct Managed {
     req: CreateGuest,
     /// Its policy's name.
     policy: String,
+    /// Its maximum, bytes (shown before the first interval publishes a status).
+    max: u64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -139,6 +149,8 @@ pub struct GuestRuntime {
     cfg: ManagerConfig,
     manager: Manager,
     guests: Mutex<BTreeMap<String, Managed>>,
+    /// Names of guests the manager found gone, for [`GuestRuntime::reap`] (taken once).
+    gone: Mutex<Option<Receiver<String>>>,
 }
 
 impl std::fmt::Debug for GuestRuntime {
@@ -152,11 +164,45 @@ impl std::fmt::Debug for GuestRuntime {
 impl GuestRuntime {
     /// A runtime with no guests.
     pub fn new(cfg: ManagerConfig, pool: Arc<dyn PoolControl>, host: Arc<dyn HostProbe>) -> Self {
+        let manager = Manager::new(cfg.clone(), pool, host);
+        let (tx, rx): (Sender<String>, Receiver<String>) = std::sync::mpsc::channel();
+        // Told on the gone guest's own thread: only pass the name on (see GoneHook).
+        manager.set_gone_hook(Arc::new(move |name: &str| {
+            let _ = tx.send(name.to_owned());
+        }));
         GuestRuntime {
-            manager: Manager::new(cfg.clone(), pool, host),
+            manager,
             cfg,
             guests: Mutex::new(BTreeMap::new()),
+            gone: Mutex::new(Some(rx)),
         }
+    }
+
+    /// The names of guests found gone (a libvirt domain destroyed, undefined or restarted),
+    /// as they happen; for the thread that calls [`GuestRuntime::reap`]. `None` after the
+    /// first call. The channel closes when the runtime is dropped.
+    pub fn take_gone(&self) -> Option<Receiver<String>> {
+        lock(&self.gone).take()
+    }
+
+    /// Drops `name` if it is still managed and gone (not a guest added since under the same
+    /// name); returns whether it did.
+    pub fn reap(&self, name: &str) -> bool {
+        let mut guests = lock(&self.guests);
+        if !guests.contains_key(name) {
+            return false;
+        }
+        let gone = self
+            .manager
+            .status()
+            .iter()
+            .any(|s| s.name == name && s.gone);
+        if !gone {
+            return false;
+        }
+        guests.remove(name);
+        self.manager.remove_guest(name);
+        true
     }
 
     /// Starts managing a guest.
@@ -168,13 +214,35 @@ impl GuestRuntime {
         if guests.contains_key(&req.name) {
             return Err(GuestError::Exists(req.name.clone()));
         }
-        let mut qmp = QmpHandle::new(&req.qmp, BALLOON_QOM, 2, QMP_TIMEOUT);
-        let max = match req.max {
-            Some(m) => m.0,
-            None => qmp
-                .actual()
-                .map_err(|e| GuestError::Qmp(req.name.clone(), e))?,
-        };
+        if req.libvirt.is_some() != req.qmp.as_os_str().is_empty() {
+            return Err(GuestError::Target);
+        }
+        // The actuator, its own stats source and the guest's maximum.
+        let (actuator, own_stats, max): (Box<dyn BalloonActuator>, Box<dyn StatsSource>, u64) =
+            match &req.libvirt {
+                Some(lv) => {
+                    let mut dom = LibvirtDomain::new(&lv.domain, lv.uri.clone());
+                    dom.stats_period_secs = (self.cfg.interval_ms / 1000).clamp(1, 60) as u32;
+                    let h = LibvirtHandle::new(dom);
+                    // Also pins the domain's current run: a restart later ends the guest.
+                    let max = h
+                        .maximum()
+                        .map_err(|e| GuestError::Libvirt(lv.domain.clone(), e))?;
+                    let max = req.max.map_or(max, |m| m.0);
+                    (Box::new(h.clone()), Box::new(h.stats_source()), max)
+                }
+                None => {
+                    let mut qmp = QmpHandle::new(&req.qmp, BALLOON_QOM, 2, QMP_TIMEOUT);
+                    let max = match req.max {
+                        Some(m) => m.0,
+                        None => qmp
+                            .actual()
+                            .map_err(|e| GuestError::Qmp(req.name.clone(), e))?,
+                    };
+                    let src = qmp.stats_source();
+                    (Box::new(qmp), Box::new(src), max)
+                }
+            };
         let floor = req.min.map(|m| m.0).unwrap_or(0);
         if floor > max {
             return Err(GuestError::Bounds(floor, max));
@@ -194,7 +262,7 @@ impl GuestRuntime {
                 .map_err(|e| GuestError::Agent(a.clone(), e))?;
             sources.push(Box::new(s));
         }
-        sources.push(Box::new(qmp.stats_source()));
+        sources.push(own_stats);
         let spec = GuestSpec {
             name: req.name.clone(),
             max,
@@ -204,7 +272,7 @@ impl GuestRuntime {
                 max: req.max.map(|m| m.0),
                 ..Default::default()
             },
-            actuator: Box::new(qmp) as Box<dyn BalloonActuator>,
+            actuator,
             sources,
         };
         self.manager.add_guest(spec).map_err(|e| match e {
@@ -214,6 +282,7 @@ impl GuestRuntime {
         let m = Managed {
             req: req.clone(),
             policy: policy_name.into(),
+            max,
         };
         let info = self.info_of(&req.name, &m);
         guests.insert(req.name.clone(), m);
@@ -243,18 +312,22 @@ impl GuestRuntime {
         GuestInfo {
             name: name.to_owned(),
             qmp: m.req.qmp.clone(),
+            libvirt: m.req.libvirt.clone(),
+            gone: st.gone,
             agent: m.req.agent.clone(),
             policy: if st.policy.is_empty() {
                 m.policy.clone()
             } else {
                 st.policy
             },
-            actuator: if st.actuator.is_empty() {
-                "qmp".into()
-            } else {
+            actuator: if !st.actuator.is_empty() {
                 st.actuator
+            } else if m.req.libvirt.is_some() {
+                "libvirt".into()
+            } else {
+                "qmp".into()
             },
-            max: st.max,
+            max: if st.max == 0 { m.max } else { st.max },
             actual: st.actual,
             target: st.target,
             stuck: st.stuck,
@@ -373,6 +446,7 @@ mod tests {
         let req = CreateGuest {
             name: "g".into(),
             qmp: d.path().join("nope.sock"),
+            libvirt: None,
             agent: None,
             policy: None,
             min: None,
@@ -381,5 +455,43 @@ mod tests {
         assert!(matches!(rt.add(&req), Err(GuestError::Qmp(..))));
         assert!(matches!(rt.remove("g"), Err(GuestError::Unknown(_))));
         assert!(rt.is_empty());
+    }
+
+    #[test]
+    fn a_guest_needs_one_target_and_a_reachable_libvirt() {
+        let e = Arc::new(Engine::new(EngineConfig::with_budget(64 << 20)));
+        let rt = GuestRuntime::new(
+            ManagerConfig::default(),
+            Arc::new(EnginePool::new(e)),
+            Arc::new(ProcHost),
+        );
+        let d = tempfile::tempdir().unwrap();
+        let lv = tmem_api::LibvirtTarget {
+            domain: "vm1".into(),
+            uri: Some(format!(
+                "qemu+unix:///system?socket={}",
+                d.path().join("no-libvirt-sock").display()
+            )),
+        };
+        let mut req = CreateGuest {
+            name: "g".into(),
+            qmp: d.path().join("q.sock"),
+            libvirt: Some(lv.clone()),
+            agent: None,
+            policy: None,
+            min: None,
+            max: None,
+        };
+        assert!(matches!(rt.add(&req), Err(GuestError::Target)));
+        req.qmp = PathBuf::new();
+        req.libvirt = None;
+        assert!(matches!(rt.add(&req), Err(GuestError::Target)));
+        // No libvirtd behind the URI (or no virsh at all): a typed error, nothing added.
+        req.libvirt = Some(lv);
+        assert!(matches!(rt.add(&req), Err(GuestError::Libvirt(..))));
+        assert!(rt.is_empty());
+        assert!(!rt.reap("g"));
+        assert!(rt.take_gone().is_some());
+        assert!(rt.take_gone().is_none());
     }
 }

@@ -238,6 +238,31 @@ fn spawn_compressor(daemon: std::sync::Weak<Daemon>) {
     }
 }
 
+/// Drops the guests the balloon manager finds gone (a libvirt domain destroyed, undefined or
+/// restarted) and rewrites the manifest, so that no stale guest stays; ends with the daemon.
+fn spawn_reaper(daemon: std::sync::Weak<Daemon>, gone: std::sync::mpsc::Receiver<String>) {
+    use std::sync::mpsc::RecvTimeoutError;
+    let spawned = std::thread::Builder::new()
+        .name("tmem-reaper".into())
+        .spawn(move || loop {
+            match gone.recv_timeout(std::time::Duration::from_secs(1)) {
+                Ok(name) => match daemon.upgrade() {
+                    Some(d) => d.reap_guest(&name),
+                    None => break,
+                },
+                Err(RecvTimeoutError::Timeout) => {
+                    if daemon.strong_count() == 0 {
+                        break;
+                    }
+                }
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "could not start the guest reaper; gone guests stay listed");
+    }
+}
+
 impl Daemon {
     /// Starts everything: locks the state directory, restores saved state, starts the NBD
     /// server and the control API (and the metrics listener if configured).
@@ -375,6 +400,9 @@ impl Daemon {
         daemon.commit_restore(consumed);
         if cfg.defer_compression > 0.0 {
             spawn_compressor(Arc::downgrade(&daemon));
+        }
+        if let Some(gone) = daemon.guests.take_gone() {
+            spawn_reaper(Arc::downgrade(&daemon), gone);
         }
         crate::memory::spawn_compactor(
             Arc::downgrade(&daemon),
@@ -965,6 +993,15 @@ impl Daemon {
         let info = self.guests.add(req).map_err(OpError::Guest)?;
         self.manifest_changed();
         Ok(info)
+    }
+
+    /// Drops a guest the balloon manager found gone (if it still is) and saves the manifest.
+    pub(crate) fn reap_guest(&self, name: &str) {
+        let Ok(_g) = self.guard() else { return };
+        if self.guests.reap(name) {
+            tracing::info!(guest = %name, "gone guest removed");
+            self.manifest_changed();
+        }
     }
 
     /// `DELETE /guests/{name}`.
