@@ -105,6 +105,7 @@ mod error;
 mod identity;
 mod pagemap;
 mod poison;
+pub mod remote;
 pub mod swap;
 mod sys;
 
@@ -112,6 +113,7 @@ pub use cached::{image_uuid, CachedConfig, CachedExport, CachedStats};
 pub use error::ExportError;
 pub use identity::{ImageCheck, ImageIdentity};
 pub use poison::Poison;
+pub use remote::{RemoteError, RemotePage, RemoteTier};
 pub use swap::{ReopenReport, SwapConfig, SwapExport, SwapStats};
 
 use tmem_nbd::BackendError;
