@@ -16,6 +16,7 @@ use crate::dedup::{DedupTable, Found, Inserted, Payloads};
 use crate::entry::{charge_for, Entry, Target};
 use crate::error::{Error, Result};
 use crate::shard::{ObjKey, Removed, Shard, GROUP_SHIFT};
+use crate::sink::EvictionSink;
 use crate::stats::{
     ClientStats, CompactionCounters, EngineStats, Gauges, OpStats, PoolStats, Striped,
 };
@@ -120,6 +121,8 @@ pub struct Engine {
     compaction: CompactionCounters,
     /// Write sequence of durable slots (see [`Engine::with_durable`]).
     seq: AtomicU64,
+    /// Eviction sinks of ephemeral pools (see [`Engine::set_eviction_sink`]).
+    sinks: ArcSwap<FxHashMap<u32, Arc<dyn EvictionSink>>>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -216,6 +219,7 @@ impl Engine {
             meta: AtomicI64::new(0),
             evict_cursor: AtomicUsize::new(0),
             evict_lock: Mutex::new(()),
+            sinks: ArcSwap::from_pointee(FxHashMap::default()),
             defer_below: cfg.defer_compression_below.clamp(0.0, 1.0),
             deferred: (0..8)
                 .map(|_| Mutex::new(std::collections::VecDeque::new()))
@@ -443,6 +447,13 @@ impl Engine {
             t.remove(&pool.0);
             t
         });
+        if self.sinks.load().contains_key(&pool.0) {
+            self.sinks.rcu(|t| {
+                let mut t = FxHashMap::clone(t);
+                t.remove(&pool.0);
+                t
+            });
+        }
         // No new op can reach the pool now, and a put that resolved it before sees `dead`
         // under the shard lock: either its insert comes before the sweep of that shard
         // (and is swept) or it is refused. Drop the pool's pages.
@@ -714,7 +725,12 @@ impl Engine {
                     .evict(victim.id.0, EVICT_BATCH.min(max - done), &evictable);
             self.meta.fetch_add(d, Relaxed);
             done += removed.len();
-            for (pool, r) in removed {
+            let sinks = self.sinks.load();
+            for (okey, index, r) in removed {
+                let pool = okey.pool;
+                if let Some(sink) = sinks.get(&pool) {
+                    self.hand_to_sink(sink.as_ref(), okey, index, &r);
+                }
                 if let Some(p) = pools.get(&pool) {
                     p.ops.at(s).evictions.fetch_add(1, Relaxed);
                     victim.ops.at(s).evictions.fetch_add(1, Relaxed);
@@ -724,6 +740,66 @@ impl Engine {
             }
         }
         done
+    }
+
+    /// Decodes an evicted entry and gives it to its pool's sink (a page that fails to
+    /// decode is dropped with a log line, as a get would).
+    fn hand_to_sink(&self, sink: &dyn EvictionSink, okey: ObjKey, index: u32, r: &Removed) {
+        let mut page: Page = [0u8; PAGE_SIZE];
+        if !self.decode(&r.entry, &mut page) {
+            tracing::error!(
+                pool = okey.pool,
+                index,
+                "evicted page failed to decode; not handed on"
+            );
+            return;
+        }
+        let key = PageKey::new(PoolId(okey.pool), ObjectId(okey.oid), index);
+        sink.evicted(key, &page);
+    }
+
+    /// Copies an entry's page into `out`; `false` if its stored form does not decode.
+    fn decode(&self, e: &Entry, out: &mut Page) -> bool {
+        match e.target() {
+            Target::Same(w) => {
+                codec::fill_same(out, w);
+                true
+            }
+            Target::Stored {
+                handle,
+                codec: tag,
+                len,
+            } => self
+                .arenas(handle)
+                .with(handle, len, |b| codec::decompress(tag, b, out))
+                .unwrap_or(false),
+            Target::Dedup { hash, .. } => self.dedup.read(self, hash, out),
+        }
+    }
+
+    /// Sets (or with `None` removes) the eviction sink of an ephemeral pool `client` has
+    /// access to: every page evicted from the pool from now on is handed to it (see
+    /// [`EvictionSink`]). Persistent pools are never evicted and are refused.
+    pub fn set_eviction_sink(
+        &self,
+        client: ClientId,
+        pool: PoolId,
+        sink: Option<Arc<dyn EvictionSink>>,
+    ) -> Result<()> {
+        let pools = self.pools.load();
+        let p = self.access(&pools, client, pool)?;
+        if p.persistent() {
+            return Err(Error::Unsupported("an eviction sink on a persistent pool"));
+        }
+        self.sinks.rcu(|t| {
+            let mut t = FxHashMap::clone(t);
+            match &sink {
+                Some(s) => t.insert(pool.0, Arc::clone(s)),
+                None => t.remove(&pool.0),
+            };
+            t
+        });
+        Ok(())
     }
 
     /// Releases a removed entry's storage and uncharges it. Returns bytes released.
@@ -1295,30 +1371,10 @@ impl Engine {
             match shard.get_mut(&okey, key.index.0) {
                 None => None,
                 Some(e) => {
-                    let state = match e.target() {
-                        Target::Same(w) => {
-                            codec::fill_same(out, w);
-                            Some(if w == 0 {
-                                PageState::Zero
-                            } else {
-                                PageState::Data
-                            })
-                        }
-                        Target::Stored {
-                            handle,
-                            codec: tag,
-                            len,
-                        } => {
-                            let ok = self
-                                .arenas(handle)
-                                .with(handle, len, |b| codec::decompress(tag, b, out))
-                                .unwrap_or(false);
-                            ok.then_some(PageState::Data)
-                        }
-                        Target::Dedup { hash, .. } => {
-                            self.dedup.read(self, hash, out).then_some(PageState::Data)
-                        }
-                    };
+                    let state = self.decode(e, out).then_some(match e.target() {
+                        Target::Same(0) => PageState::Zero,
+                        _ => PageState::Data,
+                    });
                     if state.is_none() {
                         corrupt = true;
                     } else if !exclusive && !p.persistent() {

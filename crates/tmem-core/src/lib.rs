@@ -98,6 +98,7 @@ mod recover;
 mod region;
 pub mod save;
 mod shard;
+mod sink;
 mod stats;
 mod types;
 
@@ -108,5 +109,6 @@ pub use error::{Error, Result};
 pub use recover::{durable_tag, RecoveryReport};
 pub use region::{DurableFile, DurableMemory, REGION_BYTES};
 pub use save::{RestoreReport, SaveCursor, SaveOptions, SaveReport, StreamError};
+pub use sink::EvictionSink;
 pub use stats::{ClientStats, CompactionStats, EngineStats, HeldStats, OpStats, PoolStats};
 pub use types::*;

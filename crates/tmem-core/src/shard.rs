@@ -261,7 +261,7 @@ impl Shard {
         client: u32,
         max: usize,
         is_evictable: &dyn Fn(u32) -> bool,
-    ) -> (Vec<(u32, Removed)>, i64) {
+    ) -> (Vec<(ObjKey, u32, Removed)>, i64) {
         let mut out = Vec::new();
         let mut delta = 0;
         let Some(q) = self.queues.get_mut(&client) else {
@@ -287,7 +287,7 @@ impl Shard {
                 q.items.push_back((slot, idx));
                 continue;
             }
-            let pool = obj.key.pool;
+            let okey = obj.key;
             let cap0 = obj.pages.capacity();
             let Some(entry) = obj.pages.remove(&idx) else {
                 continue;
@@ -305,7 +305,7 @@ impl Shard {
                     slot,
                 );
             }
-            out.push((pool, Removed { entry }));
+            out.push((okey, idx, Removed { entry }));
         }
         if let Some(q) = self.queues.get(&client) {
             if q.live == 0 || q.items.len() > 2 * q.live + 64 {

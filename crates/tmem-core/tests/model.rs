@@ -8,11 +8,24 @@
 //! * the kernel never charges more for the engine's regions than the engine counts as held
 //!   (every freed frame went back);
 //! * compaction (an op of its own, and part of shrink and budget pressure) moves pages
-//!   without losing or changing any.
+//!   without losing or changing any;
+//! * every page an ephemeral pool evicts reaches its eviction sink with exactly the content
+//!   the model held for its key before the op, and is gone from the pool afterwards.
 
 use proptest::prelude::*;
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use tmem_core::*;
+
+/// Collects what the engine evicts.
+#[derive(Default)]
+struct Collect(Mutex<Vec<(PageKey, Vec<u8>)>>);
+
+impl EvictionSink for Collect {
+    fn evicted(&self, key: PageKey, data: &[u8]) {
+        self.0.lock().unwrap().push((key, data.to_vec()));
+    }
+}
 
 const C1: ClientId = ClientId(1);
 const C2: ClientId = ClientId(2);
@@ -171,9 +184,16 @@ proptest! {
         // C2 joins the shared pool.
         prop_assert_eq!(e.create_pool(C2, PoolSpec::shared_ephemeral(uuid).with_codec(s.codec).with_dedup(s.dedup)).unwrap(), pools[2].0);
         let persistent = |p: usize| p == 0 || p == 3;
+        let sink = Arc::new(Collect::default());
+        for p in [1, 2] {
+            e.set_eviction_sink(pools[p].1, pools[p].0, Some(sink.clone())).unwrap();
+        }
+        prop_assert!(e.set_eviction_sink(C1, pools[0].0, Some(sink.clone())).is_err(), "a sink on a persistent pool");
         let mut model: HashMap<(usize, u8, u8), u8> = HashMap::new();
         let mut out = [0u8; PAGE_SIZE];
         for op in ops {
+            let before = model.clone();
+            let put_key = match &op { Op::Put { pool, obj, idx, .. } => Some((*pool, *obj, *idx)), _ => None };
             match op {
                 Op::Put { pool, obj, idx, content: c } => {
                     let (id, owner) = pools[pool];
@@ -227,6 +247,19 @@ proptest! {
                 Op::Budget { kib } => { e.set_budget(u64::from(kib) * 1024); }
                 Op::Compress { n } => { e.compress_deferred(usize::from(n)); }
                 Op::Compact { moves } => { e.compact(usize::from(moves)); }
+            }
+            for (key, data) in std::mem::take(&mut *sink.0.lock().unwrap()) {
+                let pool = pools.iter().position(|p| p.0 == key.pool).unwrap();
+                prop_assert!(!persistent(pool), "a persistent page was evicted");
+                let m = (pool, key.object.0[0] as u8, key.index.0 as u8);
+                let Some(&c) = before.get(&m) else {
+                    return Err(TestCaseError::fail(format!("evicted {m:?}, which the model did not hold")));
+                };
+                prop_assert_eq!(&data[..], &content(c)[..], "evicted page with wrong content");
+                if put_key != Some(m) {
+                    prop_assert!(e.probe(pools[pool].1, key).unwrap().is_none(), "evicted page still in the pool");
+                    model.remove(&m);
+                }
             }
             let (resident, held) = (e.resident_bytes(), e.held_bytes());
             prop_assert!(resident <= held, "resident {} > held {}", resident, held);
