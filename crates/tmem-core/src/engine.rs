@@ -719,18 +719,26 @@ impl Engine {
                 break;
             }
             let s = (start + i) & (n - 1);
-            let (removed, d) =
-                self.shards[s]
-                    .lock()
-                    .evict(victim.id.0, EVICT_BATCH.min(max - done), &evictable);
-            self.meta.fetch_add(d, Relaxed);
-            done += removed.len();
-            let sinks = self.sinks.load();
-            for (okey, index, r) in removed {
-                let pool = okey.pool;
-                if let Some(sink) = sinks.get(&pool) {
-                    self.hand_to_sink(sink.as_ref(), okey, index, &r);
+            let removed = {
+                let mut shard = self.shards[s].lock();
+                let (removed, d) =
+                    shard.evict(victim.id.0, EVICT_BATCH.min(max - done), &evictable);
+                self.meta.fetch_add(d, Relaxed);
+                // Sinks see each page before the shard is unlocked: a flush of the key
+                // (e.g. a writer invalidating it) cannot complete in between.
+                let sinks = self.sinks.load();
+                if !sinks.is_empty() {
+                    for (okey, index, r) in &removed {
+                        if let Some(sink) = sinks.get(&okey.pool) {
+                            self.hand_to_sink(sink.as_ref(), *okey, *index, r);
+                        }
+                    }
                 }
+                removed
+            };
+            done += removed.len();
+            for (okey, _, r) in removed {
+                let pool = okey.pool;
                 if let Some(p) = pools.get(&pool) {
                     p.ops.at(s).evictions.fetch_add(1, Relaxed);
                     victim.ops.at(s).evictions.fetch_add(1, Relaxed);

@@ -6,9 +6,13 @@
 //! and handed to the sink before its storage is freed. Flushes, exclusive gets and pool
 //! destruction are not evictions: the page's owner dropped it, so there is nothing to keep.
 //!
-//! The engine stays free of I/O: the sink is called synchronously on the evicting thread,
-//! outside every shard lock but while evictions are serialised, so it must be quick (e.g.
-//! copy into a bounded queue) and must not call back into the engine.
+//! The engine stays free of I/O: the sink is called synchronously on the evicting thread
+//! while evictions are serialised and with the page's shard locked — the page is already
+//! out of the index, but a flush or put of the same key cannot complete until the sink
+//! returns. So a caller that bumps a version of its own before invalidating a key (as the
+//! cached export does before a write) knows that a sink reading that version sees the one
+//! the evicted content belongs to, or a newer one in progress. The sink must be quick (e.g.
+//! copy into a bounded queue) and must never call back into the engine (it would deadlock).
 
 use crate::types::PageKey;
 

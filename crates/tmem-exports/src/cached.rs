@@ -11,12 +11,13 @@ use std::sync::{Arc, Weak};
 
 use parking_lot::{Mutex, MutexGuard, RwLock};
 use tmem_core::{
-    ClientId, Codec, DedupScope, Engine, ObjectId, PageKey, PageState, PoolId, PoolSpec, PoolUuid,
-    PAGE_SIZE,
+    ClientId, Codec, DedupScope, Engine, EvictionSink, ObjectId, PageKey, PageState, PoolId,
+    PoolSpec, PoolUuid, PAGE_SIZE,
 };
 use tmem_nbd::{BackendCaps, BackendError, BlockBackend, Extent, ZeroRanges};
 
 use crate::identity::{self, ImageCheck, ImageIdentity, PathState};
+use crate::remote::RemoteTier;
 use crate::sys::{self, rl_log, AlignedBuf};
 use crate::{check_range, ExportError, MAX_EXPORT_BYTES};
 
@@ -88,6 +89,15 @@ pub struct CachedStats {
     pub image_invalidations: u64,
     /// Pages dropped by those invalidations.
     pub pages_dropped: u64,
+    /// Missed pages served by the remote tier (a copy of the current version).
+    pub remote_hits: u64,
+    /// Missed pages asked of the remote tier that it did not have (or could not serve).
+    pub remote_misses: u64,
+    /// Remote copies refused because the page was written since they left the pool.
+    pub remote_stale: u64,
+    /// Pages of this image the shared pool evicted and handed to the remote tier (every
+    /// export of the image reports the same count).
+    pub demoted: u64,
 }
 
 /// Locks and generation counters shared by every export of one image in one engine.
@@ -104,12 +114,56 @@ pub struct CachedStats {
 /// it, so one change underneath is acted on once. Writes hold `writing` shared until
 /// they re-recorded the identity, a check holds it exclusively while it compares: a
 /// check never mistakes a write of ours in progress for a change underneath.
+///
+/// `space` names the image's copies in a remote tier: the pool UUID and a random epoch
+/// drawn when this registry entry is made, so that copies left by an earlier incarnation
+/// (before a restart, when generations started again at zero) are never read.
 struct ImageShared {
     uuid: PoolUuid,
     locks: Box<[Mutex<()>]>,
     gens: Box<[AtomicU64]>,
     ident: Mutex<ImageIdentity>,
     writing: RwLock<()>,
+    space: String,
+    demoted: AtomicU64,
+}
+
+/// Hands the shared pool's evicted pages to the remote tier, tagged with the generation of
+/// their stripe. The engine calls it with the page's shard locked, so a writer (which bumps
+/// the generation to odd *before* it invalidates the page) has either not started — the
+/// tag is the generation the content belongs to, and any later write moves past it — or is
+/// in progress (odd: the page is not demoted).
+struct Demoter {
+    shared: Arc<ImageShared>,
+    tier: Arc<dyn RemoteTier>,
+}
+
+impl EvictionSink for Demoter {
+    fn evicted(&self, key: PageKey, data: &[u8]) {
+        if key.object != ObjectId::from_u64(0) {
+            return;
+        }
+        let page = u64::from(key.index.0);
+        let g = self.shared.gens[page as usize & (STRIPES - 1)].load(Acquire);
+        if g % 2 == 1 || !self.tier.available() {
+            return;
+        }
+        self.tier.demote(&self.shared.space, page, g, data);
+        self.shared.demoted.fetch_add(1, Relaxed);
+    }
+}
+
+/// A random 64-bit number (std's per-process random hash keys, mixed with the clock).
+fn random_epoch() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.write_u32(std::process::id());
+    h.finish()
 }
 
 type RegistryKey = (usize, u64, u64);
@@ -141,6 +195,8 @@ fn shared_for(
         gens: (0..STRIPES).map(|_| AtomicU64::new(0)).collect(),
         ident: Mutex::new(ident),
         writing: RwLock::new(()),
+        space: format!("c/{:032x}/{:016x}", uuid.0, random_epoch()),
+        demoted: AtomicU64::new(0),
     });
     reg.push((key, Arc::downgrade(&s)));
     Ok(s)
@@ -165,6 +221,9 @@ struct Counters {
     writes: AtomicU64,
     image_invalidations: AtomicU64,
     pages_dropped: AtomicU64,
+    remote_hits: AtomicU64,
+    remote_misses: AtomicU64,
+    remote_stale: AtomicU64,
 }
 
 type MissHook = Arc<dyn Fn(u64) + Send + Sync>;
@@ -189,6 +248,7 @@ pub struct CachedExport {
     closed: AtomicBool,
     c: Counters,
     miss_hook: Mutex<Option<MissHook>>,
+    remote: RwLock<Option<Arc<dyn RemoteTier>>>,
 }
 
 impl fmt::Debug for CachedExport {
@@ -285,6 +345,7 @@ impl CachedExport {
             closed: AtomicBool::new(false),
             c: Counters::default(),
             miss_hook: Mutex::new(None),
+            remote: RwLock::new(None),
         });
         // Other exports may have cached the image before it changed.
         ex.check_image()?;
@@ -323,7 +384,35 @@ impl CachedExport {
             read_only: self.read_only,
             image_invalidations: c.image_invalidations.load(Relaxed),
             pages_dropped: c.pages_dropped.load(Relaxed),
+            remote_hits: c.remote_hits.load(Relaxed),
+            remote_misses: c.remote_misses.load(Relaxed),
+            remote_stale: c.remote_stale.load(Relaxed),
+            demoted: self.shared.demoted.load(Relaxed),
         }
+    }
+
+    /// Puts a remote tier behind the shared pool (or, with `None`, takes it away): pages
+    /// the pool evicts are demoted to it, and a missed run asks it before the image. Never
+    /// stale: a remote copy carries its stripe's generation and is used only while that
+    /// generation is unchanged (every write bumps it before it is acknowledged).
+    pub fn set_remote(&self, tier: Option<Arc<dyn RemoteTier>>) -> Result<(), ExportError> {
+        self.check_open()?;
+        let sink = tier.clone().map(|tier| {
+            Arc::new(Demoter {
+                shared: Arc::clone(&self.shared),
+                tier,
+            }) as Arc<dyn EvictionSink>
+        });
+        self.engine
+            .set_eviction_sink(self.cfg.client, self.pool, sink)
+            .map_err(ExportError::Engine)?;
+        *self.remote.write() = tier;
+        Ok(())
+    }
+
+    /// The remote tier's name for this image's copies (`c/<pool uuid>/<epoch>`).
+    pub fn remote_space(&self) -> &str {
+        &self.shared.space
     }
 
     /// Whether clients may write (the export was opened [`CachedConfig::writable`]).
@@ -596,10 +685,27 @@ impl CachedExport {
             {
                 run += 1;
             }
-            // Generations are read before the image is.
+            // Generations are read before the remote tier and the image are.
             let gens: Vec<u64> = (p..p + run).map(|q| self.gen(q).load(Acquire)).collect();
             let mut data = AlignedBuf::new(run as usize);
-            self.read_image(p, &mut data)?;
+            let served = self.fetch_remote(p, &gens, &mut data);
+            // The pages the remote tier did not serve, a run at a time, from the image.
+            let mut i = 0;
+            while i < run as usize {
+                if served[i] {
+                    i += 1;
+                    continue;
+                }
+                let j = (i..run as usize)
+                    .find(|&j| served[j])
+                    .unwrap_or(run as usize);
+                let mut part = AlignedBuf::new(j - i);
+                self.read_image(p + i as u64, &mut part)?;
+                for k in i..j {
+                    data.page_mut(k).copy_from_slice(part.page(k - i));
+                }
+                i = j;
+            }
             self.c.misses.fetch_add(run, Relaxed);
             let hook = self.miss_hook.lock().clone();
             if let Some(h) = hook {
@@ -620,6 +726,37 @@ impl CachedExport {
             p += run;
         }
         Ok(zr)
+    }
+
+    /// Asks the remote tier (if any, and available) for pages `[first, first + gens.len())`
+    /// and copies into `data` each copy whose tag is the page's generation `gens[i]` read
+    /// before the fetch (even: no write in progress). Returns which pages it served.
+    fn fetch_remote(&self, first: u64, gens: &[u64], data: &mut AlignedBuf) -> Vec<bool> {
+        let mut served = vec![false; gens.len()];
+        let Some(tier) = self.remote.read().clone() else {
+            return served;
+        };
+        if !tier.available() {
+            return served;
+        }
+        let pages: Vec<u64> = (first..first + gens.len() as u64).collect();
+        let got = tier.fetch(&self.shared.space, &pages);
+        for (i, copy) in got.into_iter().enumerate().take(gens.len()) {
+            match copy {
+                Some(c) if c.tag == gens[i] && gens[i] % 2 == 0 && c.data.len() == PAGE_SIZE => {
+                    data.page_mut(i).copy_from_slice(&c.data);
+                    served[i] = true;
+                    self.c.remote_hits.fetch_add(1, Relaxed);
+                }
+                Some(_) => {
+                    self.c.remote_stale.fetch_add(1, Relaxed);
+                }
+                None => {
+                    self.c.remote_misses.fetch_add(1, Relaxed);
+                }
+            }
+        }
+        served
     }
 
     /// Writes `data` at `offset` (or zeros when `data` is `None`, `len` bytes), a run of

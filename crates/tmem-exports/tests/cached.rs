@@ -182,6 +182,30 @@ fn version_of(page: u64, b: &[u8]) -> u64 {
 
 #[test]
 fn concurrent_readers_never_see_older_than_acknowledged() {
+    concurrent_stamped_io(None);
+}
+
+/// The same with a remote tier behind the pool: evicted pages are demoted (landing late
+/// and out of order) and missed runs are served from it; never an older version.
+#[test]
+fn concurrent_readers_with_a_remote_tier_never_see_older_than_acknowledged() {
+    let tier = Arc::new(MemTier::default());
+    let (s1, s2) = concurrent_stamped_io(Some(tier.clone()));
+    eprintln!("demotions {}", tier.demotions());
+    assert!(tier.demotions() > 0, "nothing was demoted");
+    assert!(
+        s1.remote_hits + s2.remote_hits > 0,
+        "the remote tier served nothing"
+    );
+    assert!(
+        s1.remote_stale + s2.remote_stale > 0,
+        "no remote copy was ever refused as older: the race was not exercised"
+    );
+}
+
+fn concurrent_stamped_io(
+    tier: Option<Arc<MemTier>>,
+) -> (tmem_exports::CachedStats, tmem_exports::CachedStats) {
     let dir = tempfile::tempdir().unwrap();
     const PAGES: u64 = 96;
     let img = dir.path().join("c.img");
@@ -196,6 +220,12 @@ fn concurrent_readers_never_see_older_than_acknowledged() {
     let w = cached(&e, &img, "w", 1);
     let r1 = cached(&e, &img, "r1", 2);
     let r2 = cached(&e, &img, "r2", 3);
+    if let Some(t) = &tier {
+        for x in [&w, &r1, &r2] {
+            x.set_remote(Some(t.clone() as Arc<dyn tmem_exports::RemoteTier>))
+                .unwrap();
+        }
+    }
     let acked: Arc<Vec<AtomicU64>> = Arc::new((0..PAGES).map(|_| AtomicU64::new(0)).collect());
     let done = Arc::new(AtomicBool::new(false));
     let mut readers = Vec::new();
@@ -240,6 +270,11 @@ fn concurrent_readers_never_see_older_than_acknowledged() {
         }
         version[p as usize] = i;
         acked[p as usize].store(i, Ordering::Release);
+        if tier.is_some() && i % 20 == 0 {
+            // Stamped pages compress well and fit the budget: give memory back now and
+            // then, so that pages are evicted (demoted) while readers and the writer race.
+            e.shrink(96 << 10);
+        }
     }
     done.store(true, Ordering::Release);
     let reads: Vec<u64> = readers.into_iter().map(|h| h.join().unwrap()).collect();
@@ -252,6 +287,53 @@ fn concurrent_readers_never_see_older_than_acknowledged() {
     let (s1, s2) = (r1.stats(), r2.stats());
     eprintln!("reads {reads:?}\n{s1:?}\n{s2:?}\n{:?}", w.stats());
     assert!(s1.cache_hits + s2.cache_hits > 0 && s1.cache_misses + s2.cache_misses > 0);
+    (s1, s2)
+}
+
+/// A page evicted to the remote tier is served from there (no image read) until it is
+/// written; after the write the remote copy is refused and the new content is read.
+#[test]
+fn remote_copy_serves_misses_until_the_page_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    const PAGES: u64 = 64;
+    let img = dir.path().join("r.img");
+    let mut init = Vec::new();
+    for p in 0..PAGES {
+        init.extend(stamp(p, 1));
+    }
+    std::fs::write(&img, &init).unwrap();
+    let e = engine(1 << 20, &[1]);
+    let x = cached(&e, &img, "x", 1);
+    let tier = Arc::new(MemTier::default());
+    x.set_remote(Some(tier.clone() as Arc<dyn tmem_exports::RemoteTier>))
+        .unwrap();
+    read(&*x, 0, (PAGES * 4096) as usize);
+    // Give everything back: every page is evicted, so demoted.
+    e.shrink(u64::MAX);
+    assert_eq!(tier.demotions(), PAGES);
+    let before = x.stats();
+    let got = read(&*x, 0, (PAGES * 4096) as usize);
+    for p in 0..PAGES {
+        assert_eq!(version_of(p, &got[(p * 4096) as usize..][..4096]), 1);
+    }
+    let after = x.stats();
+    assert_eq!(after.remote_hits - before.remote_hits, PAGES);
+    assert_eq!(after.sectors_read, before.sectors_read, "read the image");
+    // Evict again, then write page 3 (its stripe's generation moves on).
+    e.shrink(u64::MAX);
+    x.write(3 * 4096, &stamp(3, 2), false).unwrap();
+    e.shrink(u64::MAX);
+    let got = read(&*x, 0, 8 * 4096);
+    for p in 0..8 {
+        let want = if p == 3 { 2 } else { 1 };
+        assert_eq!(version_of(p, &got[(p * 4096) as usize..][..4096]), want);
+    }
+    // With the tier down, misses go to the image.
+    tier.down.store(true, Ordering::Relaxed);
+    e.shrink(u64::MAX);
+    let s0 = x.stats();
+    read(&*x, 0, 4096);
+    assert!(x.stats().sectors_read > s0.sectors_read);
 }
 
 #[test]

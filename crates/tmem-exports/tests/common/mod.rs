@@ -103,3 +103,112 @@ pub fn range(rng: &mut SmallRng, size: u64, max: u64) -> (u64, u64) {
 pub fn first_diff(a: &[u8], b: &[u8]) -> Option<usize> {
     a.iter().zip(b).position(|(x, y)| x != y)
 }
+
+/// An in-memory stand-in for a remote tier, for the exports' own tests (the real one, on
+/// Redis, is tested in `tmem-remote` and the multi-host test). Demotions wait in a pending
+/// list and land in a shuffled order at the next fetch — later than and out of the order
+/// they were made in, as over a network with several connections.
+#[derive(Default)]
+pub struct MemTier {
+    state: std::sync::Mutex<MemTierState>,
+    pub down: std::sync::atomic::AtomicBool,
+}
+
+#[derive(Default)]
+struct MemTierState {
+    pending: Vec<(String, u64, u64, Vec<u8>)>,
+    ephemeral: std::collections::HashMap<(String, u64), (u64, Vec<u8>)>,
+    durable: std::collections::HashMap<(String, u64), Vec<u8>>,
+    seed: u64,
+    pub demotions: u64,
+}
+
+impl MemTier {
+    pub fn demotions(&self) -> u64 {
+        self.state.lock().unwrap().demotions
+    }
+    pub fn durable_pages(&self) -> usize {
+        self.state.lock().unwrap().durable.len()
+    }
+    /// Replaces every durable copy's content (a tier that lost or garbled pages).
+    pub fn garble_durable(&self) {
+        for v in self.state.lock().unwrap().durable.values_mut() {
+            v[100] ^= 0x55;
+        }
+    }
+    fn land(st: &mut MemTierState) {
+        let mut r = rng(st.seed);
+        st.seed += 1;
+        let mut p = std::mem::take(&mut st.pending);
+        for i in (1..p.len()).rev() {
+            p.swap(i, r.gen_range(0..=i));
+        }
+        for (space, page, tag, data) in p {
+            st.ephemeral.insert((space, page), (tag, data));
+        }
+    }
+}
+
+impl tmem_exports::RemoteTier for MemTier {
+    fn demote(&self, space: &str, page: u64, tag: u64, data: &[u8]) {
+        let mut st = self.state.lock().unwrap();
+        st.demotions += 1;
+        st.pending.push((space.into(), page, tag, data.to_vec()));
+    }
+    fn fetch(&self, space: &str, pages: &[u64]) -> Vec<Option<tmem_exports::RemotePage>> {
+        let mut st = self.state.lock().unwrap();
+        Self::land(&mut st);
+        pages
+            .iter()
+            .map(|&p| {
+                st.ephemeral
+                    .get(&(space.to_string(), p))
+                    .map(|(tag, data)| tmem_exports::RemotePage {
+                        tag: *tag,
+                        data: data.clone(),
+                    })
+            })
+            .collect()
+    }
+    fn put_durable(
+        &self,
+        space: &str,
+        page: u64,
+        data: &[u8],
+    ) -> Result<(), tmem_exports::RemoteError> {
+        if !self.available() {
+            return Err(tmem_exports::RemoteError::Unreachable("down".into()));
+        }
+        let mut st = self.state.lock().unwrap();
+        st.durable.insert((space.into(), page), data.to_vec());
+        Ok(())
+    }
+    fn get_durable(
+        &self,
+        space: &str,
+        page: u64,
+        out: &mut [u8],
+    ) -> Result<bool, tmem_exports::RemoteError> {
+        if !self.available() {
+            return Err(tmem_exports::RemoteError::Unreachable("down".into()));
+        }
+        let st = self.state.lock().unwrap();
+        match st.durable.get(&(space.to_string(), page)) {
+            Some(d) => {
+                out.copy_from_slice(d);
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+    fn forget(&self, space: &str, pages: &[u64]) {
+        let mut st = self.state.lock().unwrap();
+        for &p in pages {
+            st.durable.remove(&(space.to_string(), p));
+            st.ephemeral.remove(&(space.to_string(), p));
+        }
+    }
+    fn available(&self) -> bool {
+        !self.down.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
