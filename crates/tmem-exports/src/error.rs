@@ -113,6 +113,10 @@ pub enum ExportError {
         /// Bytes available.
         available: u64,
     },
+    /// The remote tier could not serve a page that lives there (this request fails; the
+    /// page is not lost).
+    #[error("Remote tier")]
+    Remote(#[source] crate::remote::RemoteError),
     /// The page map next to the spill file could not be created, read or opened.
     #[error("Cannot use page map {path}")]
     PageMap {
@@ -160,7 +164,9 @@ impl From<ExportError> for BackendError {
             ExportError::SpillIo(e) | ExportError::ImageIo(e) => io_to_backend(e),
             ExportError::Closed => BackendError::ShuttingDown,
             ExportError::ReadOnly => BackendError::ReadOnly,
-            e @ ExportError::Poisoned { .. } => BackendError::Io(io::Error::other(e)),
+            e @ (ExportError::Poisoned { .. } | ExportError::Remote(_)) => {
+                BackendError::Io(io::Error::other(e))
+            }
             e @ (ExportError::CreatePool(_)
             | ExportError::SpillSpace { .. }
             | ExportError::PageMap { .. }

@@ -30,6 +30,13 @@
 //!   older copy went with the refused put (or with a torn spill write) is poisoned, not
 //!   zeroed. Creating an export needs room for its worst case (every page spilled) plus
 //!   the reserve ([`ExportError::SpillSpace`]).
+//! * **Remote tier.** With [`SwapExport::set_remote`], a page the pool refuses (or that
+//!   writeback moves out) goes first to a [`RemoteTier`] (other hosts' memory): it is
+//!   recorded there (`Loc::Remote`, page-map entry `remote` with a 62-bit hash) only once
+//!   the tier acknowledged it as replicated; any failure sends it to the spill file as
+//!   before. Reads check the copy against the map's hash: a missing or different copy
+//!   poisons the page (EIO, never wrong data); a tier that cannot answer fails that one
+//!   request. Rewrites, trims, pull-backs and `destroy` delete remote copies.
 //! * **Oldest first.** Every successful put appends `(page, seq)` to a FIFO; an entry is
 //!   stale once the page's map entry no longer says `Pool(seq)`. After a refused put the
 //!   writer (outside its page lock; one writer at a time) moves up to
@@ -82,6 +89,16 @@
 //! Opening an image that is already cached in the same engine under another UUID is
 //! refused ([`ExportError::InvalidConfig`]): two pools for one file could not be kept
 //! coherent. The image size is read once, at open.
+//!
+//! **Remote tier.** With [`CachedExport::set_remote`], the shared pool hands every page it
+//! evicts to a [`RemoteTier`] (an eviction sink, see [`tmem_core::EvictionSink`]), tagged
+//! with its stripe's generation; a run of missed pages asks the tier before the image and
+//! takes a copy only if its tag equals the generation read before the fetch. Every write
+//! bumps the generation before it is acknowledged, and the engine calls the sink with the
+//! page's shard locked (a writer's invalidation cannot slip in between), so a remote copy
+//! is never older than the last acknowledged write: no round trip on the write path. The
+//! tier's key space holds a random epoch per process, so copies from before a restart are
+//! never read.
 //!
 //! **Read-only by default.** A cached export opens its image `O_RDONLY` and tells NBD
 //! clients it is read-only (writes, trims and zeroing fail with `EPERM`) unless its

@@ -9,6 +9,10 @@
 //! | `2` | zero (explicit, for maps whose default is *lost*) |
 //! | `3` | lost: content unknown, reads fail with EIO until the page is rewritten |
 //! | `1 << 63 \| h` | in the spill file, whose copy hashes (xxh3, 63 bits) to `h` |
+//! | `1 << 62 \| h` | in the remote tier (replicated), whose copy hashes (xxh3, 62 bits) to `h` |
+//!
+//! Releases before the remote tier read a `1 << 62` entry as an unknown value, i.e. lost:
+//! going back to one poisons remote pages rather than serving anything else.
 //!
 //! Every entry is written with `pwrite` under the page's lock, after the data operation it
 //! describes and before the request is acknowledged: a daemon that dies between the two
@@ -41,6 +45,7 @@ const E_MEM: u64 = 1;
 const E_ZERO: u64 = 2;
 const E_LOST: u64 = 3;
 const SPILL_BIT: u64 = 1 << 63;
+const REMOTE_BIT: u64 = 1 << 62;
 
 /// What the map says about a page.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,11 +58,18 @@ pub(crate) enum Entry {
     Lost,
     /// In the spill file; the copy's [`spill_hash`].
     Spill(u64),
+    /// In the remote tier; the copy's [`remote_hash`].
+    Remote(u64),
 }
 
 /// The 63-bit hash a spilled page's entry records.
 pub(crate) fn spill_hash(data: &[u8]) -> u64 {
     xxhash_rust::xxh3::xxh3_64(data) & !SPILL_BIT
+}
+
+/// The 62-bit hash a remote page's entry records.
+pub(crate) fn remote_hash(data: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(data) & (REMOTE_BIT - 1)
 }
 
 fn entry_path(spill: &Path) -> PathBuf {
@@ -160,6 +172,7 @@ impl PageMap {
             E_DEFAULT | E_ZERO => Entry::Zero,
             E_MEM => Entry::Mem,
             v if v & SPILL_BIT != 0 => Entry::Spill(v & !SPILL_BIT),
+            v if v & REMOTE_BIT != 0 => Entry::Remote(v & (REMOTE_BIT - 1)),
             // E_LOST, and anything unknown: trust nothing.
             _ => Entry::Lost,
         }
@@ -172,6 +185,7 @@ impl PageMap {
             Entry::Mem => E_MEM,
             Entry::Lost => E_LOST,
             Entry::Spill(h) => SPILL_BIT | (h & !SPILL_BIT),
+            Entry::Remote(h) => REMOTE_BIT | (h & (REMOTE_BIT - 1)),
         }
     }
 

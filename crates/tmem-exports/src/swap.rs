@@ -13,15 +13,16 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Instant;
 
-use parking_lot::{Mutex, MutexGuard};
+use parking_lot::{Mutex, MutexGuard, RwLock};
 use tmem_core::{
     ClientId, Codec, DedupScope, Engine, ObjectId, PageKey, PageState, Persistence, PoolId,
     PoolSpec, Sharing, PAGE_SIZE,
 };
 use tmem_nbd::{BackendCaps, BackendError, BlockBackend, Extent, ZeroRanges};
 
-use crate::pagemap::{spill_hash, Entry, PageMap};
+use crate::pagemap::{remote_hash, spill_hash, Entry, PageMap};
 use crate::poison::Poison;
+use crate::remote::{RemoteError, RemoteTier};
 use crate::sys::{self, rl_log};
 use crate::{check_range, ExportError, MAX_EXPORT_BYTES};
 
@@ -84,6 +85,18 @@ pub struct SwapStats {
     pub poisoned_pages: u64,
     /// Spill-file and page-map writes that failed or were refused for lack of space.
     pub spill_errors: u64,
+    /// Pages that live in the remote tier now.
+    pub pages_remote: u64,
+    /// Pages written to the remote tier (acknowledged by its replicas).
+    pub remote_writes: u64,
+    /// Pages read from the remote tier.
+    pub remote_reads: u64,
+    /// Remote writes that failed or were not replicated in time, so that the page went to
+    /// the spill file instead.
+    pub remote_fallbacks: u64,
+    /// Remote reads that failed (the request got EIO) or returned a page whose checksum
+    /// did not match the page map (the page was poisoned).
+    pub remote_read_errors: u64,
 }
 
 /// Where a page lives. Absent from the map: nowhere, or (after a restore) in the pool.
@@ -93,6 +106,18 @@ enum Loc {
     Pool(u64),
     /// In the spill file at `page * 4096`.
     Spill,
+    /// In the remote tier; the copy's [`remote_hash`] (as in the page map).
+    Remote(u64),
+}
+
+impl Loc {
+    /// The place a spill entry (from [`SwapExport::spill_write`]) names.
+    fn of_spill(e: Entry) -> Loc {
+        match e {
+            Entry::Remote(h) => Loc::Remote(h),
+            _ => Loc::Spill,
+        }
+    }
 }
 
 #[derive(Default)]
@@ -113,6 +138,11 @@ struct Counters {
     spilled: AtomicU64,
     in_pool: AtomicU64,
     spill_errors: AtomicU64,
+    remote: AtomicU64,
+    remote_writes: AtomicU64,
+    remote_reads: AtomicU64,
+    remote_fallbacks: AtomicU64,
+    remote_read_errors: AtomicU64,
 }
 
 /// Free-space check of the spill filesystem before spill writes: `fstatvfs` at most every
@@ -202,6 +232,30 @@ pub struct SwapExport {
     map: PageMap,
     poison: Poison,
     space: SpaceGuard,
+    remote: RwLock<Option<Arc<dyn RemoteTier>>>,
+    /// This export's name in the remote tier (see [`SwapExport::remote_space`]).
+    remote_space: String,
+    /// Pages whose remote copies are no longer needed (found at a restart, before a tier
+    /// was set): deleted when one is.
+    orphans: Mutex<Vec<u64>>,
+}
+
+/// A remote-tier space name for a swap export: `s/` and the name with characters outside
+/// `[A-Za-z0-9_.-]` replaced, plus a hash of the exact name (so two names never share one).
+fn remote_space_of(name: &str) -> String {
+    let clean: String = name
+        .chars()
+        .take(64)
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "_.-".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let h = xxhash_rust::xxh3::xxh3_64(name.as_bytes()) as u32;
+    format!("s/{clean}.{h:08x}")
 }
 
 impl fmt::Debug for SwapExport {
@@ -250,6 +304,8 @@ pub struct ReopenReport {
     pub spilled: u64,
     /// Pages adopted from the restored pool.
     pub in_pool: u64,
+    /// Pages the page map places in the remote tier (checked when read).
+    pub remote: u64,
     /// Pages poisoned: reads fail with EIO until they are rewritten or trimmed.
     pub poisoned: u64,
 }
@@ -470,6 +526,7 @@ impl SwapExport {
     fn new(engine: Arc<Engine>, cfg: SwapConfig, pool: PoolId, spill: File, map: PageMap) -> Self {
         let pages = spill_len(cfg.size) / PAGE;
         let space = SpaceGuard::new(cfg.spill_reserve);
+        let remote_space = remote_space_of(&cfg.name);
         SwapExport {
             engine,
             cfg,
@@ -489,6 +546,9 @@ impl SwapExport {
             map,
             poison: Poison::new(pages),
             space,
+            remote: RwLock::new(None),
+            remote_space,
+            orphans: Mutex::new(Vec::new()),
         }
     }
 
@@ -614,7 +674,21 @@ impl SwapExport {
                 if has_data {
                     self.free_spill(page)?;
                 }
+                if matches!(entry, Entry::Remote(_)) {
+                    self.orphans.lock().push(p);
+                }
                 rep.in_pool += 1;
+                continue;
+            }
+            if let Entry::Remote(h) = entry {
+                // Served from the remote tier, checked against `h` when read. A spill copy
+                // is older (the map moves to the remote copy only once it is replicated).
+                if has_data {
+                    self.free_spill(page)?;
+                }
+                self.poison.remove(p);
+                self.set_loc(&mut st, page, Some(Loc::Remote(h)));
+                rep.remote += 1;
                 continue;
             }
             let spilled_ok = has_data
@@ -689,6 +763,51 @@ impl SwapExport {
             writes: self.c.writes.load(Relaxed),
             poisoned_pages: self.poison.count(),
             spill_errors: self.c.spill_errors.load(Relaxed),
+            pages_remote: self.c.remote.load(Relaxed),
+            remote_writes: self.c.remote_writes.load(Relaxed),
+            remote_reads: self.c.remote_reads.load(Relaxed),
+            remote_fallbacks: self.c.remote_fallbacks.load(Relaxed),
+            remote_read_errors: self.c.remote_read_errors.load(Relaxed),
+        }
+    }
+
+    /// Puts a remote tier in front of the spill file (or, with `None`, takes it away for
+    /// new spills): a page the pool refuses, or that writeback moves out, goes to the tier
+    /// first and is recorded there only once the tier acknowledged it as replicated; when
+    /// the tier fails or is unavailable it goes to the spill file as before. Pages already
+    /// in the tier stay there (reading them needs a tier again).
+    pub fn set_remote(&self, tier: Option<Arc<dyn RemoteTier>>) {
+        if let Some(t) = &tier {
+            let orphans = std::mem::take(&mut *self.orphans.lock());
+            for chunk in orphans.chunks(1024) {
+                t.forget(&self.remote_space, chunk);
+            }
+        }
+        *self.remote.write() = tier;
+    }
+
+    /// This export's name in the remote tier (`s/<name>.<hash>`): stable across restarts,
+    /// so that a recovered page map finds its remote pages again.
+    pub fn remote_space(&self) -> &str {
+        &self.remote_space
+    }
+
+    fn tier(&self) -> Option<Arc<dyn RemoteTier>> {
+        self.remote.read().clone()
+    }
+
+    /// Releases the copy at `was` (spill file or remote tier) of a page now held elsewhere
+    /// (`now`); nothing when both are the same place.
+    fn free_copy(&self, page: u32, was: Option<Loc>, now: Option<Loc>) -> Result<(), ExportError> {
+        match was {
+            Some(Loc::Spill) if now != Some(Loc::Spill) => self.free_spill(page),
+            Some(Loc::Remote(_)) if !matches!(now, Some(Loc::Remote(_))) => {
+                if let Some(t) = self.tier() {
+                    t.forget(&self.remote_space, &[u64::from(page)]);
+                }
+                Ok(())
+            }
+            _ => Ok(()),
         }
     }
 
@@ -722,9 +841,7 @@ impl SwapExport {
         self.set_loc(&mut st, p, Some(Loc::Pool(seq)));
         self.record(p, Entry::Mem);
         self.poison.remove(page);
-        if was == Some(Loc::Spill) {
-            self.free_spill(p)?;
-        }
+        self.free_copy(p, was, Some(Loc::Pool(seq)))?;
         Ok(true)
     }
 
@@ -749,9 +866,22 @@ impl SwapExport {
                 path: PageMap::path_for(&self.cfg.spill_path),
                 source,
             });
+        let mut remote = Vec::new();
         for s in self.stripes.iter() {
-            s.lock().loc.clear();
+            let mut st = s.lock();
+            remote.extend(
+                st.loc
+                    .iter()
+                    .filter_map(|(&p, l)| matches!(l, Loc::Remote(_)).then_some(u64::from(p))),
+            );
+            st.loc.clear();
         }
+        if let (Some(t), false) = (self.tier(), remote.is_empty()) {
+            for chunk in remote.chunks(1024) {
+                t.forget(&self.remote_space, chunk);
+            }
+        }
+        self.c.remote.store(0, Relaxed);
         self.fifo.lock().clear();
         self.c.spilled.store(0, Relaxed);
         self.c.in_pool.store(0, Relaxed);
@@ -777,9 +907,10 @@ impl SwapExport {
                     .probe(self.cfg.client, self.key(page))
                     .map_err(|e| e.to_string())?;
                 match (loc, probe) {
-                    (Loc::Spill, Some(_)) => {
+                    (Loc::Spill | Loc::Remote(_), Some(_)) => {
                         return Err(format!("page {page} is both spilled and in the pool"))
                     }
+                    (Loc::Remote(_), None) => {}
                     (Loc::Pool(_), None) => {
                         return Err(format!("page {page} mapped to the pool is not there"))
                     }
@@ -847,6 +978,7 @@ impl SwapExport {
             let ctr = match l {
                 Some(Loc::Pool(_)) => &self.c.in_pool,
                 Some(Loc::Spill) => &self.c.spilled,
+                Some(Loc::Remote(_)) => &self.c.remote,
                 None => continue,
             };
             if d > 0 {
@@ -860,9 +992,23 @@ impl SwapExport {
         }
     }
 
-    /// Writes a page's spill copy and returns its map entry (recorded by the caller). Refused
+    /// Writes a page's spill copy — to the remote tier when there is one and it acknowledges
+    /// the copy as replicated, else to the spill file — and returns its map entry (recorded
+    /// by the caller; [`Loc::of_spill`] names the place). A spill-file write is refused
     /// without writing (`ENOSPC`) when the filesystem would keep less than the reserve.
     fn spill_write(&self, page: u32, data: &[u8]) -> Result<Entry, SpillFailed> {
+        if let Some(t) = self.tier().filter(|t| t.available()) {
+            match t.put_durable(&self.remote_space, u64::from(page), data) {
+                Ok(()) => {
+                    self.c.remote_writes.fetch_add(1, Relaxed);
+                    return Ok(Entry::Remote(remote_hash(data)));
+                }
+                Err(e) => {
+                    self.c.remote_fallbacks.fetch_add(1, Relaxed);
+                    rl_log!(warn, export = %self.cfg.name, page, error = %e, "remote tier did not take the page; spilling it to the local file");
+                }
+            }
+        }
         let failed = |e: io::Error, touched: bool| {
             self.c.spill_errors.fetch_add(1, Relaxed);
             rl_log!(warn, export = %self.cfg.name, page, error = %e, "spill write failed; the request gets an error");
@@ -935,6 +1081,10 @@ impl SwapExport {
             self.c.spill_reads.fetch_add(1, Relaxed);
             return Ok(true);
         }
+        if let Some(Loc::Remote(h)) = loc {
+            self.load_remote(page, h, out)?;
+            return Ok(true);
+        }
         match self.engine.get(self.cfg.client, self.key(page), out) {
             Ok(Some(PageState::Data)) => {
                 if loc.is_none() {
@@ -962,17 +1112,47 @@ impl SwapExport {
         }
     }
 
+    /// Reads a page's remote copy and checks it against the page map's hash `h`. A copy that
+    /// is missing or does not match poisons the page (never wrong data); a tier that cannot
+    /// answer now fails this request only.
+    fn load_remote(&self, page: u32, h: u64, out: &mut [u8]) -> Result<(), ExportError> {
+        let Some(t) = self.tier() else {
+            self.c.remote_read_errors.fetch_add(1, Relaxed);
+            rl_log!(error, export = %self.cfg.name, page, "page lives in the remote tier, but none is configured: I/O error");
+            return Err(ExportError::Remote(RemoteError::Unreachable(
+                "no remote tier configured".into(),
+            )));
+        };
+        match t.get_durable(&self.remote_space, u64::from(page), out) {
+            Ok(true) if remote_hash(out) == h => {
+                self.c.remote_reads.fetch_add(1, Relaxed);
+                Ok(())
+            }
+            Ok(found) => {
+                self.c.remote_read_errors.fetch_add(1, Relaxed);
+                rl_log!(error, export = %self.cfg.name, page, found, "remote copy missing or not the one the page map records: poisoned");
+                self.poison_page(page);
+                Err(ExportError::Poisoned {
+                    page: u64::from(page),
+                })
+            }
+            Err(e) => {
+                self.c.remote_read_errors.fetch_add(1, Relaxed);
+                rl_log!(warn, export = %self.cfg.name, page, error = %e, "remote tier read failed: I/O error for this request");
+                Err(ExportError::Remote(e))
+            }
+        }
+    }
+
     /// Makes a page read as zero: flushes it from the pool (unconditionally) and frees its
-    /// spill copy.
+    /// spill or remote copy.
     fn discard(&self, st: &mut Stripe, page: u32) -> Result<(), ExportError> {
         let was = st.loc.get(&page).copied();
         self.engine
             .flush_page(self.cfg.client, self.key(page))
             .map_err(ExportError::Engine)?;
         self.set_loc(st, page, None);
-        if was == Some(Loc::Spill) {
-            self.free_spill(page)?;
-        }
+        self.free_copy(page, was, None)?;
         let was_poisoned = self.poison.remove(u64::from(page));
         if was.is_some() || was_poisoned {
             self.record(page, Entry::Zero);
@@ -999,10 +1179,8 @@ impl SwapExport {
                 if !matches!(was, Some(Loc::Pool(_))) || was_poisoned {
                     self.record(page, Entry::Mem);
                 }
-                if was == Some(Loc::Spill) {
-                    // Unconditional invalidation of the older copy.
-                    self.free_spill(page)?;
-                }
+                // Unconditional invalidation of the older copy.
+                self.free_copy(page, was, Some(Loc::Pool(seq)))?;
                 Ok(Stored::InPool)
             }
             Err(
@@ -1018,12 +1196,14 @@ impl SwapExport {
                 match self.spill_write(page, data) {
                     Ok(entry) => {
                         self.record(page, entry);
-                        self.set_loc(st, page, Some(Loc::Spill));
+                        let now = Loc::of_spill(entry);
+                        self.set_loc(st, page, Some(now));
                         if matches!(was, Some(Loc::Pool(_))) {
                             self.engine
                                 .flush_page(self.cfg.client, self.key(page))
                                 .map_err(ExportError::Engine)?;
                         }
+                        self.free_copy(page, was, Some(now))?;
                         Ok(Stored::Spilled(frozen))
                     }
                     Err(SpillFailed { error, touched }) => {
@@ -1037,8 +1217,15 @@ impl SwapExport {
                                 None => !touched || self.free_spill(page).is_ok(),
                                 Some(Loc::Spill) => !touched,
                                 Some(Loc::Pool(_)) => true,
+                                // The refused remote write may have replaced it.
+                                Some(Loc::Remote(_)) => false,
                             };
                         if !kept {
+                            self.free_copy(
+                                page,
+                                was.filter(|l| matches!(l, Loc::Remote(_))),
+                                None,
+                            )?;
                             let loc = (touched || was == Some(Loc::Spill)).then_some(Loc::Spill);
                             self.set_loc(st, page, loc);
                             self.poison_page(page);
@@ -1051,7 +1238,7 @@ impl SwapExport {
                 // The engine failed otherwise (e.g. the pool is gone): a pool copy cannot
                 // be trusted any more; a spill copy is untouched.
                 if matches!(was, Some(Loc::Pool(_))) || was_poisoned {
-                    let loc = (was == Some(Loc::Spill)).then_some(Loc::Spill);
+                    let loc = was.filter(|l| !matches!(l, Loc::Pool(_)));
                     self.set_loc(st, page, loc);
                     self.poison_page(page);
                 }
@@ -1093,7 +1280,7 @@ impl SwapExport {
                     // Spill copy first, then the pool copy goes: never zero copies.
                     self.record(page, entry);
                     let _ = self.engine.flush_page(self.cfg.client, self.key(page));
-                    self.set_loc(&mut st, page, Some(Loc::Spill));
+                    self.set_loc(&mut st, page, Some(Loc::of_spill(entry)));
                     self.c.written_back.fetch_add(1, Relaxed);
                     moved += 1;
                 }
@@ -1143,8 +1330,9 @@ impl SwapExport {
     fn read_page(&self, page: u32, out: &mut [u8]) -> Result<bool, ExportError> {
         let mut st = self.lock(page);
         let data = self.load(&mut st, page, out)?;
+        let was = st.loc.get(&page).copied();
         if data
-            && st.loc.get(&page) == Some(&Loc::Spill)
+            && matches!(was, Some(Loc::Spill | Loc::Remote(_)))
             && self.pullback_allowed()
             && self
                 .engine
@@ -1155,7 +1343,7 @@ impl SwapExport {
             self.set_loc(&mut st, page, Some(Loc::Pool(seq)));
             self.record(page, Entry::Mem);
             self.c.pulled_back.fetch_add(1, Relaxed);
-            self.free_spill(page)?;
+            self.free_copy(page, was, Some(Loc::Pool(seq)))?;
         }
         Ok(data)
     }
@@ -1294,7 +1482,7 @@ impl SwapExport {
                 match st.loc.get(&page) {
                     // A poisoned page is not a hole: clients must read it (and fail).
                     _ if self.poison.contains(p) => true,
-                    Some(Loc::Spill) => true,
+                    Some(Loc::Spill | Loc::Remote(_)) => true,
                     _ => matches!(
                         self.engine.probe(self.cfg.client, self.key(page)),
                         Ok(Some(PageState::Data))

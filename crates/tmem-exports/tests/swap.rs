@@ -568,3 +568,119 @@ fn creation_needs_room_for_the_worst_case() {
     };
     SwapExport::create(e, cfg).unwrap().destroy().unwrap();
 }
+
+fn with_tier(s: &SwapExport, t: &Arc<MemTier>) {
+    s.set_remote(Some(t.clone() as Arc<dyn tmem_exports::RemoteTier>));
+}
+
+/// With a remote tier, pages the pool refuses go there instead of the spill file; random
+/// I/O still matches the model; with the tier down, spills fall back to the file.
+#[test]
+fn remote_tier_takes_spills_and_falls_back_to_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = engine(1 << 20, &[1]);
+    let size = 32u64 << 20;
+    let s = swap(&e, dir.path(), "r", size);
+    let tier = Arc::new(MemTier::default());
+    with_tier(&s, &tier);
+    let mut model = vec![0u8; size as usize];
+    random_ops(&*s, &mut model, 21, 3000, 256 << 10);
+    assert_eq!(check_all(&*s, &model), 0);
+    s.check_invariants().unwrap();
+    let st = s.stats();
+    eprintln!("{st:?}");
+    assert!(st.pages_remote > 100 && st.remote_writes > 0, "{st:?}");
+    assert_eq!(st.pages_spilled, 0, "{st:?}");
+    assert_eq!(st.spill_file_bytes, 0, "{st:?}");
+    assert_eq!(
+        tier.durable_pages() as u64,
+        st.pages_remote,
+        "remote copies leaked"
+    );
+    // Tier down: new spills go to the file; pages already remote cannot be read (EIO, not
+    // poisoned) until it is back.
+    tier.down.store(true, Ordering::Relaxed);
+    let mut r = rng(22);
+    for _ in 0..2000 {
+        let p = r.gen_range(0..size / PAGE);
+        let mut data = vec![0u8; PAGE as usize];
+        r.fill(&mut data[..]);
+        s.write(p * PAGE, &data, false).unwrap();
+        model[(p * PAGE) as usize..][..PAGE as usize].copy_from_slice(&data);
+    }
+    let st2 = s.stats();
+    assert!(st2.pages_spilled > 0, "{st2:?}");
+    tier.down.store(false, Ordering::Relaxed);
+    assert_eq!(check_all(&*s, &model), 0);
+    s.check_invariants().unwrap();
+    let st3 = s.stats();
+    assert_eq!(st3.poisoned_pages, 0, "{st3:?}");
+    s.destroy().unwrap();
+    assert_eq!(tier.durable_pages(), 0, "destroy left remote copies");
+}
+
+/// A tier that returns other content than was stored: the page is poisoned (EIO), never
+/// served wrong.
+#[test]
+fn garbled_remote_copies_are_poisoned_not_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = engine(256 << 10, &[1]);
+    let s = swap(&e, dir.path(), "g", 8 << 20);
+    let tier = Arc::new(MemTier::default());
+    with_tier(&s, &tier);
+    let model = fill_random(&s, 1024, 5);
+    let st = s.stats();
+    assert!(st.pages_remote > 0, "{st:?}");
+    tier.garble_durable();
+    let (mut good, mut bad) = (0, 0);
+    for p in 0..1024 {
+        match read_page(&s, p) {
+            Ok(d) => {
+                assert_eq!(&d[..], &model[(p * PAGE) as usize..][..4096], "page {p}");
+                good += 1;
+            }
+            Err(e) => {
+                assert_eq!(e.nbd_errno(), tmem_nbd::proto::EIO, "{e}");
+                bad += 1;
+            }
+        }
+    }
+    assert_eq!(bad, st.pages_remote, "good {good}");
+    assert_eq!(s.stats().poisoned_pages, st.pages_remote);
+    s.check_invariants().unwrap();
+}
+
+/// After an unclean stop the page map finds the remote pages again; a restarted export
+/// with the tier serves them, checked against the map.
+#[test]
+fn unclean_stop_keeps_remote_pages() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = SwapConfig {
+        codec: tmem_core::Codec::None,
+        ..swap_cfg(dir.path(), "ur", 8 << 20, 1)
+    };
+    let tier = Arc::new(MemTier::default());
+    let e1 = engine(1 << 20, &[1]);
+    let s = SwapExport::create(e1.clone(), cfg.clone()).unwrap();
+    with_tier(&s, &tier);
+    let pages = 1024;
+    let model = fill_random(&s, pages, 78);
+    let st = s.stats();
+    assert!(st.pages_remote > 0 && st.pages_in_pool > 0, "{st:?}");
+    drop(s);
+    drop(e1);
+    let e2 = engine(1 << 20, &[1]);
+    let (s2, rep) = SwapExport::recover(e2.clone(), cfg.clone()).unwrap();
+    assert_eq!(rep.remote, st.pages_remote, "{rep:?}");
+    assert_eq!(rep.poisoned, st.pages_in_pool, "{rep:?}");
+    with_tier(&s2, &tier);
+    let mut good = 0;
+    for p in 0..pages {
+        if let Ok(d) = read_page(&s2, p) {
+            assert_eq!(&d[..], &model[(p * PAGE) as usize..][..4096], "page {p}");
+            good += 1;
+        }
+    }
+    assert_eq!(good, st.pages_remote);
+    s2.check_invariants().unwrap();
+}
