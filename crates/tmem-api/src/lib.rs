@@ -522,6 +522,95 @@ pub struct BackendCounters {
     /// Swap: spill-file or page-map writes that failed or were refused for lack of space.
     #[serde(default)]
     pub spill_errors: u64,
+    /// Swap: pages that live in the remote tier now.
+    #[serde(default)]
+    pub remote_pages: u64,
+    /// Pages served by the remote tier (swap: reads of remote pages; cached: missed pages
+    /// found there).
+    #[serde(default)]
+    pub remote_hits: u64,
+    /// Cached: missed pages the remote tier did not have, or had only in an older version.
+    #[serde(default)]
+    pub remote_misses: u64,
+    /// Swap: pages that went to the spill file because the remote tier failed or did not
+    /// replicate them in time.
+    #[serde(default)]
+    pub remote_fallbacks: u64,
+    /// Swap: reads of remote pages that failed (EIO) or found a copy not matching the page
+    /// map (poisoned).
+    #[serde(default)]
+    pub remote_errors: u64,
+    /// Cached: evicted pages of the image handed to the remote tier.
+    #[serde(default)]
+    pub demoted_pages: u64,
+}
+
+/// The remote tier (other hosts' memory, on Redis): its state and counters since the daemon
+/// started. Absent when none is configured.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RemoteInfo {
+    /// `cluster` or `single`.
+    pub mode: String,
+    /// The seed nodes (`host:port`).
+    pub nodes: Vec<String>,
+    /// Whether the tier takes requests now (reachable and not backing off).
+    pub reachable: bool,
+    /// Times it went from reachable to down.
+    pub down_transitions: u64,
+    /// Evicted ephemeral pages written to the tier.
+    pub demoted_pages: u64,
+    /// Evicted ephemeral pages dropped (queue full, tier down, write failed).
+    pub demote_dropped: u64,
+    /// Pages asked for on local misses.
+    pub fetch_pages: u64,
+    /// Of those, pages returned intact.
+    pub fetch_hits: u64,
+    /// Persistent pages stored and acknowledged by the required replicas.
+    pub durable_puts: u64,
+    /// Persistent page reads.
+    pub durable_gets: u64,
+    /// Persistent writes fewer replicas acknowledged than required (sent to the spill file).
+    pub not_replicated: u64,
+    /// Failed operations (connection errors, error replies, timeouts).
+    pub errors: u64,
+    /// Of the errors, timeouts.
+    pub timeouts: u64,
+    /// Values that failed their checks (garbage, checksum, another key's value).
+    pub corrupt: u64,
+    /// Value bytes sent.
+    pub bytes_sent: u64,
+    /// Value bytes received.
+    pub bytes_received: u64,
+    /// Bytes this daemon stored in the tier minus those it deleted (approximate).
+    pub stored_bytes: u64,
+    /// Median latency of a fetch of missed pages (µs, recent window).
+    pub fetch_p50_us: u64,
+    /// 99th percentile latency of a fetch (µs, recent window).
+    pub fetch_p99_us: u64,
+    /// Median latency of a persistent page read (µs, recent window).
+    pub get_p50_us: u64,
+    /// 99th percentile latency of a persistent page read (µs, recent window).
+    pub get_p99_us: u64,
+    /// What this host lends to others, when tmemd manages its Redis node's `maxmemory`.
+    pub lend: Option<LendInfo>,
+}
+
+/// The memory this host lends to the remote tier: its Redis node's `maxmemory`, moved by
+/// tmemd as the host's own guests need memory.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LendInfo {
+    /// The local Redis node (`host:port`).
+    pub node: String,
+    /// `maxmemory` as last set (bytes; 0 before the first).
+    pub bytes: u64,
+    /// What the last computation asked for (bytes).
+    pub target: u64,
+    /// Times `maxmemory` was changed.
+    pub changes: u64,
+    /// Failed attempts to set it.
+    pub errors: u64,
 }
 
 /// One export.
@@ -644,6 +733,9 @@ pub struct Stats {
     pub exports: Vec<ExportInfo>,
     /// Guests.
     pub guests: Vec<GuestInfo>,
+    /// The remote tier, if configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote: Option<RemoteInfo>,
 }
 
 // ------------------------------------------------------------------------------- requests

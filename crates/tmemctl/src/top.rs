@@ -106,6 +106,9 @@ impl Frame {
                 p.compaction.moved,
             ),
         ];
+        if let Some(r) = &cur.remote {
+            header.push(remote_line(r));
+        }
         let prev_client = |id: u32| prev.and_then(|(s, _)| s.clients.iter().find(|c| c.id == id));
         let damaged: Vec<String> = cur
             .exports
@@ -164,6 +167,7 @@ impl Frame {
                 "CLIENT",
                 "POOL PAGES",
                 "SPILLED",
+                "REMOTE",
                 "SECT RD",
                 "SECT WR",
                 "NBD OPS/s",
@@ -182,6 +186,7 @@ impl Frame {
                         e.client.to_string(),
                         e.backend.pool_pages.to_string(),
                         applies(e.kind == ExportKind::Swap, e.backend.spilled_pages),
+                        remote_cell(e.kind, &e.backend),
                         applies(e.kind == ExportKind::Cached, e.backend.sectors_read),
                         applies(e.kind == ExportKind::Cached, e.backend.sectors_written),
                         rate(e.nbd.ops(), pe.map(|x| x.nbd.ops()), dt),
@@ -268,6 +273,43 @@ impl Frame {
             }
         }
         out
+    }
+}
+
+/// The remote tier's header line.
+fn remote_line(r: &tmem_api::RemoteInfo) -> String {
+    let mut s = format!(
+        "remote  {} {}  demoted {} (dropped {})  fetched {} hit {}  persistent put {} get {} (not replicated {})  errors {} (timeouts {}, corrupt {})  stored {}  fetch p50/p99 {}/{} µs  get p50/p99 {}/{} µs",
+        r.mode,
+        if r.reachable { "up" } else { "DOWN" },
+        r.demoted_pages,
+        r.demote_dropped,
+        r.fetch_pages,
+        r.fetch_hits,
+        r.durable_puts,
+        r.durable_gets,
+        r.not_replicated,
+        r.errors,
+        r.timeouts,
+        r.corrupt,
+        format_size(r.stored_bytes),
+        r.fetch_p50_us,
+        r.fetch_p99_us,
+        r.get_p50_us,
+        r.get_p99_us,
+    );
+    if let Some(l) = &r.lend {
+        s.push_str(&format!("  lends {} ({})", format_size(l.bytes), l.node));
+    }
+    s
+}
+
+/// The REMOTE column: a swap export's pages in the remote tier, a cached export's misses
+/// the tier served ("N hit").
+fn remote_cell(kind: ExportKind, b: &tmem_api::BackendCounters) -> String {
+    match kind {
+        ExportKind::Swap => b.remote_pages.to_string(),
+        ExportKind::Cached => format!("{} hit", b.remote_hits),
     }
 }
 
@@ -431,6 +473,19 @@ mod tests {
         let row = t.lines().find(|l| l.starts_with("swap0")).unwrap();
         assert_eq!(row.matches("n/a").count(), 2, "{row}");
         assert!(row.contains("open"), "{row}");
+        assert!(!t.contains("remote "), "no tier, no line: {t}");
+        later.remote = Some(tmem_api::RemoteInfo {
+            mode: "cluster".into(),
+            reachable: false,
+            durable_puts: 12,
+            ..Default::default()
+        });
+        later.exports[0].backend.remote_pages = 12;
+        let t = Frame::build(&later, None).to_text();
+        assert!(t.contains("remote  cluster DOWN"), "{t}");
+        assert!(t.contains("persistent put 12"), "{t}");
+        let row = t.lines().find(|l| l.starts_with("swap0")).unwrap();
+        assert!(row.contains(" 12 "), "{row}");
     }
 
     #[test]

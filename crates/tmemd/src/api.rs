@@ -96,6 +96,7 @@ fn export_status(e: &tmem_exports::ExportError) -> u16 {
         X::SpillIo(_) | X::ImageIo(_) | X::SpillRemove { .. } | X::PageMap { .. } => 500,
         X::SpillSpace { .. } => 507,
         X::Poisoned { .. } => 500,
+        X::Remote(_) => 503,
         X::Closed | X::ReadOnly => 409,
     }
 }

@@ -624,7 +624,13 @@ impl Daemon {
             pools,
             exports: self.exports(),
             guests: self.guests(),
+            remote: self.remote_info(),
         }
+    }
+
+    /// The remote tier's state, if one is configured.
+    fn remote_info(&self) -> Option<tmem_api::RemoteInfo> {
+        None
     }
 
     // ------------------------------------------------------------------ mutations

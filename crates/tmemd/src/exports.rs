@@ -50,6 +50,12 @@ impl Backend {
                     misses: 0,
                     poisoned_pages: st.poisoned_pages,
                     spill_errors: st.spill_errors,
+                    remote_pages: st.pages_remote,
+                    remote_hits: st.remote_reads,
+                    remote_misses: 0,
+                    remote_fallbacks: st.remote_fallbacks,
+                    remote_errors: st.remote_read_errors,
+                    demoted_pages: 0,
                 }
             }
             Backend::Cached(c) => {
@@ -65,6 +71,12 @@ impl Backend {
                     misses: st.cache_misses,
                     poisoned_pages: 0,
                     spill_errors: 0,
+                    remote_pages: 0,
+                    remote_hits: st.remote_hits,
+                    remote_misses: st.remote_misses + st.remote_stale,
+                    remote_fallbacks: 0,
+                    remote_errors: 0,
+                    demoted_pages: st.demoted,
                 }
             }
         }
@@ -73,6 +85,20 @@ impl Backend {
     /// Makes completed writes durable (spill file or image).
     pub fn flush(&self) -> Result<(), tmem_nbd::BackendError> {
         self.block().flush()
+    }
+
+    /// Puts the remote tier behind the export (or takes it away with `None`).
+    pub fn set_remote(
+        &self,
+        tier: Option<Arc<dyn tmem_exports::RemoteTier>>,
+    ) -> Result<(), ExportError> {
+        match self {
+            Backend::Swap(s) => {
+                s.set_remote(tier);
+                Ok(())
+            }
+            Backend::Cached(c) => c.set_remote(tier),
+        }
     }
 
     /// Destroys a swap export (pool and spill file) or closes a cached one.

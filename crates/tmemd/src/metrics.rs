@@ -451,6 +451,48 @@ pub fn render(st: &Stats) -> String {
             e.backend.misses as f64,
         );
     }
+    o.family(
+        "tmem_export_remote_pages_total",
+        "counter",
+        "Per export: pages served by the remote tier (hit), missed there (miss), \
+         demoted to it (demoted), sent to the spill file because it failed (fallback), \
+         and reads of remote pages that failed (error).",
+    );
+    for e in &st.exports {
+        let b = &e.backend;
+        for (what, v) in [
+            ("hit", b.remote_hits),
+            ("miss", b.remote_misses),
+            ("demoted", b.demoted_pages),
+            ("fallback", b.remote_fallbacks),
+            ("error", b.remote_errors),
+        ] {
+            o.sample(
+                "tmem_export_remote_pages_total",
+                &[("export", &e.name), ("result", what)],
+                v as f64,
+            );
+        }
+    }
+    o.family(
+        "tmem_swap_remote_pages",
+        "gauge",
+        "Swap pages that live in the remote tier now.",
+    );
+    for e in st
+        .exports
+        .iter()
+        .filter(|e| e.kind == tmem_api::ExportKind::Swap)
+    {
+        o.sample(
+            "tmem_swap_remote_pages",
+            &[("export", &e.name)],
+            e.backend.remote_pages as f64,
+        );
+    }
+    if let Some(r) = &st.remote {
+        remote(&mut o, r);
+    }
 
     o.family(
         "tmem_guest_balloon_actual_bytes",
@@ -499,6 +541,87 @@ pub fn render(st: &Stats) -> String {
     o.s
 }
 
+/// The remote tier's families (present only when one is configured).
+fn remote(o: &mut Out, r: &tmem_api::RemoteInfo) {
+    o.gauge(
+        "tmem_remote_up",
+        "1 if the remote tier takes requests (reachable, not backing off).",
+        f64::from(u8::from(r.reachable)),
+    );
+    o.family(
+        "tmem_remote_pages_total",
+        "counter",
+        "Remote tier page operations by kind.",
+    );
+    for (op, v) in [
+        ("demoted", r.demoted_pages),
+        ("demote_dropped", r.demote_dropped),
+        ("fetched", r.fetch_pages),
+        ("fetch_hit", r.fetch_hits),
+        ("durable_put", r.durable_puts),
+        ("durable_get", r.durable_gets),
+        ("not_replicated", r.not_replicated),
+    ] {
+        o.sample("tmem_remote_pages_total", &[("op", op)], v as f64);
+    }
+    o.family(
+        "tmem_remote_errors_total",
+        "counter",
+        "Remote tier failures: all errors, timeouts (among them) and corrupt values.",
+    );
+    for (kind, v) in [
+        ("error", r.errors),
+        ("timeout", r.timeouts),
+        ("corrupt", r.corrupt),
+    ] {
+        o.sample("tmem_remote_errors_total", &[("kind", kind)], v as f64);
+    }
+    o.family(
+        "tmem_remote_bytes_total",
+        "counter",
+        "Value bytes sent to and received from the remote tier.",
+    );
+    o.sample(
+        "tmem_remote_bytes_total",
+        &[("dir", "sent")],
+        r.bytes_sent as f64,
+    );
+    o.sample(
+        "tmem_remote_bytes_total",
+        &[("dir", "received")],
+        r.bytes_received as f64,
+    );
+    o.gauge(
+        "tmem_remote_stored_bytes",
+        "Bytes this daemon stored in the remote tier minus those it deleted (approximate).",
+        r.stored_bytes as f64,
+    );
+    o.family(
+        "tmem_remote_latency_seconds",
+        "gauge",
+        "Remote tier latency over a recent window, by operation and quantile.",
+    );
+    for (op, q, v) in [
+        ("fetch", "0.5", r.fetch_p50_us),
+        ("fetch", "0.99", r.fetch_p99_us),
+        ("get", "0.5", r.get_p50_us),
+        ("get", "0.99", r.get_p99_us),
+    ] {
+        o.sample(
+            "tmem_remote_latency_seconds",
+            &[("op", op), ("quantile", q)],
+            v as f64 / 1e6,
+        );
+    }
+    if let Some(l) = &r.lend {
+        o.gauge(
+            "tmem_remote_lend_bytes",
+            "What this host lends to the remote tier: its Redis node's maxmemory.",
+            l.bytes as f64,
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -539,6 +662,22 @@ mod tests {
         assert!(t.contains("tmem_resident_bytes 7340032\n"));
         assert!(t.contains("tmem_compaction_freed_bytes_total 8192\n"));
         assert!(t.contains("# TYPE tmem_compaction_runs_total counter\n"));
+        assert!(!t.contains("tmem_remote_up"), "no tier configured");
+        st.remote = Some(tmem_api::RemoteInfo {
+            reachable: true,
+            fetch_p99_us: 1500,
+            lend: Some(tmem_api::LendInfo {
+                bytes: 64 << 20,
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        st.exports[0].backend.remote_pages = 3;
+        let t = render(&st);
+        assert!(t.contains("tmem_remote_up 1\n"));
+        assert!(t.contains("tmem_remote_latency_seconds{op=\"fetch\",quantile=\"0.99\"} 0.0015\n"));
+        assert!(t.contains("tmem_remote_lend_bytes 67108864\n"));
+        assert!(t.contains("tmem_swap_remote_pages{export=\"a\\\"b\"} 3\n"));
         for l in t.lines().filter(|l| !l.starts_with('#')) {
             let (_, v) = l.rsplit_once(' ').unwrap();
             v.parse::<f64>().unwrap();
