@@ -64,6 +64,13 @@ impl RedisServer {
         Self::start_at(binary, port, tmp, dir, extra)
     }
 
+    /// [`Self::start`] on a given `port`.
+    pub fn start_on(binary: &Path, port: u16, extra: &[&str]) -> Result<Self, Error> {
+        let tmp = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let dir = tmp.path().to_path_buf();
+        Self::start_at(binary, port, tmp, dir, extra)
+    }
+
     fn start_at(
         binary: &Path,
         port: u16,
