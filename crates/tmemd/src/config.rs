@@ -33,6 +33,59 @@ pub enum ConfigError {
     /// An NBD limit is out of range.
     #[error("Invalid {0}: {1} (must be at least {2})")]
     NbdLimit(&'static str, u64, u64),
+    /// The `[remote]` table is unusable.
+    #[error("Invalid [remote] settings")]
+    Remote(#[source] tmem_exports::RemoteError),
+    /// The `[lend]` table is unusable.
+    #[error("Invalid [lend] settings: {0}")]
+    Lend(String),
+}
+
+/// `[lend]`: this host lends memory to the remote tier through its own Redis node, whose
+/// `maxmemory` tmemd moves as the host's own guests need memory.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LendConfig {
+    /// The local Redis node (`host:port`). Not set: no lending.
+    pub node: String,
+    /// Least memory lent (bytes or `"64M"`). Default 64 MiB.
+    pub min: Size,
+    /// Most memory lent. Default 1 GiB.
+    pub max: Size,
+    /// Host memory (MemAvailable) kept free for the host's own guests and the pool: the
+    /// lent amount grows while more is available and shrinks while less is. Default 2 GiB.
+    pub keep_free: Size,
+    /// How often the lent amount is reconsidered, in milliseconds. Default 2000.
+    pub interval_ms: u64,
+}
+
+impl Default for LendConfig {
+    fn default() -> Self {
+        LendConfig {
+            node: String::new(),
+            min: Size(64 << 20),
+            max: Size(1 << 30),
+            keep_free: Size(2 << 30),
+            interval_ms: 2000,
+        }
+    }
+}
+
+impl LendConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Lend(m));
+        match self.node.rsplit_once(':') {
+            Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok() => {}
+            _ => return bad(format!("node {:?} is not host:port", self.node)),
+        }
+        if self.min.0 > self.max.0 {
+            return bad(format!("min {} is above max {}", self.min.0, self.max.0));
+        }
+        if self.interval_ms < 100 {
+            return bad(format!("interval_ms {} is below 100", self.interval_ms));
+        }
+        Ok(())
+    }
 }
 
 /// Who may connect to a socket: its group and mode.
@@ -87,6 +140,11 @@ pub struct FileConfig {
     pub dedup: Option<String>,
     /// Balloon manager settings (`interval_ms`, `host_reserve`, `host_total`).
     pub balloon: Option<ManagerConfig>,
+    /// The remote tier (other hosts' memory, on Redis): see docs/remote-tier.md. Off
+    /// while `nodes` is empty.
+    pub remote: Option<tmem_remote::RemoteConfig>,
+    /// Lending this host's memory to the remote tier (its Redis node's `maxmemory`).
+    pub lend: Option<LendConfig>,
     /// While the pool holds less than this fraction of its budget, pages are stored raw and
     /// compressed by a background thread (puts cost a copy, not a compression). 0 turns it
     /// off (the default: on 2 cores the compressor competes with the I/O path; with a spare
@@ -214,6 +272,10 @@ pub struct Config {
     pub nbd_tcp_allow_plain: bool,
     /// NBD connection caps and request buffer budget.
     pub nbd_limits: NbdLimits,
+    /// The remote tier, if configured.
+    pub remote: Option<tmem_remote::RemoteConfig>,
+    /// Lending to the remote tier, if configured.
+    pub lend: Option<LendConfig>,
 }
 
 /// NBD limits against hostile or broken clients (see [`FileConfig`] for the keys).
@@ -335,6 +397,15 @@ impl Config {
         mem_total: Option<u64>,
     ) -> Result<Config, ConfigError> {
         let nbd_limits = nbd_limits(&file)?;
+        // A table without its servers is off (so each key can be set on its own).
+        let remote = file.remote.clone().filter(|r| !r.nodes.is_empty());
+        if let Some(r) = &remote {
+            r.validate().map_err(ConfigError::Remote)?;
+        }
+        let lend = file.lend.clone().filter(|l| !l.node.is_empty());
+        if let Some(l) = &lend {
+            l.validate()?;
+        }
         let fraction = file.budget_fraction.unwrap_or(DEFAULT_BUDGET_FRACTION);
         if !(fraction > 0.0 && fraction <= 1.0) {
             return Err(ConfigError::Fraction(fraction));
@@ -407,6 +478,8 @@ impl Config {
             nbd_psk_file,
             nbd_tcp_allow_plain: file.nbd_tcp_allow_plain.unwrap_or(false),
             nbd_limits,
+            remote,
+            lend,
         })
     }
 }

@@ -174,6 +174,8 @@ pub struct Daemon {
     exe: Option<PathBuf>,
     /// The binary an upgrade requested (`POST /upgrade`) hands over to.
     upgrade_to: Mutex<Option<PathBuf>>,
+    /// The remote tier behind the exports, and lending to it.
+    pub(crate) remote: crate::remote::Remote,
     _lock: DirLock,
     _state_lock: Option<DirLock>,
 }
@@ -345,6 +347,7 @@ impl Daemon {
             stopped_guests: Mutex::new(Vec::new()),
             exe: std::env::current_exe().ok(),
             upgrade_to: Mutex::new(None),
+            remote: crate::remote::Remote::start(cfg.remote.as_ref(), cfg.lend.as_ref()),
             _lock: dir_lock,
             _state_lock: state_lock,
         });
@@ -630,7 +633,19 @@ impl Daemon {
 
     /// The remote tier's state, if one is configured.
     fn remote_info(&self) -> Option<tmem_api::RemoteInfo> {
-        None
+        self.remote.info()
+    }
+
+    /// Puts the remote tier (if any) behind a new or restored export's backend.
+    pub(crate) fn attach_remote(&self, name: &str, backend: &Backend) {
+        if let Some(t) = self.remote.for_exports() {
+            if let Err(e) = backend.set_remote(Some(t)) {
+                self.warn(format!(
+                    "Export {name}: remote tier not attached: {}",
+                    chain(&e)
+                ));
+            }
+        }
     }
 
     // ------------------------------------------------------------------ mutations
@@ -843,6 +858,7 @@ impl Daemon {
             writable: !backend.block().caps().read_only,
             backend,
         });
+        self.attach_remote(&export.name, &export.backend);
         self.exports.insert(export.clone());
         self.manifest_changed();
         tracing::info!(name = %export.name, kind = %export.kind, size = export.size, client = client.0, writable = export.writable, "export added");
@@ -1041,6 +1057,7 @@ impl Running {
                 tracing::error!(export = %e.name, error = %chain(&err), "flush failed");
             }
         }
+        d.remote.shutdown();
         d
     }
 

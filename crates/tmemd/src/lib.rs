@@ -198,6 +198,7 @@ pub mod metrics;
 pub mod notify;
 pub mod persist;
 pub mod ratelimit;
+pub mod remote;
 pub mod secure;
 pub mod state;
 pub mod tenants;

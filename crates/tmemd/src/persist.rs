@@ -410,6 +410,7 @@ impl Daemon {
     ) {
         let size = backend.block().size();
         let writable = !backend.block().caps().read_only;
+        self.attach_remote(&e.name, &backend);
         self.exports.insert(Arc::new(Export {
             name: e.name.clone(),
             kind: e.kind,
