@@ -101,6 +101,8 @@ pub struct Tmemd {
     bins: DaemonBins,
     state_dir: PathBuf,
     log: PathBuf,
+    /// Network namespace the daemon runs in (`ip netns exec`, which execs it: same PID).
+    netns: Option<String>,
 }
 
 impl Tmemd {
@@ -108,6 +110,18 @@ impl Tmemd {
     /// written next to the state dir) and waits until the control socket
     /// answers. The log goes to `DIR.log`.
     pub fn start(bins: &DaemonBins, state_dir: &Path, config_toml: &str) -> Result<Self> {
+        Self::start_in(bins, state_dir, config_toml, None)
+    }
+
+    /// [`Tmemd::start`] inside the network namespace `netns` (made by the test, e.g. a
+    /// [`crate::fleet::Fleet`] host): the daemon reaches only that namespace's network, its
+    /// Unix sockets are reachable from everywhere as usual.
+    pub fn start_in(
+        bins: &DaemonBins,
+        state_dir: &Path,
+        config_toml: &str,
+        netns: Option<&str>,
+    ) -> Result<Self> {
         std::fs::create_dir_all(state_dir)
             .map_err(io_err(format!("creating {}", state_dir.display())))?;
         let cfg = state_dir.with_extension("toml");
@@ -117,6 +131,7 @@ impl Tmemd {
             bins: bins.clone(),
             state_dir: state_dir.to_path_buf(),
             log: state_dir.with_extension("log"),
+            netns: netns.map(str::to_owned),
         };
         d.spawn(false)?;
         Ok(d)
@@ -156,7 +171,15 @@ impl Tmemd {
             .truncate(!append)
             .open(&self.log)
             .map_err(io_err(format!("opening {}", self.log.display())))?;
-        let child = Command::new(&self.bins.tmemd)
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&self.bins.tmemd);
+                c
+            }
+            None => Command::new(&self.bins.tmemd),
+        };
+        let child = cmd
             .arg("--state-dir")
             .arg(&self.state_dir)
             .arg("--config")
