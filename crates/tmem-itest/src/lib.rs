@@ -20,6 +20,11 @@
 //!   a memory spike swaps through the export and gets memory back without an
 //!   OOM kill, and `virsh destroy` (also right before `virsh start`) leaves
 //!   tmemd without a stale guest.
+//! * `tests/fleet.rs` — the multi-host fixture on its own: three hosts in
+//!   network namespaces forming one Redis Cluster (replicas on other hosts
+//!   than their primaries), keys written and read across hosts, a primary
+//!   SIGKILLed after `WAIT 1` acknowledged a key, failover, the key read back;
+//!   nothing (namespace, redis-server) left after drop.
 //!
 //! The helpers:
 //!
@@ -40,12 +45,17 @@
 //! * [`libvirt`] — a private, test-only `libvirtd` (its own mount namespace and
 //!   sockets) and libvirt domains (direct kernel boot, TCG, NBD disks) that are
 //!   destroyed and undefined on drop.
+//! * [`fleet`] — a multi-host fixture: hosts in network namespaces the test
+//!   creates (veths on a bridge in a "switch" namespace), each with two Redis
+//!   nodes, forming one Redis Cluster with one replica per primary on another
+//!   host; SIGKILL a primary and wait for the failover. Removed on drop.
 //!
 //! Nothing here kills a process it did not start: every child is killed by
 //! its own PID from a `Drop` guard.
 
 pub mod daemon;
 pub mod figures;
+pub mod fleet;
 pub mod libvirt;
 pub mod observe;
 pub mod vm;

@@ -39,6 +39,11 @@ impl TempDir {
         &self.path
     }
 
+    /// Keeps the directory on drop (printing its path), e.g. for logs after a failure.
+    pub(crate) fn keep(&mut self) {
+        self.keep = true;
+    }
+
     /// A path inside the directory.
     pub fn join(&self, rel: &str) -> PathBuf {
         self.path.join(rel)
