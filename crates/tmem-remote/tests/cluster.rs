@@ -6,7 +6,7 @@ use common::{config, page, wait_until};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use tmem_remote::keys::{slot_of, Kind, SpaceKeys};
-use tmem_remote::testing::Cluster;
+use tmem_remote::testing::{query, Cluster};
 use tmem_remote::{Mode, RedisTier, RemoteError, RemoteTier, REMOTE_PAGE};
 
 /// Clusters are CPU-hungry on a small machine: one at a time, so that no failover is
@@ -47,6 +47,33 @@ fn slots_and_ephemeral_round_trip() {
         assert_eq!(g.data, page(11, p as u64, p % 3 == 0));
     }
     assert_eq!(t.stats().demoted_pages, 640);
+    // A run of 64 pages is one MGET on one node; ten runs are ten MGETs.
+    let mget_calls = || -> u64 {
+        c.addrs()
+            .iter()
+            .map(|a| {
+                let info: String = query(a, redis::cmd("INFO").arg("commandstats")).unwrap();
+                info.lines()
+                    .find_map(|l| l.strip_prefix("cmdstat_mget:calls="))
+                    .and_then(|v| v.split(',').next())
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0)
+            })
+            .sum()
+    };
+    for a in c.addrs() {
+        let _: () = query(&a, redis::cmd("CONFIG").arg("RESETSTAT")).unwrap();
+    }
+    assert!(t
+        .fetch("c/u/1", &(128..192).collect::<Vec<_>>())
+        .iter()
+        .all(Option::is_some));
+    assert_eq!(mget_calls(), 1);
+    assert!(t
+        .fetch("c/u/1", &(0..640).collect::<Vec<_>>())
+        .iter()
+        .all(Option::is_some));
+    assert_eq!(mget_calls(), 11);
     t.forget("c/u/1", &(0..320).collect::<Vec<_>>());
     assert!(t.flush(Duration::from_secs(30)));
     let got = t.fetch("c/u/1", &(0..640).collect::<Vec<_>>());

@@ -22,6 +22,8 @@ enum Behaviour {
     Slow,
     /// (d) Valid RESP, garbage values: GET/MGET bulk garbage, SET +OK, WAIT :0.
     LyingValues,
+    /// Announces absurd lengths (arrays and bulk strings of ~2^62 elements / bytes).
+    HugeLengths,
 }
 
 struct Fake {
@@ -115,7 +117,7 @@ fn serve(s: TcpStream, b: Behaviour, n: u64, stop: &AtomicBool) {
                 std::thread::sleep(Duration::from_millis(5));
             }
         }
-        Behaviour::Slow | Behaviour::LyingValues => {
+        Behaviour::Slow | Behaviour::LyingValues | Behaviour::HugeLengths => {
             let mut r = BufReader::new(s);
             while !stop.load(Ordering::SeqCst) {
                 let Some(args) = read_command(&mut r) else {
@@ -137,6 +139,12 @@ fn serve(s: TcpStream, b: Behaviour, n: u64, stop: &AtomicBool) {
                         }
                         out
                     }
+                    (Behaviour::HugeLengths, "GET") => b"$4611686018427387903\r\nabc".to_vec(),
+                    (Behaviour::HugeLengths, "MGET" | "CLUSTER") => {
+                        b"*4611686018427387903\r\n$3\r\nabc\r\n".to_vec()
+                    }
+                    (Behaviour::HugeLengths, "SET") => b"*-5\r\n".to_vec(),
+                    (Behaviour::HugeLengths, "WAIT") => b":99999999999999999999999\r\n".to_vec(),
                     (Behaviour::Slow, "GET") => b"$-1\r\n".to_vec(),
                     (Behaviour::Slow, "MGET") => {
                         let mut out = format!("*{}\r\n", args.len() - 1).into_bytes();
@@ -260,4 +268,12 @@ fn server_with_garbage_values() {
     drop(f);
     // Cluster mode: the fake's answer to CLUSTER SLOTS is unusable, so the tier stays down.
     drop(run(Behaviour::LyingValues, Mode::Cluster));
+}
+
+#[test]
+fn server_announcing_huge_lengths() {
+    for mode in [Mode::Single, Mode::Cluster] {
+        let t = run(Behaviour::HugeLengths, mode);
+        assert_eq!(t.stats().fetch_hits, 0);
+    }
 }
