@@ -65,8 +65,16 @@ fn redis_url(addr: &str) -> Option<String> {
 
 /// A fresh connection to `addr`, set up within `timeout`.
 pub(crate) fn open(addr: &str, timeout: Duration) -> Result<Connection, Fail> {
+    use redis::IntoConnectionInfo;
     let url = redis_url(addr).ok_or_else(|| Fail::Conn(format!("bad address {addr:?}")))?;
-    let client = redis::Client::open(url).map_err(|e| Fail::Conn(e.to_string()))?;
+    let info = url
+        .into_connection_info()
+        .map_err(|e| Fail::Conn(e.to_string()))?;
+    // No `CLIENT SETINFO` handshake: with RESP2, no password and db 0, connecting is just
+    // the TCP connect, so `timeout` bounds it exactly.
+    let redis_info = info.redis_settings().clone().set_skip_set_lib_name();
+    let info = info.set_redis_settings(redis_info);
+    let client = redis::Client::open(info).map_err(|e| Fail::Conn(e.to_string()))?;
     client
         .get_connection_with_timeout(timeout.max(Duration::from_millis(1)))
         .map_err(|e| Fail::from_redis(&e))

@@ -257,7 +257,41 @@ impl Cluster {
             ));
         }
         c.wait_ok(Duration::from_secs(30))?;
+        c.wait_replication(Duration::from_secs(30))?;
         Ok(c)
+    }
+
+    /// Waits until every live replica's link to its primary is up and every primary sees
+    /// all its live replicas online (`cluster_state:ok` alone does not mean the initial
+    /// sync is done, and `WAIT` counts only online replicas).
+    pub fn wait_replication(&self, timeout: Duration) -> Result<(), Error> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let ok = self.nodes().is_ok_and(|nodes| {
+                nodes.iter().filter(|n| !n.failing).all(|n| {
+                    let Ok(info) = query::<String>(&n.addr, redis::cmd("INFO").arg("replication"))
+                    else {
+                        return false;
+                    };
+                    if n.primary {
+                        let want = nodes
+                            .iter()
+                            .filter(|r| !r.failing && r.primary_id.as_deref() == Some(&n.id))
+                            .count();
+                        info.matches("state=online").count() == want
+                    } else {
+                        info.contains("master_link_status:up")
+                    }
+                })
+            });
+            if ok {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err("replication did not come up".into());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// `host:port` of every node.

@@ -544,6 +544,7 @@ impl Inner {
                     }
                 }
             } else {
+                bump(&self.stats.errors);
                 last = RemoteError::Unreachable(format!("no primary serves slot {slot}"));
             }
             let left = deadline.saturating_duration_since(Instant::now());
