@@ -112,7 +112,7 @@ fn durable_keys_by_primary(fleet: &mut Fleet) -> Vec<(RedisNode, usize)> {
             (n, count)
         })
         .collect();
-    out.sort_by(|a, b| b.1.cmp(&a.1));
+    out.sort_by_key(|n| std::cmp::Reverse(n.1));
     out
 }
 
