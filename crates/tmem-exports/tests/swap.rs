@@ -172,6 +172,24 @@ fn quota_refusals_spill_too() {
 
 #[test]
 fn concurrent_writers_keep_every_update() {
+    let st = concurrent_writers(None);
+    assert!(st.pages_spilled > 0 && st.written_back > 0, "{st:?}");
+}
+
+/// The same with a remote tier that goes down and up while the writers run: pages move
+/// between pool, tier and spill file, and no update is lost.
+#[test]
+fn concurrent_writers_with_a_flapping_remote_tier_keep_every_update() {
+    let tier = Arc::new(MemTier::default());
+    let st = concurrent_writers(Some(tier.clone()));
+    assert!(
+        st.remote_writes > 0 && st.remote_fallbacks + st.spill_writes > 0,
+        "{st:?}"
+    );
+    assert_eq!(tier.durable_pages(), 0, "destroy left remote copies");
+}
+
+fn concurrent_writers(tier: Option<Arc<MemTier>>) -> tmem_exports::SwapStats {
     let dir = tempfile::tempdir().unwrap();
     // Small budget: spill and writeback run concurrently with the writers.
     let e = engine(512 << 10, &[1]);
@@ -180,6 +198,21 @@ fn concurrent_writers_keep_every_update() {
     cfg.codec = tmem_core::Codec::None;
     cfg.dedup = tmem_core::DedupScope::Off;
     let s = SwapExport::create(e.clone(), cfg).unwrap();
+    let flapper = tier.clone().map(|t| {
+        with_tier(&s, &t);
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let h = std::thread::spawn(move || {
+            let mut down = false;
+            while !stop2.load(Ordering::Relaxed) {
+                down = !down;
+                t.down.store(down, Ordering::Relaxed);
+                std::thread::sleep(std::time::Duration::from_millis(if down { 3 } else { 10 }));
+            }
+            t.down.store(false, Ordering::Relaxed);
+        });
+        (stop, h)
+    });
     const THREADS: usize = 4;
     const SHARED: u64 = 32; // pages 0..32 written by every thread, each in its own slot
     let stop = Arc::new(AtomicBool::new(false));
@@ -238,6 +271,10 @@ fn concurrent_writers_keep_every_update() {
     }
     let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
     stop.store(true, Ordering::Relaxed);
+    if let Some((stop, h)) = flapper {
+        stop.store(true, Ordering::Relaxed);
+        h.join().unwrap();
+    }
     for (t, (last, _)) in results.iter().enumerate() {
         for p in 0..SHARED {
             let got = read(&*s, p * 4096 + t as u64 * 1024, 1024);
@@ -257,8 +294,9 @@ fn concurrent_writers_keep_every_update() {
     s.check_invariants().unwrap();
     let st = s.stats();
     eprintln!("{st:?}");
-    assert!(st.pages_spilled > 0 && st.written_back > 0, "{st:?}");
+    assert_eq!(st.poisoned_pages, 0, "{st:?}");
     s.destroy().unwrap();
+    st
 }
 
 #[test]

@@ -189,8 +189,14 @@ impl tmem_exports::RemoteTier for MemTier {
         page: u64,
         out: &mut [u8],
     ) -> Result<bool, tmem_exports::RemoteError> {
-        if !self.available() {
-            return Err(tmem_exports::RemoteError::Unreachable("down".into()));
+        // Like the real tier, a durable read retries for a while (a failover) before it
+        // gives up.
+        let end = std::time::Instant::now() + std::time::Duration::from_millis(500);
+        while !self.available() {
+            if std::time::Instant::now() >= end {
+                return Err(tmem_exports::RemoteError::Unreachable("down".into()));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
         }
         let st = self.state.lock().unwrap();
         match st.durable.get(&(space.to_string(), page)) {
