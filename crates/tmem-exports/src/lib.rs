@@ -34,7 +34,9 @@
 //!   writeback moves out) goes first to a [`RemoteTier`] (other hosts' memory): it is
 //!   recorded there (`Loc::Remote`, page-map entry `remote` with a 62-bit hash) only once
 //!   the tier acknowledged it as replicated; any failure sends it to the spill file as
-//!   before. Reads check the copy against the map's hash: a missing or different copy
+//!   before (and for a while after such a failure — 100 ms doubling to 30 s — spills go
+//!   straight to the file, so a slow or broken tier costs one attempt per period). Reads
+//!   check the copy against the map's hash: a missing or different copy
 //!   poisons the page (EIO, never wrong data); a tier that cannot answer fails that one
 //!   request. Rewrites, trims, pull-backs and `destroy` delete remote copies.
 //! * **Oldest first.** Every successful put appends `(page, seq)` to a FIFO; an entry is

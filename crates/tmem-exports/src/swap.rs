@@ -238,6 +238,48 @@ pub struct SwapExport {
     /// Pages whose remote copies are no longer needed (found at a restart, before a tier
     /// was set): deleted when one is.
     orphans: Mutex<Vec<u64>>,
+    backoff: RemoteBackoff,
+}
+
+/// After a failed remote write the export sends spills straight to the file for a while:
+/// 100 ms after the first failure, doubling to 30 s, back to nothing after a success. A tier
+/// that answers slowly or wrongly then costs one bounded attempt per period, not one per
+/// page.
+struct RemoteBackoff {
+    start: Instant,
+    /// Milliseconds since `start` before which the tier is not tried.
+    until_ms: AtomicU64,
+    /// The current period in milliseconds (0: no failure since the last success).
+    step_ms: AtomicU64,
+}
+
+impl RemoteBackoff {
+    const FIRST_MS: u64 = 100;
+    const MAX_MS: u64 = 30_000;
+
+    fn new() -> Self {
+        RemoteBackoff {
+            start: Instant::now(),
+            until_ms: AtomicU64::new(0),
+            step_ms: AtomicU64::new(0),
+        }
+    }
+    fn now_ms(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+    fn open(&self) -> bool {
+        self.now_ms() >= self.until_ms.load(Relaxed)
+    }
+    fn succeeded(&self) {
+        if self.step_ms.load(Relaxed) != 0 {
+            self.step_ms.store(0, Relaxed);
+        }
+    }
+    fn failed(&self) {
+        let step = (self.step_ms.load(Relaxed) * 2).clamp(Self::FIRST_MS, Self::MAX_MS);
+        self.step_ms.store(step, Relaxed);
+        self.until_ms.store(self.now_ms() + step, Relaxed);
+    }
 }
 
 /// A remote-tier space name for a swap export: `s/` and the name with characters outside
@@ -549,6 +591,7 @@ impl SwapExport {
             remote: RwLock::new(None),
             remote_space,
             orphans: Mutex::new(Vec::new()),
+            backoff: RemoteBackoff::new(),
         }
     }
 
@@ -997,13 +1040,15 @@ impl SwapExport {
     /// by the caller; [`Loc::of_spill`] names the place). A spill-file write is refused
     /// without writing (`ENOSPC`) when the filesystem would keep less than the reserve.
     fn spill_write(&self, page: u32, data: &[u8]) -> Result<Entry, SpillFailed> {
-        if let Some(t) = self.tier().filter(|t| t.available()) {
+        if let Some(t) = self.tier().filter(|t| t.available() && self.backoff.open()) {
             match t.put_durable(&self.remote_space, u64::from(page), data) {
                 Ok(()) => {
+                    self.backoff.succeeded();
                     self.c.remote_writes.fetch_add(1, Relaxed);
                     return Ok(Entry::Remote(remote_hash(data)));
                 }
                 Err(e) => {
+                    self.backoff.failed();
                     self.c.remote_fallbacks.fetch_add(1, Relaxed);
                     rl_log!(warn, export = %self.cfg.name, page, error = %e, "remote tier did not take the page; spilling it to the local file");
                 }

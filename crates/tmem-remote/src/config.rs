@@ -35,8 +35,8 @@ pub struct RemoteConfig {
     /// Timeout of an ephemeral operation (a fetch, a writer batch), in milliseconds.
     /// Default: 50.
     pub op_timeout_ms: u64,
-    /// How long a durable put or get keeps retrying (redirections, a failover), in
-    /// milliseconds. Default: 10000.
+    /// How long a durable get keeps retrying (redirections, a failover), in milliseconds
+    /// (a durable put makes one attempt). Default: 10000.
     pub durable_timeout_ms: u64,
     /// Time to live of an ephemeral copy, in seconds. Ephemeral keys have a TTL and durable
     /// keys have none, so under `maxmemory-policy volatile-lru` Redis evicts only ephemeral

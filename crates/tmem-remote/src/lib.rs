@@ -42,8 +42,11 @@
 //!   after it (one FIFO; one slot per page).
 //! * `fetch` is one pipelined round trip per server (one `MGET` per slot), bounded by
 //!   `op_timeout_ms`; any failure is a miss of the whole batch.
-//! * `put_durable` / `get_durable` retry redirections (`MOVED`), failovers (`READONLY`,
-//!   `CLUSTERDOWN`, refused connections) with a fresh slot map until `durable_timeout_ms`.
+//! * `get_durable` retries redirections (`MOVED`), failovers (`READONLY`, `CLUSTERDOWN`,
+//!   refused connections) with a fresh slot map until `durable_timeout_ms`: the page lives
+//!   nowhere else. `put_durable` makes one attempt (following a redirection within it),
+//!   bounded by `wait_timeout_ms` + `op_timeout_ms`: a put that fails costs nothing, the
+//!   caller keeps the page locally.
 //! * A connection-level failure (refused, reset, timeout, garbage) marks the tier down:
 //!   `available()` is false, demotions are dropped and fetches miss at once; a health
 //!   thread re-learns the topology and PINGs every primary with exponential backoff

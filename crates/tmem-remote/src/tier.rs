@@ -486,16 +486,16 @@ impl Inner {
     // ---- durable operations ----
 
     /// Sends `packed` (`count` commands, the first of which names `key`) to the primary of
-    /// `key`'s slot, retrying redirections, failovers and connection failures until the
-    /// durable deadline. Returns the replies once the first one is not a retryable error.
+    /// `key`'s slot, retrying redirections, failovers and connection failures until
+    /// `deadline`. Returns the replies once the first one is not a retryable error.
     fn durable_round_trip(
         &self,
         key: &str,
         packed: &[u8],
         count: usize,
         reply_timeout: Duration,
+        deadline: Instant,
     ) -> Result<Vec<Value>, RemoteError> {
-        let deadline = Instant::now() + ms(self.cfg.durable_timeout_ms);
         let slot = slot_of(key.as_bytes());
         let mut pause = ms(20);
         let mut last: RemoteError = RemoteError::Timeout;
@@ -708,8 +708,16 @@ impl RemoteTier for RedisTier {
         }
         let count = if want > 0 { 2 } else { 1 };
         let reply_timeout = ms(i.cfg.wait_timeout_ms + i.cfg.op_timeout_ms.max(500));
-        let replies =
-            i.durable_round_trip(&key, &pipe.get_packed_pipeline(), count, reply_timeout)?;
+        // One attempt (and a redirection or two): a put that fails is not lost — the caller
+        // keeps the page locally — so it is not worth waiting out a failover or a bad server.
+        let deadline = Instant::now() + reply_timeout + ms(i.cfg.op_timeout_ms);
+        let replies = i.durable_round_trip(
+            &key,
+            &pipe.get_packed_pipeline(),
+            count,
+            reply_timeout,
+            deadline,
+        )?;
         match replies.first() {
             Some(Value::Okay) => {}
             Some(Value::SimpleString(s)) if s == "OK" => {}
@@ -804,7 +812,9 @@ impl RedisTier {
         let key = keys.key(Kind::Durable, page);
         let packed = redis::cmd("GET").arg(&key).get_packed_command();
         let reply_timeout = ms(i.cfg.op_timeout_ms.max(500));
-        let replies = i.durable_round_trip(&key, &packed, 1, reply_timeout)?;
+        // A read retries through a failover: the page lives nowhere else.
+        let deadline = Instant::now() + ms(i.cfg.durable_timeout_ms);
+        let replies = i.durable_round_trip(&key, &packed, 1, reply_timeout, deadline)?;
         match replies.first() {
             Some(Value::Nil) => Ok(false),
             Some(Value::BulkString(b)) => {

@@ -277,3 +277,89 @@ fn server_announcing_huge_lengths() {
         assert_eq!(t.stats().fetch_hits, 0);
     }
 }
+
+/// Behind real exports, a misbehaving tier costs only time: a swap export keeps every page
+/// (what the tier does not acknowledge goes to the spill file) and a cached export serves
+/// the image's bytes (what the tier returns fails its checks and is a miss).
+#[test]
+fn exports_behind_a_misbehaving_tier_lose_nothing_and_serve_no_wrong_page() {
+    use tmem_core::{ClientConfig, ClientId, Codec, DedupScope, Engine, EngineConfig};
+    use tmem_exports::{CachedConfig, CachedExport, SwapConfig, SwapExport};
+    use tmem_nbd::BlockBackend;
+
+    const BYTES: usize = 1 << 20;
+    let data: Vec<u8> = (0..BYTES as u64 / 4096)
+        .flat_map(|p| page(7, p, false))
+        .collect();
+    for b in [
+        Behaviour::Garbage,
+        Behaviour::Close,
+        Behaviour::Slow,
+        Behaviour::LyingValues,
+        Behaviour::HugeLengths,
+    ] {
+        let start = Instant::now();
+        let f = fake(b);
+        let t = RedisTier::connect(cfg(Mode::Single, &f.addr)).unwrap();
+        let tier = Arc::clone(&t) as Arc<dyn RemoteTier>;
+        // A pool of 64 pages for 256 pages of each export: most pages leave it.
+        let e = Arc::new(Engine::new(EngineConfig::with_budget(256 << 10)));
+        e.add_client(ClientId(1), ClientConfig::default()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let swap = SwapExport::create(
+            Arc::clone(&e),
+            SwapConfig {
+                name: "s".into(),
+                size: BYTES as u64,
+                client: ClientId(1),
+                spill_path: dir.path().join("s.spill"),
+                codec: Codec::None,
+                dedup: DedupScope::Off,
+                spill_reserve: 0,
+            },
+        )
+        .unwrap();
+        swap.set_remote(Some(Arc::clone(&tier)));
+        swap.write(0, &data, false).unwrap();
+        let mut got = vec![0u8; BYTES];
+        swap.read(0, &mut got).unwrap();
+        assert!(got == data, "{b:?}: swap export read back other bytes");
+        let st = swap.stats();
+        assert_eq!(st.pages_remote, 0, "{b:?}: {st:?}");
+        assert!(st.pages_spilled > 0, "{b:?}: {st:?}");
+
+        let image = dir.path().join("image.raw");
+        std::fs::write(&image, &data).unwrap();
+        let cached = CachedExport::open(
+            Arc::clone(&e),
+            CachedConfig {
+                name: "c".into(),
+                image,
+                client: ClientId(1),
+                uuid: None,
+                direct_io: false,
+                codec: Codec::None,
+                dedup: DedupScope::Off,
+                writable: false,
+            },
+        )
+        .unwrap();
+        cached.set_remote(Some(Arc::clone(&tier))).unwrap();
+        for pass in 0..2 {
+            let mut got = vec![0u8; BYTES];
+            cached.read(0, &mut got).unwrap();
+            assert!(
+                got == data,
+                "{b:?}: cached export pass {pass} read other bytes"
+            );
+        }
+        let cs = cached.stats();
+        assert_eq!(cs.remote_hits, 0, "{b:?}: {cs:?}");
+        eprintln!(
+            "{b:?}: {:?}\nswap {st:?}\ncached {cs:?}\ntier {:?}",
+            start.elapsed(),
+            t.stats()
+        );
+        drop(f);
+    }
+}
