@@ -87,6 +87,20 @@ pub trait RemoteTier: Send + Sync {
     /// relied on (the caller keeps or writes its local copy).
     fn put_durable(&self, space: &str, page: u64, data: &[u8]) -> Result<(), RemoteError>;
 
+    /// Stores durable copies of several pages, each as [`RemoteTier::put_durable`] would
+    /// (acknowledged by the replicas or an error), but batched: `out[i]` is the result for
+    /// `pages[i]`. The default sends them one by one.
+    fn put_durable_many(
+        &self,
+        space: &str,
+        pages: &[(u64, &[u8])],
+    ) -> Vec<Result<(), RemoteError>> {
+        pages
+            .iter()
+            .map(|&(page, data)| self.put_durable(space, page, data))
+            .collect()
+    }
+
     /// Reads a durable copy into `out` (4096 bytes). `Ok(false)`: the tier has no copy.
     /// Retries across a failover up to the tier's timeout.
     fn get_durable(&self, space: &str, page: u64, out: &mut [u8]) -> Result<bool, RemoteError>;

@@ -5,7 +5,7 @@ use crate::config::RemoteConfig;
 use crate::keys::{slot_of, Kind, SpaceKeys};
 use crate::router::{Fail, Router};
 use crate::stats::{add, bump, Counters, RemoteStats};
-use parking_lot::{Condvar, Mutex};
+use parking_lot::{Condvar, Mutex, RwLock};
 use redis::Value;
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -57,6 +57,11 @@ struct Inner {
     down: AtomicBool,
     /// Jobs the writer took from the queue and has not finished.
     in_flight: AtomicUsize,
+    /// Orders durable writes against queued deletions of the same keys: the writer holds
+    /// it exclusively while a batch with deletions is on the wire, a durable put holds it
+    /// shared and first drops queued deletions of its keys — so a deletion queued before a
+    /// put never lands after it.
+    durable_order: RwLock<()>,
     need_refresh: AtomicBool,
     stop: AtomicBool,
 }
@@ -126,6 +131,7 @@ impl RedisTier {
             health_cv: Condvar::new(),
             down: AtomicBool::new(true),
             in_flight: AtomicUsize::new(0),
+            durable_order: RwLock::new(()),
             need_refresh: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             cfg,
@@ -220,6 +226,22 @@ impl Inner {
     }
 
     /// Timeout of one probe or one durable attempt's connection.
+    /// Drops queued deletions of `keys` (durable keys about to be written): called with
+    /// `durable_order` held shared.
+    fn cancel_forgets(&self, keys: &[&str]) {
+        let mut q = self.queue.lock();
+        if q.forgets == 0 {
+            return;
+        }
+        let before = q.jobs.len();
+        q.jobs.retain(|j| match j {
+            Job::Forget { keys: k } => !keys.contains(&k[1].as_str()),
+            Job::Demote { .. } => true,
+        });
+        let dropped = before - q.jobs.len();
+        q.forgets -= dropped;
+    }
+
     fn probe_timeout(&self) -> Duration {
         ms(self.cfg.op_timeout_ms.max(500))
     }
@@ -339,7 +361,8 @@ impl Inner {
 
     fn writer(&self) {
         loop {
-            let batch = {
+            // Wait for work without holding `durable_order`.
+            {
                 let mut q = self.queue.lock();
                 loop {
                     if self.stop.load(Ordering::SeqCst) {
@@ -358,6 +381,13 @@ impl Inner {
                     let wait = if self.is_down() { ms(100) } else { ms(1000) };
                     self.queue_cv.wait_for(&mut q, wait);
                 }
+            }
+            // Take the batch with `durable_order` held exclusively, and keep it while the
+            // batch's deletions are on the wire: a durable put (which cancels queued
+            // deletions of its keys under the shared side) never races one.
+            let order = self.durable_order.write();
+            let batch = {
+                let mut q = self.queue.lock();
                 let n = q.jobs.len().min(self.cfg.batch_pages);
                 let batch: Vec<Job> = q.jobs.drain(..n).collect();
                 for j in &batch {
@@ -369,6 +399,10 @@ impl Inner {
                 self.in_flight.store(batch.len(), Ordering::SeqCst);
                 batch
             };
+            let order = batch
+                .iter()
+                .any(|j| matches!(j, Job::Forget { .. }))
+                .then_some(order);
             let retry = self.write_batch(batch, true);
             if !retry.is_empty() {
                 // Forgets that could not be written go back first, before later demotions
@@ -379,6 +413,7 @@ impl Inner {
                     q.jobs.push_front(j);
                 }
             }
+            drop(order);
             self.in_flight.store(0, Ordering::SeqCst);
         }
     }
@@ -707,6 +742,8 @@ impl RemoteTier for RedisTier {
             pipe.cmd("WAIT").arg(want).arg(i.cfg.wait_timeout_ms);
         }
         let count = if want > 0 { 2 } else { 1 };
+        let _order = i.durable_order.read();
+        i.cancel_forgets(&[key.as_str()]);
         let reply_timeout = ms(i.cfg.wait_timeout_ms + i.cfg.op_timeout_ms.max(500));
         // One attempt (and a redirection or two): a put that fails is not lost — the caller
         // keeps the page locally — so it is not worth waiting out a failover or a bad server.
@@ -755,6 +792,138 @@ impl RemoteTier for RedisTier {
         i.stats.stored(value.len());
         bump(&i.stats.durable_puts);
         Ok(())
+    }
+
+    fn put_durable_many(
+        &self,
+        space: &str,
+        pages: &[(u64, &[u8])],
+    ) -> Vec<Result<(), RemoteError>> {
+        let i = &self.inner;
+        let fail_all = |e: &RemoteError| -> Vec<Result<(), RemoteError>> {
+            pages
+                .iter()
+                .map(|_| Err(RemoteError::Unreachable(e.to_string())))
+                .collect()
+        };
+        if i.stop.load(Ordering::Relaxed) {
+            return fail_all(&RemoteError::Unreachable("the tier is shut down".into()));
+        }
+        let keys = match SpaceKeys::new(&i.cfg.key_prefix, &i.cfg.node_name, space) {
+            Ok(k) => k,
+            Err(e) => return fail_all(&e),
+        };
+        let mut out: Vec<Result<(), RemoteError>> = pages
+            .iter()
+            .map(|_| Err(RemoteError::Unreachable("not sent".into())))
+            .collect();
+        // One pipeline per primary: its SETs, then one WAIT that counts them all.
+        let mut groups: std::collections::BTreeMap<String, Vec<(usize, String, Vec<u8>)>> =
+            Default::default();
+        for (idx, &(page, data)) in pages.iter().enumerate() {
+            let key = keys.key(Kind::Durable, page);
+            let value = match codec::encode(key.as_bytes(), 0, data, i.cfg.compress) {
+                Ok(v) => v,
+                Err(e) => {
+                    out[idx] = Err(e);
+                    continue;
+                }
+            };
+            let slot = slot_of(key.as_bytes());
+            let addr = i.router.addr_for_slot(slot).or_else(|| {
+                let _ = i.router.refresh(i.probe_timeout());
+                i.router.addr_for_slot(slot)
+            });
+            match addr {
+                Some(a) => groups.entry(a).or_default().push((idx, key, value)),
+                None => {
+                    bump(&i.stats.errors);
+                    out[idx] = Err(RemoteError::Unreachable(format!(
+                        "no primary serves slot {slot}"
+                    )));
+                }
+            }
+        }
+        let want = u64::from(i.cfg.replicas);
+        let reply_timeout = ms(i.cfg.wait_timeout_ms + i.cfg.op_timeout_ms.max(500));
+        let _order = i.durable_order.read();
+        let all: Vec<&str> = groups
+            .values()
+            .flatten()
+            .map(|(_, k, _)| k.as_str())
+            .collect();
+        i.cancel_forgets(&all);
+        for (addr, items) in groups {
+            let mut pipe = redis::pipe();
+            for (_, key, value) in &items {
+                pipe.cmd("SET").arg(key).arg(value);
+            }
+            if want > 0 {
+                pipe.cmd("WAIT").arg(want).arg(i.cfg.wait_timeout_ms);
+            }
+            let count = items.len() + usize::from(want > 0);
+            let replies =
+                match i
+                    .router
+                    .round_trip(&addr, &pipe.get_packed_pipeline(), count, reply_timeout)
+                {
+                    Ok(r) => r,
+                    Err(f) => {
+                        i.fail(&addr, &f);
+                        for (idx, _, _) in &items {
+                            out[*idx] = Err(match &f {
+                                Fail::Timeout => RemoteError::Timeout,
+                                Fail::Conn(e) => RemoteError::Unreachable(format!("{addr}: {e}")),
+                            });
+                        }
+                        continue;
+                    }
+                };
+            let got = if want > 0 {
+                match replies.get(items.len()) {
+                    Some(Value::Int(n)) => u64::try_from(*n).unwrap_or(0),
+                    _ => {
+                        bump(&i.stats.errors);
+                        0
+                    }
+                }
+            } else {
+                0
+            };
+            for (k, (idx, key, value)) in items.iter().enumerate() {
+                let ok = matches!(
+                    replies.get(k),
+                    Some(Value::Okay) | Some(Value::SimpleString(_))
+                );
+                out[*idx] = if !ok {
+                    bump(&i.stats.errors);
+                    let r = replies.get(k);
+                    let text = r
+                        .map(error_text)
+                        .unwrap_or_else(|| "no reply to SET".into());
+                    match r.and_then(error_code).as_deref() {
+                        Some("OOM") | Some("READONLY") | Some("NOPERM") => {
+                            Err(RemoteError::Refused(text))
+                        }
+                        Some(c) if retryable(c) => {
+                            i.need_refresh.store(true, Ordering::Relaxed);
+                            Err(RemoteError::Unreachable(text))
+                        }
+                        _ => Err(RemoteError::Protocol(text)),
+                    }
+                } else if got < want {
+                    bump(&i.stats.not_replicated);
+                    self.delete_best_effort(key);
+                    Err(RemoteError::NotReplicated { got, want })
+                } else {
+                    add(&i.stats.bytes_sent, value.len() as u64);
+                    i.stats.stored(value.len());
+                    bump(&i.stats.durable_puts);
+                    Ok(())
+                };
+            }
+        }
+        out
     }
 
     fn get_durable(&self, space: &str, page: u64, out: &mut [u8]) -> Result<bool, RemoteError> {

@@ -266,3 +266,46 @@ fn starts_down_and_comes_up_then_survives_a_restart() {
     assert!(wait_until(Duration::from_secs(10), || t.available()));
     assert_eq!(t.stats().down_transitions, 1);
 }
+
+/// A deletion queued before a durable write of the same page never lands after it (the
+/// export deletes a page's remote copy when the page moves back, and may write it remote
+/// again right after); and a batched durable write stores every page.
+#[test]
+fn queued_forget_never_deletes_a_later_durable_write() {
+    let Some(s) = server(&[]) else { return };
+    let t = tier(&s);
+    let space = "s/order.1";
+    for round in 0..300u64 {
+        let p = round % 7;
+        t.put_durable(space, p, &page(round, p, false)).unwrap();
+        t.forget(space, &[p]);
+        if round % 2 == 0 {
+            t.put_durable(space, p, &page(round + 1, p, false)).unwrap();
+        } else {
+            let data = page(round + 1, p, false);
+            let r = t.put_durable_many(space, &[(p, &data[..])]);
+            assert!(r[0].is_ok(), "{r:?}");
+        }
+        assert!(t.flush(Duration::from_secs(20)));
+        let mut out = vec![0u8; REMOTE_PAGE];
+        assert!(
+            t.get_durable(space, p, &mut out).unwrap(),
+            "round {round}: the later write was deleted"
+        );
+        assert_eq!(out, page(round + 1, p, false), "round {round}");
+    }
+    // A batch of many pages, then each read back.
+    let pages: Vec<Vec<u8>> = (0..200u64).map(|p| page(9, p, p % 3 == 0)).collect();
+    let batch: Vec<(u64, &[u8])> = pages
+        .iter()
+        .enumerate()
+        .map(|(p, d)| (p as u64 + 1000, &d[..]))
+        .collect();
+    let r = t.put_durable_many(space, &batch);
+    assert!(r.iter().all(Result::is_ok), "{r:?}");
+    for (p, d) in &batch {
+        let mut out = vec![0u8; REMOTE_PAGE];
+        assert!(t.get_durable(space, *p, &mut out).unwrap());
+        assert_eq!(&out[..], *d);
+    }
+}
