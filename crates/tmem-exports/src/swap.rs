@@ -1054,6 +1054,11 @@ impl SwapExport {
                 }
             }
         }
+        self.file_write(page, data)
+    }
+
+    /// Writes a page's copy to the spill file (see [`SwapExport::spill_write`]).
+    fn file_write(&self, page: u32, data: &[u8]) -> Result<Entry, SpillFailed> {
         let failed = |e: io::Error, touched: bool| {
             self.c.spill_errors.fetch_add(1, Relaxed);
             rl_log!(warn, export = %self.cfg.name, page, error = %e, "spill write failed; the request gets an error");
@@ -1292,12 +1297,140 @@ impl SwapExport {
         }
     }
 
-    /// Moves up to `n` of the oldest pool pages to the spill file (zswap-style writeback).
+    /// Moves up to `n` of the oldest pool pages out of the pool (zswap-style writeback): to
+    /// the remote tier in batches when there is one taking pages, else to the spill file.
     /// Runs in one thread at a time; others return at once.
     fn writeback(&self, n: usize) {
         let Some(_g) = self.writeback_lock.try_lock() else {
             return;
         };
+        if let Some(t) = self.tier().filter(|t| t.available() && self.backoff.open()) {
+            self.writeback_remote(t.as_ref(), n);
+        } else {
+            self.writeback_local(n);
+        }
+    }
+
+    /// Writeback to the remote tier, [`WRITEBACK_BATCH`] pages per batched write (one
+    /// pipeline and one `WAIT` per server). The batch's stripes are locked in ascending
+    /// order for the whole batch — no write to its pages can slip in between reading a
+    /// page from the pool and recording where it went, and no other path holds two
+    /// stripes, so this cannot deadlock. A page the tier does not take goes to the spill
+    /// file; a page neither takes stays in the pool, in its place in the queue.
+    fn writeback_remote(&self, t: &dyn RemoteTier, n: usize) {
+        let mut moved = 0;
+        let mut buf = [0u8; PAGE_SIZE];
+        while moved < n {
+            let want = (n - moved).min(WRITEBACK_BATCH);
+            let entries: Vec<(u32, u64)> = {
+                let mut f = self.fifo.lock();
+                (0..want).map_while(|_| f.pop_front()).collect()
+            };
+            if entries.is_empty() {
+                break;
+            }
+            let mut idx: Vec<usize> = entries
+                .iter()
+                .map(|&(p, _)| p as usize & (STRIPES - 1))
+                .collect();
+            idx.sort_unstable();
+            idx.dedup();
+            let mut guards: Vec<MutexGuard<'_, Stripe>> =
+                idx.iter().map(|&i| self.stripes[i].lock()).collect();
+            let slot = |page: u32| {
+                idx.binary_search(&(page as usize & (STRIPES - 1)))
+                    .unwrap_or_default()
+            };
+            let mut leftovers: Vec<(u32, u64)> = Vec::new();
+            let mut items: Vec<(u32, u64, Vec<u8>)> = Vec::new();
+            for (k, &(page, seq)) in entries.iter().enumerate() {
+                let st = &mut guards[slot(page)];
+                if st.loc.get(&page) != Some(&Loc::Pool(seq)) {
+                    continue; // rewritten, moved or dropped since: a stale queue entry
+                }
+                match self.engine.get(self.cfg.client, self.key(page), &mut buf) {
+                    Ok(Some(PageState::Data)) => items.push((page, seq, buf.to_vec())),
+                    Ok(Some(PageState::Zero)) => {
+                        let _ = self.engine.flush_page(self.cfg.client, self.key(page));
+                        self.set_loc(st, page, None);
+                        self.record(page, Entry::Zero);
+                    }
+                    Ok(None) => {
+                        // Mapped to the pool but gone from it: never read back as zeros.
+                        self.set_loc(st, page, None);
+                        self.poison_page(page);
+                    }
+                    Err(_) => {
+                        leftovers.extend_from_slice(&entries[k..]);
+                        break;
+                    }
+                }
+            }
+            let refs: Vec<(u64, &[u8])> = items
+                .iter()
+                .map(|(p, _, d)| (u64::from(*p), d.as_slice()))
+                .collect();
+            let results = if refs.is_empty() {
+                Vec::new()
+            } else {
+                t.put_durable_many(&self.remote_space, &refs)
+            };
+            let mut refused = false;
+            let mut stuck = false;
+            for ((page, seq, data), r) in items.iter().zip(results) {
+                let page = *page;
+                let entry = match r {
+                    Ok(()) => {
+                        self.c.remote_writes.fetch_add(1, Relaxed);
+                        Entry::Remote(remote_hash(data))
+                    }
+                    Err(e) => {
+                        if !refused {
+                            rl_log!(warn, export = %self.cfg.name, page, error = %e, "remote tier did not take written-back pages; spilling them to the local file");
+                        }
+                        refused = true;
+                        self.c.remote_fallbacks.fetch_add(1, Relaxed);
+                        match self.file_write(page, data) {
+                            Ok(entry) => entry,
+                            Err(SpillFailed { touched, .. }) => {
+                                if touched {
+                                    let _ = self.free_spill(page);
+                                }
+                                leftovers.push((page, *seq));
+                                stuck = true;
+                                continue;
+                            }
+                        }
+                    }
+                };
+                // The new copy first, then the pool copy goes: never zero copies.
+                self.record(page, entry);
+                let _ = self.engine.flush_page(self.cfg.client, self.key(page));
+                self.set_loc(&mut guards[slot(page)], page, Some(Loc::of_spill(entry)));
+                self.c.written_back.fetch_add(1, Relaxed);
+                moved += 1;
+            }
+            drop(guards);
+            if !leftovers.is_empty() {
+                let mut f = self.fifo.lock();
+                for e in leftovers.into_iter().rev() {
+                    f.push_front(e);
+                }
+                stuck = true;
+            }
+            if refused {
+                self.backoff.failed();
+            } else if !items.is_empty() {
+                self.backoff.succeeded();
+            }
+            if stuck || refused {
+                break;
+            }
+        }
+    }
+
+    /// Writeback to the spill file, one page at a time.
+    fn writeback_local(&self, n: usize) {
         let mut moved = 0;
         let mut buf = [0u8; PAGE_SIZE];
         while moved < n {
