@@ -33,6 +33,8 @@ const STRIPES: usize = 1024;
 pub const WRITEBACK_BATCH: usize = 64;
 /// Most pages one `block_status` call looks at.
 const STATUS_MAX_PAGES: u64 = 1 << 16;
+/// Most pages `read_may_block` looks at; a longer read is taken to be slow.
+const MAY_BLOCK_MAX_PAGES: u64 = 64;
 
 /// How a swap export is set up.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -1526,6 +1528,27 @@ impl SwapExport {
         Ok(data)
     }
 
+    /// True if reading `[offset, offset+len)` may take a remote-tier round trip: some page of
+    /// it lives in the tier, or its stripe is busy (held, perhaps, by such a read), or the
+    /// range is too long to look at cheaply. Never waits for a lock.
+    fn range_may_block(&self, offset: u64, len: u64) -> bool {
+        if len == 0 || self.c.remote.load(Relaxed) == 0 {
+            return false;
+        }
+        let first = offset / PAGE;
+        let last = (offset + len - 1) / PAGE;
+        if last - first >= MAY_BLOCK_MAX_PAGES {
+            return true;
+        }
+        (first..=last).any(|p| {
+            let page = p as u32;
+            match self.stripes[page as usize & (STRIPES - 1)].try_lock() {
+                Some(st) => matches!(st.loc.get(&page), Some(Loc::Remote(_))),
+                None => true,
+            }
+        })
+    }
+
     fn do_read(&self, offset: u64, buf: &mut [u8]) -> Result<ZeroRanges, ExportError> {
         self.check_open()?;
         self.c.reads.fetch_add(1, Relaxed);
@@ -1742,5 +1765,10 @@ impl BlockBackend for SwapExport {
     fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, BackendError> {
         check_range(self.cfg.size, offset, len)?;
         Ok(self.do_block_status(offset, len)?)
+    }
+
+    /// Reads that touch a page in the remote tier wait on a network round trip.
+    fn read_may_block(&self, offset: u64, len: u64) -> bool {
+        self.range_may_block(offset, len)
     }
 }

@@ -657,6 +657,40 @@ fn remote_tier_takes_spills_and_falls_back_to_the_file() {
     assert_eq!(tier.durable_pages(), 0, "destroy left remote copies");
 }
 
+/// The NBD server runs a read on its workers when the export says it may block: exactly
+/// the reads that touch a page in the remote tier.
+#[test]
+fn reads_of_remote_pages_are_flagged_as_slow() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = engine(1 << 20, &[1]);
+    let size = 8u64 << 20;
+    let s = swap(&e, dir.path(), "m", size);
+    let pages = size / PAGE;
+    let _ = fill_random(&s, pages, 5);
+    assert!(
+        (0..pages).all(|p| !s.read_may_block(p * PAGE, PAGE)),
+        "nothing is remote without a tier"
+    );
+    let tier = Arc::new(MemTier::default());
+    with_tier(&s, &tier);
+    let model = fill_random(&s, pages, 6);
+    let st = s.stats();
+    assert!(st.pages_remote > 0 && st.pages_in_pool > 0, "{st:?}");
+    let flagged = (0..pages)
+        .filter(|&p| s.read_may_block(p * PAGE, PAGE))
+        .count() as u64;
+    assert_eq!(flagged, st.pages_remote, "{st:?}");
+    // A sub-page read and a two-page read that touch a remote page are flagged too.
+    let remote = (0..pages)
+        .find(|&p| s.read_may_block(p * PAGE, PAGE))
+        .unwrap();
+    assert!(s.read_may_block(remote * PAGE + 512, 512));
+    assert!(s.read_may_block(remote.saturating_sub(1) * PAGE + 100, PAGE));
+    assert!(!s.read_may_block(0, 0));
+    assert_eq!(check_all(&*s, &model), 0);
+    s.destroy().unwrap();
+}
+
 /// A tier that returns other content than was stored: the page is poisoned (EIO), never
 /// served wrong.
 #[test]

@@ -188,6 +188,14 @@ pub trait BlockBackend: Send + Sync {
     /// Allocation status starting at `offset`. Extents are consecutive from `offset`, non-empty, and may
     /// cover less (never zero) or more than `len`; the server trims and validates them.
     fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, BackendError>;
+    /// Whether reading `[offset, offset+len)` may wait on something slow (a network round trip,
+    /// a disk): the server then runs the read on a connection's worker threads, so several such
+    /// reads of one connection overlap instead of queueing behind each other. A hint only — a
+    /// wrong answer costs speed, never correctness. Must be cheap. Default: false (inline).
+    fn read_may_block(&self, offset: u64, len: u64) -> bool {
+        let _ = (offset, len);
+        false
+    }
 }
 
 /// Name and description of one export, for `NBD_OPT_LIST` and `NBD_INFO_DESCRIPTION`.

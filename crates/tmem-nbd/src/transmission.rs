@@ -2,8 +2,10 @@
 //!
 //! One reader loop per connection parses requests. Cheap requests (small READ/WRITE and small
 //! TRIM/WRITE_ZEROES/CACHE/BLOCK_STATUS) run inline on the reader, which keeps per-request CPU low;
-//! FLUSH and large requests go to a small per-connection worker pool, so their replies may overtake
-//! or be overtaken by later requests. Every reply is written whole under the writer lock. Inline
+//! FLUSH, large requests and reads the backend expects to wait on (a page in a remote tier) go
+//! to a small per-connection worker pool, so their replies may overtake or be overtaken by later
+//! requests; the pool grows to [`TransmissionConfig::slow_workers`] threads once such a read
+//! arrives, so that that many of them overlap. Every reply is written whole under the writer lock. Inline
 //! replies are batched while further complete requests are already buffered and sent together
 //! (one syscall per pipelined batch); they are flushed before the reader could block.
 //!
@@ -15,7 +17,8 @@
 //! connection keeps outside the budget is bounded by the configuration: the 128 KiB read
 //! buffer, the reply batch (< 2 × 256 KiB), one retained write buffer and one read buffer
 //! per thread (reader and each worker), each at most `inline_max` (+ 28 bytes), and a
-//! transient copy of a small structured READ reply: about 2 MiB with the defaults.
+//! transient copy of a small structured READ reply: about 2 MiB with the defaults (about 6 MiB
+//! once slow reads have grown the pool to `slow_workers`).
 
 use std::io::{self, BufReader, Read, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -184,6 +187,11 @@ pub struct TransmissionConfig {
     pub workers: usize,
     /// Requests with a length above this (bytes) and every FLUSH go to the workers. Default: 256 KiB.
     pub inline_max: u32,
+    /// Worker threads of a connection once it has sent a READ that the backend says may block
+    /// ([`crate::BlockBackend::read_may_block`]: a page in a remote tier, say); such reads go
+    /// to the workers, so up to this many of them wait at once. Never fewer than `workers`;
+    /// ignored when `workers` is 0. Default: 16.
+    pub slow_workers: usize,
     /// Requests queued for the workers before the reader blocks (back-pressure). Default: 32.
     pub queue: usize,
     /// Most inline replies collected before they are written together (1 = write each reply at
@@ -200,6 +208,7 @@ impl Default for TransmissionConfig {
         Self {
             workers: 2,
             inline_max: 256 << 10,
+            slow_workers: 16,
             queue: 32,
             max_batch: 4,
             budget: BufferBudget::unlimited(),
@@ -231,10 +240,30 @@ struct Job {
 
 struct Pool {
     tx: SyncSender<Job>,
+    rx: Arc<Mutex<Receiver<Job>>>,
     handles: Vec<JoinHandle<()>>,
 }
 
 impl Pool {
+    /// Starts workers until there are `n` (fewer if a thread cannot be spawned).
+    fn grow<W: Write + Send + 'static>(&mut self, ctx: &Arc<Ctx<W>>, n: usize) {
+        while self.handles.len() < n {
+            let i = self.handles.len();
+            let ctx = Arc::clone(ctx);
+            let rx = Arc::clone(&self.rx);
+            match std::thread::Builder::new()
+                .name(format!("nbd-worker-{i}"))
+                .spawn(move || worker(&ctx, &rx))
+            {
+                Ok(h) => self.handles.push(h),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot spawn NBD worker");
+                    return;
+                }
+            }
+        }
+    }
+
     fn finish(self) {
         drop(self.tx);
         for h in self.handles {
@@ -409,6 +438,17 @@ fn reader_loop_inner<R: Read, W: Write + Send + 'static>(
             reply_error(ctx, &mut Out::Batch(pending), &req, errno)?;
             continue;
         }
+        // A read the backend expects to wait (a remote round trip) goes to the workers too,
+        // so that the connection's other requests need not queue behind it.
+        let mut want_workers = cfg.workers;
+        if !heavy
+            && cfg.workers > 0
+            && req.typ == CMD_READ
+            && ctx.s.backend.read_may_block(req.offset, u64::from(req.len))
+        {
+            heavy = true;
+            want_workers = cfg.slow_workers.max(cfg.workers);
+        }
         if !heavy {
             let payload: &[u8] = match (req.typ, permit.is_some()) {
                 (CMD_WRITE, true) => &data,
@@ -422,6 +462,9 @@ fn reader_loop_inner<R: Read, W: Write + Send + 'static>(
         flush_pending(ctx, pending)?;
         if pool.is_none() {
             *pool = start_pool(ctx, cfg);
+        }
+        if let Some(p) = pool.as_mut() {
+            p.grow(ctx, want_workers);
         }
         match pool {
             Some(p) => {
@@ -447,23 +490,16 @@ fn start_pool<W: Write + Send + 'static>(
     cfg: &TransmissionConfig,
 ) -> Option<Pool> {
     let (tx, rx) = sync_channel::<Job>(cfg.queue.max(1));
-    let rx = Arc::new(Mutex::new(rx));
-    let mut handles = Vec::new();
-    for i in 0..cfg.workers {
-        let ctx = Arc::clone(ctx);
-        let rx: Arc<Mutex<Receiver<Job>>> = Arc::clone(&rx);
-        match std::thread::Builder::new()
-            .name(format!("nbd-worker-{i}"))
-            .spawn(move || worker(&ctx, &rx))
-        {
-            Ok(h) => handles.push(h),
-            Err(e) => tracing::warn!(error = %e, "cannot spawn NBD worker"),
-        }
-    }
-    if handles.is_empty() {
+    let mut pool = Pool {
+        tx,
+        rx: Arc::new(Mutex::new(rx)),
+        handles: Vec::new(),
+    };
+    pool.grow(ctx, cfg.workers);
+    if pool.handles.is_empty() {
         return None;
     }
-    Some(Pool { tx, handles })
+    Some(pool)
 }
 
 fn worker<W: Write + Send>(ctx: &Ctx<W>, rx: &Mutex<Receiver<Job>>) {

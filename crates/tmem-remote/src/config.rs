@@ -48,7 +48,8 @@ pub struct RemoteConfig {
     pub queue_pages: usize,
     /// Pages per pipelined batch of the background writer. Default: 64.
     pub batch_pages: usize,
-    /// Idle connections kept per server. Default: 4.
+    /// Idle connections kept per server (an NBD connection overlaps up to 16 reads of pages
+    /// in the tier, spread over the primaries). Default: 8.
     pub connections: usize,
     /// First retry delay of the circuit breaker after the tier went down, in milliseconds;
     /// doubled after each failed probe up to `backoff_max_ms`. Default: 200.
@@ -80,7 +81,7 @@ impl Default for RemoteConfig {
             compress: true,
             queue_pages: 4096,
             batch_pages: 64,
-            connections: 4,
+            connections: 8,
             backoff_ms: 200,
             backoff_max_ms: 10_000,
         }
@@ -176,7 +177,7 @@ mod tests {
         assert!(c.compress);
         assert_eq!(c.queue_pages, 4096);
         assert_eq!(c.batch_pages, 64);
-        assert_eq!(c.connections, 4);
+        assert_eq!(c.connections, 8);
         assert_eq!((c.backoff_ms, c.backoff_max_ms), (200, 10_000));
         c.validate().unwrap();
         let back: RemoteConfig = serde_json::from_str(&serde_json::to_string(&c).unwrap()).unwrap();
