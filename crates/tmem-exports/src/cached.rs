@@ -26,6 +26,8 @@ use Ordering::{Acquire, Relaxed, Release};
 const PAGE: u64 = PAGE_SIZE as u64;
 /// Page-lock / generation stripes per image (power of two).
 const STRIPES: usize = 256;
+/// Most pages `read_may_block` looks at; a longer read is taken to be slow.
+const MAY_BLOCK_MAX_PAGES: u64 = 64;
 /// Most pages read from or written to the image in one system call.
 const MAX_RUN: u64 = 64;
 /// Most bytes one `cache` (prefetch) request reads.
@@ -534,6 +536,22 @@ impl CachedExport {
 
     // ----- helpers -------------------------------------------------------------------------
 
+    /// True if reading `[offset, offset+len)` may wait on a remote-tier round trip: a tier is
+    /// attached and up, and some page of the range is not in the pool (or the range is too
+    /// long to look at cheaply).
+    fn range_may_block(&self, offset: u64, len: u64) -> bool {
+        if len == 0 || !self.remote.read().as_ref().is_some_and(|t| t.available()) {
+            return false;
+        }
+        let first = offset / PAGE;
+        let last = (offset + len - 1) / PAGE;
+        if last - first >= MAY_BLOCK_MAX_PAGES {
+            return true;
+        }
+        (first..=last)
+            .any(|p| !matches!(self.engine.probe(self.cfg.client, self.key(p)), Ok(Some(_))))
+    }
+
     fn key(&self, page: u64) -> PageKey {
         // `size <= 16 TiB`, so every page index fits in 32 bits.
         PageKey::new(self.pool, ObjectId::from_u64(0), page as u32)
@@ -954,6 +972,11 @@ impl BlockBackend for CachedExport {
             multi_conn_safe: true,
             can_block_status: true,
         }
+    }
+
+    /// With a remote tier up, a read that misses the pool is a network round trip.
+    fn read_may_block(&self, offset: u64, len: u64) -> bool {
+        self.range_may_block(offset, len)
     }
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<ZeroRanges, BackendError> {

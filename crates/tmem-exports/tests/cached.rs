@@ -304,13 +304,23 @@ fn remote_copy_serves_misses_until_the_page_is_written() {
     std::fs::write(&img, &init).unwrap();
     let e = engine(1 << 20, &[1]);
     let x = cached(&e, &img, "x", 1);
+    assert!(
+        !x.read_may_block(0, 4096),
+        "no tier: a miss reads the image"
+    );
     let tier = Arc::new(MemTier::default());
     x.set_remote(Some(tier.clone() as Arc<dyn tmem_exports::RemoteTier>))
         .unwrap();
+    assert!(x.read_may_block(0, 4096), "a miss may go to the tier");
     read(&*x, 0, (PAGES * 4096) as usize);
+    assert!(!x.read_may_block(0, PAGES * 4096), "all in the pool");
     // Give everything back: every page is evicted, so demoted.
     e.shrink(u64::MAX);
     assert_eq!(tier.demotions(), PAGES);
+    assert!(
+        x.read_may_block(4096 + 100, 10),
+        "evicted: a tier round trip"
+    );
     let before = x.stats();
     let got = read(&*x, 0, (PAGES * 4096) as usize);
     for p in 0..PAGES {
@@ -331,6 +341,7 @@ fn remote_copy_serves_misses_until_the_page_is_written() {
     // With the tier down, misses go to the image.
     tier.down.store(true, Ordering::Relaxed);
     e.shrink(u64::MAX);
+    assert!(!x.read_may_block(0, 4096), "tier down: not a round trip");
     let s0 = x.stats();
     read(&*x, 0, 4096);
     assert!(x.stats().sectors_read > s0.sectors_read);

@@ -11,8 +11,9 @@
 //!   runs the transmission phase over a reader and a writer.
 //! * Threads, no async runtime: one accept thread per listener, one reader thread per connection.
 //!   Cheap requests execute inline on the reader (the protocol CPU per request is what limits
-//!   throughput on small hosts); FLUSH and large requests go to a small per-connection worker pool,
-//!   so replies can come back out of order. Replies are written whole under a per-connection lock;
+//!   throughput on small hosts); FLUSH, large requests and reads the backend says may block
+//!   ([`BlockBackend::read_may_block`]: a page in a remote tier) go to a small per-connection
+//!   worker pool, so replies can come back out of order. Replies are written whole under a per-connection lock;
 //!   replies to a pipelined batch of inline requests go out in one write.
 //! * Zero ranges reported by [`BlockBackend::read`] are sent as `OFFSET_HOLE` chunks when
 //!   structured replies are negotiated.
