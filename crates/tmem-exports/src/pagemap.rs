@@ -10,6 +10,7 @@
 //! | `3` | lost: content unknown, reads fail with EIO until the page is rewritten |
 //! | `1 << 63 \| h` | in the spill file, whose copy hashes (xxh3, 63 bits) to `h` |
 //! | `1 << 62 \| h` | in the remote tier (replicated), whose copy hashes (xxh3, 62 bits) to `h` |
+//! | `1 << 61 \| o << 30 \| n` | in the spill file, being overwritten in place: its copy hashes (the low 30 bits of xxh3) to `o` (the old content) or `n` (the new) |
 //!
 //! Releases before the remote tier read a `1 << 62` entry as an unknown value, i.e. lost:
 //! going back to one poisons remote pages rather than serving anything else.
@@ -18,7 +19,9 @@
 //! describes and before the request is acknowledged: a daemon that dies between the two
 //! leaves the older entry, which is either still true or *weaker* (in memory, or a spill
 //! hash the new content does not match) — never a claim that a page is zero or intact when
-//! it is not. A write that completed in the kernel survives the death of the process, so a
+//! it is not. The one write that changes a copy in place — a spilled page rewritten while
+//! the pool refuses it — first records both contents' hashes (`1 << 61`), so a daemon that
+//! dies during it leaves a copy that matches one of them: the old content or the new. A write that completed in the kernel survives the death of the process, so a
 //! SIGKILL loses no entry; FLUSH `fdatasync`s the map with the spill file.
 //!
 //! If an entry cannot be written the map is deleted and not written again: a later restart
@@ -46,6 +49,9 @@ const E_ZERO: u64 = 2;
 const E_LOST: u64 = 3;
 const SPILL_BIT: u64 = 1 << 63;
 const REMOTE_BIT: u64 = 1 << 62;
+const PENDING_BIT: u64 = 1 << 61;
+/// Bits of each hash a pending entry keeps.
+const HALF: u64 = (1 << 30) - 1;
 
 /// What the map says about a page.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,6 +66,33 @@ pub(crate) enum Entry {
     Spill(u64),
     /// In the remote tier; the copy's [`remote_hash`].
     Remote(u64),
+    /// In the spill file while it is overwritten in place: the copy's [`spill_hash`] matches
+    /// `old` or `new` in its low 30 bits (see [`Entry::pending`]).
+    SpillPending {
+        /// The low 30 bits of the old copy's hash.
+        old: u64,
+        /// The low 30 bits of the new copy's hash.
+        new: u64,
+    },
+}
+
+impl Entry {
+    /// The entry of a spill copy with hash `old` being overwritten by content of hash `new`.
+    pub(crate) fn pending(old: u64, new: u64) -> Entry {
+        Entry::SpillPending {
+            old: old & HALF,
+            new: new & HALF,
+        }
+    }
+
+    /// Whether a spill copy whose [`spill_hash`] is `h` is one this entry describes.
+    pub(crate) fn spill_matches(&self, h: u64) -> bool {
+        match *self {
+            Entry::Spill(e) => e == h,
+            Entry::SpillPending { old, new } => h & HALF == old || h & HALF == new,
+            _ => false,
+        }
+    }
 }
 
 /// The 63-bit hash a spilled page's entry records.
@@ -173,6 +206,10 @@ impl PageMap {
             E_MEM => Entry::Mem,
             v if v & SPILL_BIT != 0 => Entry::Spill(v & !SPILL_BIT),
             v if v & REMOTE_BIT != 0 => Entry::Remote(v & (REMOTE_BIT - 1)),
+            v if v & PENDING_BIT != 0 => Entry::SpillPending {
+                old: (v >> 30) & HALF,
+                new: v & HALF,
+            },
             // E_LOST, and anything unknown: trust nothing.
             _ => Entry::Lost,
         }
@@ -186,6 +223,7 @@ impl PageMap {
             Entry::Lost => E_LOST,
             Entry::Spill(h) => SPILL_BIT | (h & !SPILL_BIT),
             Entry::Remote(h) => REMOTE_BIT | (h & (REMOTE_BIT - 1)),
+            Entry::SpillPending { old, new } => PENDING_BIT | (old & HALF) << 30 | (new & HALF),
         }
     }
 
@@ -228,6 +266,14 @@ impl PageMap {
             }
         }
         Ok(out)
+    }
+
+    /// The entry recorded for `page`.
+    pub(crate) fn get(&self, page: u32) -> io::Result<Entry> {
+        let mut v = [0u8; 8];
+        self.file
+            .read_exact_at(&mut v, HEADER + u64::from(page) * 8)?;
+        Ok(self.decode(u64::from_le_bytes(v)))
     }
 
     /// Records `e` for `page`. On an error the map is deleted and disabled (see the module
@@ -316,6 +362,30 @@ mod tests {
         assert_eq!(m.entries(16).unwrap(), vec![(3, Entry::Zero)]);
         m.remove().unwrap();
         assert!(PageMap::open(&spill, 16).unwrap().is_none());
+    }
+
+    #[test]
+    fn pending_entries_accept_either_copy_and_nothing_else() {
+        let d = tempfile::tempdir().unwrap();
+        let spill = d.path().join("p.spill");
+        let m = PageMap::create(&spill, 8, false).unwrap();
+        let (a, b, c) = (
+            spill_hash(&[1u8; 4096]),
+            spill_hash(&[2u8; 4096]),
+            spill_hash(&[3u8; 4096]),
+        );
+        m.set(5, Entry::Spill(a)).unwrap();
+        assert_eq!(m.get(5).unwrap(), Entry::Spill(a));
+        m.set(5, Entry::pending(a, b)).unwrap();
+        drop(m);
+        let m = PageMap::open(&spill, 8).unwrap().unwrap();
+        let e = m.get(5).unwrap();
+        assert_eq!(e, Entry::pending(a, b));
+        assert_eq!(m.entries(8).unwrap(), vec![(5, e)]);
+        assert!(e.spill_matches(a) && e.spill_matches(b) && !e.spill_matches(c));
+        assert!(Entry::Spill(a).spill_matches(a) && !Entry::Spill(a).spill_matches(b));
+        assert!(!Entry::Mem.spill_matches(a));
+        assert_eq!(m.get(6).unwrap(), Entry::Zero);
     }
 
     #[test]

@@ -742,6 +742,16 @@ impl SwapExport {
                     Entry::Spill(h) => {
                         restored || self.spill_entry_on_disk(page)? == Entry::Spill(h)
                     }
+                    // Overwritten in place when the daemon stopped: the old or the new
+                    // content, whichever the copy is; recorded as such from now on.
+                    Entry::SpillPending { .. } => {
+                        let on_disk = self.spill_entry_on_disk(page)?;
+                        let ok = matches!(on_disk, Entry::Spill(h) if entry.spill_matches(h));
+                        if ok {
+                            self.record(page, on_disk);
+                        }
+                        ok
+                    }
                     // A spill file from before page maps, after a clean stop.
                     Entry::Zero if restored && !map_found => {
                         let e = self.spill_entry_on_disk(page)?;
@@ -1242,6 +1252,14 @@ impl SwapExport {
             ) => {
                 let frozen = matches!(e, tmem_core::Error::Frozen(_));
                 self.c.put_refusals.fetch_add(1, Relaxed);
+                if was == Some(Loc::Spill) {
+                    // The spill copy may be overwritten in place: until the new entry is
+                    // recorded, the map accepts the old copy or the new one, so a daemon
+                    // killed in between leaves the old content or the new, never poison.
+                    if let Ok(Entry::Spill(old)) = self.map.get(page) {
+                        self.record(page, Entry::pending(old, spill_hash(data)));
+                    }
+                }
                 // The refused put left any pool copy in place: it goes once the spill copy
                 // is written and recorded (a pool copy wins over a spill copy at recovery, so
                 // a crash before the flush serves the old content).

@@ -507,6 +507,80 @@ fn unclean_stop_serves_verified_spill_and_poisons_the_rest() {
     s4.destroy().unwrap();
 }
 
+/// A daemon killed while a spilled page was rewritten in place (the pool refusing the new
+/// content) leaves a page-map entry naming both contents: recovery serves whichever the
+/// copy is, and poisons a copy that is neither.
+#[test]
+fn killed_during_an_in_place_spill_rewrite_serves_the_old_or_the_new_content() {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    let size = 8u64 << 20;
+    let cfg = SwapConfig {
+        codec: tmem_core::Codec::None,
+        ..swap_cfg(dir.path(), "k", size, 1)
+    };
+    let e1 = engine(1 << 20, &[1]);
+    let s = SwapExport::create(e1.clone(), cfg.clone()).unwrap();
+    let pages = 1024;
+    let model = fill_random(&s, pages, 78);
+    // Rewriting a spilled page while the pool is full goes through the pending entry and
+    // ends with the plain one.
+    let map_path = {
+        let mut p = cfg.spill_path.as_os_str().to_owned();
+        p.push(".map");
+        std::path::PathBuf::from(p)
+    };
+    let map = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&map_path)
+        .unwrap();
+    let entry = |p: u64| {
+        let mut b = [0u8; 8];
+        map.read_exact_at(&mut b, 64 + p * 8).unwrap();
+        u64::from_le_bytes(b)
+    };
+    let spilled: Vec<u64> = (0..pages).filter(|&p| entry(p) >> 63 == 1).collect();
+    assert!(spilled.len() >= 3, "{:?}", s.stats());
+    let (p1, p2, p3) = (spilled[0], spilled[1], spilled[2]);
+    s.check_invariants().unwrap();
+    // Death with three rewrites in flight (every pwrite completed, as after a SIGKILL).
+    drop(s);
+    drop(e1);
+    let half = |d: &[u8]| xxhash_rust::xxh3::xxh3_64(d) & ((1 << 30) - 1);
+    let pending = |old: &[u8], new: &[u8]| (1u64 << 61) | half(old) << 30 | half(new);
+    let page = |p: u64| &model[(p * PAGE) as usize..((p + 1) * PAGE) as usize];
+    let spill = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&cfg.spill_path)
+        .unwrap();
+    let new1 = vec![0x11u8; PAGE as usize];
+    let set = |p: u64, v: u64| map.write_all_at(&v.to_le_bytes(), 64 + p * 8).unwrap();
+    // p1: the new copy was written, its final entry not yet.
+    set(p1, pending(page(p1), &new1));
+    spill.write_all_at(&new1, p1 * PAGE).unwrap();
+    // p2: killed before the new copy was written.
+    set(p2, pending(page(p2), &new1));
+    // p3: an entry whose hashes match neither the copy.
+    set(p3, pending(&[0x22u8; 4096], &new1));
+    let e2 = engine(1 << 20, &[1]);
+    let (s2, rep) = SwapExport::recover(e2.clone(), cfg.clone()).unwrap();
+    assert!(rep.map_found, "{rep:?}");
+    // Recovered entries are plain spill entries again (before a read pulls a page back).
+    assert_eq!(
+        entry(p1),
+        (1 << 63) | (xxhash_rust::xxh3::xxh3_64(&new1) & !(1 << 63))
+    );
+    assert_eq!(entry(p2) >> 63, 1);
+    assert_eq!(read_page(&s2, p1).unwrap(), new1, "the new content");
+    assert_eq!(read_page(&s2, p2).unwrap(), page(p2), "the old content");
+    let e = read_page(&s2, p3).unwrap_err();
+    assert_eq!(e.nbd_errno(), tmem_nbd::proto::EIO, "{e}");
+    assert!(s2.poison().contains(p3) && !s2.poison().contains(p1) && !s2.poison().contains(p2));
+    s2.check_invariants().unwrap();
+    s2.destroy().unwrap();
+}
+
 #[test]
 fn torn_spill_copy_and_missing_map_are_poisoned() {
     let dir = tempfile::tempdir().unwrap();
