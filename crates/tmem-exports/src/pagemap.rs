@@ -11,6 +11,7 @@
 //! | `1 << 63 \| h` | in the spill file, whose copy hashes (xxh3, 63 bits) to `h` |
 //! | `1 << 62 \| h` | in the remote tier (replicated), whose copy hashes (xxh3, 62 bits) to `h` |
 //! | `1 << 61 \| o << 30 \| n` | in the spill file, being overwritten in place: its copy hashes (the low 30 bits of xxh3) to `o` (the old content) or `n` (the new) |
+//! | `1 << 60 \| o << 30 \| n` | in the remote tier, being overwritten in place: its copy hashes (the low 30 bits of xxh3) to `o` or `n` |
 //!
 //! Releases before the remote tier read a `1 << 62` entry as an unknown value, i.e. lost:
 //! going back to one poisons remote pages rather than serving anything else.
@@ -19,9 +20,10 @@
 //! describes and before the request is acknowledged: a daemon that dies between the two
 //! leaves the older entry, which is either still true or *weaker* (in memory, or a spill
 //! hash the new content does not match) — never a claim that a page is zero or intact when
-//! it is not. The one write that changes a copy in place — a spilled page rewritten while
-//! the pool refuses it — first records both contents' hashes (`1 << 61`), so a daemon that
-//! dies during it leaves a copy that matches one of them: the old content or the new. A write that completed in the kernel survives the death of the process, so a
+//! it is not. The writes that change a copy in place — a page in the spill file or the
+//! remote tier rewritten while the pool refuses it — first record both contents' hashes
+//! (`1 << 61`, `1 << 60`), so a daemon that dies during one leaves a copy that matches one
+//! of them: the old content or the new. A write that completed in the kernel survives the death of the process, so a
 //! SIGKILL loses no entry; FLUSH `fdatasync`s the map with the spill file.
 //!
 //! If an entry cannot be written the map is deleted and not written again: a later restart
@@ -50,6 +52,7 @@ const E_LOST: u64 = 3;
 const SPILL_BIT: u64 = 1 << 63;
 const REMOTE_BIT: u64 = 1 << 62;
 const PENDING_BIT: u64 = 1 << 61;
+const REMOTE_PENDING_BIT: u64 = 1 << 60;
 /// Bits of each hash a pending entry keeps.
 const HALF: u64 = (1 << 30) - 1;
 
@@ -74,6 +77,14 @@ pub(crate) enum Entry {
         /// The low 30 bits of the new copy's hash.
         new: u64,
     },
+    /// In the remote tier while it is overwritten in place: the copy's [`remote_hash`]
+    /// matches `old` or `new` in its low 30 bits (see [`Entry::remote_pending`]).
+    RemotePending {
+        /// The low 30 bits of the old copy's hash.
+        old: u64,
+        /// The low 30 bits of the new copy's hash.
+        new: u64,
+    },
 }
 
 impl Entry {
@@ -82,6 +93,23 @@ impl Entry {
         Entry::SpillPending {
             old: old & HALF,
             new: new & HALF,
+        }
+    }
+
+    /// The entry of a remote copy with hash `old` being overwritten by content of hash `new`.
+    pub(crate) fn remote_pending(old: u64, new: u64) -> Entry {
+        Entry::RemotePending {
+            old: old & HALF,
+            new: new & HALF,
+        }
+    }
+
+    /// Whether a remote copy whose [`remote_hash`] is `h` is one this entry describes.
+    pub(crate) fn remote_matches(&self, h: u64) -> bool {
+        match *self {
+            Entry::Remote(e) => e == h,
+            Entry::RemotePending { old, new } => h & HALF == old || h & HALF == new,
+            _ => false,
         }
     }
 
@@ -210,6 +238,10 @@ impl PageMap {
                 old: (v >> 30) & HALF,
                 new: v & HALF,
             },
+            v if v & REMOTE_PENDING_BIT != 0 => Entry::RemotePending {
+                old: (v >> 30) & HALF,
+                new: v & HALF,
+            },
             // E_LOST, and anything unknown: trust nothing.
             _ => Entry::Lost,
         }
@@ -224,6 +256,9 @@ impl PageMap {
             Entry::Spill(h) => SPILL_BIT | (h & !SPILL_BIT),
             Entry::Remote(h) => REMOTE_BIT | (h & (REMOTE_BIT - 1)),
             Entry::SpillPending { old, new } => PENDING_BIT | (old & HALF) << 30 | (new & HALF),
+            Entry::RemotePending { old, new } => {
+                REMOTE_PENDING_BIT | (old & HALF) << 30 | (new & HALF)
+            }
         }
     }
 
@@ -386,6 +421,17 @@ mod tests {
         assert!(Entry::Spill(a).spill_matches(a) && !Entry::Spill(a).spill_matches(b));
         assert!(!Entry::Mem.spill_matches(a));
         assert_eq!(m.get(6).unwrap(), Entry::Zero);
+        let (ra, rb, rc) = (
+            remote_hash(&[1u8; 4096]),
+            remote_hash(&[2u8; 4096]),
+            remote_hash(&[3u8; 4096]),
+        );
+        m.set(6, Entry::remote_pending(ra, rb)).unwrap();
+        let e = m.get(6).unwrap();
+        assert_eq!(e, Entry::remote_pending(ra, rb));
+        assert!(e.remote_matches(ra) && e.remote_matches(rb) && !e.remote_matches(rc));
+        assert!(!e.spill_matches(a) && !Entry::Spill(ra).remote_matches(ra));
+        assert!(Entry::Remote(ra).remote_matches(ra) && !Entry::Remote(ra).remote_matches(rb));
     }
 
     #[test]

@@ -108,8 +108,35 @@ enum Loc {
     Pool(u64),
     /// In the spill file at `page * 4096`.
     Spill,
-    /// In the remote tier; the copy's [`remote_hash`] (as in the page map).
+    /// In the remote tier; the check its copy must pass: the copy's [`remote_hash`] (as in
+    /// the page map), or, for a page a daemon that died was rewriting in place, both
+    /// contents' hashes (see [`pending_check`]).
     Remote(u64),
+}
+
+/// Tags a [`Loc::Remote`] check that holds two 30-bit hash halves (remote hashes have 62 bits).
+const PENDING_CHECK: u64 = 1 << 63;
+
+/// The [`Loc::Remote`] check of a page-map entry naming a remote copy.
+fn remote_check(e: Entry) -> Option<u64> {
+    match e {
+        Entry::Remote(h) => Some(h),
+        Entry::RemotePending { old, new } => Some(pending_check(old, new)),
+        _ => None,
+    }
+}
+
+/// A check passed by a copy whose hash matches `old` or `new` in its low 30 bits.
+fn pending_check(old: u64, new: u64) -> u64 {
+    PENDING_CHECK | (old & ((1 << 30) - 1)) << 30 | (new & ((1 << 30) - 1))
+}
+
+/// Whether a remote copy whose [`remote_hash`] is `h` passes `check`.
+fn remote_check_passes(check: u64, h: u64) -> bool {
+    if check & PENDING_CHECK == 0 {
+        return check == h;
+    }
+    Entry::remote_pending(check >> 30, check).remote_matches(h)
 }
 
 impl Loc {
@@ -719,15 +746,16 @@ impl SwapExport {
                 if has_data {
                     self.free_spill(page)?;
                 }
-                if matches!(entry, Entry::Remote(_)) {
+                if remote_check(entry).is_some() {
                     self.orphans.lock().push(p);
                 }
                 rep.in_pool += 1;
                 continue;
             }
-            if let Entry::Remote(h) = entry {
+            if let Some(h) = remote_check(entry) {
                 // Served from the remote tier, checked against `h` when read. A spill copy
-                // is older (the map moves to the remote copy only once it is replicated).
+                // is older (the map moves to the remote copy only once it is replicated) or
+                // from a write that was not acknowledged (a pending entry's).
                 if has_data {
                     self.free_spill(page)?;
                 }
@@ -1145,6 +1173,13 @@ impl SwapExport {
         }
         if let Some(Loc::Remote(h)) = loc {
             self.load_remote(page, h, out)?;
+            if h & PENDING_CHECK != 0 {
+                // Rewritten in place when a daemon died: the copy is the old or the new
+                // content, and from now on just this one.
+                let full = remote_hash(out);
+                self.set_loc(st, page, Some(Loc::Remote(full)));
+                self.record(page, Entry::Remote(full));
+            }
             return Ok(true);
         }
         match self.engine.get(self.cfg.client, self.key(page), out) {
@@ -1186,7 +1221,7 @@ impl SwapExport {
             )));
         };
         match t.get_durable(&self.remote_space, u64::from(page), out) {
-            Ok(true) if remote_hash(out) == h => {
+            Ok(true) if remote_check_passes(h, remote_hash(out)) => {
                 self.c.remote_reads.fetch_add(1, Relaxed);
                 Ok(())
             }
@@ -1252,13 +1287,19 @@ impl SwapExport {
             ) => {
                 let frozen = matches!(e, tmem_core::Error::Frozen(_));
                 self.c.put_refusals.fetch_add(1, Relaxed);
-                if was == Some(Loc::Spill) {
-                    // The spill copy may be overwritten in place: until the new entry is
-                    // recorded, the map accepts the old copy or the new one, so a daemon
-                    // killed in between leaves the old content or the new, never poison.
-                    if let Ok(Entry::Spill(old)) = self.map.get(page) {
-                        self.record(page, Entry::pending(old, spill_hash(data)));
+                // The spill or remote copy may be overwritten in place: until the new entry
+                // is recorded, the map accepts the old copy or the new one, so a daemon
+                // killed in between leaves the old content or the new, never poison.
+                match was {
+                    Some(Loc::Spill) => {
+                        if let Ok(Entry::Spill(old)) = self.map.get(page) {
+                            self.record(page, Entry::pending(old, spill_hash(data)));
+                        }
                     }
+                    Some(Loc::Remote(old)) if old & PENDING_CHECK == 0 => {
+                        self.record(page, Entry::remote_pending(old, remote_hash(data)));
+                    }
+                    _ => {}
                 }
                 // The refused put left any pool copy in place: it goes once the spill copy
                 // is written and recorded (a pool copy wins over a spill copy at recovery, so

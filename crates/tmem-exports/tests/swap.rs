@@ -796,6 +796,83 @@ fn garbled_remote_copies_are_poisoned_not_served() {
     s.check_invariants().unwrap();
 }
 
+/// A daemon killed while a page in the remote tier was rewritten in place (the pool
+/// refusing the new content) leaves an entry naming both contents: the restarted export
+/// serves whichever the tier holds, and poisons a copy that is neither.
+#[test]
+fn killed_during_an_in_place_remote_rewrite_serves_the_old_or_the_new_content() {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = SwapConfig {
+        codec: tmem_core::Codec::None,
+        ..swap_cfg(dir.path(), "kr", 8 << 20, 1)
+    };
+    let tier = Arc::new(MemTier::default());
+    let e1 = engine(1 << 20, &[1]);
+    let s = SwapExport::create(e1.clone(), cfg.clone()).unwrap();
+    with_tier(&s, &tier);
+    let pages = 1024;
+    let model = fill_random(&s, pages, 79);
+    let remote: Vec<u64> = (0..pages)
+        .filter(|&p| s.read_may_block(p * PAGE, PAGE))
+        .collect();
+    assert!(remote.len() >= 4, "{:?}", s.stats());
+    // A rewrite through the whole path while the pool refuses it ends with a plain entry.
+    let p0 = remote[3];
+    let new0 = vec![0x33u8; PAGE as usize];
+    e1.freeze(tmem_core::ClientId(1)).unwrap(); // the pool refuses every put
+    s.write(p0 * PAGE, &new0, false).unwrap();
+    drop(s);
+    drop(e1);
+    let map_path = {
+        let mut p = cfg.spill_path.as_os_str().to_owned();
+        p.push(".map");
+        std::path::PathBuf::from(p)
+    };
+    let map = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&map_path)
+        .unwrap();
+    let entry = |p: u64| {
+        let mut b = [0u8; 8];
+        map.read_exact_at(&mut b, 64 + p * 8).unwrap();
+        u64::from_le_bytes(b)
+    };
+    let set = |p: u64, v: u64| map.write_all_at(&v.to_le_bytes(), 64 + p * 8).unwrap();
+    assert_eq!(
+        entry(p0) >> 62,
+        0b01,
+        "p0 {:#x}: a plain remote entry",
+        entry(p0)
+    );
+    let half = |d: &[u8]| xxhash_rust::xxh3::xxh3_64(d) & ((1 << 30) - 1);
+    let pending = |old: &[u8], new: &[u8]| (1u64 << 60) | half(old) << 30 | half(new);
+    let page = |p: u64| &model[(p * PAGE) as usize..((p + 1) * PAGE) as usize];
+    let (p1, p2, p3) = (remote[0], remote[1], remote[2]);
+    let new1 = vec![0x11u8; PAGE as usize];
+    // p1: the tier took the new copy, its final entry was not written yet.
+    set(p1, pending(page(p1), &new1));
+    tier.replace_durable(p1, &new1);
+    // p2: killed before the tier took it.
+    set(p2, pending(page(p2), &new1));
+    // p3: neither content.
+    set(p3, pending(&[0x22u8; 4096], &new1));
+    let e2 = engine(1 << 20, &[1]);
+    let (s2, rep) = SwapExport::recover(e2.clone(), cfg.clone()).unwrap();
+    assert!(rep.remote >= 3, "{rep:?}");
+    with_tier(&s2, &tier);
+    assert_eq!(read_page(&s2, p1).unwrap(), new1, "the new content");
+    assert_eq!(read_page(&s2, p2).unwrap(), page(p2), "the old content");
+    let e = read_page(&s2, p3).unwrap_err();
+    assert_eq!(e.nbd_errno(), tmem_nbd::proto::EIO, "{e}");
+    assert!(s2.poison().contains(p3));
+    assert!(!s2.poison().contains(p1) && !s2.poison().contains(p2));
+    assert_eq!(read_page(&s2, p0).unwrap(), new0);
+    s2.check_invariants().unwrap();
+    s2.destroy().unwrap();
+}
+
 /// After an unclean stop the page map finds the remote pages again; a restarted export
 /// with the tier serves them, checked against the map.
 #[test]

@@ -130,6 +130,14 @@ impl MemTier {
     pub fn durable_pages(&self) -> usize {
         self.state.lock().unwrap().durable.len()
     }
+    /// Replaces the durable copy of `page` (in every space) with `data`.
+    pub fn replace_durable(&self, page: u64, data: &[u8]) {
+        for ((_, p), v) in self.state.lock().unwrap().durable.iter_mut() {
+            if *p == page {
+                *v = data.to_vec();
+            }
+        }
+    }
     /// Replaces every durable copy's content (a tier that lost or garbled pages).
     pub fn garble_durable(&self) {
         for v in self.state.lock().unwrap().durable.values_mut() {
