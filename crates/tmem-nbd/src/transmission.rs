@@ -2,10 +2,11 @@
 //!
 //! One reader loop per connection parses requests. Cheap requests (small READ/WRITE and small
 //! TRIM/WRITE_ZEROES/CACHE/BLOCK_STATUS) run inline on the reader, which keeps per-request CPU low;
-//! FLUSH, large requests and reads the backend expects to wait on (a page in a remote tier) go
-//! to a small per-connection worker pool, so their replies may overtake or be overtaken by later
-//! requests; the pool grows to [`TransmissionConfig::slow_workers`] threads once such a read
-//! arrives, so that that many of them overlap. Every reply is written whole under the writer lock. Inline
+//! FLUSH, large requests and — while further requests are already buffered — reads the backend
+//! expects to wait on (a page in a remote tier) go to a small per-connection worker pool, so
+//! their replies may overtake or be overtaken by later requests; the pool grows to
+//! [`TransmissionConfig::slow_workers`] threads once such a read arrives, so that that many of
+//! them overlap. Every reply is written whole under the writer lock. Inline
 //! replies are batched while further complete requests are already buffered and sent together
 //! (one syscall per pipelined batch); they are flushed before the reader could block.
 //!
@@ -189,7 +190,8 @@ pub struct TransmissionConfig {
     pub inline_max: u32,
     /// Worker threads of a connection once it has sent a READ that the backend says may block
     /// ([`crate::BlockBackend::read_may_block`]: a page in a remote tier, say); such reads go
-    /// to the workers, so up to this many of them wait at once. Never fewer than `workers`;
+    /// to the workers while more requests are buffered behind them, so up to this many of
+    /// them wait at once (a lone one runs inline). Never fewer than `workers`;
     /// ignored when `workers` is 0. Default: 16.
     pub slow_workers: usize,
     /// Requests queued for the workers before the reader blocks (back-pressure). Default: 32.
@@ -438,12 +440,15 @@ fn reader_loop_inner<R: Read, W: Write + Send + 'static>(
             reply_error(ctx, &mut Out::Batch(pending), &req, errno)?;
             continue;
         }
-        // A read the backend expects to wait (a remote round trip) goes to the workers too,
-        // so that the connection's other requests need not queue behind it.
+        // A read the backend expects to wait (a remote round trip) goes to the workers too
+        // when the client has already sent more requests, so that those need not queue
+        // behind it. Alone, it runs inline: handing it to a worker would only add two
+        // thread wake-ups to its latency.
         let mut want_workers = cfg.workers;
         if !heavy
             && cfg.workers > 0
             && req.typ == CMD_READ
+            && complete_request_buffered(r.buffer())
             && ctx.s.backend.read_may_block(req.offset, u64::from(req.len))
         {
             heavy = true;

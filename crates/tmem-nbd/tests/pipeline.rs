@@ -276,12 +276,21 @@ fn reads_the_backend_calls_slow_overlap_on_one_connection() {
         c.request(CMD_WRITE, 0, i, off, 4096, &pattern(i, 4096));
         assert_eq!(c.reply(0), (0, i, vec![]));
     }
-    // `want` slow reads, then a fast one, all sent before any reply is read: the slow ones
-    // can only all finish once every one of them waits at the same time.
-    for k in 0..want as u64 {
-        c.request(CMD_READ, 0, 100 + k, SIZE / 2, 4096, &[]);
-    }
-    c.request(CMD_READ, 0, 99, 0, 4096, &[]);
+    // `want` slow reads, then a fast one, sent in one write before any reply is read (the
+    // server hands a slow read to a worker when more requests are buffered behind it): the
+    // slow ones can only all finish once every one of them waits at the same time.
+    let read = |cookie: u64, offset: u64| tmem_nbd::Request {
+        flags: 0,
+        typ: CMD_READ,
+        cookie,
+        offset,
+        len: 4096,
+    };
+    let mut batch: Vec<u8> = (0..want as u64)
+        .flat_map(|k| read(100 + k, SIZE / 2).encode())
+        .collect();
+    batch.extend_from_slice(&read(99, 0).encode());
+    c.send(&batch);
     let mut seen = Vec::new();
     for _ in 0..=want {
         let (e, cookie, d) = c.reply(u64::MAX);
