@@ -18,7 +18,7 @@
 //! connection keeps outside the budget is bounded by the configuration: the 128 KiB read
 //! buffer, the reply batch (< 2 × 256 KiB), one retained write buffer and one read buffer
 //! per thread (reader and each worker), each at most `inline_max` (+ 28 bytes), and a
-//! transient copy of a small structured READ reply: about 2 MiB with the defaults (about 6 MiB
+//! transient copy of a small structured READ reply: about 2 MiB with the defaults (about 2.5 MiB
 //! once slow reads have grown the pool to `slow_workers`).
 
 use std::io::{self, BufReader, Read, Write};
@@ -191,8 +191,9 @@ pub struct TransmissionConfig {
     /// Worker threads of a connection once it has sent a READ that the backend says may block
     /// ([`crate::BlockBackend::read_may_block`]: a page in a remote tier, say); such reads go
     /// to the workers while more requests are buffered behind them, so up to this many of
-    /// them wait at once (a lone one runs inline). Never fewer than `workers`;
-    /// ignored when `workers` is 0. Default: 16.
+    /// them wait at once (a lone one runs inline). Never fewer than `workers`; ignored when
+    /// `workers` is 0. Default: 4 (on a 2-CPU host with Redis beside tmemd, 16 gave lower
+    /// throughput than 4: BENCHMARKS.md §5).
     pub slow_workers: usize,
     /// Requests queued for the workers before the reader blocks (back-pressure). Default: 32.
     pub queue: usize,
@@ -210,7 +211,7 @@ impl Default for TransmissionConfig {
         Self {
             workers: 2,
             inline_max: 256 << 10,
-            slow_workers: 16,
+            slow_workers: 4,
             queue: 32,
             max_batch: 4,
             budget: BufferBudget::unlimited(),

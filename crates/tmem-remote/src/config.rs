@@ -48,7 +48,7 @@ pub struct RemoteConfig {
     pub queue_pages: usize,
     /// Pages per pipelined batch of the background writer. Default: 64.
     pub batch_pages: usize,
-    /// Idle connections kept per server (an NBD connection overlaps up to 16 reads of pages
+    /// Idle connections kept per server (an NBD connection overlaps up to 4 reads of pages
     /// in the tier, spread over the primaries). Default: 8.
     pub connections: usize,
     /// First retry delay of the circuit breaker after the tier went down, in milliseconds;
