@@ -507,6 +507,41 @@ fn unclean_stop_serves_verified_spill_and_poisons_the_rest() {
     s4.destroy().unwrap();
 }
 
+/// A swap export's page map, read and written raw (as a daemon killed mid-write leaves it):
+/// one little-endian `u64` per page after a 64-byte header.
+struct RawMap(std::fs::File);
+
+impl RawMap {
+    fn open(spill: &std::path::Path) -> RawMap {
+        let mut p = spill.as_os_str().to_owned();
+        p.push(".map");
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(std::path::PathBuf::from(p))
+            .unwrap();
+        RawMap(f)
+    }
+    fn get(&self, page: u64) -> u64 {
+        use std::os::unix::fs::FileExt;
+        let mut b = [0u8; 8];
+        self.0.read_exact_at(&mut b, 64 + page * 8).unwrap();
+        u64::from_le_bytes(b)
+    }
+    fn set(&self, page: u64, v: u64) {
+        use std::os::unix::fs::FileExt;
+        self.0
+            .write_all_at(&v.to_le_bytes(), 64 + page * 8)
+            .unwrap();
+    }
+}
+
+/// A pending entry (`tag`: `1 << 61` spill, `1 << 60` remote) naming `old` and `new`.
+fn pending_entry(tag: u64, old: &[u8], new: &[u8]) -> u64 {
+    let half = |d: &[u8]| xxhash_rust::xxh3::xxh3_64(d) & ((1 << 30) - 1);
+    tag | half(old) << 30 | half(new)
+}
+
 /// A daemon killed while a spilled page was rewritten in place (the pool refusing the new
 /// content) leaves a page-map entry naming both contents: recovery serves whichever the
 /// copy is, and poisons a copy that is neither.
@@ -523,23 +558,8 @@ fn killed_during_an_in_place_spill_rewrite_serves_the_old_or_the_new_content() {
     let s = SwapExport::create(e1.clone(), cfg.clone()).unwrap();
     let pages = 1024;
     let model = fill_random(&s, pages, 78);
-    // Rewriting a spilled page while the pool is full goes through the pending entry and
-    // ends with the plain one.
-    let map_path = {
-        let mut p = cfg.spill_path.as_os_str().to_owned();
-        p.push(".map");
-        std::path::PathBuf::from(p)
-    };
-    let map = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&map_path)
-        .unwrap();
-    let entry = |p: u64| {
-        let mut b = [0u8; 8];
-        map.read_exact_at(&mut b, 64 + p * 8).unwrap();
-        u64::from_le_bytes(b)
-    };
+    let map = RawMap::open(&cfg.spill_path);
+    let entry = |p: u64| map.get(p);
     let spilled: Vec<u64> = (0..pages).filter(|&p| entry(p) >> 63 == 1).collect();
     assert!(spilled.len() >= 3, "{:?}", s.stats());
     let (p1, p2, p3) = (spilled[0], spilled[1], spilled[2]);
@@ -547,15 +567,14 @@ fn killed_during_an_in_place_spill_rewrite_serves_the_old_or_the_new_content() {
     // Death with three rewrites in flight (every pwrite completed, as after a SIGKILL).
     drop(s);
     drop(e1);
-    let half = |d: &[u8]| xxhash_rust::xxh3::xxh3_64(d) & ((1 << 30) - 1);
-    let pending = |old: &[u8], new: &[u8]| (1u64 << 61) | half(old) << 30 | half(new);
+    let pending = |old: &[u8], new: &[u8]| pending_entry(1 << 61, old, new);
     let page = |p: u64| &model[(p * PAGE) as usize..((p + 1) * PAGE) as usize];
     let spill = std::fs::OpenOptions::new()
         .write(true)
         .open(&cfg.spill_path)
         .unwrap();
     let new1 = vec![0x11u8; PAGE as usize];
-    let set = |p: u64, v: u64| map.write_all_at(&v.to_le_bytes(), 64 + p * 8).unwrap();
+    let set = |p: u64, v: u64| map.set(p, v);
     // p1: the new copy was written, its final entry not yet.
     set(p1, pending(page(p1), &new1));
     spill.write_all_at(&new1, p1 * PAGE).unwrap();
@@ -801,7 +820,6 @@ fn garbled_remote_copies_are_poisoned_not_served() {
 /// serves whichever the tier holds, and poisons a copy that is neither.
 #[test]
 fn killed_during_an_in_place_remote_rewrite_serves_the_old_or_the_new_content() {
-    use std::os::unix::fs::FileExt;
     let dir = tempfile::tempdir().unwrap();
     let cfg = SwapConfig {
         codec: tmem_core::Codec::None,
@@ -824,30 +842,16 @@ fn killed_during_an_in_place_remote_rewrite_serves_the_old_or_the_new_content() 
     s.write(p0 * PAGE, &new0, false).unwrap();
     drop(s);
     drop(e1);
-    let map_path = {
-        let mut p = cfg.spill_path.as_os_str().to_owned();
-        p.push(".map");
-        std::path::PathBuf::from(p)
-    };
-    let map = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&map_path)
-        .unwrap();
-    let entry = |p: u64| {
-        let mut b = [0u8; 8];
-        map.read_exact_at(&mut b, 64 + p * 8).unwrap();
-        u64::from_le_bytes(b)
-    };
-    let set = |p: u64, v: u64| map.write_all_at(&v.to_le_bytes(), 64 + p * 8).unwrap();
+    let map = RawMap::open(&cfg.spill_path);
+    let entry = |p: u64| map.get(p);
+    let set = |p: u64, v: u64| map.set(p, v);
     assert_eq!(
         entry(p0) >> 62,
         0b01,
         "p0 {:#x}: a plain remote entry",
         entry(p0)
     );
-    let half = |d: &[u8]| xxhash_rust::xxh3::xxh3_64(d) & ((1 << 30) - 1);
-    let pending = |old: &[u8], new: &[u8]| (1u64 << 60) | half(old) << 30 | half(new);
+    let pending = |old: &[u8], new: &[u8]| pending_entry(1 << 60, old, new);
     let page = |p: u64| &model[(p * PAGE) as usize..((p + 1) * PAGE) as usize];
     let (p1, p2, p3) = (remote[0], remote[1], remote[2]);
     let new1 = vec![0x11u8; PAGE as usize];
