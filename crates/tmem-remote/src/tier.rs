@@ -63,6 +63,10 @@ struct Inner {
     /// put never lands after it.
     durable_order: RwLock<()>,
     need_refresh: AtomicBool,
+    /// A durable write was not replicated: the health thread probes every primary now (a
+    /// host cut off from the others still reaches its own node, which cannot replicate), and
+    /// marks the tier down if one does not answer.
+    probe_now: AtomicBool,
     stop: AtomicBool,
 }
 
@@ -133,6 +137,7 @@ impl RedisTier {
             in_flight: AtomicUsize::new(0),
             durable_order: RwLock::new(()),
             need_refresh: AtomicBool::new(false),
+            probe_now: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             cfg,
         });
@@ -295,6 +300,14 @@ impl Inner {
         }
     }
 
+    /// Counts a durable write that was not replicated and asks the health thread to probe.
+    fn not_replicated(&self) {
+        bump(&self.stats.not_replicated);
+        self.probe_now.store(true, Ordering::SeqCst);
+        let _h = self.health.lock();
+        self.health_cv.notify_all();
+    }
+
     /// Learns the topology and PINGs every primary.
     fn probe(&self) -> Result<(), String> {
         let t = self.probe_timeout();
@@ -330,7 +343,7 @@ impl Inner {
             };
             {
                 let mut g = self.health.lock();
-                if !self.stop.load(Ordering::SeqCst) {
+                if !self.stop.load(Ordering::SeqCst) && !self.probe_now.load(Ordering::SeqCst) {
                     self.health_cv.wait_for(&mut g, wait);
                 }
             }
@@ -348,6 +361,10 @@ impl Inner {
                         debug!(error = %e, backoff_ms = backoff, "remote tier probe failed");
                         backoff = backoff.saturating_mul(2).min(self.cfg.backoff_max_ms);
                     }
+                }
+            } else if self.probe_now.swap(false, Ordering::SeqCst) {
+                if let Err(e) = self.probe() {
+                    self.mark_down(&format!("a write was not replicated and {e}"));
                 }
             } else if self.need_refresh.swap(false, Ordering::Relaxed) {
                 if let Err(e) = self.router.refresh(self.probe_timeout()) {
@@ -784,7 +801,7 @@ impl RemoteTier for RedisTier {
                 }
             };
             if got < want {
-                bump(&i.stats.not_replicated);
+                i.not_replicated();
                 self.delete_best_effort(&key);
                 return Err(RemoteError::NotReplicated { got, want });
             }
@@ -912,7 +929,7 @@ impl RemoteTier for RedisTier {
                         _ => Err(RemoteError::Protocol(text)),
                     }
                 } else if got < want {
-                    bump(&i.stats.not_replicated);
+                    i.not_replicated();
                     self.delete_best_effort(key);
                     Err(RemoteError::NotReplicated { got, want })
                 } else {
